@@ -1,0 +1,2 @@
+"""tunelens: a reproducible LLM fine-tuning study workflow."""
+__version__ = "0.1.0"

