@@ -1,0 +1,185 @@
+# The only place that turns the config into paths, wildcards and targets (see docs/ARCHITECTURE.md).
+import os
+import re
+
+from tunelens.config import VARIANTS, load_config
+
+# Jobs (local, conda or SLURM) import tunelens from this checkout, whichever Python runs them.
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    p for p in (workflow.basedir, os.environ.get("PYTHONPATH")) if p
+)
+for _offline in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+    # Offline unless the user opts in (export HF_HUB_OFFLINE=0 to let jobs download from the hub).
+    os.environ.setdefault(_offline, "1")
+
+# Validates (schema + semantic checks) and fills defaults; a bad value stops here, before any job.
+STUDY = load_config(config)
+R = "results"
+DATASET = STUDY.dataset_name
+MODELS = STUDY.models
+DECODING = STUDY.decoding
+
+
+def _alternation(names):
+    return "|".join(sorted(re.escape(name) for name in names))
+
+
+wildcard_constraints:
+    model=_alternation(MODELS),
+    variant="|".join(VARIANTS),
+    config=_alternation(DECODING),
+    layer=r"\d+",
+    dataset=re.escape(DATASET),
+
+
+# ----------------------------------------------------------------------------------------- data
+def dataset_file_input(wildcards):
+    """A local dataset file is an input (editing it reruns the split); hub and embedded sources are params."""
+    source = STUDY.config["dataset"]["source"]
+    return [source] if STUDY.dataset_kind == "local" else []
+
+
+SPLIT = {
+    "train": f"{R}/data/{DATASET}/train.jsonl",
+    "test": f"{R}/data/{DATASET}/test.jsonl",
+    "manifest": f"{R}/data/{DATASET}/manifest.json",
+}
+
+
+# ----------------------------------------------------------------------------------------- models
+def model_spec(wildcards):
+    return MODELS[wildcards.model]
+
+
+def model_input(wildcards):
+    """The materialised directory of an embedded model (a job input), or nothing for hub/local sources."""
+    spec = model_spec(wildcards)
+    return [f"{R}/models/{spec.name}"] if spec.source_kind == "embedded" else []
+
+
+def model_path(wildcards):
+    """What load_model() gets: the materialised dir, a local dir, or a hub id."""
+    spec = model_spec(wildcards)
+    return f"{R}/models/{spec.name}" if spec.source_kind == "embedded" else spec.source
+
+
+def adapter_input(wildcards):
+    """The LoRA adapter for the finetuned variant; nothing for base."""
+    return [f"{R}/finetune/{wildcards.model}/adapter"] if wildcards.variant == "finetuned" else []
+
+
+def bertscore_model_input(wildcards):
+    source = STUDY.config["scoring"]["bertscore"]["model"]
+    needed = "bertscore" in STUDY.config["scoring"]["metrics"] and source.startswith("embedded:")
+    return [f"{R}/models/bertscore"] if needed else []
+
+
+def bertscore_model_path(wildcards):
+    source = STUDY.config["scoring"]["bertscore"]["model"]
+    return f"{R}/models/bertscore" if source.startswith("embedded:") else source
+
+
+def model_resource(key):
+    """Resource callable for GPU rules: the model entry's `resources.<key>`."""
+
+    def get(wildcards, attempt=1):
+        value = MODELS[wildcards.model].resources[key]
+        # Retries ask for more memory and time (profiles set `retries`).
+        return value * attempt if key in ("mem_mb", "runtime") else value
+
+    return get
+
+
+def model_gpus(wildcards):
+    """GPUs this model's jobs request; 0 when the study runs on CPU."""
+    if STUDY.config["device"] == "cpu":
+        return 0
+    return MODELS[wildcards.model].resources["gpus"]
+
+
+# ----------------------------------------------------------------------------------------- per-stage paths
+def variants(model):
+    return MODELS[model].variants
+
+
+def generation_file(model, variant, config_name):
+    return f"{R}/generations/{model}/{variant}/{config_name}.jsonl"
+
+
+def score_file(model, variant, config_name):
+    return f"{R}/scores/{model}/{variant}/{config_name}.json"
+
+
+def decoding_params(wildcards):
+    return DECODING[wildcards.config].as_dict()
+
+
+def probe_layers(model):
+    return MODELS[model].probe_layers if STUDY.config["probe"]["enabled"] else []
+
+
+def all_score_files():
+    return [
+        score_file(model, variant, name)
+        for model in MODELS
+        for variant in variants(model)
+        for name in DECODING
+    ]
+
+
+def all_perplexity_files():
+    if not STUDY.config["scoring"]["perplexity"]:
+        return []
+    return [f"{R}/perplexity/{model}/{variant}.json" for model in MODELS for variant in variants(model)]
+
+
+def all_judge_files():
+    if not STUDY.config["scoring"]["judge"]["enabled"]:
+        return []
+    return [
+        f"{R}/judge/{model}/{variant}/{name}.json"
+        for model in MODELS
+        for variant in variants(model)
+        for name in DECODING
+    ]
+
+
+def all_lens_files():
+    if not STUDY.config["probe"]["enabled"]:
+        return []
+    return [f"{R}/probe/{model}/{variant}/lens.json" for model in MODELS for variant in variants(model)]
+
+
+def all_early_exit_score_files():
+    if not (STUDY.config["probe"]["enabled"] and STUDY.config["probe"]["early_exit"]["enabled"]):
+        return []
+    return [
+        f"{R}/probe/{model}/{variant}/early_exit/layer_{layer}.scores.json"
+        for model in MODELS
+        for variant in variants(model)
+        for layer in probe_layers(model)
+    ]
+
+
+def all_finetune_metrics():
+    return [f"{R}/finetune/{model}/metrics.json" for model, spec in MODELS.items() if spec.finetuned]
+
+
+def all_targets():
+    """What `rule all` asks for. The report rule's inputs pull in every stage it summarises."""
+    targets = list(SPLIT.values())
+    defined = {rule.name for rule in workflow.rules}
+    if "report" in defined:
+        return targets + [f"{R}/summary.md"]
+    # Until every stage is wired in: the outputs of the stages that exist.
+    stage_targets = {
+        "finetune": all_finetune_metrics,
+        "score": all_score_files,
+        "perplexity": all_perplexity_files,
+        "logit_lens": all_lens_files,
+        "score_early_exit": all_early_exit_score_files,
+    }
+    for rule_name, targets_of in stage_targets.items():
+        if rule_name in defined:
+            targets += targets_of()
+    return targets

@@ -1,0 +1,28 @@
+# Data split: one dataset per study, deterministic and leakage-checked.
+
+
+rule split:
+    input:
+        dataset_file_input,
+    output:
+        train=SPLIT["train"],
+        test=SPLIT["test"],
+        manifest=SPLIT["manifest"],
+    log:
+        f"logs/split/{DATASET}.log",
+    params:
+        source=lookup(dpath="dataset/source", within=config),
+        name=DATASET,
+        fields=lookup(dpath="dataset/fields", within=config),
+        seed=lookup(dpath="seed", within=config),
+        test_size=lookup(dpath="dataset/test_size", within=config),
+        max_test=lookup(dpath="dataset/max_test", within=config),
+        max_train=lookup(dpath="dataset/max_train", within=config),
+        hub_split=lookup(dpath="dataset/hub_split", within=config),
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    conda:
+        "../envs/core.yaml"
+    script:
+        "../scripts/split.py"

@@ -1,0 +1,7 @@
+"""Snakemake entry point of rules `materialize_model` and `materialize_bertscore_model`."""
+import logging
+
+from tunelens.models import materialize_embedded
+
+logging.basicConfig(filename=snakemake.log[0], level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+materialize_embedded(snakemake.params.embedded, snakemake.output[0])

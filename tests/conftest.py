@@ -1,0 +1,88 @@
+"""Shared fixtures: tiny random-weight models built locally (no hub), with a real tokenizer.
+
+The tokenizer is SmolLM2's (from the embedded GGUF package), so text round-trips like a real model's;
+the weights are random and tiny so tests run in seconds on a 2-core CPU.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer_dir(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct's tokenizer (with chat template) saved as a plain HF tokenizer dir."""
+    from transformers import AutoTokenizer
+
+    from tunelens.models import EMBEDDED_MODELS, _module_dir
+
+    entry = EMBEDDED_MODELS["smollm2-135m-instruct"]
+    tokenizer = AutoTokenizer.from_pretrained(_module_dir(entry), gguf_file=entry["gguf"])
+    out = tmp_path_factory.mktemp("smollm2_tokenizer")
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def _build_tiny(out: Path, tokenizer_dir: Path, arch: str, num_layers: int, seed: int = 0) -> Path:
+    import torch
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    common = dict(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        tie_word_embeddings=True,
+    )
+    if arch == "llama":
+        from transformers import LlamaConfig as Config, LlamaForCausalLM as Model
+    elif arch == "mistral":
+        from transformers import MistralConfig as Config, MistralForCausalLM as Model
+    elif arch == "gemma3":
+        from transformers import Gemma3TextConfig as Config, Gemma3ForCausalLM as Model
+
+        common.update(head_dim=16, sliding_window=64)
+    elif arch == "phi":
+        from transformers import PhiConfig as Config, PhiForCausalLM as Model
+
+        common.pop("num_key_value_heads")
+        common["tie_word_embeddings"] = False
+    else:
+        raise ValueError(arch)
+    torch.manual_seed(seed)
+    model = Model(Config(**common))
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_factory(tmp_path_factory, smollm2_tokenizer_dir):
+    """Build (and cache per session) a tiny random model: tiny_model_factory('llama', num_layers=4)."""
+    cache: dict = {}
+
+    def make(arch: str = "llama", num_layers: int = 4) -> Path:
+        key = (arch, num_layers)
+        if key not in cache:
+            out = tmp_path_factory.mktemp(f"tiny_{arch}_{num_layers}")
+            cache[key] = _build_tiny(out, smollm2_tokenizer_dir, arch, num_layers)
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tiny_model_factory) -> Path:
+    """A 4-layer random Llama with SmolLM2's tokenizer and chat template."""
+    return tiny_model_factory("llama", 4)

@@ -1,0 +1,228 @@
+"""Data stage: read a dataset, clean it, and split it into train/test deterministically.
+
+Guarantees (tested):
+  - same seed + same input rows -> byte-identical train.jsonl/test.jsonl on any machine (the order comes
+    from hashing row content with the seed, never from the input order or Python's hash());
+  - exact duplicates removed; rows sharing an instruction+input stay on one side, so no test prompt
+    appears in train (leakage check recorded in the manifest);
+  - rows with a missing or empty required field are dropped and counted by reason, never silently.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from tunelens.errors import ConfigError, DataError
+from tunelens.io import library_versions, sha256_bytes, sha256_file, write_json_atomic, write_jsonl_atomic, dumps_row
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_DATASETS = {"demo": "tunelens.demo_data.generate_demo_rows: 400 generated instruction rows"}
+REQUIRED = ("instruction", "output")
+FIELDS = ("instruction", "input", "output")
+
+
+# --------------------------------------------------------------------------------------------- reading
+def read_source(source: str, *, hub_split: str = "train", base_dir: str | Path = ".") -> tuple[list[dict], dict]:
+    """Rows of a dataset source as dicts, plus a description of the source (kind, path, content hash)."""
+    from tunelens.config import EMBEDDED_PREFIX, source_kind
+
+    kind = source_kind(source)
+    if kind == "embedded":
+        from tunelens.demo_data import generate_demo_rows
+
+        name = source[len(EMBEDDED_PREFIX):]
+        if name not in EMBEDDED_DATASETS:
+            raise ConfigError(f"dataset.source: unknown embedded dataset '{name}'; choices: {sorted(EMBEDDED_DATASETS)}")
+        rows = generate_demo_rows()
+        digest = sha256_bytes("\n".join(dumps_row(r) for r in rows).encode())
+        return rows, {"kind": "embedded", "source": source, "sha256": digest}
+    if kind == "hub":
+        return _read_hub(source, hub_split)
+    path = Path(source).expanduser()
+    path = path if path.is_absolute() else Path(base_dir) / path
+    if not path.is_file():
+        raise DataError(f"dataset file '{path}' does not exist")
+    rows = _read_file(path)
+    return rows, {"kind": "local", "source": str(source), "sha256": sha256_file(path)}
+
+
+def _read_file(path: Path) -> list[dict]:
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        from tunelens.io import read_jsonl
+
+        return read_jsonl(path)
+    if suffix == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}); for JSON lines use .jsonl") from None
+        if isinstance(data, dict) and isinstance(data.get("data"), list):
+            data = data["data"]
+        if not isinstance(data, list):
+            raise DataError(f"{path}: expected a JSON list of objects (or {{'data': [...]}}), got {type(data).__name__}")
+        for index, row in enumerate(data):
+            if not isinstance(row, dict):
+                raise DataError(f"{path}: item {index} is a {type(row).__name__}, expected an object")
+        return data
+    if suffix == ".csv":
+        with path.open(encoding="utf-8", newline="") as handle:
+            return list(csv.DictReader(handle))
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    raise DataError(f"{path}: unsupported file type '{suffix}'; expected .json, .jsonl, .csv or .parquet")
+
+
+def _read_hub(dataset_id: str, split: str) -> tuple[list[dict], dict]:
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(dataset_id, split=split)
+    except Exception as exc:  # datasets raises many types (ConnectionError, FileNotFoundError, ValueError...)
+        raise DataError(
+            f"cannot load hub dataset '{dataset_id}' (split '{split}'): {type(exc).__name__}: {exc}. "
+            "Offline? Pre-download it into HF_HOME or point dataset.source at a local file."
+        ) from None
+    return dataset.to_list(), {"kind": "hub", "source": dataset_id, "split": split, "fingerprint": dataset._fingerprint}
+
+
+# --------------------------------------------------------------------------------------------- cleaning
+def row_id(dataset: str, row: dict) -> str:
+    key = "\x1f".join(row[field] for field in FIELDS)
+    return f"{dataset}-{hashlib.sha1(key.encode('utf-8')).hexdigest()[:12]}"
+
+
+def clean_rows(raw_rows: list[dict], fields: dict, dataset: str, where: str) -> tuple[list[dict], Counter]:
+    """Map source columns to instruction/input/output and drop unusable rows, counting each reason."""
+    if not raw_rows:
+        raise DataError(f"{where}: the dataset has no rows")
+    columns = set().union(*(row.keys() for row in raw_rows[:1000]))
+    for field in FIELDS:
+        column = fields.get(field)
+        if column is not None and column not in columns and field in REQUIRED:
+            raise ConfigError(
+                f"dataset.fields.{field}: column '{column}' is not in {where}; columns found: {sorted(columns)}"
+            )
+    dropped: Counter = Counter()
+    seen: set[tuple[str, str, str]] = set()
+    rows = []
+    for raw in raw_rows:
+        row, reason = {}, None
+        for field in FIELDS:
+            column = fields.get(field)
+            value = raw.get(column) if column is not None else ""
+            if value is None:
+                value = "" if field == "input" else None
+            if value is None:
+                reason = f"missing_{field}"
+                break
+            if not isinstance(value, str):
+                reason = f"non_string_{field}"
+                break
+            if field in REQUIRED and not value.strip():
+                reason = f"empty_{field}"
+                break
+            row[field] = value
+        if reason:
+            dropped[reason] += 1
+            continue
+        key = (row["instruction"], row["input"], row["output"])
+        if key in seen:
+            dropped["duplicate"] += 1
+            continue
+        seen.add(key)
+        rows.append({"id": row_id(dataset, row), **row})
+    if not rows:
+        raise DataError(f"{where}: no usable rows ({len(raw_rows)} read; dropped by reason: {dict(dropped)})")
+    return rows, dropped
+
+
+# --------------------------------------------------------------------------------------------- splitting
+def _order_key(seed: int, text: str) -> str:
+    return hashlib.sha256(f"{seed}\x1f{text}".encode("utf-8")).hexdigest()
+
+
+def resolve_test_count(test_size: float, n_prompts: int, max_test: int | None) -> int:
+    """Number of distinct prompts for test: a fraction of prompts (rounded, at least 1) or a count."""
+    if test_size < 1:
+        count = max(1, round(test_size * n_prompts))
+    else:
+        count = int(test_size)
+    if max_test is not None:
+        count = min(count, max_test)
+    if count >= n_prompts:
+        raise DataError(
+            f"dataset.test_size: {test_size} asks for {count} test prompts but only {n_prompts} distinct prompts "
+            "are usable; nothing would be left for training"
+        )
+    return count
+
+
+def split_rows(rows: list[dict], *, seed: int, test_size: float, max_test: int | None = None,
+               max_train: int | None = None) -> tuple[list[dict], list[dict], dict]:
+    """Split cleaned rows by prompt group (instruction+input) in a seeded, content-hashed order."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["instruction"], row["input"]), []).append(row)
+    ordered = sorted(groups, key=lambda key: _order_key(seed, "\x1f".join(key)))
+    n_test = resolve_test_count(test_size, len(ordered), max_test)
+    test, train, extra = [], [], 0
+    for index, key in enumerate(ordered):
+        group = sorted(groups[key], key=lambda r: r["id"])
+        if index < n_test:
+            # One reference per test prompt; its other outputs can go to neither side without leaking.
+            test.append(group[0])
+            extra += len(group) - 1
+        else:
+            train.extend(group)
+    if max_train is not None:
+        train = train[:max_train]
+    overlap = {(r["instruction"], r["input"]) for r in train} & {(r["instruction"], r["input"]) for r in test}
+    if overlap:  # by construction impossible; kept as a guard because a leak silently inflates every metric
+        raise DataError(f"leakage check failed: {len(overlap)} test prompts also in train")
+    stats = {"prompt_groups": len(ordered), "test_prompt_extra_outputs_dropped": extra}
+    return train, test, stats
+
+
+def split_dataset(*, source: str, name: str, fields: dict, seed: int, test_size: float, max_test: int | None,
+                  max_train: int | None, hub_split: str, train_path: str | Path, test_path: str | Path,
+                  manifest_path: str | Path, base_dir: str | Path = ".") -> dict:
+    """Read, clean and split a dataset; write train.jsonl, test.jsonl and manifest.json. Returns the manifest."""
+    raw_rows, source_info = read_source(source, hub_split=hub_split, base_dir=base_dir)
+    log.info("read %d rows from %s", len(raw_rows), source)
+    rows, dropped = clean_rows(raw_rows, fields, name, where=f"dataset '{source}'")
+    train, test, stats = split_rows(rows, seed=seed, test_size=test_size, max_test=max_test, max_train=max_train)
+    write_jsonl_atomic(train_path, train)
+    write_jsonl_atomic(test_path, test)
+    manifest: dict[str, Any] = {
+        "dataset": name,
+        "source": source_info,
+        "fields": fields,
+        "seed": seed,
+        "test_size": test_size,
+        "max_test": max_test,
+        "max_train": max_train,
+        "counts": {
+            "read": len(raw_rows),
+            "usable": len(rows),
+            "dropped": dict(sorted(dropped.items())),
+            "train": len(train),
+            "test": len(test),
+            **stats,
+        },
+        "leakage_check": "passed: no test instruction+input appears in train",
+        "sha256": {"train.jsonl": sha256_file(train_path), "test.jsonl": sha256_file(test_path)},
+        "versions": library_versions(),
+    }
+    write_json_atomic(manifest_path, manifest)
+    log.info("split: %d train, %d test, dropped %s", len(train), len(test), dict(dropped))
+    return manifest
