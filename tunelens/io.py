@@ -39,7 +39,7 @@ def _atomic_write(path: Path, write) -> None:
 
 def dumps_row(row: Any) -> str:
     """One JSON line: key order kept, non-ASCII kept readable, no trailing spaces."""
-    return json.dumps(row, ensure_ascii=False, separators=(",", ": "))
+    return json.dumps(row, ensure_ascii=False)
 
 
 def write_jsonl_atomic(path: str | Path, rows: Iterable[dict]) -> None:

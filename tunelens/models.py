@@ -116,6 +116,9 @@ def materialize_embedded(name: str, output_dir: str | Path) -> Path:
             "materialize_seconds": round(time.perf_counter() - started, 1),
         }
         (staging / SOURCE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+        # mkdtemp/mkstemp create private files; a shared cluster filesystem needs them readable.
+        for path in [staging, *staging.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
         if output_dir.exists():
             shutil.rmtree(output_dir)
         staging.rename(output_dir)

@@ -1,0 +1,181 @@
+"""The split: determinism, leakage, bad rows, every input format, the embedded demo set."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from tunelens.data import split_dataset
+from tunelens.demo_data import generate_demo_rows
+from tunelens.errors import ConfigError, DataError
+from tunelens.io import read_jsonl
+
+FIELDS = {"instruction": "instruction", "input": "input", "output": "output"}
+
+
+def make_rows(n: int) -> list[dict]:
+    return [{"instruction": f"Task {i}", "input": f"x{i % 3}", "output": f"answer {i}"} for i in range(n)]
+
+
+def run_split(tmp_path: Path, source: str, name: str = "ds", out: str = "out", **kwargs) -> dict:
+    options = dict(fields=FIELDS, seed=1, test_size=0.2, max_test=None, max_train=None, hub_split="train")
+    options.update(kwargs)
+    target = tmp_path / out
+    return split_dataset(source=source, name=name, train_path=target / "train.jsonl",
+                         test_path=target / "test.jsonl", manifest_path=target / "manifest.json", **options)
+
+
+def write_json(path: Path, rows) -> str:
+    path.write_text(json.dumps(rows))
+    return str(path)
+
+
+def test_same_seed_same_bytes_whatever_the_input_order(tmp_path):
+    rows = make_rows(50)
+    a = write_json(tmp_path / "a.json", rows)
+    b = write_json(tmp_path / "b.json", list(reversed(rows)))
+    run_split(tmp_path, a, out="a")
+    run_split(tmp_path, b, out="b")
+    for name in ("train.jsonl", "test.jsonl"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+def test_other_seed_other_split(tmp_path):
+    source = write_json(tmp_path / "a.json", make_rows(50))
+    run_split(tmp_path, source, out="s1", seed=1)
+    run_split(tmp_path, source, out="s2", seed=2)
+    assert (tmp_path / "s1/test.jsonl").read_bytes() != (tmp_path / "s2/test.jsonl").read_bytes()
+
+
+def test_test_size_fraction_count_and_cap(tmp_path):
+    source = write_json(tmp_path / "a.json", make_rows(50))
+    assert run_split(tmp_path, source, out="f", test_size=0.2)["counts"]["test"] == 10
+    assert run_split(tmp_path, source, out="c", test_size=7)["counts"]["test"] == 7
+    manifest = run_split(tmp_path, source, out="m", test_size=0.5, max_test=4)
+    assert manifest["counts"]["test"] == 4 and manifest["counts"]["train"] == 46
+    manifest = run_split(tmp_path, source, out="t", test_size=5, max_train=10)
+    assert manifest["counts"]["train"] == 10
+
+
+def test_test_size_leaving_nothing_to_train(tmp_path):
+    source = write_json(tmp_path / "a.json", make_rows(5))
+    with pytest.raises(DataError, match="nothing would be left for training"):
+        run_split(tmp_path, source, test_size=5)
+
+
+def test_duplicates_removed_and_no_test_prompt_in_train(tmp_path):
+    rows = make_rows(40)
+    rows += rows[:10]  # exact duplicates
+    # Same instruction+input with other outputs: must never straddle the split.
+    rows += [{"instruction": "Task 3", "input": "x0", "output": f"alternative {k}"} for k in range(5)]
+    source = write_json(tmp_path / "a.json", rows)
+    manifest = run_split(tmp_path, source, test_size=0.3)
+    assert manifest["counts"]["dropped"]["duplicate"] == 10
+    train = read_jsonl(tmp_path / "out/train.jsonl")
+    test = read_jsonl(tmp_path / "out/test.jsonl")
+    train_prompts = {(r["instruction"], r["input"]) for r in train}
+    assert not train_prompts & {(r["instruction"], r["input"]) for r in test}
+    assert len({r["id"] for r in train + test}) == len(train) + len(test)
+    assert len(test) == len({(r["instruction"], r["input"]) for r in test})
+
+
+def test_bad_rows_dropped_and_counted_by_reason(tmp_path):
+    rows = make_rows(20) + [
+        {"instruction": "", "input": "", "output": "x"},
+        {"instruction": "   ", "input": "", "output": "x"},
+        {"instruction": "no output", "input": ""},
+        {"instruction": "null output", "input": "", "output": None},
+        {"instruction": "empty output", "input": "", "output": ""},
+        {"instruction": 5, "input": "", "output": "x"},
+        {"instruction": "null input is fine", "input": None, "output": "x"},
+    ]
+    source = write_json(tmp_path / "a.json", rows)
+    manifest = run_split(tmp_path, source)
+    assert manifest["counts"]["dropped"] == {"empty_instruction": 2, "missing_output": 2, "empty_output": 1,
+                                              "non_string_instruction": 1}
+    assert manifest["counts"]["usable"] == 21
+    assert manifest["counts"]["read"] == 27
+
+
+def test_zero_usable_rows_is_an_error(tmp_path):
+    source = write_json(tmp_path / "a.json", [{"instruction": "", "input": "", "output": "x"}] * 3)
+    with pytest.raises(DataError, match="no usable rows"):
+        run_split(tmp_path, source)
+
+
+def test_missing_column_names_the_field(tmp_path):
+    source = write_json(tmp_path / "a.json", [{"prompt": "a", "completion": "b"}] * 3)
+    with pytest.raises(ConfigError, match=r"dataset.fields.instruction: column 'instruction'.*\['completion', 'prompt'\]"):
+        run_split(tmp_path, source)
+
+
+def test_field_mapping(tmp_path):
+    rows = [{"prompt": f"p{i}", "completion": f"c{i}"} for i in range(10)]
+    source = write_json(tmp_path / "a.json", rows)
+    run_split(tmp_path, source, fields={"instruction": "prompt", "input": None, "output": "completion"}, test_size=2)
+    test = read_jsonl(tmp_path / "out/test.jsonl")
+    assert all(r["input"] == "" and r["instruction"].startswith("p") and r["output"].startswith("c") for r in test)
+
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl", ".csv", ".parquet"])
+def test_every_file_format_gives_the_same_split(tmp_path, suffix):
+    rows = make_rows(30)
+    path = tmp_path / f"data{suffix}"
+    if suffix == ".json":
+        path.write_text(json.dumps({"data": rows}))
+    elif suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    elif suffix == ".csv":
+        with path.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    reference = write_json(tmp_path / "reference.json", rows)
+    run_split(tmp_path, reference, out="ref")
+    manifest = run_split(tmp_path, str(path), out="fmt")
+    assert manifest["source"]["sha256"]
+    assert (tmp_path / "fmt/test.jsonl").read_bytes() == (tmp_path / "ref/test.jsonl").read_bytes()
+
+
+def test_truncated_jsonl_names_the_line(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c", "outp\n')
+    with pytest.raises(DataError, match=r"data.jsonl, line 2"):
+        run_split(tmp_path, str(path))
+
+
+def test_hub_source_fails_clearly_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(DataError, match="cannot load hub dataset 'no-such-org/no-such-dataset'"):
+        run_split(tmp_path, "no-such-org/no-such-dataset")
+
+
+def test_manifest_records_provenance(tmp_path):
+    source = write_json(tmp_path / "a.json", make_rows(30))
+    manifest = run_split(tmp_path, source)
+    on_disk = json.loads((tmp_path / "out/manifest.json").read_text())
+    assert on_disk == manifest
+    assert manifest["seed"] == 1 and manifest["source"]["kind"] == "local"
+    assert len(manifest["sha256"]["test.jsonl"]) == 64
+    assert manifest["counts"]["train"] + manifest["counts"]["test"] == 30
+
+
+def test_demo_dataset_is_deterministic_and_varied(tmp_path):
+    rows = generate_demo_rows()
+    assert rows == generate_demo_rows()
+    assert 300 <= len(rows) <= 600
+    assert len({(r["instruction"], r["input"]) for r in rows}) == len(rows)
+    families = {r["instruction"].split()[0] for r in rows}
+    assert len(families) >= 8
+    assert any(r["output"].startswith("def ") for r in rows)
+    manifest = run_split(tmp_path, "embedded:demo", name="demo", test_size=24)
+    assert manifest["counts"]["test"] == 24 and manifest["counts"]["dropped"] == {}
