@@ -1,0 +1,653 @@
+"""Per-layer probe: the logit lens and early-exit generation ("premature layers", as in DoLa).
+
+Layer numbering (everywhere in tunelens): layer L is the output of decoder block L, 1-based; layer N (the
+model's depth) is the last block, whose read-out is the model's own next-token distribution.
+
+Logit lens
+    One forward pass with `output_hidden_states=True` over the prompt plus its greedy continuation gives
+    every block's hidden state at once. Each configured layer is read out with the model's own final norm
+    and LM head (plus Gemma's final logit soft-capping when the config sets it). transformers returns
+    `hidden_states[N]` with the final norm already applied, so the last layer gets the LM head alone; this is
+    checked against the model's own logits from the same pass (a mismatch raises instead of writing a wrong
+    lens). Probabilities are in [0, 1], entropies and KL divergences in nats; `kl_to_final` is
+    KL(p_final || p_layer), 0 at the last layer.
+
+Early exit
+    The decoder's block list is cut in place to its first L blocks for the duration of generation (the
+    KV cache works unchanged) and restored afterwards, even on error. The final norm and LM head then read
+    block L's output, so layer L costs about L/N of a full pass; the top blocks never run.
+    Rows are written in the generation row format (docs/ARCHITECTURE.md) so scoring treats them like any
+    generation file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from tunelens.config import DecodingConfig, resolve_layers
+from tunelens.errors import ConfigError, DataError, ModelError
+from tunelens.io import library_versions, read_jsonl, sha256_dir, write_json_atomic, write_jsonl_atomic
+from tunelens.models import (
+    decoder_layers,
+    final_norm,
+    lm_head,
+    load_model,
+    num_decoder_layers,
+    set_decoder_layers,
+)
+from tunelens.prompts import build_prompt
+
+log = logging.getLogger(__name__)
+
+TEST_ROW_KEYS = ("id", "instruction", "input", "output")
+# Tolerance of the last-layer self-check, relative to the logits' scale: bf16 matmuls on GPU round
+# differently when the head is applied to a slice of positions rather than the whole sequence.
+LAST_LAYER_ATOL = {"float32": 1e-3, "other": 0.15}
+
+
+# --------------------------------------------------------------------------------------------- layers
+def check_probe_layers(
+    layer_specs: Sequence[float], expected_layers: Sequence[int] | None, model, model_name: str
+) -> list[int]:
+    """Resolve the configured layer specs against the loaded model's real depth.
+
+    The DAG resolved `expected_layers` from the depth known before loading (embedded registry, config.json
+    or `models.<name>.num_layers`); a model that turns out deeper or shallower than that would silently
+    probe other layers than the file names say, so that is an error naming both depths.
+    """
+    depth = num_decoder_layers(model)
+    resolved = resolve_layers(list(layer_specs), depth, model_name)
+    if expected_layers is not None and list(expected_layers) != resolved:
+        raise ConfigError(
+            f"model '{model_name}': probe layers {list(layer_specs)} resolve to {resolved} for the loaded model "
+            f"({depth} decoder layers), but the workflow planned layers {list(expected_layers)}; "
+            f"set models.{model_name}.num_layers to {depth}"
+        )
+    return resolved
+
+
+@contextlib.contextmanager
+def truncated_decoder(model, num_layers: int) -> Iterator[Any]:
+    """Run `model` with only its first `num_layers` decoder blocks inside the `with` block.
+
+    The block list is replaced in place (a shallow copy of the model would share and mutate the same
+    modules) and always restored, so an exception mid-generation leaves the model whole.
+    """
+    layers = decoder_layers(model)
+    depth = len(layers)
+    if not 1 <= num_layers <= depth:
+        raise ConfigError(
+            f"early-exit layer {num_layers} is outside the model's depth (1..{depth} decoder layers)"
+        )
+    set_decoder_layers(model, layers[:num_layers])
+    try:
+        yield model
+    finally:
+        set_decoder_layers(model, layers)
+
+
+# --------------------------------------------------------------------------------------------- encoding
+def encode_prompts(tokenizer, prompts: Sequence[str], prompt_format: str) -> list[list[int]]:
+    """Token ids of each prompt. Chat templates already carry the special tokens (BOS), so only the
+    Alpaca text gets the tokenizer's own special tokens added."""
+    add_special = prompt_format != "chat"
+    return [tokenizer(prompt, add_special_tokens=add_special)["input_ids"] for prompt in prompts]
+
+
+def _left_padded(tokenizer, ids: Sequence[Sequence[int]], device):
+    import torch
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    width = max(len(row) for row in ids)
+    input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
+    attention = torch.zeros((len(ids), width), dtype=torch.long)
+    for index, row in enumerate(ids):
+        input_ids[index, width - len(row):] = torch.tensor(row, dtype=torch.long)
+        attention[index, width - len(row):] = 1
+    return input_ids.to(device), attention.to(device)
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    eos = eos if isinstance(eos, list) else [eos]
+    ids = {int(e) for e in eos if e is not None}
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return ids
+
+
+# --------------------------------------------------------------------------------------------- generation
+def generation_kwargs(decoding: DecodingConfig, beam_mode: str = "beam_search") -> tuple[dict, str]:
+    """HF `generate` arguments for a decoding config, and a sentence stating the semantics applied.
+
+    When sampling, every sampling field is set explicitly so a model's own generation_config (e.g. Gemma's
+    top_k=64) cannot leak in; greedy and beam search ignore them.
+    """
+    if decoding.is_beam:
+        sample = beam_mode == "beam_sample"
+        kwargs = {"num_beams": decoding.num_beams, "do_sample": sample, "early_stopping": True}
+        if sample:
+            kwargs.update(temperature=decoding.temperature, top_k=decoding.top_k, top_p=decoding.top_p)
+            semantics = (
+                f"HF beam sampling: num_beams={decoding.num_beams} with temperature={decoding.temperature}, "
+                f"top_k={decoding.top_k} (0=off), top_p={decoding.top_p}"
+            )
+        else:
+            semantics = (
+                f"HF deterministic beam search: num_beams={decoding.num_beams}; temperature, top_k and top_p ignored"
+            )
+    elif decoding.temperature == 0.0:
+        kwargs = {"num_beams": 1, "do_sample": False}
+        semantics = "HF greedy decoding (temperature 0); top_k and top_p ignored"
+    else:
+        kwargs = {
+            "num_beams": 1, "do_sample": True, "temperature": decoding.temperature,
+            "top_k": decoding.top_k, "top_p": decoding.top_p,
+        }
+        semantics = (
+            f"HF multinomial sampling: temperature={decoding.temperature}, top_k={decoding.top_k} (0=off), "
+            f"top_p={decoding.top_p}"
+        )
+    kwargs["repetition_penalty"] = decoding.repetition_penalty
+    if decoding.repetition_penalty != 1.0:
+        semantics += f"; repetition_penalty={decoding.repetition_penalty}"
+    return kwargs, semantics
+
+
+@dataclass
+class Generated:
+    """One generated answer: text after stop-string cutting, tokens the model produced, why it ended."""
+
+    text: str
+    num_generated_tokens: int
+    finish_reason: str  # stop | length | stop_string
+
+
+def generate_batched(
+    model,
+    tokenizer,
+    prompt_ids: Sequence[Sequence[int]],
+    *,
+    decoding: DecodingConfig,
+    max_new_tokens: int,
+    batch_size: int,
+    stop: Sequence[str] = (),
+    beam_mode: str = "beam_search",
+    seed: int = 0,
+) -> list[Generated]:
+    """Batched HF generation over pre-tokenised prompts (left padded), in input order.
+
+    `num_generated_tokens` counts the tokens the model produced for the row, without EOS and padding (for a
+    stop string, up to the token that completed it). Sampling is seeded once with `seed`, so a rerun with
+    the same batches reproduces the output.
+    """
+    import torch
+
+    kwargs, _ = generation_kwargs(decoding, beam_mode)
+    device = next(model.parameters()).device
+    eos_ids = _eos_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    torch.manual_seed(seed)
+    results: list[Generated] = []
+    for start in range(0, len(prompt_ids), batch_size):
+        batch = prompt_ids[start:start + batch_size]
+        input_ids, attention = _left_padded(tokenizer, batch, device)
+        with torch.inference_mode():
+            output = model.generate(
+                input_ids=input_ids,
+                attention_mask=attention,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=pad,
+                eos_token_id=sorted(eos_ids),
+                stop_strings=list(stop) or None,
+                tokenizer=tokenizer if stop else None,
+                **kwargs,
+            )
+        for row in output[:, input_ids.shape[1]:].tolist():
+            results.append(_finish(row, tokenizer, eos_ids, stop, max_new_tokens))
+    return results
+
+
+def _finish(new_ids: list[int], tokenizer, eos_ids: set[int], stop: Sequence[str], max_new_tokens: int) -> Generated:
+    tokens = []
+    ended_by_eos = False
+    for token in new_ids:
+        if token in eos_ids:
+            ended_by_eos = True
+            break
+        tokens.append(token)
+    text = tokenizer.decode(tokens, skip_special_tokens=True)
+    cuts = [text.find(s) for s in stop if s in text]
+    if cuts:
+        cut = min(cuts)
+        # Tokens produced up to the one that completed the stop string (generation halted there).
+        count = len(tokens)
+        for count in range(1, len(tokens) + 1):
+            if any(s in tokenizer.decode(tokens[:count], skip_special_tokens=True) for s in stop):
+                break
+        return Generated(text[:cut].rstrip(), count, "stop_string")
+    if ended_by_eos:
+        return Generated(text, len(tokens), "stop")
+    return Generated(text, len(tokens), "length" if len(tokens) >= max_new_tokens else "stop")
+
+
+# --------------------------------------------------------------------------------------------- logit lens
+def _readout(model, hidden, *, apply_norm: bool):
+    """Next-token logits (float32) from hidden states: [final norm] + LM head + Gemma-style soft-capping."""
+    import torch
+
+    if apply_norm:
+        hidden = final_norm(model)(hidden)
+    logits = lm_head(model)(hidden).float()
+    config = getattr(model, "config", None)
+    config = getattr(config, "get_text_config", lambda: config)()
+    cap = getattr(config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def _token_text(tokenizer, token_id: int) -> str:
+    return tokenizer.decode([token_id], skip_special_tokens=False)
+
+
+def logit_lens(
+    model,
+    tokenizer,
+    prompt_ids: Sequence[Sequence[int]],
+    layers: Sequence[int],
+    *,
+    top_k: int = 5,
+    new_tokens: int = 8,
+) -> list[dict]:
+    """Next-token distributions read out of `layers` for each prompt.
+
+    Positions read: the prompt's last token, then each of up to `new_tokens` greedy continuation tokens of
+    the full model (fewer if it emits EOS). Returns per prompt: `continuation_ids`, and `positions`, each
+    with the token at that position, the full model's greedy next token, and per layer the `top` tokens
+    (id, text, prob in [0, 1]), `entropy` (nats) and `kl_to_final` (KL(p_final || p_layer), nats).
+    """
+    import torch
+
+    depth = num_decoder_layers(model)
+    layers = list(layers)
+    bad = [layer for layer in layers if not 1 <= layer <= depth]
+    if bad:
+        raise ConfigError(f"logit lens layers {bad} are outside the model's depth (1..{depth} decoder layers)")
+    eos_ids = _eos_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    results = []
+    # No autograd anywhere in the lens: the read-outs of many layers would otherwise keep graphs alive.
+    with torch.inference_mode():
+        for ids in prompt_ids:
+            results.append(_lens_one_prompt(model, tokenizer, list(ids), layers, depth, top_k, new_tokens, eos_ids, pad))
+    return results
+
+
+def _lens_one_prompt(model, tokenizer, ids: list[int], layers: list[int], depth: int, top_k: int, new_tokens: int,
+                     eos_ids: set[int], pad: int) -> dict:
+    import torch
+
+    device = next(model.parameters()).device
+    prompt = torch.tensor([ids], dtype=torch.long, device=device)
+    generated = model.generate(
+        input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
+        do_sample=False, num_beams=1, pad_token_id=pad, eos_token_id=sorted(eos_ids),
+    )
+    continuation = generated[0, prompt.shape[1]:].tolist()
+    if any(token in eos_ids for token in continuation):
+        continuation = continuation[: next(i for i, t in enumerate(continuation) if t in eos_ids) + 1]
+    sequence = torch.tensor([ids + continuation], dtype=torch.long, device=device)
+    # Positions predicting the first continuation token, ..., the token after the last one read.
+    read = list(range(len(ids) - 1, sequence.shape[1]))
+    if continuation and continuation[-1] in eos_ids:
+        read = read[:-1]  # nothing follows EOS
+    outputs = model(
+        input_ids=sequence, attention_mask=torch.ones_like(sequence), output_hidden_states=True, use_cache=False,
+    )
+    hidden_states = outputs.hidden_states
+    if len(hidden_states) != depth + 1:
+        raise ModelError(
+            f"{type(model).__name__}: forward returned {len(hidden_states)} hidden states, expected "
+            f"{depth + 1} (embeddings + {depth} blocks); cannot map them to layers"
+        )
+    index = torch.tensor(read, device=device)
+    per_layer = {}
+    for layer in sorted(set(layers) | {depth}):
+        hidden = hidden_states[layer][0, index]
+        # hidden_states[depth] already went through the final norm inside the model.
+        per_layer[layer] = torch.log_softmax(_readout(model, hidden, apply_norm=layer != depth), dim=-1)
+    _check_last_layer(per_layer[depth], outputs.logits[0, index].float(), model)
+    final_logp = per_layer[depth]
+    positions = []
+    for row, position in enumerate(read):
+        entry = {
+            "position": position,
+            "step": row,  # 0 = the prompt's last token; k = the k-th continuation token
+            "token": _token_text(tokenizer, int(sequence[0, position])),
+            "greedy_next": _token_text(tokenizer, int(final_logp[row].argmax())),
+            "layers": [],
+        }
+        for layer in layers:
+            logp = per_layer[layer][row]
+            probs = logp.exp()
+            top = torch.topk(probs, k=min(top_k, probs.shape[-1]))
+            entropy = float(-(probs * logp).sum())
+            kl = float((final_logp[row].exp() * (final_logp[row] - logp)).sum())
+            entry["layers"].append({
+                "layer": layer,
+                "top": [
+                    {"id": int(i), "token": _token_text(tokenizer, int(i)), "prob": round(float(p), 6)}
+                    for p, i in zip(top.values, top.indices)
+                ],
+                "entropy": round(entropy, 6),
+                "kl_to_final": round(max(kl, 0.0), 6),
+            })
+        positions.append(entry)
+    return {"continuation_ids": continuation, "positions": positions}
+
+
+def _check_last_layer(lens_logp, model_logits, model) -> None:
+    import torch
+
+    model_logp = torch.log_softmax(model_logits, dim=-1)
+    dtype = next(model.parameters()).dtype
+    atol = LAST_LAYER_ATOL["float32" if dtype == torch.float32 else "other"]
+    error = float((lens_logp - model_logp).abs().max())
+    if not math.isfinite(error) or error > atol:
+        raise ModelError(
+            f"{type(model).__name__}: the logit lens at the last layer differs from the model's own logits "
+            f"(max |log p| difference {error:.3g} > {atol}); this architecture's hidden-state convention is "
+            "not the one tunelens expects (final norm applied to hidden_states[-1])"
+        )
+
+
+# --------------------------------------------------------------------------------------------- plots
+def _label(text: str, width: int = 10) -> str:
+    """A token as a readable, short plot label (whitespace made visible, mathtext '$' escaped)."""
+    text = text.replace("\n", "\\n").replace("\t", "\\t").replace(" ", "\u2423")
+    text = text if len(text) <= width else text[: width - 1] + "\u2026"
+    return text.replace("$", r"\$") or "''"
+
+
+def plot_lens_heatmap(lens: dict, path: str | Path) -> None:
+    """One panel per prompt: layers (rows, last on top) x positions (columns, labelled by the input token);
+    each cell shows the layer's top-1 token, coloured by its probability (0-1)."""
+    import warnings
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    prompts = lens["prompts"]
+    layers = lens["layers"]
+    n_pos = max(len(p["positions"]) for p in prompts)
+    fig, axes = plt.subplots(
+        len(prompts), 1, squeeze=False,
+        figsize=(max(6.0, 1.1 * n_pos + 2), max(2.5, (0.45 * len(layers) + 1.3)) * len(prompts)),
+    )
+    image = None
+    for ax, prompt in zip(axes[:, 0], prompts):
+        positions = prompt["positions"]
+        grid = np.full((len(layers), len(positions)), np.nan)
+        for col, entry in enumerate(positions):
+            for row, cell in enumerate(reversed(entry["layers"])):
+                grid[row, col] = cell["top"][0]["prob"]
+                ax.text(col, row, _label(cell["top"][0]["token"], 8), ha="center", va="center", fontsize=7,
+                        color="white" if cell["top"][0]["prob"] > 0.6 else "black")
+        image = ax.imshow(grid, aspect="auto", cmap="Blues", vmin=0.0, vmax=1.0)
+        ax.set_yticks(range(len(layers)), [f"layer {layer}" for layer in reversed(layers)], fontsize=8)
+        ax.set_xticks(range(len(positions)), [_label(e["token"]) for e in positions], fontsize=7, rotation=45,
+                      ha="right")
+        ax.set_title(_label(prompt["instruction"], 70), fontsize=9, loc="left")
+    fig.suptitle(f"Logit lens, top-1 next token per layer: {lens['model']['name']} ({lens['variant']})", fontsize=10)
+    fig.colorbar(image, ax=axes[:, 0].tolist(), label="top-1 probability", shrink=0.8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # missing glyphs for some tokens are expected
+        _save_figure(fig, path)
+    plt.close(fig)
+
+
+def plot_lens_entropy(lens: dict, path: str | Path) -> None:
+    """Entropy (nats) and KL(final || layer) (nats) by layer: one thin line per prompt (mean over its
+    positions) and their mean in bold."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    layers = lens["layers"]
+    fig, (ax_entropy, ax_kl) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for key, ax, ylabel in (
+        ("entropy", ax_entropy, "entropy of next-token distribution (nats)"),
+        ("kl_to_final", ax_kl, "KL(final layer || layer) (nats)"),
+    ):
+        curves = []
+        for prompt in lens["prompts"]:
+            values = np.array([[cell[key] for cell in entry["layers"]] for entry in prompt["positions"]])
+            curves.append(values.mean(axis=0))
+            ax.plot(layers, curves[-1], color="grey", alpha=0.5, linewidth=1)
+        ax.plot(layers, np.mean(curves, axis=0), color="C0", linewidth=2.5, marker="o", label="mean over prompts")
+        ax.set_xlabel(f"layer (of {lens['num_layers']})")
+        ax.set_ylabel(ylabel)
+        ax.set_xticks(layers)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"Logit lens by layer: {lens['model']['name']} ({lens['variant']})", fontsize=10)
+    _save_figure(fig, path)
+    plt.close(fig)
+
+
+def _save_figure(fig, path: str | Path) -> None:
+    """Save through a temp name in the same directory, then rename (a killed job leaves no plot)."""
+    import os
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    try:
+        fig.savefig(tmp, dpi=120, bbox_inches="tight")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------------------------- stage entry points
+def _read_test_rows(test_path: str | Path, limit: int | None) -> list[dict]:
+    rows = read_jsonl(test_path, required=TEST_ROW_KEYS)
+    return rows if limit is None else rows[:limit]
+
+
+def _model_record(model_name: str, source: str, model_path: str | Path) -> dict:
+    return {"name": model_name, "source": source, "path": str(model_path)}
+
+
+def _adapter_record(adapter_dir: str | Path | None) -> dict | None:
+    if adapter_dir is None:
+        return None
+    return {"dir": str(adapter_dir), "sha256": sha256_dir(adapter_dir)}
+
+
+def _check_prompt_lengths(ids: Sequence[Sequence[int]], row_ids: Sequence[str], max_prompt_tokens: int, where: str):
+    for row_id, row in zip(row_ids, ids):
+        if len(row) > max_prompt_tokens:
+            raise DataError(
+                f"{where}, row '{row_id}': prompt is {len(row)} tokens, above generation.max_prompt_tokens="
+                f"{max_prompt_tokens} (prompts are never truncated silently)"
+            )
+
+
+def run_logit_lens(
+    *,
+    model_name: str,
+    source: str,
+    model_path: str | Path,
+    adapter_dir: str | Path | None,
+    variant: str,
+    test_path: str | Path,
+    output_json: str | Path,
+    output_heatmap: str | Path,
+    output_entropy: str | Path,
+    layer_specs: Sequence[float],
+    expected_layers: Sequence[int] | None,
+    prompt_format: str,
+    lens_prompts: Sequence[str],
+    lens_test_prompts: int,
+    top_k: int,
+    new_tokens: int,
+    max_prompt_tokens: int = 1024,
+    seed: int = 0,
+    device: str = "auto",
+) -> dict:
+    """Rule `logit_lens`: lens.json plus its two plots for one (model, variant). Returns the lens dict."""
+    import torch
+
+    test_rows = _read_test_rows(test_path, lens_test_prompts) if lens_test_prompts else []
+    items = [{"id": f"lens-{i}", "source": "config", "instruction": text, "input": ""}
+             for i, text in enumerate(lens_prompts, start=1)]
+    items += [{"id": row["id"], "source": "test", "instruction": row["instruction"], "input": row["input"]}
+              for row in test_rows]
+    if not items:
+        raise ConfigError("probe.lens_prompts is empty and probe.lens_test_prompts is 0: nothing to lens")
+
+    started = time.perf_counter()
+    model, tokenizer = load_model(model_path, adapter_dir=adapter_dir, device=device)
+    load_time = time.perf_counter() - started
+    layers = check_probe_layers(layer_specs, expected_layers, model, model_name)
+    prompts = [build_prompt(item, prompt_format, tokenizer) for item in items]
+    ids = encode_prompts(tokenizer, prompts, prompt_format)
+    _check_prompt_lengths(ids, [item["id"] for item in items], max_prompt_tokens, str(test_path))
+
+    torch.manual_seed(seed)
+    started = time.perf_counter()
+    readouts = logit_lens(model, tokenizer, ids, layers, top_k=top_k, new_tokens=new_tokens)
+    lens_time = time.perf_counter() - started
+    lens = {
+        "model": _model_record(model_name, source, model_path),
+        "variant": variant,
+        "adapter": _adapter_record(adapter_dir),
+        "num_layers": num_decoder_layers(model),
+        "layer_specs": list(layer_specs),
+        "layers": layers,
+        "top_k": top_k,
+        "new_tokens": new_tokens,
+        "prompt_format": prompt_format,
+        "method": "final norm + LM head on each layer's hidden state (hidden_states[L], L = output of block L; "
+                  "the last one already normed), one forward pass over prompt + greedy continuation",
+        "units": {"prob": "0-1", "entropy": "nats", "kl_to_final": "KL(p_final || p_layer), nats"},
+        "seed": seed,
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "device": str(next(model.parameters()).device),
+        "load_time_s": round(load_time, 3),
+        "lens_time_s": round(lens_time, 3),
+        "versions": library_versions(),
+        "prompts": [
+            {**{k: item[k] for k in ("id", "source", "instruction", "input")}, "prompt": prompt,
+             "continuation": tokenizer.decode(readout["continuation_ids"], skip_special_tokens=True),
+             "positions": readout["positions"]}
+            for item, prompt, readout in zip(items, prompts, readouts)
+        ],
+    }
+    plot_lens_heatmap(lens, output_heatmap)
+    plot_lens_entropy(lens, output_entropy)
+    write_json_atomic(output_json, lens)  # last: its presence means the plots are complete too
+    log.info("logit lens of %s (%s): %d prompts x %d layers in %.1f s", model_name, variant, len(items),
+             len(layers), lens_time)
+    return lens
+
+
+def run_early_exit(
+    *,
+    model_name: str,
+    source: str,
+    model_path: str | Path,
+    adapter_dir: str | Path | None,
+    variant: str,
+    test_path: str | Path,
+    output_jsonl: str | Path,
+    output_meta: str | Path,
+    layer: int,
+    layer_specs: Sequence[float],
+    expected_layers: Sequence[int] | None,
+    prompt_format: str,
+    decoding: dict,
+    beam_mode: str = "beam_search",
+    max_test_rows: int | None = None,
+    max_new_tokens: int = 64,
+    stop: Sequence[str] = (),
+    batch_size: int = 16,
+    max_prompt_tokens: int = 1024,
+    seed: int = 0,
+    device: str = "auto",
+) -> dict:
+    """Rule `early_exit`: answers to the first `max_test_rows` test rows from the first `layer` blocks.
+
+    Writes generation rows + a `.meta.json` sidecar (docs/ARCHITECTURE.md) with `early_exit` = layer,
+    depth and fraction added. Returns the meta dict.
+    """
+    decoding_config = DecodingConfig.from_dict(decoding)
+    rows = _read_test_rows(test_path, max_test_rows)
+    if not rows:
+        raise DataError(f"{test_path}: no test rows to generate from")
+
+    started = time.perf_counter()
+    model, tokenizer = load_model(model_path, adapter_dir=adapter_dir, device=device)
+    load_time = time.perf_counter() - started
+    layers = check_probe_layers(layer_specs, expected_layers, model, model_name)
+    if layer not in layers:
+        raise ConfigError(f"model '{model_name}': early-exit layer {layer} is not one of its probe layers {layers}")
+    depth = num_decoder_layers(model)
+    prompts = [build_prompt(row, prompt_format, tokenizer) for row in rows]
+    ids = encode_prompts(tokenizer, prompts, prompt_format)
+    _check_prompt_lengths(ids, [row["id"] for row in rows], max_prompt_tokens, str(test_path))
+    _, semantics = generation_kwargs(decoding_config, beam_mode)
+
+    started = time.perf_counter()
+    with truncated_decoder(model, layer):
+        generated = generate_batched(
+            model, tokenizer, ids, decoding=decoding_config, max_new_tokens=max_new_tokens,
+            batch_size=batch_size, stop=stop, beam_mode=beam_mode, seed=seed,
+        )
+    generation_time = time.perf_counter() - started
+    out_rows = [
+        {"id": row["id"], "prompt": prompt, "reference": row["output"], "generated": answer.text,
+         "num_generated_tokens": answer.num_generated_tokens, "finish_reason": answer.finish_reason}
+        for row, prompt, answer in zip(rows, prompts, generated)
+    ]
+    total_tokens = sum(answer.num_generated_tokens for answer in generated)
+    meta = {
+        "backend": "hf",
+        "model": _model_record(model_name, source, model_path),
+        "variant": variant,
+        "adapter": _adapter_record(adapter_dir),
+        "decoding_config": decoding_config.as_dict(),
+        "semantics": f"{semantics}; early exit after decoder block {layer} of {depth}, then the model's final "
+                     f"norm and LM head (blocks {layer + 1}..{depth} not run)",
+        "early_exit": {"layer": layer, "num_layers": depth, "fraction": round(layer / depth, 4)},
+        "layer": layer,
+        "seed": seed,
+        "n_rows": len(out_rows),
+        "max_new_tokens": max_new_tokens,
+        "stop": list(stop),
+        "load_time_s": round(load_time, 3),
+        "generation_time_s": round(generation_time, 3),
+        "generated_tokens": total_tokens,
+        "tokens_per_s": round(total_tokens / generation_time, 2) if generation_time > 0 else None,
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "device": str(next(model.parameters()).device),
+        "versions": library_versions(),
+    }
+    write_jsonl_atomic(output_jsonl, out_rows)
+    write_json_atomic(output_meta, meta)
+    log.info("early exit %s (%s) layer %d/%d: %d rows, %d tokens in %.1f s", model_name, variant, layer, depth,
+             len(out_rows), total_tokens, generation_time)
+    return meta
