@@ -1,0 +1,348 @@
+"""Text metrics registered by name: each turns (generated, reference) pairs into per-row values plus the
+corpus value exactly as the field's own library computes it.
+
+Every metric returns a `MetricResult`:
+  - `per_row`: one sentence-level value per row (what the per-row CSV holds, for paired comparisons);
+  - `value`: the corpus value (the number tables show);
+  - `stats` + `reduce`: for corpus metrics that are not a mean of rows (BLEU, CodeBLEU, perplexity), per-row
+    sufficient statistics whose column sums `reduce` turns into the corpus value. The bootstrap resamples rows
+    and reduces the resampled sums, so a CI costs one matrix product instead of re-running the library.
+    `stats is None` means the corpus value is the mean of `per_row`.
+
+Scales (also written into every score file):
+  bleu         0-100  sacrebleu corpus BLEU (13a tokenizer, exp smoothing); per row sacrebleu.sentence_bleu
+  rougeL       0-1    rouge-score ROUGE-L F-measure with Porter stemming; corpus = mean of rows
+  bertscore    0-1    bert-score F1 (rescaled only with a baseline file); corpus = mean of rows
+  codebleu     0-1    codebleu.calc_codebleu (weights 0.25 each); per row = calc_codebleu on that row alone
+  exact_match  0-1    generated.strip() == reference.strip(); corpus = fraction of rows
+  length       tokens number of generated tokens (the generation file's count); corpus = mean
+
+Heavy libraries are imported inside the metric functions, so `import tunelens.metrics` stays cheap.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from tunelens.errors import ConfigError
+
+DEFAULT_METRICS = ("bleu", "rougeL", "bertscore", "codebleu", "exact_match", "length")
+
+
+@dataclass
+class MetricResult:
+    """What one metric computed over one generation file."""
+
+    name: str
+    scale: str
+    per_row: np.ndarray
+    value: float
+    stats: np.ndarray | None = None
+    reduce: Callable[[np.ndarray], float] | None = None
+    details: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class BertScoreSettings:
+    """bert-score options. `model` is a local HF directory or hub id; `num_layers` None = bert-score's
+    default for a known model type (a local path needs it). `rescale_with_baseline` needs `baseline_path`
+    (CSV LAYER,P,R,F): bert-score ships baselines only for hub model names, and otherwise silently returns
+    unrescaled scores."""
+
+    model: str
+    num_layers: int | None = None
+    batch_size: int = 64
+    lang: str = "en"
+    rescale_with_baseline: bool = False
+    baseline_path: str | None = None
+
+
+@dataclass(frozen=True)
+class ScoringContext:
+    """Everything a metric may need besides the text pairs."""
+
+    dataset_kind: str = "text"  # text | code
+    code_language: str = "python"
+    bertscore: BertScoreSettings | None = None
+    device: str = "auto"  # auto | cpu | cuda (bert-score model)
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    scale: str
+    description: str
+    compute: Callable[[list[str], list[str], list[dict], ScoringContext], MetricResult]
+    # Returns a reason to skip (e.g. CodeBLEU on a text dataset), or None when the metric applies.
+    skip_reason: Callable[[ScoringContext], str | None] = lambda context: None
+
+
+METRICS: dict[str, Metric] = {}
+
+
+def register(name: str, scale: str, description: str, skip_reason=None):
+    """Decorator: register a metric function under `name` (the key used in config and score files)."""
+
+    def wrap(fn):
+        METRICS[name] = Metric(name, scale, description, fn, skip_reason or (lambda context: None))
+        return fn
+
+    return wrap
+
+
+def check_metric_names(names: Sequence[str]) -> None:
+    unknown = [name for name in names if name not in METRICS]
+    if unknown:
+        raise ConfigError(f"scoring.metrics: unknown metric(s) {unknown}; registered: {sorted(METRICS)}")
+
+
+# --------------------------------------------------------------------------------------------- BLEU
+def _bleu_reduce(corpus_bleu) -> Callable[[np.ndarray], float]:
+    from sacrebleu.metrics.bleu import BLEU
+
+    order = corpus_bleu.max_ngram_order
+
+    def reduce(sums: np.ndarray) -> float:
+        sums = np.rint(sums).astype(np.int64)  # counts: exact integers, as sacrebleu sums them
+        return BLEU.compute_bleu(
+            correct=sums[2 : 2 + order].tolist(), total=sums[2 + order : 2 + 2 * order].tolist(),
+            sys_len=int(sums[0]), ref_len=int(sums[1]), smooth_method=corpus_bleu.smooth_method,
+            smooth_value=corpus_bleu.smooth_value, effective_order=False, max_ngram_order=order,
+        ).score
+
+    return reduce
+
+
+@register("bleu", "0-100", "sacrebleu corpus BLEU (13a, exp smoothing); per row sacrebleu.sentence_bleu")
+def bleu(generated: list[str], references: list[str], rows: list[dict], context: ScoringContext) -> MetricResult:
+    """Corpus BLEU from summed n-gram statistics; no n-gram match at all gives exactly 0 (sacrebleu #141),
+    and an empty output has brevity penalty 0, so gibberish or empty output cannot score above 0 by smoothing."""
+    from sacrebleu.metrics.bleu import BLEU
+
+    corpus_bleu = BLEU()
+    # sacrebleu.sentence_bleu's defaults: exp smoothing with effective order (orders without any match
+    # are left out), the usual sentence-level variant.
+    sentence_bleu = BLEU(effective_order=True)
+    per_row, stats = [], []
+    for hyp, ref in zip(generated, references):
+        score = sentence_bleu.sentence_score(hyp, [ref])
+        per_row.append(score.score)
+        stats.append([score.sys_len, score.ref_len, *score.counts, *score.totals])
+    stats_array = np.asarray(stats, dtype=np.float64)
+    value = corpus_bleu.corpus_score(generated, [references]).score
+    return MetricResult(
+        "bleu", "0-100", np.asarray(per_row), value, stats=stats_array, reduce=_bleu_reduce(corpus_bleu),
+        details={"signature": str(corpus_bleu.get_signature()), "sentence_level": "sacrebleu.sentence_bleu"},
+    )
+
+
+# --------------------------------------------------------------------------------------------- ROUGE-L
+@register("rougeL", "0-1", "rouge-score ROUGE-L F-measure, Porter stemmer; corpus = mean of rows")
+def rouge_l(generated: list[str], references: list[str], rows: list[dict], context: ScoringContext) -> MetricResult:
+    """rouge-score's default tokenizer keeps only [a-z0-9] tokens: text in other scripts scores 0 (library behaviour)."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    # RougeScorer.score(target, prediction): the reference comes first.
+    per_row = np.asarray([scorer.score(ref, hyp)["rougeL"].fmeasure for hyp, ref in zip(generated, references)])
+    return MetricResult("rougeL", "0-1", per_row, float(per_row.mean()), details={"use_stemmer": True})
+
+
+# --------------------------------------------------------------------------------------------- BERTScore
+def load_bertscorer(settings: BertScoreSettings, device: str = "auto"):
+    """Build bert-score's scorer once (it loads the model); reuse it for every file of a job."""
+    from bert_score import BERTScorer
+
+    from tunelens.models import pick_device
+
+    if settings.rescale_with_baseline and not settings.baseline_path:
+        raise ConfigError(
+            "scoring.bertscore.rescale_with_baseline: needs scoring.bertscore.baseline_path (CSV LAYER,P,R,F); "
+            "without it bert-score would return unrescaled scores for a local model"
+        )
+    if settings.baseline_path and not Path(settings.baseline_path).is_file():
+        raise ConfigError(f"scoring.bertscore.baseline_path: '{settings.baseline_path}' does not exist")
+    return BERTScorer(
+        model_type=str(settings.model), num_layers=settings.num_layers, batch_size=settings.batch_size,
+        device=pick_device(device), lang=settings.lang, rescale_with_baseline=settings.rescale_with_baseline,
+        baseline_path=settings.baseline_path,
+    )
+
+
+_BERTSCORERS: dict = {}
+
+
+def _cached_bertscorer(settings: BertScoreSettings, device: str):
+    key = (settings, device)
+    if key not in _BERTSCORERS:
+        _BERTSCORERS.clear()  # one model in memory at a time
+        _BERTSCORERS[key] = load_bertscorer(settings, device)
+    return _BERTSCORERS[key]
+
+
+@register("bertscore", "0-1", "bert-score F1 (configurable model); corpus = mean of rows")
+def bertscore(generated: list[str], references: list[str], rows: list[dict], context: ScoringContext) -> MetricResult:
+    """bert-score F1 per row. bert-score gives an empty candidate F1 0 (with a warning)."""
+    if context.bertscore is None:
+        raise ConfigError("metric 'bertscore' needs scoring.bertscore settings (model path)")
+    scorer = _cached_bertscorer(context.bertscore, context.device)
+    _, _, f1 = scorer.score(generated, references, verbose=False, batch_size=context.bertscore.batch_size)
+    per_row = f1.double().cpu().numpy()
+    return MetricResult(
+        "bertscore", "0-1", per_row, float(per_row.mean()),
+        details={
+            "model": str(context.bertscore.model), "num_layers": scorer.num_layers,
+            "rescaled": context.bertscore.rescale_with_baseline, "baseline_path": context.bertscore.baseline_path,
+            "device": str(scorer.device),
+        },
+    )
+
+
+# --------------------------------------------------------------------------------------------- CodeBLEU
+CODEBLEU_WEIGHTS = (0.25, 0.25, 0.25, 0.25)
+_NGRAM = 4
+# Column layout of the per-row CodeBLEU statistics.
+_NG_NUM, _NG_DEN = slice(0, 4), slice(4, 8)
+_W_NUM, _W_DEN = slice(8, 12), slice(12, 16)
+_HYP_LEN, _REF_LEN, _SYN_MATCH, _SYN_TOTAL, _DF_MATCH, _DF_TOTAL, _W_REF_LEN = range(16, 23)
+
+
+def _codebleu_tools(lang: str) -> dict:
+    from codebleu import codebleu as codebleu_module
+    from codebleu.dataflow_match import dfg_function
+    from codebleu.utils import AVAILABLE_LANGS, get_tree_sitter_language
+    from tree_sitter import Parser
+
+    if lang not in AVAILABLE_LANGS:
+        raise ConfigError(f"dataset.code_language: '{lang}' is not supported by codebleu; choices: {AVAILABLE_LANGS}")
+    try:
+        language = get_tree_sitter_language(lang)
+    except Exception as exc:  # a missing or incompatible grammar package
+        raise ConfigError(
+            f"dataset.code_language '{lang}': cannot load its tree-sitter grammar ({type(exc).__name__}: {exc}); "
+            "install the pinned grammar (tree-sitter-python==0.21.0 works with codebleu 0.7.0)"
+        ) from None
+    parser = Parser()
+    parser.language = language
+    keywords_file = codebleu_module.PACKAGE_DIR / "keywords" / f"{lang}.txt"
+    keywords = [line.strip() for line in keywords_file.read_text(encoding="utf-8").splitlines()]
+    return {"parser": parser, "dfg": [parser, dfg_function[lang]], "keywords": keywords, "lang": lang}
+
+
+def _sub_tree_sexps(root_node) -> list[str]:
+    """codebleu.syntax_match's subtree enumeration: the root and every node that has children."""
+    stack, out = [root_node], []
+    while stack:
+        node = stack.pop()
+        out.append(str(node))
+        stack.extend(child for child in node.children if len(child.children) != 0)
+    return out
+
+
+def _codebleu_row_stats(reference: str, prediction: str, tools: dict) -> list[float]:
+    """Sufficient statistics of one row for codebleu.calc_codebleu's four corpus components, computed with
+    codebleu's own helpers and in its order (tests check the reduced value equals calc_codebleu)."""
+    from codebleu import bleu as ngram_bleu, weighted_ngram_match
+    from codebleu.dataflow_match import get_data_flow, normalize_dataflow
+    from codebleu.parser import remove_comments_and_docstrings
+
+    lang = tools["lang"]
+    reference, prediction = reference.strip(), prediction.strip()
+    hyp_tokens, ref_tokens = prediction.split(), reference.split()
+    weights = {token: 1 if token in tools["keywords"] else 0.2 for token in ref_tokens}
+    ng = [ngram_bleu.modified_precision([ref_tokens], hyp_tokens, n) for n in range(1, _NGRAM + 1)]
+    wng = [weighted_ngram_match.modified_recall([[ref_tokens, weights]], hyp_tokens, n) for n in range(1, _NGRAM + 1)]
+
+    try:
+        cand_code = remove_comments_and_docstrings(prediction, lang)
+    except Exception:  # codebleu ignores unparsable code the same way
+        cand_code = prediction
+    try:
+        ref_code = remove_comments_and_docstrings(reference, lang)
+    except Exception:
+        ref_code = reference
+    cand_sexps = _sub_tree_sexps(tools["parser"].parse(bytes(cand_code, "utf8")).root_node)
+    ref_sexps = _sub_tree_sexps(tools["parser"].parse(bytes(ref_code, "utf8")).root_node)
+    syntax_match = sum(1 for sexp in ref_sexps if sexp in cand_sexps)
+
+    cand_dfg = normalize_dataflow(get_data_flow(cand_code, tools["dfg"]))
+    ref_dfg = normalize_dataflow(get_data_flow(ref_code, tools["dfg"]))
+    dataflow_match = 0
+    for item in ref_dfg:
+        if item in cand_dfg:
+            dataflow_match += 1
+            cand_dfg.remove(item)
+
+    return [
+        *(num for num, _ in ng), *(den for _, den in ng), *(num for num, _ in wng), *(den for _, den in wng),
+        len(hyp_tokens), len(ref_tokens), syntax_match, len(ref_sexps), dataflow_match, len(ref_dfg),
+        # codebleu's weighted n-gram match takes the closest length over [tokens, weights] pairs, i.e. 2 per
+        # row, not the reference length; reproduced through its own function so the values match.
+        weighted_ngram_match.closest_ref_length([[ref_tokens, weights]], len(hyp_tokens)),
+    ]
+
+
+def _nltk_style_corpus_bleu(numerators, denominators, hyp_len: float, ref_len: float) -> float:
+    """codebleu.bleu.corpus_bleu from summed counts (method1 smoothing, uniform weights)."""
+    from codebleu.bleu import SmoothingFunction, brevity_penalty
+
+    if numerators[0] == 0:
+        return 0.0
+    p_n = SmoothingFunction().method1(list(zip(numerators, denominators)))
+    return brevity_penalty(ref_len, hyp_len) * math.exp(math.fsum(0.25 * math.log(n / d) for n, d in p_n))
+
+
+def codebleu_components(sums: np.ndarray) -> dict[str, float]:
+    """calc_codebleu's output from summed per-row statistics."""
+    ngram = _nltk_style_corpus_bleu(sums[_NG_NUM], sums[_NG_DEN], sums[_HYP_LEN], sums[_REF_LEN])
+    weighted = _nltk_style_corpus_bleu(sums[_W_NUM], sums[_W_DEN], sums[_HYP_LEN], sums[_W_REF_LEN])
+    syntax = sums[_SYN_MATCH] / sums[_SYN_TOTAL]
+    dataflow = sums[_DF_MATCH] / sums[_DF_TOTAL] if sums[_DF_TOTAL] > 0 else 0.0
+    alpha, beta, gamma, theta = CODEBLEU_WEIGHTS
+    # codebleu's `dataflow_match_score or 1`: a dataflow score of 0 counts as 1. Kept so values match the
+    # library; it means an empty or unrelated output still gets 0.25 (see docs/scoring.md).
+    value = alpha * ngram + beta * weighted + gamma * syntax + theta * (dataflow or 1)
+    return {
+        "codebleu": float(value), "ngram_match_score": float(ngram), "weighted_ngram_match_score": float(weighted),
+        "syntax_match_score": float(syntax), "dataflow_match_score": float(dataflow),
+    }
+
+
+def _codebleu_skip(context: ScoringContext) -> str | None:
+    if context.dataset_kind != "code":
+        return f"dataset kind is {context.dataset_kind} (CodeBLEU needs dataset.kind: code)"
+    return None
+
+
+@register("codebleu", "0-1", "codebleu.calc_codebleu (weights 0.25 each)", skip_reason=_codebleu_skip)
+def codebleu(generated: list[str], references: list[str], rows: list[dict], context: ScoringContext) -> MetricResult:
+    """Corpus CodeBLEU equal to codebleu.calc_codebleu(references, generated, lang); per row the same on one row."""
+    tools = _codebleu_tools(context.code_language)
+    stats = np.asarray(
+        [_codebleu_row_stats(ref, hyp, tools) for hyp, ref in zip(generated, references)], dtype=np.float64
+    )
+    per_row = np.asarray([codebleu_components(row)["codebleu"] for row in stats])
+    components = codebleu_components(stats.sum(axis=0))
+    return MetricResult(
+        "codebleu", "0-1", per_row, components.pop("codebleu"), stats=stats,
+        reduce=lambda sums: codebleu_components(sums)["codebleu"],
+        details={"language": context.code_language, "weights": list(CODEBLEU_WEIGHTS), "components": components},
+    )
+
+
+# --------------------------------------------------------------------------------------------- simple ones
+@register("exact_match", "0-1", "generated.strip() == reference.strip(); corpus = fraction of rows")
+def exact_match(generated: list[str], references: list[str], rows: list[dict], context: ScoringContext) -> MetricResult:
+    per_row = np.asarray([float(hyp.strip() == ref.strip()) for hyp, ref in zip(generated, references)])
+    return MetricResult("exact_match", "0-1", per_row, float(per_row.mean()), details={"normalisation": "strip"})
+
+
+@register("length", "tokens", "generated tokens per row (num_generated_tokens); corpus = mean")
+def length(generated: list[str], references: list[str], rows: list[dict], context: ScoringContext) -> MetricResult:
+    per_row = np.asarray([float(row["num_generated_tokens"]) for row in rows])
+    return MetricResult("length", "tokens", per_row, float(per_row.mean()), details={"unit": "model tokens"})

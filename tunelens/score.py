@@ -1,0 +1,315 @@
+"""Scoring stage: generation file -> score file (corpus metrics with bootstrap CIs) + per-row table.
+
+One pipeline for generation files and early-exit files alike (same row format):
+  filter    read and check the rows (fails on a bad file before any metric model is loaded);
+  score     each registered metric (tunelens.metrics) gives per-row values and the corpus value;
+  reduce    corpus value as the metric's own library computes it (BLEU from summed n-gram counts, ...);
+  aggregate percentile bootstrap CI: rows resampled with replacement, the corpus value recomputed on each
+            resample (from per-row sufficient statistics for BLEU/CodeBLEU/perplexity, so it stays cheap).
+
+The bootstrap helpers (`bootstrap_ci`, `paired_bootstrap`) are public: the report stage uses them for
+paired differences between configs/variants on the per-row tables (rows matched by id).
+
+Score file format: docs/ARCHITECTURE.md ("Score files").
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from tunelens.errors import DataError
+from tunelens.io import library_versions, read_json, read_jsonl, write_json_atomic, write_text_atomic
+from tunelens.metrics import METRICS, MetricResult, ScoringContext, check_metric_names
+
+log = logging.getLogger(__name__)
+
+GENERATION_FIELDS = ("id", "prompt", "reference", "generated", "num_generated_tokens", "finish_reason")
+BOOTSTRAP_METHOD = "percentile bootstrap: rows resampled with replacement, corpus value recomputed per resample"
+
+
+# --------------------------------------------------------------------------------------------- bootstrap
+def resample_counts(n: int, samples: int, seed: int) -> np.ndarray:
+    """(samples, n) matrix: how often each row is drawn in each bootstrap resample (rows sum to n).
+
+    Deterministic in (n, samples, seed): every metric of a file, and every file with the same rows,
+    sees the same resamples, which is what paired comparisons need.
+    """
+    if n < 1:
+        raise ValueError("bootstrap needs at least one row")
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, n, size=(samples, n))
+    flat = (draws + np.arange(samples)[:, None] * n).ravel()
+    return np.bincount(flat, minlength=samples * n).reshape(samples, n).astype(np.float64)
+
+
+def _percentiles(distribution: np.ndarray, confidence: float) -> tuple[float, float]:
+    alpha = 1.0 - confidence
+    low, high = np.quantile(distribution, [alpha / 2, 1 - alpha / 2])
+    return float(low), float(high)
+
+
+def bootstrap_distribution(
+    values: Sequence[float] | np.ndarray | None = None,
+    *,
+    stats: np.ndarray | None = None,
+    reduce: Callable[[np.ndarray], float] | None = None,
+    samples: int = 1000,
+    seed: int = 0,
+    counts: np.ndarray | None = None,
+) -> np.ndarray:
+    """The statistic on each bootstrap resample: the mean of `values`, or `reduce(column sums of stats)`."""
+    if stats is not None:
+        if reduce is None:
+            raise ValueError("stats given without reduce")
+        stats = np.asarray(stats, dtype=np.float64)
+        n = stats.shape[0]
+    else:
+        values = np.asarray(values, dtype=np.float64)
+        n = values.shape[0]
+    counts = resample_counts(n, samples, seed) if counts is None else counts
+    if stats is None:
+        return counts @ values / n
+    return np.asarray([reduce(sums) for sums in counts @ stats], dtype=np.float64)
+
+
+def bootstrap_ci(
+    values: Sequence[float] | np.ndarray | None = None,
+    *,
+    stats: np.ndarray | None = None,
+    reduce: Callable[[np.ndarray], float] | None = None,
+    samples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+    counts: np.ndarray | None = None,
+) -> dict[str, float]:
+    """Seeded percentile bootstrap CI of a corpus statistic.
+
+    Either `values` (per-row values; statistic = mean) or `stats` + `reduce` (per-row sufficient statistics;
+    statistic = reduce(column sums), e.g. corpus BLEU). Returns {"value", "ci_low", "ci_high"} on the
+    statistic's own scale. With all rows equal the CI collapses to the value.
+    """
+    if stats is not None:
+        value = float(reduce(np.asarray(stats, dtype=np.float64).sum(axis=0)))
+    else:
+        value = float(np.mean(np.asarray(values, dtype=np.float64)))
+    distribution = bootstrap_distribution(values, stats=stats, reduce=reduce, samples=samples, seed=seed, counts=counts)
+    low, high = _percentiles(distribution, confidence)
+    return {"value": value, "ci_low": low, "ci_high": high}
+
+
+def paired_bootstrap(
+    a: Sequence[float] | np.ndarray,
+    b: Sequence[float] | np.ndarray,
+    *,
+    samples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Paired bootstrap of mean(a) - mean(b) over the same rows (a[i] and b[i] belong to one test row).
+
+    Returns {"diff", "ci_low", "ci_high", "p_value", "n"}; p_value is two-sided: twice the share of
+    resampled differences on the other side of 0 (capped at 1). Units are those of the inputs.
+    """
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(f"paired_bootstrap needs two equal-length 1-D arrays, got shapes {a.shape} and {b.shape}")
+    diff = a - b
+    distribution = bootstrap_distribution(diff, samples=samples, seed=seed)
+    low, high = _percentiles(distribution, confidence)
+    observed = float(diff.mean())
+    if np.all(distribution == 0):
+        p_value = 1.0
+    else:
+        p_value = min(1.0, 2 * min(np.mean(distribution <= 0), np.mean(distribution >= 0)))
+    return {"diff": observed, "ci_low": low, "ci_high": high, "p_value": float(p_value), "n": int(a.shape[0])}
+
+
+def paired_rows(rows_a: str | Path, rows_b: str | Path, metric: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Per-row values of `metric` from two per-row CSVs, matched by id (ids present in both, sorted)."""
+    table_a, table_b = read_rows_csv(rows_a), read_rows_csv(rows_b)
+    for path, table in ((rows_a, table_a), (rows_b, table_b)):
+        if table and metric not in table[next(iter(table))]:
+            raise DataError(f"{path}: no column '{metric}'")
+    ids = sorted(set(table_a) & set(table_b))
+    return (
+        np.asarray([table_a[i][metric] for i in ids]), np.asarray([table_b[i][metric] for i in ids]), ids,
+    )
+
+
+# --------------------------------------------------------------------------------------------- filter
+def _meta_path(generation_file: Path) -> Path:
+    return generation_file.with_name(generation_file.name.removesuffix(".jsonl") + ".meta.json")
+
+
+def read_generations(generation_file: str | Path) -> list[dict]:
+    """Rows of a generation (or early-exit) file, checked: every field present with the right type, ids
+    unique, at least one row. Errors name the file, the 1-based line, the key and what was expected."""
+    generation_file = Path(generation_file)
+    rows = read_jsonl(generation_file, required=GENERATION_FIELDS)
+    if not rows:
+        raise DataError(f"{generation_file}: no rows; expected one JSON object per test row")
+    seen: dict[str, int] = {}
+    for line_no, row in enumerate(rows, start=1):
+        where = f"{generation_file}, line {line_no}"
+        for key in ("id", "reference", "generated"):
+            if not isinstance(row[key], str):
+                raise DataError(f"{where}: '{key}' is {type(row[key]).__name__}; expected a string")
+        tokens = row["num_generated_tokens"]
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
+            raise DataError(f"{where}: 'num_generated_tokens' is {tokens!r}; expected an integer >= 0")
+        if row["id"] in seen:
+            raise DataError(f"{where}: id '{row['id']}' already on line {seen[row['id']]}; ids must be unique")
+        seen[row["id"]] = line_no
+    return rows
+
+
+def read_generation_meta(generation_file: str | Path, n_rows: int) -> dict:
+    """The `.meta.json` sidecar; its n_rows must match the rows read (else the file is truncated)."""
+    meta_file = _meta_path(Path(generation_file))
+    meta = read_json(meta_file)
+    expected = meta.get("n_rows")
+    if expected is not None and expected != n_rows:
+        raise DataError(
+            f"{generation_file}: {n_rows} rows, but {meta_file} says n_rows={expected}; truncated or stale file?"
+        )
+    return meta
+
+
+# --------------------------------------------------------------------------------------------- aggregate
+def summarise(
+    results: Sequence[MetricResult], n: int, *, samples: int, confidence: float, seed: int
+) -> dict[str, dict]:
+    """Score-file `metrics` entries: value, CI, scale, n, and the metric's details."""
+    counts = resample_counts(n, samples, seed)
+    out = {}
+    for result in results:
+        if result.stats is not None:
+            distribution = bootstrap_distribution(stats=result.stats, reduce=result.reduce, counts=counts)
+        else:
+            distribution = bootstrap_distribution(result.per_row, counts=counts)
+        low, high = _percentiles(distribution, confidence)
+        entry = {"value": float(result.value), "ci_low": low, "ci_high": high, "scale": result.scale, "n": n}
+        if result.name in METRICS:
+            entry["description"] = METRICS[result.name].description
+        entry.update(result.details)
+        out[result.name] = entry
+    return out
+
+
+def bootstrap_settings(samples: int, confidence: float, seed: int) -> dict:
+    return {"samples": samples, "confidence": confidence, "seed": seed, "method": BOOTSTRAP_METHOD}
+
+
+def _fmt(value: float) -> str:
+    return repr(float(value)) if math.isfinite(value) else str(value)
+
+
+def write_rows_csv(path: str | Path, ids: Sequence[str], columns: dict[str, Sequence[float]], extra: dict | None = None) -> None:
+    """Per-row table: `id`, then `extra` text columns, then one column per metric (full float precision)."""
+    extra = extra or {}
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["id", *extra, *columns])
+    for index, row_id in enumerate(ids):
+        writer.writerow(
+            [row_id, *(values[index] for values in extra.values()), *(_fmt(v[index]) for v in columns.values())]
+        )
+    write_text_atomic(path, buffer.getvalue())
+
+
+def read_rows_csv(path: str | Path) -> dict[str, dict[str, float]]:
+    """A per-row table back as {id: {metric: value}} (numeric columns only)."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: file does not exist")
+    out: dict[str, dict[str, float]] = {}
+    with path.open(encoding="utf-8", newline="") as handle:
+        reader = csv.DictReader(handle)
+        if not reader.fieldnames or reader.fieldnames[0] != "id":
+            raise DataError(f"{path}: first column must be 'id', got {reader.fieldnames}")
+        for line_no, row in enumerate(reader, start=2):
+            values = {}
+            for key, text in row.items():
+                if key == "id":
+                    continue
+                try:
+                    values[key] = float(text)
+                except (TypeError, ValueError):
+                    continue
+            out[row["id"]] = values
+    return out
+
+
+# --------------------------------------------------------------------------------------------- pipeline
+def score_rows(
+    rows: list[dict], metrics: Sequence[str], context: ScoringContext
+) -> tuple[list[MetricResult], dict[str, str], dict[str, float]]:
+    """Run each metric on the rows: (results, skipped {name: reason}, seconds per metric)."""
+    check_metric_names(metrics)
+    generated = [row["generated"] for row in rows]
+    references = [row["reference"] for row in rows]
+    results, skipped, seconds = [], {}, {}
+    for name in metrics:
+        metric = METRICS[name]
+        reason = metric.skip_reason(context)
+        if reason:
+            skipped[name] = reason
+            continue
+        start = time.perf_counter()
+        results.append(metric.compute(generated, references, rows, context))
+        seconds[name] = round(time.perf_counter() - start, 4)
+        log.info("%s: %.4g (%s) in %.2f s", name, results[-1].value, metric.scale, seconds[name])
+    return results, skipped, seconds
+
+
+def score_generation_file(
+    generation_file: str | Path,
+    scores_json: str | Path,
+    rows_csv: str | Path,
+    *,
+    metrics: Sequence[str],
+    context: ScoringContext,
+    samples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 1234,
+    model: str | None = None,
+    variant: str | None = None,
+    config: str | None = None,
+    layer: int | None = None,
+) -> dict:
+    """Score one generation or early-exit file; write the score JSON and the per-row CSV atomically.
+
+    `model`/`variant`/`config` default to the generation meta's. `layer` is the early-exit layer (None for
+    full-depth generations). Returns the score-file dict.
+    """
+    rows = read_generations(generation_file)
+    meta = read_generation_meta(generation_file, len(rows))
+    check_metric_names(metrics)
+    results, skipped, seconds = score_rows(rows, metrics, context)
+    n = len(rows)
+    summary = {
+        "model": model or (meta.get("model") or {}).get("name"),
+        "variant": variant or meta.get("variant"),
+        "config": config or (meta.get("decoding_config") or {}).get("name"),
+        "layer": layer,
+        "n": n,
+        "metrics": summarise(results, n, samples=samples, confidence=confidence, seed=seed),
+        "skipped": skipped,
+        "bootstrap": bootstrap_settings(samples, confidence, seed),
+        "generation_file": str(generation_file),
+        "metric_time_s": seconds,
+        "source": meta,
+        "versions": library_versions(),
+    }
+    write_rows_csv(rows_csv, [row["id"] for row in rows], {r.name: r.per_row for r in results})
+    write_json_atomic(scores_json, summary)
+    return summary
