@@ -12,10 +12,10 @@ from tunelens.config import DecodingConfig, resolve_layers  # noqa: E402
 from tunelens.errors import ConfigError, ModelError  # noqa: E402
 from tunelens.io import read_json, read_jsonl, write_jsonl_atomic  # noqa: E402
 from tunelens.models import decoder_layers, load_model, num_decoder_layers  # noqa: E402
+from tunelens.generate import GenerationSettings, hf_generate_batched  # noqa: E402
 from tunelens.probe import (  # noqa: E402
     check_probe_layers,
     encode_prompts,
-    generate_batched,
     logit_lens,
     run_early_exit,
     run_logit_lens,
@@ -46,7 +46,13 @@ def _load(path):
 
 
 def _prompt_ids(tokenizer):
-    return encode_prompts(tokenizer, PROMPTS, "alpaca")
+    return encode_prompts(tokenizer, PROMPTS)
+
+
+def _generate(model, tokenizer, max_new_tokens, prompts=PROMPTS):
+    """The generation stage's greedy loop (what early exit runs on the truncated model)."""
+    settings = GenerationSettings(max_new_tokens=max_new_tokens, batch_size=2)
+    return hf_generate_batched(model, tokenizer, prompts, GREEDY, settings)
 
 
 # --------------------------------------------------------------------------------------------- logit lens
@@ -108,25 +114,14 @@ def test_unsupported_architecture_fails_clearly(smollm2_tokenizer_dir):
 
 
 # --------------------------------------------------------------------------------------------- early exit
-def _batch(tokenizer, ids):
-    from tunelens.probe import _left_padded
-
-    return _left_padded(tokenizer, ids, "cpu")
-
-
 @pytest.mark.parametrize("arch", ARCHS)
 def test_early_exit_at_last_layer_equals_normal_greedy_generation(tiny_model_factory, arch):
     model, tokenizer = _load(tiny_model_factory(arch, 4))
-    ids = _prompt_ids(tokenizer)
-    input_ids, attention = _batch(tokenizer, ids)
-    with torch.no_grad():
-        reference = model.generate(input_ids=input_ids, attention_mask=attention, max_new_tokens=6, do_sample=False,
-                                   pad_token_id=tokenizer.pad_token_id)
-    expected = [tokenizer.decode(row[input_ids.shape[1]:], skip_special_tokens=True) for row in reference]
+    expected = _generate(model, tokenizer, 6)
     with truncated_decoder(model, 4):
-        answers = generate_batched(model, tokenizer, ids, decoding=GREEDY, max_new_tokens=6, batch_size=2)
-    assert [a.text for a in answers] == expected
-    assert all(a.num_generated_tokens == 6 and a.finish_reason == "length" for a in answers)
+        answers = _generate(model, tokenizer, 6)
+    assert [a.token_ids for a in answers] == [e.token_ids for e in expected]
+    assert all(len(a.token_ids) == 6 for a in answers)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -142,13 +137,12 @@ def test_early_exit_equals_a_model_built_with_only_the_first_blocks(tiny_model_f
     if getattr(config, "layer_types", None):
         config.layer_types = config.layer_types[:2]
     shallow = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch.float32).eval()
-    ids = _prompt_ids(tokenizer)
-    expected = generate_batched(shallow, tokenizer, ids, decoding=GREEDY, max_new_tokens=8, batch_size=2)
+    expected = _generate(shallow, tokenizer, 8)
     with truncated_decoder(model, 2):
-        answers = generate_batched(model, tokenizer, ids, decoding=GREEDY, max_new_tokens=8, batch_size=2)
-    full = generate_batched(model, tokenizer, ids, decoding=GREEDY, max_new_tokens=8, batch_size=2)
-    assert [a.text for a in answers] == [e.text for e in expected]
-    assert [a.text for a in answers] != [f.text for f in full]  # the top blocks did change the answer
+        answers = _generate(model, tokenizer, 8)
+    full = _generate(model, tokenizer, 8)
+    assert [a.token_ids for a in answers] == [e.token_ids for e in expected]
+    assert [a.token_ids for a in answers] != [f.token_ids for f in full]  # the top blocks did change the answer
     assert num_decoder_layers(model) == 4
 
 
@@ -163,13 +157,12 @@ def _block_calls(model):
 
 def test_early_exit_at_layer_1_runs_only_the_first_block(tiny_model_factory):
     model, tokenizer = _load(tiny_model_factory("llama", 4))
-    ids = _prompt_ids(tokenizer)
     calls, handles = _block_calls(model)
     with truncated_decoder(model, 1):
-        answers = generate_batched(model, tokenizer, ids, decoding=GREEDY, max_new_tokens=5, batch_size=2)
-    assert all(a.text for a in answers)
+        answers = _generate(model, tokenizer, 5)
+    assert all(len(a.token_ids) == 5 for a in answers)
     assert calls[0] == 5 and calls[1:] == [0, 0, 0]  # one call per generation step, top blocks never run
-    generate_batched(model, tokenizer, ids, decoding=GREEDY, max_new_tokens=5, batch_size=2)
+    _generate(model, tokenizer, 5)
     assert calls == [10, 5, 5, 5]  # restored: the full model runs every block again
     for handle in handles:
         handle.remove()
@@ -187,8 +180,7 @@ def test_layer_list_is_restored_after_an_error(tiny_model_factory):
         with pytest.raises(RuntimeError, match="boom in block 2"):
             with truncated_decoder(model, 3):
                 assert num_decoder_layers(model) == 3
-                generate_batched(model, tokenizer, _prompt_ids(tokenizer), decoding=GREEDY, max_new_tokens=3,
-                                 batch_size=2)
+                _generate(model, tokenizer, 3)
     finally:
         handle.remove()
     assert decoder_layers(model) is original and num_decoder_layers(model) == 4
@@ -200,17 +192,6 @@ def test_truncation_beyond_depth_fails(tiny_model_factory):
         with truncated_decoder(model, 5):
             pass
     assert num_decoder_layers(model) == 4
-
-
-def test_stop_strings_cut_the_answer(tiny_model_factory):
-    model, tokenizer = _load(tiny_model_factory("llama", 4))
-    ids = _prompt_ids(tokenizer)[:1]
-    free = generate_batched(model, tokenizer, ids, decoding=GREEDY, max_new_tokens=6, batch_size=1)[0]
-    stop = free.text.split()[1]  # a word the greedy answer produces
-    cut = generate_batched(model, tokenizer, ids, decoding=GREEDY, max_new_tokens=6, batch_size=1, stop=[stop])[0]
-    assert cut.finish_reason == "stop_string"
-    assert stop not in cut.text and free.text.startswith(cut.text)
-    assert 1 <= cut.num_generated_tokens < 6
 
 
 # --------------------------------------------------------------------------------------------- layers
@@ -295,3 +276,34 @@ def test_run_early_exit_rejects_a_layer_that_is_not_planned(tiny_model_factory, 
             decoding={"temperature": 0.0}, device="cpu",
         )
     assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_finetuned_variant_reads_the_adapter(tiny_model_factory, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from tunelens.io import sha256_dir
+
+    path = tiny_model_factory("llama", 4)
+    base, _ = _load(path)
+    torch.manual_seed(0)
+    # Random (not zero) LoRA B so the adapter changes the outputs.
+    peft_model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"],
+                                                 init_lora_weights=False))
+    adapter = tmp_path / "adapter"
+    peft_model.save_pretrained(adapter)
+    test_path = tmp_path / "test.jsonl"
+    write_jsonl_atomic(test_path, TEST_ROWS)
+    common = dict(model_name="tiny", source="local", model_path=path, test_path=test_path, layer_specs=[1.0],
+                  expected_layers=[4], prompt_format="alpaca", lens_prompts=PROMPTS[:1], lens_test_prompts=0,
+                  top_k=3, new_tokens=2, device="cpu")
+    lenses = {}
+    for variant, adapter_dir in (("base", None), ("finetuned", adapter)):
+        out = tmp_path / variant
+        lenses[variant] = run_logit_lens(variant=variant, adapter_dir=adapter_dir, output_json=out / "lens.json",
+                                         output_heatmap=out / "h.png", output_entropy=out / "e.png", **common)
+    assert lenses["finetuned"]["adapter"] == {"dir": str(adapter), "sha256": sha256_dir(adapter)}
+    top = {v: [e["layers"][0]["top"][0]["prob"] for e in lens["prompts"][0]["positions"]] for v, lens in lenses.items()}
+    assert top["base"] != top["finetuned"]
+    with pytest.raises(ConfigError, match="variant 'base' was given an adapter"):
+        run_logit_lens(variant="base", adapter_dir=adapter, output_json=tmp_path / "x.json",
+                       output_heatmap=tmp_path / "h.png", output_entropy=tmp_path / "e.png", **common)

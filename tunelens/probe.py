@@ -16,8 +16,9 @@ Early exit
     The decoder's block list is cut in place to its first L blocks for the duration of generation (the
     KV cache works unchanged) and restored afterwards, even on error. The final norm and LM head then read
     block L's output, so layer L costs about L/N of a full pass; the top blocks never run.
-    Rows are written in the generation row format (docs/ARCHITECTURE.md) so scoring treats them like any
-    generation file.
+    Generation itself is the generation stage's batched HF loop (tunelens.generate.hf_generate_batched) run on
+    the truncated model; rows are written in the generation row format (docs/ARCHITECTURE.md) so scoring
+    treats them like any generation file.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ import contextlib
 import logging
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -93,24 +93,11 @@ def truncated_decoder(model, num_layers: int) -> Iterator[Any]:
 
 
 # --------------------------------------------------------------------------------------------- encoding
-def encode_prompts(tokenizer, prompts: Sequence[str], prompt_format: str) -> list[list[int]]:
-    """Token ids of each prompt. Chat templates already carry the special tokens (BOS), so only the
-    Alpaca text gets the tokenizer's own special tokens added."""
-    add_special = prompt_format != "chat"
-    return [tokenizer(prompt, add_special_tokens=add_special)["input_ids"] for prompt in prompts]
-
-
-def _left_padded(tokenizer, ids: Sequence[Sequence[int]], device):
-    import torch
-
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    width = max(len(row) for row in ids)
-    input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
-    attention = torch.zeros((len(ids), width), dtype=torch.long)
-    for index, row in enumerate(ids):
-        input_ids[index, width - len(row):] = torch.tensor(row, dtype=torch.long)
-        attention[index, width - len(row):] = 1
-    return input_ids.to(device), attention.to(device)
+def encode_prompts(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
+    """Token ids of each full prompt text. As in the generation stage (tunelens.generate), no special tokens
+    are added beyond what the prompt text (chat template) already holds, so the lens reads the very
+    sequences the model is evaluated on."""
+    return [tokenizer(prompt, add_special_tokens=False)["input_ids"] for prompt in prompts]
 
 
 def _eos_ids(model, tokenizer) -> set[int]:
@@ -120,121 +107,6 @@ def _eos_ids(model, tokenizer) -> set[int]:
     if tokenizer.eos_token_id is not None:
         ids.add(int(tokenizer.eos_token_id))
     return ids
-
-
-# --------------------------------------------------------------------------------------------- generation
-def generation_kwargs(decoding: DecodingConfig, beam_mode: str = "beam_search") -> tuple[dict, str]:
-    """HF `generate` arguments for a decoding config, and a sentence stating the semantics applied.
-
-    When sampling, every sampling field is set explicitly so a model's own generation_config (e.g. Gemma's
-    top_k=64) cannot leak in; greedy and beam search ignore them.
-    """
-    if decoding.is_beam:
-        sample = beam_mode == "beam_sample"
-        kwargs = {"num_beams": decoding.num_beams, "do_sample": sample, "early_stopping": True}
-        if sample:
-            kwargs.update(temperature=decoding.temperature, top_k=decoding.top_k, top_p=decoding.top_p)
-            semantics = (
-                f"HF beam sampling: num_beams={decoding.num_beams} with temperature={decoding.temperature}, "
-                f"top_k={decoding.top_k} (0=off), top_p={decoding.top_p}"
-            )
-        else:
-            semantics = (
-                f"HF deterministic beam search: num_beams={decoding.num_beams}; temperature, top_k and top_p ignored"
-            )
-    elif decoding.temperature == 0.0:
-        kwargs = {"num_beams": 1, "do_sample": False}
-        semantics = "HF greedy decoding (temperature 0); top_k and top_p ignored"
-    else:
-        kwargs = {
-            "num_beams": 1, "do_sample": True, "temperature": decoding.temperature,
-            "top_k": decoding.top_k, "top_p": decoding.top_p,
-        }
-        semantics = (
-            f"HF multinomial sampling: temperature={decoding.temperature}, top_k={decoding.top_k} (0=off), "
-            f"top_p={decoding.top_p}"
-        )
-    kwargs["repetition_penalty"] = decoding.repetition_penalty
-    if decoding.repetition_penalty != 1.0:
-        semantics += f"; repetition_penalty={decoding.repetition_penalty}"
-    return kwargs, semantics
-
-
-@dataclass
-class Generated:
-    """One generated answer: text after stop-string cutting, tokens the model produced, why it ended."""
-
-    text: str
-    num_generated_tokens: int
-    finish_reason: str  # stop | length | stop_string
-
-
-def generate_batched(
-    model,
-    tokenizer,
-    prompt_ids: Sequence[Sequence[int]],
-    *,
-    decoding: DecodingConfig,
-    max_new_tokens: int,
-    batch_size: int,
-    stop: Sequence[str] = (),
-    beam_mode: str = "beam_search",
-    seed: int = 0,
-) -> list[Generated]:
-    """Batched HF generation over pre-tokenised prompts (left padded), in input order.
-
-    `num_generated_tokens` counts the tokens the model produced for the row, without EOS and padding (for a
-    stop string, up to the token that completed it). Sampling is seeded once with `seed`, so a rerun with
-    the same batches reproduces the output.
-    """
-    import torch
-
-    kwargs, _ = generation_kwargs(decoding, beam_mode)
-    device = next(model.parameters()).device
-    eos_ids = _eos_ids(model, tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    torch.manual_seed(seed)
-    results: list[Generated] = []
-    for start in range(0, len(prompt_ids), batch_size):
-        batch = prompt_ids[start:start + batch_size]
-        input_ids, attention = _left_padded(tokenizer, batch, device)
-        with torch.inference_mode():
-            output = model.generate(
-                input_ids=input_ids,
-                attention_mask=attention,
-                max_new_tokens=max_new_tokens,
-                pad_token_id=pad,
-                eos_token_id=sorted(eos_ids),
-                stop_strings=list(stop) or None,
-                tokenizer=tokenizer if stop else None,
-                **kwargs,
-            )
-        for row in output[:, input_ids.shape[1]:].tolist():
-            results.append(_finish(row, tokenizer, eos_ids, stop, max_new_tokens))
-    return results
-
-
-def _finish(new_ids: list[int], tokenizer, eos_ids: set[int], stop: Sequence[str], max_new_tokens: int) -> Generated:
-    tokens = []
-    ended_by_eos = False
-    for token in new_ids:
-        if token in eos_ids:
-            ended_by_eos = True
-            break
-        tokens.append(token)
-    text = tokenizer.decode(tokens, skip_special_tokens=True)
-    cuts = [text.find(s) for s in stop if s in text]
-    if cuts:
-        cut = min(cuts)
-        # Tokens produced up to the one that completed the stop string (generation halted there).
-        count = len(tokens)
-        for count in range(1, len(tokens) + 1):
-            if any(s in tokenizer.decode(tokens[:count], skip_special_tokens=True) for s in stop):
-                break
-        return Generated(text[:cut].rstrip(), count, "stop_string")
-    if ended_by_eos:
-        return Generated(text, len(tokens), "stop")
-    return Generated(text, len(tokens), "length" if len(tokens) >= max_new_tokens else "stop")
 
 
 # --------------------------------------------------------------------------------------------- logit lens
@@ -518,13 +390,14 @@ def run_logit_lens(
               for row in test_rows]
     if not items:
         raise ConfigError("probe.lens_prompts is empty and probe.lens_test_prompts is 0: nothing to lens")
+    _check_variant(model_name, variant, adapter_dir)
 
     started = time.perf_counter()
     model, tokenizer = load_model(model_path, adapter_dir=adapter_dir, device=device)
     load_time = time.perf_counter() - started
     layers = check_probe_layers(layer_specs, expected_layers, model, model_name)
     prompts = [build_prompt(item, prompt_format, tokenizer) for item in items]
-    ids = encode_prompts(tokenizer, prompts, prompt_format)
+    ids = encode_prompts(tokenizer, prompts)
     _check_prompt_lengths(ids, [item["id"] for item in items], max_prompt_tokens, str(test_path))
 
     torch.manual_seed(seed)
@@ -579,7 +452,7 @@ def run_early_exit(
     layer_specs: Sequence[float],
     expected_layers: Sequence[int] | None,
     prompt_format: str,
-    decoding: dict,
+    decoding: DecodingConfig | dict,
     beam_mode: str = "beam_search",
     max_test_rows: int | None = None,
     max_new_tokens: int = 64,
@@ -591,13 +464,28 @@ def run_early_exit(
 ) -> dict:
     """Rule `early_exit`: answers to the first `max_test_rows` test rows from the first `layer` blocks.
 
-    Writes generation rows + a `.meta.json` sidecar (docs/ARCHITECTURE.md) with `early_exit` = layer,
-    depth and fraction added. Returns the meta dict.
+    The generation loop is the generation stage's own (tunelens.generate.hf_generate_batched: batching,
+    stop strings, finish reasons, token counts), run on the truncated model, so layer N reproduces the
+    main greedy generation token for token. Writes generation rows + the `.meta.json` sidecar
+    (docs/ARCHITECTURE.md) with `layer` and `early_exit` (layer, depth, fraction) added; times are seconds.
+    Returns the meta dict.
     """
-    decoding_config = DecodingConfig.from_dict(decoding)
-    rows = _read_test_rows(test_path, max_test_rows)
-    if not rows:
-        raise DataError(f"{test_path}: no test rows to generate from")
+    from tunelens.generate import (
+        FINISH_REASONS,
+        GenerationSettings,
+        as_decoding_config,
+        describe_semantics,
+        hf_generate_batched,
+        load_prompt_rows,
+    )
+
+    decoding_config = as_decoding_config(decoding)
+    settings = GenerationSettings(
+        max_new_tokens=max_new_tokens, stop=tuple(stop), seed=seed, beam_mode=beam_mode, batch_size=batch_size,
+        max_prompt_tokens=max_prompt_tokens,
+    )
+    semantics = describe_semantics(decoding_config, beam_mode, "hf")  # validates beam_sample + temperature 0
+    _check_variant(model_name, variant, adapter_dir)
 
     started = time.perf_counter()
     model, tokenizer = load_model(model_path, adapter_dir=adapter_dir, device=device)
@@ -606,48 +494,58 @@ def run_early_exit(
     if layer not in layers:
         raise ConfigError(f"model '{model_name}': early-exit layer {layer} is not one of its probe layers {layers}")
     depth = num_decoder_layers(model)
-    prompts = [build_prompt(row, prompt_format, tokenizer) for row in rows]
-    ids = encode_prompts(tokenizer, prompts, prompt_format)
-    _check_prompt_lengths(ids, [row["id"] for row in rows], max_prompt_tokens, str(test_path))
-    _, semantics = generation_kwargs(decoding_config, beam_mode)
+    rows = load_prompt_rows(
+        test_path, prompt_format, tokenizer, max_prompt_tokens=max_prompt_tokens, max_rows=max_test_rows
+    )
 
     started = time.perf_counter()
     with truncated_decoder(model, layer):
-        generated = generate_batched(
-            model, tokenizer, ids, decoding=decoding_config, max_new_tokens=max_new_tokens,
-            batch_size=batch_size, stop=stop, beam_mode=beam_mode, seed=seed,
-        )
+        completions = hf_generate_batched(model, tokenizer, [row.prompt for row in rows], decoding_config, settings)
     generation_time = time.perf_counter() - started
     out_rows = [
-        {"id": row["id"], "prompt": prompt, "reference": row["output"], "generated": answer.text,
-         "num_generated_tokens": answer.num_generated_tokens, "finish_reason": answer.finish_reason}
-        for row, prompt, answer in zip(rows, prompts, generated)
+        {"id": row.id, "prompt": row.prompt, "reference": row.reference, "generated": completion.text,
+         "num_generated_tokens": completion.num_generated_tokens, "finish_reason": completion.finish_reason}
+        for row, completion in zip(rows, completions)
     ]
-    total_tokens = sum(answer.num_generated_tokens for answer in generated)
+    total_tokens = sum(completion.num_generated_tokens for completion in completions)
     meta = {
         "backend": "hf",
         "model": _model_record(model_name, source, model_path),
         "variant": variant,
         "adapter": _adapter_record(adapter_dir),
         "decoding_config": decoding_config.as_dict(),
-        "semantics": f"{semantics}; early exit after decoder block {layer} of {depth}, then the model's final "
-                     f"norm and LM head (blocks {layer + 1}..{depth} not run)",
-        "early_exit": {"layer": layer, "num_layers": depth, "fraction": round(layer / depth, 4)},
+        "semantics": f"{semantics} Early exit after decoder block {layer} of {depth}, then the model's final norm "
+                     f"and LM head (blocks {layer + 1}..{depth} not run).",
         "layer": layer,
+        "early_exit": {"layer": layer, "num_layers": depth, "fraction": round(layer / depth, 4)},
         "seed": seed,
-        "n_rows": len(out_rows),
         "max_new_tokens": max_new_tokens,
         "stop": list(stop),
+        "beam_mode": beam_mode,
+        "batch_size": batch_size,
+        "max_prompt_tokens": max_prompt_tokens,
+        "prompt_format": prompt_format,
+        "test_file": str(test_path),
+        "device": str(next(model.parameters()).device),
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "n_rows": len(out_rows),
         "load_time_s": round(load_time, 3),
         "generation_time_s": round(generation_time, 3),
         "generated_tokens": total_tokens,
         "tokens_per_s": round(total_tokens / generation_time, 2) if generation_time > 0 else None,
-        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-        "device": str(next(model.parameters()).device),
+        "finish_reasons": {r: sum(c.finish_reason == r for c in completions) for r in FINISH_REASONS},
         "versions": library_versions(),
     }
-    write_jsonl_atomic(output_jsonl, out_rows)
+    # Meta first, rows last (as the generation stage does): the rows file appearing means the job completed.
     write_json_atomic(output_meta, meta)
+    write_jsonl_atomic(output_jsonl, out_rows)
     log.info("early exit %s (%s) layer %d/%d: %d rows, %d tokens in %.1f s", model_name, variant, layer, depth,
              len(out_rows), total_tokens, generation_time)
     return meta
+
+
+def _check_variant(model_name: str, variant: str, adapter_dir: str | Path | None) -> None:
+    if variant == "finetuned" and adapter_dir is None:
+        raise ConfigError(f"model '{model_name}': variant 'finetuned' needs an adapter directory")
+    if variant == "base" and adapter_dir is not None:
+        raise ConfigError(f"model '{model_name}': variant 'base' was given an adapter ({adapter_dir})")
