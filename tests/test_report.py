@@ -240,6 +240,16 @@ def test_rank_agreement_exact_cases():
     assert math.isnan(constant["kendall_tau"][0])
 
 
+def test_vectorised_kendall_matches_scipy_with_ties():
+    from scipy import stats
+
+    rng = np.random.default_rng(1)
+    xs = rng.integers(0, 5, (20, 30)).astype(float)  # many ties, as in bootstrap resamples
+    ys = xs + rng.integers(0, 3, (20, 30))
+    expected = [stats.kendalltau(x, y).statistic for x, y in zip(xs, ys)]
+    assert report._kendall_tau_b_rows(xs, ys) == pytest.approx(expected, abs=1e-12)
+
+
 def test_best_config_table_and_paired_gain_over_default(full):
     _, _, paths = full
     table = read_summary_csv(paths["summary_csv"])
@@ -296,6 +306,18 @@ def test_bad_score_file_names_file_and_key(tmp_path):
         report.load_score_file(bad, "decoding")
 
 
+def test_rows_table_text_columns_are_dropped_metric_columns_checked(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"model": "m", "variant": "base", "config": "c",
+                                "metrics": {"bleu": {"value": 2.0}, "human": {"value": 1.0}}}))
+    # the scoring stage writes `id,<text columns>,<metrics>`; human ratings cover a sample only
+    path.with_name("c.rows.csv").write_text("id,finish_reason,bleu,human\na,stop,1.0,1\nb,length,3.0,\nc,stop,nan,0\n")
+    rows = report.load_score_file(path, "decoding").rows
+    assert list(rows.columns) == ["id", "bleu", "human"]
+    assert rows["bleu"].isna().tolist() == [False, False, True]
+    assert rows["human"].tolist()[::2] == [1.0, 0.0] and math.isnan(rows["human"].iloc[1])
+
+
 # --------------------------------------------------------------------------------------------- files
 def test_summary_csv_round_trips_and_holds_input_numbers(full):
     _, files, paths = full
@@ -339,9 +361,13 @@ def test_html_summary_renders_tables_and_provenance(full):
     assert "f" * 16 in page  # adapter hash from the generation meta
 
 
-def test_same_inputs_same_bytes_except_date_line(full, tmp_path):
-    root, files, first = full
-    second = run(root, files, out="out_again", now=dt.datetime(2031, 12, 31, 23, 59, 59, tzinfo=dt.timezone.utc))
+def test_same_inputs_same_bytes_except_date_line(tmp_path):
+    configs = dict(list(CONFIGS.items())[:2])
+    files = build_study(tmp_path, models=("smol",), configs=configs, layers=(2,))
+    first = run(tmp_path, files, settings=settings(configs))
+    second = run(tmp_path, files, out="out_again", settings=settings(configs),
+                 now=dt.datetime(2031, 12, 31, 23, 59, 59, tzinfo=dt.timezone.utc))
+    assert len(list(first["plots_dir"].iterdir())) == 3  # sweep, layers, loss
     assert second["summary_csv"].read_bytes() == first["summary_csv"].read_bytes()
     for key in ("summary_md", "summary_html"):
         a = first[key].read_text().splitlines()

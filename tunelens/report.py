@@ -150,8 +150,12 @@ def _number(value: Any, where: str) -> float:
     return float(value)
 
 
-def read_rows_csv(path: Path) -> pd.DataFrame:
-    """A per-row table: `id` column first, then one numeric column per metric (blank = not rated)."""
+def read_rows_csv(path: Path, metrics: Iterable[str] = ()) -> pd.DataFrame:
+    """A per-row table: `id`, then per-row values (blank = not rated, e.g. human ratings of a sample).
+
+    Columns named in `metrics` (the score file's metrics) must be numeric; other columns are kept when
+    numeric and dropped when they hold text (the scoring stage may add text columns after `id`).
+    """
     try:
         frame = pd.read_csv(path, dtype={"id": str}, keep_default_na=True)
     except pd.errors.EmptyDataError:
@@ -164,14 +168,19 @@ def read_rows_csv(path: Path) -> pd.DataFrame:
     if frame["id"].duplicated().any():
         dup = frame.loc[frame["id"].duplicated(), "id"].iloc[0]
         raise DataError(f"{path}: id '{dup}' appears twice; ids must be unique per file")
+    metrics = set(metrics)
+    keep = ["id"]
     for column in frame.columns[1:]:
         converted = pd.to_numeric(frame[column], errors="coerce")
         bad = converted.isna() & frame[column].notna()
+        if bad.any() and column not in metrics:
+            continue  # a text column (e.g. finish_reason), not a metric
         if bad.any():
             line = int(frame.index[bad][0]) + 2
             raise DataError(f"{path}, line {line}, column '{column}': expected a number, got {frame[column][bad].iloc[0]!r}")
-        frame[column] = converted.astype(float)
-    return frame
+        frame[column] = converted.astype(float).replace([np.inf, -np.inf], np.nan)
+        keep.append(column)
+    return frame[keep]
 
 
 def load_score_file(path: str | Path, kind: str) -> ScoreFile:
@@ -218,7 +227,7 @@ def load_score_file(path: str | Path, kind: str) -> ScoreFile:
     )
     for candidate in rows_path_candidates(path):
         if candidate.exists():
-            score.rows = read_rows_csv(candidate)
+            score.rows = read_rows_csv(candidate, metrics)
             break
     return score
 
@@ -299,20 +308,19 @@ def _percentile_ci(samples: np.ndarray, confidence: float) -> tuple[float, float
 
 
 def paired_difference(a: np.ndarray, b: np.ndarray, *, samples: int, confidence: float,
-                      rng: np.random.Generator) -> tuple[float, float, float]:
-    """Mean of (b - a) over paired rows with a percentile bootstrap CI (rows resampled with replacement).
+                      seed: int) -> tuple[float, float, float]:
+    """Mean of (b - a) over paired rows (a[i], b[i] = one test row) with a percentile bootstrap CI.
 
-    Uses tunelens.score.paired_bootstrap when the scoring stage provides it, so the project has one
-    bootstrap; this fallback resamples the same way.
+    Delegates to tunelens.score.paired_bootstrap, the scoring stage's bootstrap (same resampling as the
+    score files' CIs), so the project has a single bootstrap implementation. Units are the inputs'.
     """
-    a = np.asarray(a, dtype=float)
-    b = np.asarray(b, dtype=float)
-    diffs = b - a
-    if diffs.size == 0:
+    from tunelens.score import paired_bootstrap
+
+    if len(a) == 0:
         return math.nan, math.nan, math.nan
-    index = rng.integers(0, diffs.size, size=(samples, diffs.size))
-    low, high = _percentile_ci(diffs[index].mean(axis=1), confidence)
-    return float(diffs.mean()), low, high
+    result = paired_bootstrap(np.asarray(b, dtype=float), np.asarray(a, dtype=float), samples=samples,
+                              confidence=confidence, seed=seed)
+    return result["diff"], result["ci_low"], result["ci_high"]
 
 
 def rank_agreement(x: np.ndarray, y: np.ndarray, *, samples: int, confidence: float,
@@ -341,11 +349,36 @@ def rank_agreement(x: np.ndarray, y: np.ndarray, *, samples: int, confidence: fl
     denom = np.sqrt((rx**2).sum(axis=1) * (ry**2).sum(axis=1))
     with np.errstate(invalid="ignore", divide="ignore"):
         rho_samples = (rx * ry).sum(axis=1) / denom
-    tau_samples = np.array([stats.kendalltau(xs[i], ys[i]).statistic for i in range(samples)], dtype=float)
+    tau_samples = _kendall_tau_b_rows(xs, ys)
     return {
         "kendall_tau": (tau, *_percentile_ci(tau_samples, confidence)),
         "spearman_rho": (rho, *_percentile_ci(rho_samples, confidence)),
     }
+
+
+def _kendall_tau_b_rows(xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+    """Kendall tau-b of each row pair (xs[i], ys[i]); bootstrap resamples repeat rows, so ties matter.
+
+    tau-b = sum(sx * sy) / sqrt(sum(sx^2) * sum(sy^2)) over all ordered pairs, sx = sign(x_i - x_j).
+    Vectorised over pair matrices in chunks for small n (a scipy call per resample is ~100x slower);
+    falls back to scipy for large n, where the n^2 matrices would not fit.
+    """
+    from scipy import stats
+
+    samples, n = xs.shape
+    if n > 400:
+        return np.array([stats.kendalltau(xs[i], ys[i]).statistic for i in range(samples)], dtype=float)
+    out = np.empty(samples)
+    chunk = max(1, 4_000_000 // (n * n))
+    for start in range(0, samples, chunk):
+        x = xs[start:start + chunk]
+        y = ys[start:start + chunk]
+        sx = np.sign(x[:, :, None] - x[:, None, :])
+        sy = np.sign(y[:, :, None] - y[:, None, :])
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[start:start + chunk] = (sx * sy).sum(axis=(1, 2)) / np.sqrt(
+                (sx * sx).sum(axis=(1, 2)) * (sy * sy).sum(axis=(1, 2)))
+    return out
 
 
 def paired_differences(rows: pd.DataFrame, settings: ReportSettings) -> pd.DataFrame:
@@ -361,10 +394,9 @@ def paired_differences(rows: pd.DataFrame, settings: ReportSettings) -> pd.DataF
         wide = wide[["base", "finetuned"]].dropna().sort_index()
         if wide.empty:
             continue
-        key = f"diff|{model}|{config}|{layer}|{metric}"
         value, low, high = paired_difference(
             wide["base"].to_numpy(), wide["finetuned"].to_numpy(),
-            samples=settings.bootstrap_samples, confidence=settings.confidence, rng=_rng(settings.seed, key),
+            samples=settings.bootstrap_samples, confidence=settings.confidence, seed=settings.seed,
         )
         records.append({
             "model": model, "variant": DIFF_VARIANT, "config": config, "layer": None if layer == -1 else layer,
@@ -447,7 +479,7 @@ def best_configs(scores: pd.DataFrame, rows: pd.DataFrame, settings: ReportSetti
             continue
         value, low, high = paired_difference(
             pair.iloc[:, 0].to_numpy(), pair.iloc[:, 1].to_numpy(), samples=settings.bootstrap_samples,
-            confidence=settings.confidence, rng=_rng(settings.seed, f"best|{model}|{variant}|{metric}"),
+            confidence=settings.confidence, seed=settings.seed,
         )
         records.append({**record, "statistic": "best_minus_default", "value": value, "ci_low": low,
                         "ci_high": high, "n": len(pair), "scale": metric_info(metric).scale})
