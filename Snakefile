@@ -1,23 +1,23 @@
 # tunelens: fine-tune, generate, score and probe LLMs, then tabulate.
 #   snakemake --cores all                                  # the embedded default (config.yaml), offline
 #   snakemake --cores all --configfile configs/alpaca-7b.yaml --profile profiles/slurm
-from snakemake.utils import min_version, validate
+from snakemake.utils import min_version
 
 min_version("9.0")
 
 
-configfile: "config.yaml"
-
-
-validate(config, "schemas/config.schema.yaml")
-
-
+# The embedded default (config.yaml) is loaded in common.smk only when no --configfile is given: with a
+# `configfile:` directive, Snakemake would deep-merge a preset into the default and a study of three 7B
+# models would silently also run the two embedded ones.
+# common.smk validates the config (schemas/config.schema.yaml through snakemake.utils.validate, plus the
+# checks a schema cannot express) and fills its defaults before any rule is defined.
 include: "rules/common.smk"
 include: "rules/models.smk"
 include: "rules/data.smk"
+include: "rules/probe.smk"
 
 
 rule all:
+    default_target: True
     input:
         all_targets(),
-    default_target: True

@@ -1,16 +1,23 @@
 # The only place that turns the config into paths, wildcards and targets (see docs/ARCHITECTURE.md).
-import os
 import re
+import sys
 
-from tunelens.config import VARIANTS, load_config
+sys.path.insert(0, workflow.basedir)  # tunelens from this checkout, installed or not
 
-# Jobs (local, conda or SLURM) import tunelens from this checkout, whichever Python runs them.
-os.environ["PYTHONPATH"] = os.pathsep.join(
-    p for p in (workflow.basedir, os.environ.get("PYTHONPATH")) if p
+from tunelens.config import (
+    VARIANTS,
+    load_config,
+    load_default_config,
+    prepare_job_environment,
 )
-for _offline in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-    # Offline unless the user opts in (export HF_HUB_OFFLINE=0 to let jobs download from the hub).
-    os.environ.setdefault(_offline, "1")
+
+prepare_job_environment(workflow.basedir)
+
+if not workflow.overwrite_configfiles:
+    # No --configfile: the embedded default, with any --config key=value overrides on top.
+    with_defaults = load_default_config(workflow.basedir, overrides=config)
+    config.clear()
+    config.update(with_defaults)
 
 # Validates (schema + semantic checks) and fills defaults; a bad value stops here, before any job.
 STUDY = load_config(config)
@@ -65,12 +72,18 @@ def model_path(wildcards):
 
 def adapter_input(wildcards):
     """The LoRA adapter for the finetuned variant; nothing for base."""
-    return [f"{R}/finetune/{wildcards.model}/adapter"] if wildcards.variant == "finetuned" else []
+    return (
+        [f"{R}/finetune/{wildcards.model}/adapter"]
+        if wildcards.variant == "finetuned"
+        else []
+    )
 
 
 def bertscore_model_input(wildcards):
     source = STUDY.config["scoring"]["bertscore"]["model"]
-    needed = "bertscore" in STUDY.config["scoring"]["metrics"] and source.startswith("embedded:")
+    needed = "bertscore" in STUDY.config["scoring"]["metrics"] and source.startswith(
+        "embedded:"
+    )
     return [f"{R}/models/bertscore"] if needed else []
 
 
@@ -118,6 +131,49 @@ def probe_layers(model):
     return MODELS[model].probe_layers if STUDY.config["probe"]["enabled"] else []
 
 
+# probe (rules/probe.smk) ---------------------------------------------------------------
+def probe_config(key):
+    """A `probe.<key>` setting (a rule param, so changing it reruns the probe)."""
+    return lookup(dpath=f"probe/{key}", within=config)
+
+
+def probe_model_source(wildcards):
+    """The model's configured source string (recorded in the probe outputs' metadata)."""
+    return model_spec(wildcards).source
+
+
+def probe_prompt_format(wildcards):
+    return model_spec(wildcards).prompt_format
+
+
+def probe_layer_specs(wildcards):
+    """The layer specs as configured (absolute or fractions); re-resolved against the loaded model."""
+    return model_spec(wildcards).layer_specs
+
+
+def planned_probe_layers(wildcards):
+    """The 1-based layers resolved from the depth known before loading (None when unknown)."""
+    return model_spec(wildcards).probe_layers
+
+
+def early_exit_layer(wildcards):
+    """The `{layer}` wildcard as an int; a layer the config does not plan fails before any job runs."""
+    layer = int(wildcards.layer)
+    planned = probe_layers(wildcards.model)
+    if layer not in planned:
+        raise ValueError(
+            f"early exit: layer {layer} is not a probe layer of model '{wildcards.model}' (planned: {planned})"
+        )
+    return layer
+
+
+def early_exit_decoding(wildcards):
+    """probe.early_exit.decoding as a full decoding config with its canonical name (greedy by default)."""
+    from tunelens.config import DecodingConfig
+
+    return DecodingConfig.from_dict(config["probe"]["early_exit"]["decoding"]).as_dict()
+
+
 def all_score_files():
     return [
         score_file(model, variant, name)
@@ -130,7 +186,11 @@ def all_score_files():
 def all_perplexity_files():
     if not STUDY.config["scoring"]["perplexity"]:
         return []
-    return [f"{R}/perplexity/{model}/{variant}.json" for model in MODELS for variant in variants(model)]
+    return [
+        f"{R}/perplexity/{model}/{variant}.json"
+        for model in MODELS
+        for variant in variants(model)
+    ]
 
 
 def all_judge_files():
@@ -147,11 +207,18 @@ def all_judge_files():
 def all_lens_files():
     if not STUDY.config["probe"]["enabled"]:
         return []
-    return [f"{R}/probe/{model}/{variant}/lens.json" for model in MODELS for variant in variants(model)]
+    return [
+        f"{R}/probe/{model}/{variant}/lens.json"
+        for model in MODELS
+        for variant in variants(model)
+    ]
 
 
 def all_early_exit_score_files():
-    if not (STUDY.config["probe"]["enabled"] and STUDY.config["probe"]["early_exit"]["enabled"]):
+    if not (
+        STUDY.config["probe"]["enabled"]
+        and STUDY.config["probe"]["early_exit"]["enabled"]
+    ):
         return []
     return [
         f"{R}/probe/{model}/{variant}/early_exit/layer_{layer}.scores.json"
@@ -162,7 +229,11 @@ def all_early_exit_score_files():
 
 
 def all_finetune_metrics():
-    return [f"{R}/finetune/{model}/metrics.json" for model, spec in MODELS.items() if spec.finetuned]
+    return [
+        f"{R}/finetune/{model}/metrics.json"
+        for model, spec in MODELS.items()
+        if spec.finetuned
+    ]
 
 
 def all_targets():

@@ -10,6 +10,11 @@ rule split:
         manifest=SPLIT["manifest"],
     log:
         f"logs/split/{DATASET}.log",
+    conda:
+        "../envs/core.yaml"
+    resources:
+        mem_mb=4000,
+        runtime=30,
     params:
         source=lookup(dpath="dataset/source", within=config),
         name=DATASET,
@@ -19,10 +24,5 @@ rule split:
         max_test=lookup(dpath="dataset/max_test", within=config),
         max_train=lookup(dpath="dataset/max_train", within=config),
         hub_split=lookup(dpath="dataset/hub_split", within=config),
-    resources:
-        mem_mb=4000,
-        runtime=30,
-    conda:
-        "../envs/core.yaml"
     script:
         "../scripts/split.py"

@@ -14,6 +14,7 @@ import copy
 import itertools
 import json
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,24 @@ DATA_EXTENSIONS = (".json", ".jsonl", ".csv", ".parquet")
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
 VARIANTS = ("base", "finetuned")
 DECODING_FIELDS = ("top_k", "num_beams", "temperature", "top_p", "repetition_penalty")
+
+
+# --------------------------------------------------------------------------------------------- jobs
+OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+
+
+def prepare_job_environment(workflow_dir: str) -> None:
+    """Environment every job inherits (local, conda or SLURM: Snakemake re-imports common.smk in each).
+
+    Jobs import tunelens from the workflow's checkout whichever Python runs them, and run offline unless
+    the user exported HF_HUB_OFFLINE=0 (and friends) to allow hub downloads.
+    """
+    paths = [workflow_dir, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    for variable in OFFLINE_VARIABLES:
+        os.environ.setdefault(variable, "1")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 # --------------------------------------------------------------------------------------------- schema
@@ -396,6 +415,16 @@ def load_config(config: dict, *, base_dir: str | Path = ".") -> Study:
             raise ConfigError(f"scoring.bertscore.model: unknown embedded encoder '{key}'; choices: {choices}")
 
     return Study(config=config, models=models, decoding=by_name, default_decoding=default_name)
+
+
+def load_default_config(workflow_dir: str | Path, overrides: dict | None = None) -> dict:
+    """config.yaml next to the Snakefile, deep-updated with `overrides` (the command line's --config)."""
+    from snakemake.common.configfile import load_configfile
+    from snakemake.utils import update_config
+
+    config = load_configfile(str(Path(workflow_dir) / "config.yaml"))
+    update_config(config, copy.deepcopy(overrides or {}))
+    return config
 
 
 def load_config_file(path: str | Path, overrides: dict | None = None) -> Study:
