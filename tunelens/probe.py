@@ -263,7 +263,7 @@ def plot_lens_heatmap(lens: dict, path: str | Path) -> None:
     layers = lens["layers"]
     n_pos = max(len(p["positions"]) for p in prompts)
     fig, axes = plt.subplots(
-        len(prompts), 1, squeeze=False,
+        len(prompts), 1, squeeze=False, layout="constrained",
         figsize=(max(6.0, 1.1 * n_pos + 2), max(2.5, (0.45 * len(layers) + 1.3)) * len(prompts)),
     )
     image = None
@@ -298,7 +298,7 @@ def plot_lens_entropy(lens: dict, path: str | Path) -> None:
     import numpy as np
 
     layers = lens["layers"]
-    fig, (ax_entropy, ax_kl) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, (ax_entropy, ax_kl) = plt.subplots(1, 2, figsize=(10, 3.8), layout="constrained")
     for key, ax, ylabel in (
         ("entropy", ax_entropy, "entropy of next-token distribution (nats)"),
         ("kl_to_final", ax_kl, "KL(final layer || layer) (nats)"),
@@ -327,7 +327,7 @@ def _save_figure(fig, path: str | Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
     try:
-        fig.savefig(tmp, dpi=120, bbox_inches="tight")
+        fig.savefig(tmp, dpi=120)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
