@@ -157,6 +157,10 @@ def test_bad_model_name():
     expect_error(with_changes(models={"my model": {"source": "embedded:smollm2-135m-instruct"}}), "my model")
 
 
+def test_reserved_model_name():
+    expect_error(with_changes(models={"bertscore": {"source": "embedded:smollm2-135m-instruct"}}), "bertscore", "reserved")
+
+
 def test_empty_config():
     expect_error({}, "empty")
 

@@ -11,6 +11,7 @@ Kept free of torch/transformers imports: Snakemake imports it on every invocatio
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
 import json
 import math
@@ -31,6 +32,7 @@ EMBEDDED_PREFIX = "embedded:"
 DATA_EXTENSIONS = (".json", ".jsonl", ".csv", ".parquet")
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
 VARIANTS = ("base", "finetuned")
+RESERVED_MODEL_NAMES = {"bertscore"}
 DECODING_FIELDS = ("top_k", "num_beams", "temperature", "top_p", "repetition_penalty")
 
 
@@ -53,9 +55,36 @@ def prepare_job_environment(workflow_dir: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------- schema
-def _load_schema() -> dict:
+@functools.lru_cache(maxsize=1)
+def _cached_schema() -> dict:
+    # Parsed once per process: pure-Python YAML took ~0.5 s per parse of this schema, and every
+    # Snakemake invocation (and every job, which re-parses the workflow) used to parse it 4 times.
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     with SCHEMA_PATH.open(encoding="utf-8") as handle:
-        return yaml.safe_load(handle)
+        return yaml.load(handle, Loader=loader)
+
+
+def _load_schema() -> dict:
+    """The config schema (a fresh copy: callers may modify it)."""
+    return copy.deepcopy(_cached_schema())
+
+
+def _fill_defaults(config: dict, schema: dict) -> None:
+    """Fill schema defaults into `config` in place, as snakemake.utils.validate(set_default=True) does."""
+    import jsonschema
+
+    base = jsonschema.Draft202012Validator
+    validate_properties = base.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, subschema):
+        if isinstance(instance, dict):
+            for name, property_schema in properties.items():
+                if "default" in property_schema:
+                    # a copy: the schema is cached, its default objects must never end up in a config
+                    instance.setdefault(name, copy.deepcopy(property_schema["default"]))
+        yield from validate_properties(validator, properties, instance, subschema)
+
+    jsonschema.validators.extend(base, {"properties": set_defaults})(schema).validate(config)
 
 
 def _key_path(parts) -> str:
@@ -83,16 +112,15 @@ def schema_errors(config: dict) -> list[str]:
 
 
 def validate_schema(config: dict) -> None:
-    """Check `config` against the schema and fill defaults in place (through snakemake.utils.validate)."""
+    """Check `config` against the schema and fill defaults in place (as snakemake.utils.validate does)."""
     errors = schema_errors(config)
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
-    from snakemake.utils import validate
-
-    validate(config, str(SCHEMA_PATH), set_default=True)
-    # snakemake fills defaults of objects that are present; nested objects given as `default: {}`
-    # only get their own defaults on a second pass.
-    validate(config, str(SCHEMA_PATH), set_default=True)
+    schema = _cached_schema()
+    _fill_defaults(config, schema)
+    # Defaults of objects that are present get filled; nested objects given as `default: {}` only get
+    # their own defaults on a second pass.
+    _fill_defaults(config, schema)
 
 
 # --------------------------------------------------------------------------------------------- sources
@@ -377,6 +405,9 @@ def load_config(config: dict, *, base_dir: str | Path = ".") -> Study:
     if test_size >= 1 and not float(test_size).is_integer():
         raise ConfigError(f"dataset.test_size: {test_size} is neither a fraction below 1 nor a whole count")
 
+    reserved = sorted(set(config["models"]) & RESERVED_MODEL_NAMES)
+    if reserved:
+        raise ConfigError(f"models: name(s) {reserved} are reserved (results/models/bertscore holds the BERTScore model)")
     models = {
         name: _model_spec(name, entry, config, schema["$defs"]["finetune"]) for name, entry in config["models"].items()
     }
