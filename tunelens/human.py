@@ -97,8 +97,18 @@ def read_key(key_csv: str | Path) -> dict[str, dict]:
         return {row["item"]: row for row in reader}
 
 
-def read_rating_sheet(path: str | Path, key: Mapping[str, dict]) -> dict[str, float]:
-    """{item: 0.0 or 1.0} from one filled sheet. Errors name the file, the 1-based line and the column."""
+def read_sheet_answers(sheet_csv: str | Path) -> dict[str, str]:
+    """{item: answer} of the sheet as written (to catch ratings of an older sheet)."""
+    with Path(sheet_csv).open(encoding="utf-8", newline="") as handle:
+        return {row["item"]: row["answer"] for row in csv.DictReader(handle)}
+
+
+def read_rating_sheet(path: str | Path, key: Mapping[str, dict], answers: Mapping[str, str] | None = None) -> dict[str, float]:
+    """{item: 0.0 or 1.0} from one filled sheet. Errors name the file, the 1-based line and the column.
+
+    With `answers` (the current sheet), a rated row whose `answer` differs from the current sheet's fails:
+    the sheet was rebuilt (new generations) after it was rated, so the rating is for another answer.
+    """
     path = Path(path)
     with path.open(encoding="utf-8-sig", newline="") as handle:  # -sig: spreadsheets often add a BOM
         reader = csv.DictReader(handle)
@@ -117,6 +127,11 @@ def read_rating_sheet(path: str | Path, key: Mapping[str, dict]) -> dict[str, fl
                 raise DataError(f"{path}, line {line}, column 'item': '{item}' is not an item of the key file")
             if item in seen_line:
                 raise DataError(f"{path}, line {line}, column 'item': '{item}' already rated on line {seen_line[item]}")
+            if answers is not None and "answer" in row and row["answer"] != answers.get(item):
+                raise DataError(
+                    f"{path}, line {line}, column 'answer': differs from {item}'s answer in the current sheet; "
+                    "the sheet was rebuilt after this file was rated: rate the new sheet"
+                )
             value = (row["correct"] or "").strip()
             if value not in ("0", "1"):
                 shown = repr(value) if value else "empty"
@@ -134,6 +149,7 @@ def human_scores(
     key_csv: str | Path,
     outputs: Mapping[Group, tuple[str | Path, str | Path]],
     *,
+    sheet_csv: str | Path | None = None,
     samples: int = 1000,
     confidence: float = 0.95,
     seed: int = 1234,
@@ -141,14 +157,16 @@ def human_scores(
     """Read filled sheets and write one score file (metric `human`, 0-1) + per-row CSV per group.
 
     `outputs` maps (model, variant, config) -> (json path, rows csv path); every group needs at least one
-    rated item. Per-row CSV: id (test row id), item, human (mean over raters), raters.
+    rated item. Per-row CSV: id (test row id), item, human (mean over raters), raters. `sheet_csv` (the sheet
+    the key belongs to) lets stale ratings fail.
     """
     if not rating_files:
         raise DataError(f"no filled rating sheets given (expected CSV files with columns {list(SHEET_COLUMNS)})")
     key = read_key(key_csv)
+    answers = read_sheet_answers(sheet_csv) if sheet_csv is not None else None
     per_item: dict[str, list[float]] = {}
     for path in rating_files:
-        for item, value in read_rating_sheet(path, key).items():
+        for item, value in read_rating_sheet(path, key, answers).items():
             per_item.setdefault(item, []).append(value)
     summaries = {}
     for group, (json_path, rows_path) in outputs.items():
@@ -168,7 +186,8 @@ def human_scores(
             "metrics": summarise([result], n, samples=samples, confidence=confidence, seed=seed),
             "skipped": {},
             "bootstrap": bootstrap_settings(samples, confidence, seed),
-            "source": {"rating_files": [str(p) for p in rating_files], "key": str(key_csv)},
+            "source": {"rating_files": [str(p) for p in rating_files], "key": str(key_csv),
+                       "sheet": str(sheet_csv) if sheet_csv is not None else None},
             "versions": library_versions(),
         }
         write_rows_csv(rows_path, [key[item]["id"] for item in items],

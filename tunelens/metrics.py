@@ -71,6 +71,13 @@ class ScoringContext:
     bertscore: BertScoreSettings | None = None
     device: str = "auto"  # auto | cpu | cuda (bert-score model)
 
+    @classmethod
+    def from_dict(cls, values: dict) -> "ScoringContext":
+        """From rule params: {"dataset_kind", "code_language", "device", "bertscore": {...} or None}."""
+        values = dict(values)
+        bertscore = values.pop("bertscore", None)
+        return cls(**values, bertscore=BertScoreSettings(**bertscore) if bertscore else None)
+
 
 @dataclass(frozen=True)
 class Metric:

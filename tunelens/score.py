@@ -277,7 +277,7 @@ def score_generation_file(
     rows_csv: str | Path,
     *,
     metrics: Sequence[str],
-    context: ScoringContext,
+    context: ScoringContext | dict,
     samples: int = 1000,
     confidence: float = 0.95,
     seed: int = 1234,
@@ -289,8 +289,11 @@ def score_generation_file(
     """Score one generation or early-exit file; write the score JSON and the per-row CSV atomically.
 
     `model`/`variant`/`config` default to the generation meta's. `layer` is the early-exit layer (None for
-    full-depth generations). Returns the score-file dict.
+    full-depth generations). `context` may be a plain dict (rule params, see ScoringContext.from_dict).
+    Returns the score-file dict.
     """
+    if isinstance(context, dict):
+        context = ScoringContext.from_dict(context)
     rows = read_generations(generation_file)
     meta = read_generation_meta(generation_file, len(rows))
     check_metric_names(metrics)

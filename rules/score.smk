@@ -1,0 +1,184 @@
+# Scoring: generation files -> score files with bootstrap CIs; reference perplexity; optional LLM judge;
+# blind human rating sheets and their read-back. Formats: docs/ARCHITECTURE.md; metrics: docs/scoring.md.
+# Input functions and params: rules/common.smk (scoring section).
+
+
+rule score:
+    input:
+        generations=f"{R}/generations/{{model}}/{{variant}}/{{config}}.jsonl",
+        meta=f"{R}/generations/{{model}}/{{variant}}/{{config}}.meta.json",
+        bertscore_model=bertscore_model_input,
+    output:
+        scores=report(
+            f"{R}/scores/{{model}}/{{variant}}/{{config}}.json",
+            caption="../report/score.rst",
+            category="Scores",
+            subcategory="{model}",
+            labels={"model": "{model}", "variant": "{variant}", "config": "{config}"},
+        ),
+        rows=f"{R}/scores/{{model}}/{{variant}}/{{config}}.rows.csv",
+    log:
+        "logs/score/{model}/{variant}/{config}.log",
+    conda:
+        "../envs/torch.yaml"
+    resources:
+        gpu=score_gpus,
+        mem_mb=8000,
+        runtime=60,
+    params:
+        metrics=score_metrics,
+        context=score_context,
+        samples=scoring_config("bootstrap_samples"),
+        confidence=scoring_config("confidence"),
+        seed=lookup(dpath="seed", within=config),
+        layer=None,
+    script:
+        "../scripts/score.py"
+
+
+rule score_early_exit:
+    input:
+        generations=f"{R}/probe/{{model}}/{{variant}}/early_exit/layer_{{layer}}.jsonl",
+        meta=f"{R}/probe/{{model}}/{{variant}}/early_exit/layer_{{layer}}.meta.json",
+        bertscore_model=bertscore_model_input,
+    output:
+        scores=f"{R}/probe/{{model}}/{{variant}}/early_exit/layer_{{layer}}.scores.json",
+        rows=f"{R}/probe/{{model}}/{{variant}}/early_exit/layer_{{layer}}.rows.csv",
+    log:
+        "logs/score_early_exit/{model}/{variant}/layer_{layer}.log",
+    conda:
+        "../envs/torch.yaml"
+    resources:
+        gpu=score_gpus,
+        mem_mb=8000,
+        runtime=60,
+    params:
+        metrics=score_metrics,
+        context=score_context,
+        samples=scoring_config("bootstrap_samples"),
+        confidence=scoring_config("confidence"),
+        seed=lookup(dpath="seed", within=config),
+        layer=early_exit_score_layer,
+    script:
+        "../scripts/score.py"
+
+
+rule perplexity:
+    input:
+        test=SPLIT["test"],
+        model=model_input,
+        adapter=adapter_input,
+    output:
+        scores=report(
+            f"{R}/perplexity/{{model}}/{{variant}}.json",
+            caption="../report/score_perplexity.rst",
+            category="Scores",
+            subcategory="{model}",
+            labels={
+                "model": "{model}",
+                "variant": "{variant}",
+                "metric": "perplexity",
+            },
+        ),
+        rows=f"{R}/perplexity/{{model}}/{{variant}}.rows.csv",
+    log:
+        "logs/perplexity/{model}/{variant}.log",
+    conda:
+        "../envs/torch.yaml"
+    resources:
+        gpu=model_gpus,
+        mem_mb=model_resource("mem_mb"),
+        runtime=model_resource("runtime"),
+        cpus_per_task=model_resource("cpus"),
+    params:
+        source=score_model_source,
+        model_path=model_path,
+        prompt_format=score_prompt_format,
+        batch_size=scoring_config("perplexity_batch_size"),
+        max_rows=lookup(dpath="decoding/max_test_rows", within=config),
+        samples=scoring_config("bootstrap_samples"),
+        confidence=scoring_config("confidence"),
+        seed=lookup(dpath="seed", within=config),
+        device=lookup(dpath="device", within=config),
+    script:
+        "../scripts/perplexity.py"
+
+
+rule judge:
+    input:
+        generations=f"{R}/generations/{{model}}/{{variant}}/{{config}}.jsonl",
+        meta=f"{R}/generations/{{model}}/{{variant}}/{{config}}.meta.json",
+        test=SPLIT["test"],
+        judge_model=judge_model_input,
+    output:
+        scores=f"{R}/judge/{{model}}/{{variant}}/{{config}}.json",
+        rows=f"{R}/judge/{{model}}/{{variant}}/{{config}}.rows.csv",
+    log:
+        "logs/judge/{model}/{variant}/{config}.log",
+    conda:
+        "../envs/torch.yaml"
+    resources:
+        gpu=model_gpus,
+        mem_mb=model_resource("mem_mb"),
+        runtime=model_resource("runtime"),
+        cpus_per_task=model_resource("cpus"),
+    params:
+        judge_model=judge_model_name,
+        judge_path=judge_model_path,
+        batch_size=scoring_config("judge/batch_size"),
+        samples=scoring_config("bootstrap_samples"),
+        confidence=scoring_config("confidence"),
+        seed=lookup(dpath="seed", within=config),
+        device=lookup(dpath="device", within=config),
+    script:
+        "../scripts/judge.py"
+
+
+rule human_sheet:
+    input:
+        generations=human_generation_files,
+        test=SPLIT["test"],
+    output:
+        sheet=report(
+            f"{R}/human/sheet.csv",
+            caption="../report/score_human_sheet.rst",
+            category="Human rating",
+        ),
+        key=f"{R}/human/key.csv",
+    log:
+        "logs/human_sheet/human_sheet.log",
+    conda:
+        "../envs/core.yaml"
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    params:
+        groups=human_groups(),
+        sample_size=scoring_config("human/sample_size"),
+        seed=lookup(dpath="seed", within=config),
+    script:
+        "../scripts/human_sheet.py"
+
+
+rule human_score:
+    input:
+        ratings=human_rating_files(),
+        sheet=f"{R}/human/sheet.csv",
+        key=f"{R}/human/key.csv",
+    output:
+        scores=human_score_outputs("json"),
+        rows=human_score_outputs("rows"),
+    log:
+        "logs/human_score/human_score.log",
+    conda:
+        "../envs/core.yaml"
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    params:
+        groups=human_groups(),
+        samples=scoring_config("bootstrap_samples"),
+        confidence=scoring_config("confidence"),
+        seed=lookup(dpath="seed", within=config),
+    script:
+        "../scripts/human_score.py"

@@ -1,0 +1,23 @@
+"""Snakemake entry point of rule `judge` (see tunelens.judge.judge_generation_file)."""
+import logging
+
+from tunelens.judge import judge_generation_file
+
+logging.basicConfig(filename=snakemake.log[0], level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+params = snakemake.params
+judge_generation_file(
+    snakemake.input.generations,
+    snakemake.input.test,
+    snakemake.output.scores,
+    snakemake.output.rows,
+    judge_model=params.judge_model,
+    judge_path=params.judge_path,
+    model=snakemake.wildcards.model,
+    variant=snakemake.wildcards.variant,
+    config=snakemake.wildcards.config,
+    batch_size=params.batch_size,
+    device=params.device,
+    samples=params.samples,
+    confidence=params.confidence,
+    seed=params.seed,
+)

@@ -1,0 +1,24 @@
+"""Snakemake entry point of rule `perplexity` (see tunelens.perplexity.reference_perplexity)."""
+import logging
+
+from tunelens.perplexity import reference_perplexity
+
+logging.basicConfig(filename=snakemake.log[0], level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+params = snakemake.params
+reference_perplexity(
+    snakemake.input.test,
+    snakemake.output.scores,
+    snakemake.output.rows,
+    model_name=snakemake.wildcards.model,
+    model_path=params.model_path,
+    model_source=params.source,
+    variant=snakemake.wildcards.variant,
+    adapter_dir=snakemake.input.adapter[0] if snakemake.input.adapter else None,
+    prompt_format=params.prompt_format,
+    batch_size=params.batch_size,
+    max_rows=params.max_rows,
+    device=params.device,
+    samples=params.samples,
+    confidence=params.confidence,
+    seed=params.seed,
+)
