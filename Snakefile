@@ -15,6 +15,7 @@ include: "rules/common.smk"
 include: "rules/models.smk"
 include: "rules/data.smk"
 include: "rules/probe.smk"
+include: "rules/score.smk"
 
 
 rule all:

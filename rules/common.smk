@@ -174,6 +174,123 @@ def early_exit_decoding(wildcards):
     return DecodingConfig.from_dict(config["probe"]["early_exit"]["decoding"]).as_dict()
 
 
+# ----------------------------------------------------------------------------------------- scoring
+def scoring_config(key):
+    """A `scoring.<key>` value (slash path) as a rule param."""
+    return lookup(dpath=f"scoring/{key}", within=config)
+
+
+def score_metrics(wildcards):
+    return list(STUDY.config["scoring"]["metrics"])
+
+
+def score_context(wildcards):
+    """Everything the metrics need besides the text: dataset kind, code language, BERTScore settings."""
+    from tunelens.models import EMBEDDED_MODELS
+
+    settings = STUDY.config["scoring"]["bertscore"]
+    source = settings["model"]
+    num_layers = settings["num_layers"]
+    if num_layers is None and source.startswith("embedded:"):
+        num_layers = EMBEDDED_MODELS[source.removeprefix("embedded:")]["num_layers"]
+    return {
+        "dataset_kind": STUDY.config["dataset"]["kind"],
+        "code_language": STUDY.config["dataset"]["code_language"],
+        "device": STUDY.config["device"],
+        "bertscore": {
+            "model": bertscore_model_path(wildcards),
+            "num_layers": num_layers,
+            "batch_size": settings["batch_size"],
+            "lang": settings["lang"],
+            "rescale_with_baseline": settings["rescale_with_baseline"],
+            "baseline_path": settings["baseline_path"],
+        },
+    }
+
+
+def early_exit_score_layer(wildcards):
+    return int(wildcards.layer)
+
+
+def score_gpus(wildcards):
+    if (
+        STUDY.config["device"] == "cpu"
+        or "bertscore" not in STUDY.config["scoring"]["metrics"]
+    ):
+        return 0
+    return STUDY.config["scoring"]["bertscore"]["gpus"]
+
+
+def score_model_source(wildcards):
+    return MODELS[wildcards.model].source
+
+
+def score_prompt_format(wildcards):
+    return MODELS[wildcards.model].prompt_format
+
+
+def judge_model_name(wildcards):
+    return STUDY.config["scoring"]["judge"]["model"]
+
+
+def judge_model_input(wildcards):
+    """The judge's materialised directory when it is an embedded model of `models`."""
+    name = judge_model_name(wildcards)
+    if name in MODELS and MODELS[name].source_kind == "embedded":
+        return [f"{R}/models/{name}"]
+    return []
+
+
+def judge_model_path(wildcards):
+    name = judge_model_name(wildcards)
+    if name in MODELS:
+        from types import SimpleNamespace
+
+        return model_path(SimpleNamespace(model=name))
+    return name
+
+
+def human_groups():
+    """(model, variant, config) of every generation file, in a fixed order (sheet and score outputs)."""
+    return [
+        (model, variant, name)
+        for model in MODELS
+        for variant in variants(model)
+        for name in DECODING
+    ]
+
+
+def human_generation_files(wildcards):
+    return [generation_file(*group) for group in human_groups()]
+
+
+def human_score_outputs(kind):
+    suffix = ".json" if kind == "json" else ".rows.csv"
+    return [
+        f"{R}/human/scores/{model}/{variant}/{name}{suffix}"
+        for model, variant, name in human_groups()
+    ]
+
+
+def human_rating_files():
+    """Filled sheets in scoring.human.ratings_dir (found when the DAG is built)."""
+    import glob
+    import os
+
+    folder = STUDY.config["scoring"]["human"]["ratings_dir"]
+    return sorted(glob.glob(os.path.join(folder, "*.csv")))
+
+
+def all_human_files():
+    """Sheet + key when human rating is enabled; the Human scores once filled sheets exist."""
+    if not STUDY.config["scoring"]["human"]["enabled"]:
+        return []
+    targets = [f"{R}/human/sheet.csv", f"{R}/human/key.csv"]
+    if human_rating_files():
+        targets += human_score_outputs("json")
+    return targets
+
+
 def all_score_files():
     return [
         score_file(model, variant, name)
