@@ -6,6 +6,9 @@ from snakemake.utils import min_version
 min_version("9.0")
 
 
+report: "report/workflow.rst"
+
+
 # The embedded default (config.yaml) is loaded in common.smk only when no --configfile is given: with a
 # `configfile:` directive, Snakemake would deep-merge a preset into the default and a study of three 7B
 # models would silently also run the two embedded ones.
@@ -14,8 +17,10 @@ min_version("9.0")
 include: "rules/common.smk"
 include: "rules/models.smk"
 include: "rules/data.smk"
+include: "rules/generate.smk"
 include: "rules/probe.smk"
 include: "rules/score.smk"
+include: "rules/report.smk"
 
 
 rule all:

@@ -353,21 +353,69 @@ def all_finetune_metrics():
     ]
 
 
-def all_targets():
-    """What `rule all` asks for. The report rule's inputs pull in every stage it summarises."""
-    targets = list(SPLIT.values())
-    defined = {rule.name for rule in workflow.rules}
-    if "report" in defined:
-        return targets + [f"{R}/summary.md"]
-    # Until every stage is wired in: the outputs of the stages that exist.
-    stage_targets = {
-        "finetune": all_finetune_metrics,
-        "score": all_score_files,
-        "perplexity": all_perplexity_files,
-        "logit_lens": all_lens_files,
-        "score_early_exit": all_early_exit_score_files,
+# report (rules/report.smk) -----------------------------------------------------------
+REPORT = {
+    "summary_md": f"{R}/summary.md",
+    "summary_html": f"{R}/summary.html",
+    "summary_csv": f"{R}/summary.csv",
+    "plots": f"{R}/plots",
+}
+
+
+def report_inputs(wildcards):
+    """Every file the report summarises, by kind; human ratings arrive inside the score files.
+
+    Lens files are not tabulated (their plots are in the report already) but are asked for, so the
+    report stands for a finished study.
+    """
+    return {
+        "scores": all_score_files(),
+        "perplexity": all_perplexity_files(),
+        "judge": all_judge_files(),
+        "early_exit": all_early_exit_score_files(),
+        "finetune": all_finetune_metrics(),
+        "lens": all_lens_files(),
     }
-    for rule_name, targets_of in stage_targets.items():
-        if rule_name in defined:
-            targets += targets_of()
-    return targets
+
+
+def report_decoding_configs():
+    """Decoding config name -> its fields, in study order (the sweep axes of tables and plots)."""
+    return {
+        name: {k: v for k, v in decoding.as_dict().items() if k != "name"}
+        for name, decoding in DECODING.items()
+    }
+
+
+def report_config_hash():
+    """sha256 of the validated config (defaults filled) as canonical JSON: which study this is."""
+    import hashlib
+    import json
+
+    canonical = json.dumps(config, sort_keys=True, default=str)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def report_git_commit():
+    """The workflow checkout's commit, recorded in the provenance block (a param: a new commit reruns
+    the cheap report job, so the block never names a commit that did not produce it)."""
+    import subprocess
+
+    try:
+        result = subprocess.run(
+            ["git", "-C", workflow.basedir, "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown (git not available)"
+    return (
+        result.stdout.strip()
+        if result.returncode == 0
+        else "unknown (not a git checkout)"
+    )
+
+
+def all_targets():
+    """The targets of the default target: the report outputs; their inputs pull in every stage."""
+    return list(REPORT.values())

@@ -1,0 +1,32 @@
+"""Snakemake entry point of rule `report` (see tunelens.report.write_report)."""
+import logging
+
+from tunelens.report import ReportSettings, write_report
+
+logging.basicConfig(filename=snakemake.log[0], level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+params = snakemake.params
+inputs = snakemake.input
+try:
+    write_report(
+        score_files=list(inputs.get("scores") or []),
+        perplexity_files=list(inputs.get("perplexity") or []),
+        judge_files=list(inputs.get("judge") or []),
+        early_exit_files=list(inputs.get("early_exit") or []),
+        finetune_metrics_files=list(inputs.get("finetune") or []),
+        summary_md=snakemake.output.summary_md,
+        summary_csv=snakemake.output.summary_csv,
+        summary_html=snakemake.output.summary_html,
+        plots_dir=snakemake.output.plots,
+        settings=ReportSettings(
+            decoding_configs=params.decoding_configs,
+            default_config=params.default_config,
+            bootstrap_samples=params.bootstrap_samples,
+            confidence=params.confidence,
+            seed=params.seed,
+            config_hash=params.config_hash,
+            git_commit=params.git_commit,
+        ),
+    )
+except Exception:
+    logging.exception("report failed")
+    raise
