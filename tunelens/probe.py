@@ -180,22 +180,7 @@ def _lens_one_prompt(model, tokenizer, ids: list[int], layers: list[int], depth:
     read = list(range(len(ids) - 1, sequence.shape[1]))
     if continuation and continuation[-1] in eos_ids:
         read = read[:-1]  # nothing follows EOS
-    outputs = model(
-        input_ids=sequence, attention_mask=torch.ones_like(sequence), output_hidden_states=True, use_cache=False,
-    )
-    hidden_states = outputs.hidden_states
-    if len(hidden_states) != depth + 1:
-        raise ModelError(
-            f"{type(model).__name__}: forward returned {len(hidden_states)} hidden states, expected "
-            f"{depth + 1} (embeddings + {depth} blocks); cannot map them to layers"
-        )
-    index = torch.tensor(read, device=device)
-    per_layer = {}
-    for layer in sorted(set(layers) | {depth}):
-        hidden = hidden_states[layer][0, index]
-        # hidden_states[depth] already went through the final norm inside the model.
-        per_layer[layer] = torch.log_softmax(_readout(model, hidden, apply_norm=layer != depth), dim=-1)
-    _check_last_layer(per_layer[depth], outputs.logits[0, index].float(), model)
+    per_layer = lens_log_probs(model, sequence, read, layers)
     final_logp = per_layer[depth]
     positions = []
     for row, position in enumerate(read):
@@ -223,6 +208,37 @@ def _lens_one_prompt(model, tokenizer, ids: list[int], layers: list[int], depth:
             })
         positions.append(entry)
     return {"continuation_ids": continuation, "positions": positions}
+
+
+def lens_log_probs(model, sequence, positions: Sequence[int], layers: Sequence[int]) -> dict:
+    """Log-probabilities (float32, [len(positions), vocab]) of the next token read out of each layer in
+    `layers` and of the last layer, from ONE forward pass over `sequence` ([1, seq] token ids).
+
+    Layers below the last get the final norm + LM head; the last gets the LM head alone (transformers
+    returns it already normed), and is checked against the model's own logits from the same pass.
+    """
+    import torch
+
+    depth = num_decoder_layers(model)
+    first = min(positions)
+    # The model's own logits only where they are read (the self-check), not over the whole prompt.
+    outputs = model(
+        input_ids=sequence, attention_mask=torch.ones_like(sequence), output_hidden_states=True, use_cache=False,
+        logits_to_keep=sequence.shape[1] - first,
+    )
+    hidden_states = outputs.hidden_states
+    if len(hidden_states) != depth + 1:
+        raise ModelError(
+            f"{type(model).__name__}: forward returned {len(hidden_states)} hidden states, expected "
+            f"{depth + 1} (embeddings + {depth} blocks); cannot map them to layers"
+        )
+    index = torch.tensor(list(positions), device=sequence.device)
+    per_layer = {}
+    for layer in sorted(set(layers) | {depth}):
+        hidden = hidden_states[layer][0, index]
+        per_layer[layer] = torch.log_softmax(_readout(model, hidden, apply_norm=layer != depth), dim=-1)
+    _check_last_layer(per_layer[depth], outputs.logits[0, index - first].float(), model)
+    return per_layer
 
 
 def _check_last_layer(lens_logp, model_logits, model) -> None:
