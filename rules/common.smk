@@ -131,6 +131,41 @@ def probe_layers(model):
     return MODELS[model].probe_layers if STUDY.config["probe"]["enabled"] else []
 
 
+# generate (rules/generate.smk) ---------------------------------------------------------
+def generation_settings(wildcards):
+    """Everything besides the decoding config that changes a generation file (a params rerun trigger)."""
+    decoding = config["decoding"]
+    generation = config["generation"]
+    return {
+        "max_new_tokens": decoding["max_new_tokens"],
+        "stop": list(decoding["stop"]),
+        "beam_mode": decoding["beam_mode"],
+        "max_test_rows": decoding["max_test_rows"],
+        "batch_size": generation["batch_size"],
+        "max_prompt_tokens": generation["max_prompt_tokens"],
+    }
+
+
+def generation_backend(wildcards):
+    return model_spec(wildcards).generation_backend
+
+
+def vllm_options(wildcards):
+    generation = config["generation"]
+    return {
+        "max_lora_rank": generation["vllm_max_lora_rank"],
+        "gpu_memory_utilization": generation["vllm_gpu_memory_utilization"],
+    }
+
+
+def model_source(wildcards):
+    return model_spec(wildcards).source
+
+
+def model_prompt_format(wildcards):
+    return model_spec(wildcards).prompt_format
+
+
 # probe (rules/probe.smk) ---------------------------------------------------------------
 def probe_config(key):
     """A `probe.<key>` setting (a rule param, so changing it reruns the probe)."""

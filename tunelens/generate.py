@@ -33,7 +33,6 @@ import importlib.metadata
 import importlib.util
 import json
 import logging
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -427,7 +426,6 @@ def build_vllm_engine(
     if enable_lora:
         kwargs.update(max_lora_rank=max_lora_rank, max_loras=1)
     if on_cpu:
-        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "auto")
         kwargs.update(dtype="float32", enforce_eager=True, kv_cache_memory_bytes=1 << 30)
     else:
         kwargs.update(gpu_memory_utilization=gpu_memory_utilization)

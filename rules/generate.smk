@@ -1,0 +1,78 @@
+# Generation: one job per (model, variant, decoding config), so changing or adding one decoding config
+# reruns only its jobs. Backends, semantics and formats: docs/generation.md, docs/ARCHITECTURE.md.
+# Input functions and params: rules/common.smk (generate section).
+
+
+rule generate:
+    input:
+        test=SPLIT["test"],
+        model=model_input,
+        adapter=adapter_input,
+    output:
+        generations=report(
+            f"{R}/generations/{{model}}/{{variant}}/{{config}}.jsonl",
+            caption="../report/generate.rst",
+            category="Generations",
+            subcategory="{model}",
+            labels={"model": "{model}", "variant": "{variant}", "config": "{config}"},
+        ),
+        meta=f"{R}/generations/{{model}}/{{variant}}/{{config}}.meta.json",
+    log:
+        "logs/generate/{model}/{variant}/{config}.log",
+    conda:
+        "../envs/torch.yaml"
+    resources:
+        gpu=model_gpus,
+        mem_mb=model_resource("mem_mb"),
+        runtime=model_resource("runtime"),
+        cpus_per_task=model_resource("cpus"),
+    params:
+        model_path=model_path,
+        model_source=model_source,
+        prompt_format=model_prompt_format,
+        decoding=decoding_params,
+        settings=generation_settings,
+        backend=generation_backend,
+        vllm=vllm_options,
+        seed=lookup(dpath="seed", within=config),
+        device=lookup(dpath="device", within=config),
+    script:
+        "../scripts/generate.py"
+
+
+# Not part of `all`: run on demand, e.g. `snakemake results/agreement/smollm2/base.json`.
+rule generation_agreement:
+    input:
+        test=SPLIT["test"],
+        model=model_input,
+        adapter=adapter_input,
+    output:
+        report(
+            f"{R}/agreement/{{model}}/{{variant}}.json",
+            caption="../report/generate_agreement.rst",
+            category="Generations",
+            subcategory="{model}",
+            labels={"model": "{model}", "variant": "{variant}", "check": "hf vs vllm"},
+        ),
+    log:
+        "logs/generation_agreement/{model}/{variant}.log",
+    conda:
+        "../envs/torch.yaml"
+    resources:
+        gpu=model_gpus,
+        mem_mb=model_resource("mem_mb"),
+        runtime=model_resource("runtime"),
+        cpus_per_task=model_resource("cpus"),
+    params:
+        model_path=model_path,
+        prompt_format=model_prompt_format,
+        rows=lookup(dpath="generation/agreement_rows", within=config),
+        max_new_tokens=lookup(
+            dpath="generation/agreement_max_new_tokens", within=config
+        ),
+        max_prompt_tokens=lookup(dpath="generation/max_prompt_tokens", within=config),
+        vllm_python=lookup(dpath="generation/vllm_python", within=config),
+        vllm=vllm_options,
+        device=lookup(dpath="device", within=config),
+    script:
+        "../scripts/agreement.py"
