@@ -1,0 +1,219 @@
+"""Cluster execution: profiles, partial reruns (exact dry-run job sets) and a real local SLURM.
+
+    pytest tests/test_cluster.py -m "not slurm"     # profiles + dry runs, ~2 min on 2 cores
+    pytest tests/test_cluster.py -m slurm           # starts tests/slurm/start-slurm.sh (root), ~10 min
+
+Dry-run tests fake a finished study in a temp workdir (every output created, then
+`snakemake --touch --forceall` records metadata as a real run would), change one thing, and assert the
+exact set of (rule, wildcards) Snakemake plans. No model is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+from bench_dag import PlannedJob, dry_run, fake_finished_study, parse_dry_run, snakemake  # noqa: E402
+
+SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")
+TINY = REPO / "tests" / "slurm" / "Snakefile"
+SLURM_DIR = REPO / "tests" / "slurm"
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+def load_profile(name: str) -> dict:
+    return yaml.safe_load((REPO / "profiles" / name / "config.yaml").read_text())
+
+
+def run_tiny(workdir: Path, *args: str, env: dict | None = None, timeout: int = 900):
+    """tests/slurm/Snakefile in `workdir`; returns the CompletedProcess (stdout + stderr in .stdout)."""
+    return subprocess.run(
+        [SNAKEMAKE, "--snakefile", str(TINY), "--directory", str(workdir), *args],
+        cwd=REPO,
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=timeout,
+    )
+
+
+# =========================================================================================== profiles
+def test_parse_dry_run_reads_rules_wildcards_and_outputs():
+    text = """
+[Mon Nov 23 11:10:18 2026]
+rule materialize_model:
+    output: results/models/smollm2
+    log: logs/materialize_model/smollm2.log
+    jobid: 0
+    reason: Missing output files: results/models/smollm2
+    wildcards: model=smollm2
+    resources: tmpdir=/tmp, runtime=30
+[Mon Nov 23 11:10:18 2026]
+localrule split:
+    output: results/data/demo/train.jsonl, results/data/demo/test.jsonl
+    jobid: 1
+Job stats:
+"""
+    assert parse_dry_run(text) == [
+        PlannedJob("materialize_model", (("model", "smollm2"),), ("results/models/smollm2",)),
+        PlannedJob("split", (), ("results/data/demo/train.jsonl", "results/data/demo/test.jsonl")),
+    ]
+
+
+def test_slurm_local_differs_from_slurm_only_in_local_cluster_settings():
+    slurm, local = load_profile("slurm"), load_profile("slurm-local")
+    changed = {key for key in slurm.keys() | local.keys() if slurm.get(key) != local.get(key)}
+    assert changed == {
+        "jobs",
+        "latency-wait",
+        "retries",
+        "default-resources",
+        "slurm-init-seconds-before-status-checks",
+        "slurm-keep-successful-logs",
+    }
+    resources_changed = {
+        key
+        for key in slurm["default-resources"].keys() | local["default-resources"].keys()
+        if slurm["default-resources"].get(key) != local["default-resources"].get(key)
+    }
+    assert resources_changed == {"mem_mb", "runtime"}
+
+
+def _min_job_age(slurm_conf: str) -> int:
+    return int(re.search(r"^MinJobAge=(\d+)", slurm_conf, re.M).group(1))
+
+
+def test_squeue_status_polling_sees_finished_jobs():
+    # The plugin's squeue mode misses jobs that finished more than MinJobAge ago; it needs
+    # MinJobAge >= 3 x the first poll delay (SLURM's default MinJobAge is 300 s).
+    for name, min_job_age in [("slurm", 300), ("slurm-local", _min_job_age((SLURM_DIR / "slurm.conf.in").read_text()))]:
+        profile = load_profile(name)
+        assert profile["slurm-status-command"] == "squeue", name
+        assert 3 * profile["slurm-init-seconds-before-status-checks"] <= min_job_age, name
+
+
+def test_slurm_profile_passes_resources_to_jobs(tmp_path):
+    """Dry run through the real profile: GPU rules carry gpu=1, CPU rules no gpu, partition from the env."""
+    result = run_tiny(
+        tmp_path, "--profile", "profiles/slurm", "--dry-run", env={"TUNELENS_SLURM_PARTITION": "gpu-a100"}
+    )
+    assert result.returncode == 0, result.stdout[-3000:]
+    resources = {
+        block.group(1): block.group(2)
+        for block in re.finditer(r"^rule (\w+):\n(?:    .*\n)*?    resources: (.*)$", result.stdout, re.M)
+    }
+    assert "gpu=1" in resources["gpu_job"].split(", ")
+    assert not any(item.startswith("gpu=") for item in resources["cpu_job"].split(", "))
+    for rule_resources in resources.values():
+        items = rule_resources.split(", ")
+        assert "slurm_partition=gpu-a100" in items
+        assert "slurm_account=" in items  # unset: the plugin guesses or submits without -A
+        assert "cpus_per_task=1" in items
+
+
+def test_local_profile_gpu_limit_serialises_gpu_jobs(tmp_path):
+    def intervals(workdir, *extra):
+        result = run_tiny(workdir, "--profile", "profiles/local", "hold/1.txt", "hold/2.txt", *extra)
+        assert result.returncode == 0, result.stdout[-3000:]
+        return [tuple(map(float, (workdir / f"hold/{i}.txt").read_text().split())) for i in (1, 2)]
+
+    (first, second) = sorted(intervals(tmp_path / "one_gpu"))
+    assert second[0] >= first[1], "two gpu=1 jobs overlapped under profiles/local (gpu: 1)"
+    # The same jobs do overlap when two GPUs are declared: the limit, not chance, serialised them.
+    (first, second) = sorted(intervals(tmp_path / "two_gpus", "--resources", "gpu=2"))
+    assert second[0] < first[1], "two gpu=1 jobs did not run together with --resources gpu=2"
+
+
+# =========================================================================================== real SLURM
+def _slurm_up() -> bool:
+    try:
+        return subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=10).stdout.count("UP") > 0
+    except (FileNotFoundError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster():
+    """The local one-node cluster: started by tests/slurm/start-slurm.sh unless already up; stopped
+    afterwards (by PID, tests/slurm/stop-slurm.sh) only if this fixture started it."""
+    started_here = False
+    if not _slurm_up():
+        if os.geteuid() != 0:
+            pytest.fail("the slurm tests start a local SLURM and need root (tests/slurm/start-slurm.sh)")
+        subprocess.run([str(SLURM_DIR / "start-slurm.sh")], check=True, timeout=900)
+        started_here = True
+    yield
+    if started_here:
+        subprocess.run([str(SLURM_DIR / "stop-slurm.sh")], check=True, timeout=120)
+
+
+def submitted_slurm_jobs(output: str) -> dict[str, str]:
+    """SLURM job id -> Snakemake rule, from the plugin's 'Job N has been submitted with SLURM jobid X'."""
+    jobs = {}
+    for match in re.finditer(r"Job (\d+) has been submitted with SLURM jobid (\d+)", output):
+        rule = re.search(rf"rule (\w+):\n(?:    .*\n)*?    jobid: {match.group(1)}\n", output)
+        jobs[match.group(2)] = rule.group(1) if rule else "?"
+    return jobs
+
+
+def slurm_states(job_ids) -> dict[str, str]:
+    """job id -> state as squeue reports it (finished jobs stay visible for MinJobAge)."""
+    result = subprocess.run(
+        ["squeue", "-h", "-t", "all", "-j", ",".join(job_ids), "-o", "%i %T"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return dict(line.split() for line in result.stdout.splitlines())
+
+
+def scontrol_job(job_id: str) -> dict[str, str]:
+    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, check=True)
+    return dict(item.split("=", 1) for item in out.stdout.split() if "=" in item)
+
+
+@pytest.mark.slurm
+def test_slurm_gpu_request_and_retry_with_more_memory(slurm_cluster, tmp_path):
+    result = run_tiny(tmp_path, "--profile", "profiles/slurm-local")
+    assert result.returncode == 0, result.stdout[-4000:]
+    jobs = submitted_slurm_jobs(result.stdout)
+    assert sorted(jobs.values()) == ["cpu_job", "gpu_job", "needs_retry", "needs_retry"]
+    states = slurm_states(jobs)
+    retried = sorted((job_id for job_id, rule in jobs.items() if rule == "needs_retry"), key=int)
+    assert [states[job_id] for job_id in retried] == ["FAILED", "COMPLETED"]
+    assert {states[job_id] for job_id, rule in jobs.items() if rule != "needs_retry"} == {"COMPLETED"}
+
+    # The GPU rule got a GPU from SLURM, the CPU rule none.
+    gpu_line = dict(item.split("=", 1) for item in (tmp_path / "gpu_job.txt").read_text().split())
+    assert gpu_line["cuda"] == "0"
+    assert "gpu:1" in scontrol_job(gpu_line["job"]).get("TresPerJob", "")
+    cpu_line = dict(item.split("=", 1) for item in (tmp_path / "cpu_job.txt").read_text().split())
+    assert cpu_line["cuda"] == "none"
+    assert "gpu" not in scontrol_job(cpu_line["job"]).get("TresPerJob", "")
+    # attempt 1 asked for 100 MB and failed its check; the retry asked for 200 MB.
+    attempts = [line.split()[1] for line in (tmp_path / "attempts.log").read_text().splitlines()]
+    assert attempts == ["mem=100", "mem=200"]
+
+
+@pytest.mark.slurm
+def test_slurm_failure_and_timeout_are_reported_without_partial_outputs(slurm_cluster, tmp_path):
+    result = run_tiny(tmp_path, "--profile", "profiles/slurm-local", "fails.txt", "times_out.txt")
+    assert result.returncode != 0
+    assert re.search(r"SLURM-job '\d+' failed, SLURM status is: 'FAILED'", result.stdout), result.stdout[-4000:]
+    assert re.search(r"SLURM-job '\d+' failed, SLURM status is: 'TIMEOUT'", result.stdout), result.stdout[-4000:]
+    jobs = submitted_slurm_jobs(result.stdout)
+    assert sorted(jobs.values()) == ["fails", "times_out"]  # rule-level retries: 0
+    assert sorted(slurm_states(jobs).values()) == ["FAILED", "TIMEOUT"]
+    # Both wrote a partial output before dying; Snakemake removed it.
+    assert not (tmp_path / "fails.txt").exists()
+    assert not (tmp_path / "times_out.txt").exists()
