@@ -291,6 +291,15 @@ def test_missing_metric_in_one_file_shows_a_dash(tmp_path):
     assert rows[2][rows[0].index("BLEU (0-100)")].startswith("**17.5**")
 
 
+def test_best_marking_directions_ties_and_constant_columns():
+    cells = [[report.Cell("a"), report.Cell("b"), report.Cell("c")] for _ in range(3)]
+    values = [[0.5, 12.0, 0.0], [0.7, 10.0, 0.0], [0.7, 11.0, 0.0]]
+    report._mark_best(cells, values, ["rougeL", "perplexity", "exact_match"])
+    assert [row[0].best for row in cells] == [False, True, True]  # higher is better, ties both marked
+    assert [row[1].best for row in cells] == [False, True, False]  # perplexity: lower is better
+    assert not any(row[2].best for row in cells)  # all equal: nothing singled out
+
+
 def test_bad_score_file_names_file_and_key(tmp_path):
     bad = tmp_path / "scores/m/base/c.json"
     bad.parent.mkdir(parents=True)

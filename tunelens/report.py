@@ -688,8 +688,8 @@ def _mark_best(rows: list[list[Cell]], values: list[list[float]], metrics: list[
         direction = metric_info(metric).higher_is_better
         column_values = [row[column] for row in values]
         finite = [v for v in column_values if v is not None and math.isfinite(v)]
-        if direction is None or len(finite) < 2:
-            continue
+        if direction is None or len(finite) < 2 or len(set(finite)) == 1:
+            continue  # nothing to single out when every value is the same
         best = max(finite) if direction else min(finite)
         decimals = metric_info(metric).decimals
         for row, value in zip(rows, column_values):
@@ -827,6 +827,10 @@ def build_summary(files: Sequence[ScoreFile], summary: pd.DataFrame, settings: R
     # (4) best config
     doc.heading(2, "4. Best decoding config per model and metric")
     best = summary[summary["statistic"] == "best_config"]
+    metric_rank = {m: i for i, m in enumerate(metric_order(best["metric"]))}
+    model_rank = _order_index(models)
+    best = best.assign(_m=best["model"].map(model_rank), _v=best["variant"].map(_order_index(best["variant"], VARIANT_ORDER)),
+                       _k=best["metric"].map(metric_rank)).sort_values(["_m", "_v", "_k"], kind="stable")
     best_diff = summary[summary["statistic"] == "best_minus_default"]
     if best.empty:
         doc.paragraph("No ranked metrics.")
