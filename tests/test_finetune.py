@@ -1,0 +1,329 @@
+"""Fine-tuning stage (tunelens.finetune) on tiny random models, CPU only.
+
+Each test trains for a handful of steps on a few rows; together they take well under a minute.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from tunelens.errors import ConfigError, DataError
+from tunelens.finetune import build_trainer, finetune
+from tunelens.prompts import build_prompt, response_text
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# Short, distinct rows: enough for a tiny model to learn their responses in a few dozen steps.
+ROWS = [
+    {"instruction": "Name the colour of the sky.", "input": "", "output": "Blue."},
+    {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
+    {"instruction": "Say hello in French.", "input": "", "output": "Bonjour."},
+    {"instruction": "Reverse the word.", "input": "abc", "output": "cba"},
+    {"instruction": "Give the capital of Italy.", "input": "", "output": "Rome."},
+    {"instruction": "Write a Python expression for two squared.", "input": "", "output": "2 ** 2"},
+    {"instruction": "Count the letters.", "input": "tree", "output": "4"},
+    {"instruction": "Answer yes or no: is ice cold?", "input": "", "output": "Yes."},
+]
+
+# The same answer to every instruction: a tiny random model learns it within ~16 steps (distinct answers
+# would take hundreds), which is enough to show the loss falls and the adapter changes what is generated.
+ANSWER = "The answer is ready."
+LEARNABLE_ROWS = [{**row, "output": ANSWER} for row in ROWS]
+
+
+def settings(**overrides) -> dict:
+    """The schema's defaults, shrunk for a tiny CPU run."""
+    base = {
+        "enabled": True, "method": "auto", "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.0,
+        "target_modules": "all-linear", "learning_rate": 5e-3, "lr_scheduler": "constant",
+        "warmup_ratio": 0.0, "weight_decay": 0.0, "num_epochs": 1, "max_steps": 12, "batch_size": 4,
+        "gradient_accumulation": 1, "max_seq_length": 256, "packing": False, "padding_free": False,
+        "gradient_checkpointing": "auto", "liger": "auto", "logging_steps": 1, "save_steps": 4,
+    }
+    base.update(overrides)
+    return base
+
+
+@pytest.fixture
+def train_jsonl(tmp_path) -> Path:
+    path = tmp_path / "train.jsonl"
+    with path.open("w") as handle:
+        for index, row in enumerate(ROWS):
+            handle.write(json.dumps({"id": f"t-{index}", **row}) + "\n")
+    return path
+
+
+def outputs(root: Path) -> dict:
+    return {
+        "adapter_dir": root / "finetune" / "adapter",
+        "train_log": root / "finetune" / "train_log.jsonl",
+        "metrics_json": root / "finetune" / "metrics.json",
+        "loss_png": root / "finetune" / "loss.png",
+        "checkpoint_dir": root / "checkpoints",
+    }
+
+
+def read_log(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def adapter_tensors(adapter_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(adapter_dir / "adapter_model.safetensors"))
+
+
+# ------------------------------------------------------------------------------------------ training
+@pytest.fixture(scope="module")
+def sharp_llama_dir(tiny_llama_dir, tmp_path_factory) -> Path:
+    """The tiny Llama with its (tied) embeddings scaled x10.
+
+    With the default init (std 0.02, hidden size 64) the LM head's logits stay within about +-1.3 whatever
+    the hidden state, so the loss cannot fall much below log(vocab) ~ 10.8 and LoRA has nothing to show.
+    Real models have larger logits; scaling restores that, so a short run can visibly learn.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("sharp_llama")
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(10)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_llama_dir).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(sharp_llama_dir, tmp_path_factory):
+    """One 16-step run, shared by the tests that inspect its outputs."""
+    root = tmp_path_factory.mktemp("trained")
+    data = root / "train.jsonl"
+    data.write_text("".join(json.dumps({"id": f"t-{i}", **row}) + "\n" for i, row in enumerate(LEARNABLE_ROWS)))
+    paths = outputs(root)
+    metrics = finetune(
+        sharp_llama_dir, data, settings=settings(max_steps=16, learning_rate=1e-2, logging_steps=2, save_steps=8),
+        prompt_format="alpaca", seed=7, device="cpu", model_name="tiny", **paths,
+    )
+    return metrics, paths
+
+
+def test_loss_decreases_and_outputs_are_complete(trained):
+    metrics, paths = trained
+    rows = read_log(paths["train_log"])
+    assert [row["step"] for row in rows] == [1] + list(range(2, 17, 2))
+    first, last = rows[0]["loss"], sum(row["loss"] for row in rows[-2:]) / 2
+    assert last < 0.5 * first, (first, last)
+    assert all(row["tokens"] > 0 and row["tokens_per_s"] > 0 for row in rows)
+    assert metrics["method"] == "lora" and metrics["device"] == "cpu" and metrics["compute_dtype"] == "float32"
+    assert any("quantisation is off on CPU" in reason for reason in metrics["plan_reasons"])
+    assert metrics["steps"] == 16 and metrics["steps_this_job"] == 16 and metrics["resumed_from_step"] is None
+    assert 0 < metrics["trainable_params"] < metrics["total_params"]
+    assert metrics["final_loss"] == rows[-1]["loss"]
+    assert metrics["train_tokens"] == sum(row["tokens"] for row in rows)
+    assert metrics["adapter"]["sha256"] and "torch" in metrics["versions"]
+    assert paths["loss_png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not paths["checkpoint_dir"].exists(), "checkpoints must be deleted when the job completes"
+    config = json.loads((paths["adapter_dir"] / "adapter_config.json").read_text())
+    assert config["r"] == 8 and config["peft_type"] == "LORA"
+    # all-linear on Llama: the 7 projections of each block, not the LM head
+    assert set(config["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+def test_adapter_reloads_and_changes_generations(trained, sharp_llama_dir):
+    import torch
+    from peft import PeftModel
+
+    from tunelens.models import load_model
+
+    _, paths = trained
+    base, tokenizer = load_model(sharp_llama_dir, device="cpu")
+    tuned, _ = load_model(sharp_llama_dir, adapter_dir=paths["adapter_dir"], device="cpu")
+    assert isinstance(tuned, PeftModel)
+    prompt = build_prompt({"instruction": ROWS[4]["instruction"], "input": ""}, "alpaca")
+    inputs = tokenizer(prompt, return_tensors="pt")
+    with torch.no_grad():
+        base_ids = base.generate(**inputs, max_new_tokens=6, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+        tuned_ids = tuned.generate(**inputs, max_new_tokens=6, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+    assert base_ids.tolist() != tuned_ids.tolist()
+    # The fine-tuned model starts the answer it was trained on; the random base does not.
+    first_token = tokenizer(ANSWER)["input_ids"][0]
+    assert tuned_ids[0] == first_token and base_ids[0] != first_token
+
+
+# ------------------------------------------------------------------------------------------ loss mask
+@pytest.mark.parametrize("prompt_format", ["alpaca", "chat"])
+def test_prompt_tokens_carry_no_loss(tiny_llama_dir, train_jsonl, tmp_path, prompt_format):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    run = build_trainer(tiny_llama_dir, train_jsonl, tmp_path / "ckpt", settings(), prompt_format, seed=1,
+                        device="cpu")
+    batch = next(iter(run.trainer.get_train_dataloader()))
+    by_prompt = {build_prompt({**row}, prompt_format, tokenizer): row for row in ROWS}
+    assert batch["labels"].shape[0] == 4
+    for input_ids, labels, mask in zip(batch["input_ids"], batch["labels"], batch["attention_mask"]):
+        real = mask.bool()
+        trained_positions = (labels != -100) & real
+        prompt_positions = (labels == -100) & real
+        prompt_text = tokenizer.decode(input_ids[prompt_positions])
+        row = by_prompt[prompt_text]  # the unlabelled tokens are exactly the generation prompt
+        # the labelled tokens are exactly the reference output and EOS, labelled with themselves
+        assert tokenizer.decode(input_ids[trained_positions]) == response_text(row, tokenizer)
+        assert (labels[trained_positions] == input_ids[trained_positions]).all()
+        assert (labels[~real] == -100).all()
+        # prompt first, then the response: no labelled token precedes an unlabelled real one
+        first_label = int(trained_positions.nonzero()[0])
+        assert not prompt_positions[first_label:].any()
+
+
+# ------------------------------------------------------------------------------------------ bad options
+def test_missing_target_module_fails_before_training(tiny_llama_dir, train_jsonl, tmp_path):
+    paths = outputs(tmp_path)
+    with pytest.raises(ConfigError) as error:
+        finetune(tiny_llama_dir, train_jsonl, settings=settings(target_modules=["q_proj", "qkv_proj"]),
+                 prompt_format="alpaca", seed=1, device="cpu", **paths)
+    message = str(error.value)
+    assert "'qkv_proj' does not exist" in message and "'gate_proj'" in message and "'lm_head'" not in message
+    assert not paths["checkpoint_dir"].exists() and not paths["adapter_dir"].exists()
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        ({"target_modules": ["lm_head"]}, "is the LM head"),
+        ({"target_modules": r".*\.mlp\.nothing"}, "matches no linear module"),
+        ({"method": "qlora"}, "'qlora' needs a CUDA device"),
+        ({"liger": True}, "needs a CUDA device"),
+        ({"warmup_ratio": 1.0}, "fraction in [0, 1)"),
+        ({"lora_rank": 8}, "unknown key(s) ['lora_rank']"),
+    ],
+)
+def test_bad_option_fails_clearly(tiny_llama_dir, train_jsonl, tmp_path, overrides, expected):
+    with pytest.raises(ConfigError, match=None) as error:
+        build_trainer(tiny_llama_dir, train_jsonl, tmp_path / "ckpt", settings(**overrides), "alpaca", seed=1,
+                      device="cpu")
+    assert expected in str(error.value)
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_prompt_longer_than_max_seq_length_names_the_row(tiny_llama_dir, train_jsonl, tmp_path):
+    with pytest.raises(DataError) as error:
+        build_trainer(tiny_llama_dir, train_jsonl, tmp_path / "ckpt", settings(max_seq_length=40), "alpaca",
+                      seed=1, device="cpu")
+    message = str(error.value)
+    # the three rows with an input have the longest prompts (about 50 tokens)
+    assert "3 row(s)" in message and "line 2 (id 't-1'" in message and "max_seq_length=40" in message
+
+
+def test_bad_train_row_names_file_and_line(tiny_llama_dir, tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps({"id": "a", **ROWS[0]}) + "\n" + json.dumps({"id": "b", **ROWS[1], "output": ""}) + "\n")
+    with pytest.raises(DataError, match=r"train.jsonl, line 2 \(id 'b'\): 'output' is empty"):
+        build_trainer(tiny_llama_dir, path, tmp_path / "ckpt", settings(), "alpaca", seed=1, device="cpu")
+
+
+# ------------------------------------------------------------------------------------------ resume
+KILLER = textwrap.dedent(
+    """
+    import json, os, signal, sys
+    from transformers import TrainerCallback
+    from tunelens.finetune import finetune
+
+    spec = json.loads(sys.argv[1])
+
+    class KillAfterCheckpoint(TrainerCallback):
+        # on_save runs once the checkpoint is fully written: die there, like a SLURM kill or preemption.
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step == spec["kill_at"]:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    callbacks = [KillAfterCheckpoint()] if spec["kill_at"] else []
+    finetune(spec["model"], spec["data"], settings=spec["settings"], prompt_format="alpaca", seed=3,
+             device="cpu", callbacks=callbacks, **spec["paths"])
+    """
+)
+
+
+def run_training(model, data, paths, settings_, kill_at=None):
+    spec = {"model": str(model), "data": str(data), "settings": settings_, "kill_at": kill_at,
+            "paths": {key: str(value) for key, value in paths.items()}}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+    return subprocess.run([sys.executable, "-c", KILLER, json.dumps(spec)], env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_killed_run_resumes_and_matches_uninterrupted(tiny_llama_dir, train_jsonl, tmp_path):
+    import torch
+
+    # dropout on, so the resumed run must also restore the RNG state to match
+    run_settings = settings(max_steps=6, save_steps=2, logging_steps=1, lora_dropout=0.1, batch_size=2)
+
+    reference = outputs(tmp_path / "reference")
+    finetune(tiny_llama_dir, train_jsonl, settings=run_settings, prompt_format="alpaca", seed=3, device="cpu",
+             **reference)
+
+    interrupted = outputs(tmp_path / "interrupted")
+    killed = run_training(tiny_llama_dir, train_jsonl, interrupted, run_settings, kill_at=4)
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert not interrupted["metrics_json"].exists() and not interrupted["adapter_dir"].exists()
+    assert (interrupted["checkpoint_dir"] / "checkpoint-4" / "trainer_state.json").exists()
+
+    resumed = run_training(tiny_llama_dir, train_jsonl, interrupted, run_settings)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    metrics = json.loads(interrupted["metrics_json"].read_text())
+    assert metrics["resumed_from_step"] == 4
+    assert metrics["steps_this_job"] == 2  # steps 1-4 were not redone
+    assert metrics["steps"] == 6
+    assert not interrupted["checkpoint_dir"].exists()
+
+    # The train log holds each step once, the killed job's rows included, and matches the reference run.
+    resumed_log, reference_log = read_log(interrupted["train_log"]), read_log(reference["train_log"])
+    assert [row["step"] for row in resumed_log] == list(range(1, 7))
+    for ours, theirs in zip(resumed_log, reference_log):
+        assert ours["loss"] == pytest.approx(theirs["loss"], rel=1e-3, abs=1e-4), ours["step"]
+
+    ours, theirs = adapter_tensors(interrupted["adapter_dir"]), adapter_tensors(reference["adapter_dir"])
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-3, atol=1e-5, msg=name)
+
+
+def fake_checkpoint(checkpoint_dir: Path, step: int, complete: bool = True) -> Path:
+    path = checkpoint_dir / f"checkpoint-{step}"
+    path.mkdir(parents=True)
+    (path / "adapter_model.safetensors").write_bytes(b"x")
+    (path / "optimizer.pt").write_bytes(b"x")
+    if complete:  # the trainer writes trainer_state.json last
+        (path / "trainer_state.json").write_text("{}")
+    return path
+
+
+def test_resume_picks_the_last_complete_checkpoint_of_the_same_run(tiny_llama_dir, train_jsonl, tmp_path):
+    from tunelens.finetune import prepare_checkpoint_dir, resolve_plan, run_fingerprint
+
+    checkpoint_dir = tmp_path / "ckpt"
+    plan = resolve_plan(settings(), "cpu")
+    fingerprint = run_fingerprint(str(tiny_llama_dir), train_jsonl, settings(), "alpaca", 3, plan)
+    assert prepare_checkpoint_dir(checkpoint_dir, fingerprint) is None  # fresh run
+    fake_checkpoint(checkpoint_dir, 4)
+    fake_checkpoint(checkpoint_dir, 8)
+    fake_checkpoint(checkpoint_dir, 12, complete=False)  # killed while saving
+    assert prepare_checkpoint_dir(checkpoint_dir, fingerprint) == checkpoint_dir / "checkpoint-8"
+
+    # the user changes lora_r (or the data, seed, model) before rerunning: never resume the old run
+    changed = run_fingerprint(str(tiny_llama_dir), train_jsonl, settings(lora_r=4), "alpaca", 3, plan)
+    assert prepare_checkpoint_dir(checkpoint_dir, changed) is None
+    assert not list(checkpoint_dir.glob("checkpoint-*"))
+    assert json.loads((checkpoint_dir / "tunelens_run.json").read_text())["settings"]["lora_r"] == 4
+    train_jsonl.write_text(train_jsonl.read_text() + json.dumps({"id": "new", **ROWS[0]}) + "\n")
+    fake_checkpoint(checkpoint_dir, 4)
+    other_data = run_fingerprint(str(tiny_llama_dir), train_jsonl, settings(lora_r=4), "alpaca", 3, plan)
+    assert prepare_checkpoint_dir(checkpoint_dir, other_data) is None

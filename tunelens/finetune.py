@@ -1,0 +1,740 @@
+"""Fine-tuning stage: LoRA / QLoRA supervised fine-tuning with TRL's SFTTrainer and PEFT, resumable.
+
+One call of `finetune()` trains one model on the split's train.jsonl and writes (see docs/ARCHITECTURE.md):
+
+- `adapter_dir/`        a standard PEFT adapter directory (adapter_config.json + adapter_model.safetensors),
+                        loadable by `peft.PeftModel.from_pretrained` and vLLM's `LoRARequest`, plus
+                        `tunelens_adapter.json` saying what produced it;
+- `train_log.jsonl`     one row per logging step: step, epoch, loss (mean token cross-entropy, nats),
+                        learning_rate, grad_norm, tokens (non-padding input tokens since the previous row),
+                        tokens_per_s, mean_token_accuracy (0-1, on response tokens);
+- `metrics.json`        trainable parameters, train tokens, wall time, peak memory, final loss, method,
+                        device, settings, seed, library versions;
+- `loss.png`            the loss curve.
+
+Each training example is `build_prompt(row) + response_text(row)` (the prompt the generation stage uses,
+then the reference output and EOS). It is handed to TRL as a prompt-completion pair, so the loss covers
+the response tokens only (`completion_only_loss`).
+
+Method: `auto` = QLoRA on CUDA (bitsandbytes 4-bit NF4 base, double quantisation, bf16 compute, gradient
+checkpointing, Liger kernels when installed) and LoRA in float32 on CPU (bitsandbytes' 4-bit CPU path is
+very slow and bf16 on AVX2-only CPUs is ~6x slower than float32). `lora` on CUDA trains a bf16 base.
+
+Interruptions: checkpoints go to `checkpoint_dir` (not a rule output, so Snakemake keeps it when a job
+fails). A rerun with the same inputs and settings resumes from the last complete checkpoint: the trainer
+restores optimizer, scheduler and RNG states and skips the batches already seen, so the data order is the
+one of an uninterrupted run. A completed job deletes its checkpoints. Checkpoints of a different run
+(other data, settings, seed or model) are discarded, never resumed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import re
+import resource
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from tunelens.errors import ConfigError, DataError, ModelError
+from tunelens.io import library_versions, read_jsonl, sha256_dir, sha256_file, write_json_atomic, write_jsonl_atomic
+
+log = logging.getLogger(__name__)
+
+TRAIN_ROW_KEYS = ("id", "instruction", "input", "output")
+# Written into the checkpoint directory: checkpoints are resumed only by a run with the same fingerprint.
+RUN_FINGERPRINT_FILE = "tunelens_run.json"
+ADAPTER_RECORD = "tunelens_adapter.json"
+# Keys of the finetune settings that must be present (the schema fills them; a hand-built dict may not).
+SETTING_KEYS = (
+    "enabled", "method", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "learning_rate",
+    "lr_scheduler", "warmup_ratio", "weight_decay", "num_epochs", "max_steps", "batch_size",
+    "gradient_accumulation", "max_seq_length", "packing", "padding_free", "gradient_checkpointing", "liger",
+    "logging_steps", "save_steps",
+)
+# What a train_log.jsonl row holds, in this order (missing values are left out of the row).
+LOG_KEYS = ("step", "epoch", "loss", "learning_rate", "grad_norm", "tokens", "tokens_per_s", "mean_token_accuracy")
+
+
+# --------------------------------------------------------------------------------------------- plan
+@dataclass(frozen=True)
+class TrainingPlan:
+    """The concrete choices for one run, resolved from the settings and the device before any work."""
+
+    method: str  # "qlora" | "lora"
+    device: str  # "cuda" | "cpu"
+    compute_dtype: str  # "bfloat16" | "float16" | "float32": dtype of the base weights' matmuls
+    gradient_checkpointing: bool
+    liger: bool
+    reasons: tuple[str, ...] = field(default_factory=tuple)  # one line per automatic choice, logged and recorded
+
+
+def _liger_installed() -> bool:
+    return importlib.util.find_spec("liger_kernel") is not None
+
+
+def _bitsandbytes_installed() -> bool:
+    return importlib.util.find_spec("bitsandbytes") is not None
+
+
+def check_settings(settings: dict) -> None:
+    """Fail on missing keys and on combinations the schema cannot express. Raises ConfigError."""
+    missing = [key for key in SETTING_KEYS if key not in settings]
+    if missing:
+        raise ConfigError(f"finetune settings: missing key(s) {missing}; the config schema fills them by default")
+    unknown = sorted(set(settings) - set(SETTING_KEYS))
+    if unknown:
+        raise ConfigError(f"finetune settings: unknown key(s) {unknown}; allowed: {sorted(SETTING_KEYS)}")
+    if settings["method"] not in ("auto", "qlora", "lora"):
+        raise ConfigError(f"finetune.method: '{settings['method']}'; expected one of auto, qlora, lora")
+    if not 0 <= settings["warmup_ratio"] < 1:
+        raise ConfigError(f"finetune.warmup_ratio: {settings['warmup_ratio']}; expected a fraction in [0, 1)")
+    if settings["max_steps"] is None and not settings["num_epochs"] > 0:
+        raise ConfigError(f"finetune.num_epochs: {settings['num_epochs']}; expected > 0 when max_steps is null")
+    target = settings["target_modules"]
+    if isinstance(target, list) and not target:
+        raise ConfigError("finetune.target_modules: empty list; give module names or 'all-linear'")
+
+
+def resolve_plan(settings: dict, device: str = "auto") -> TrainingPlan:
+    """Decide method, dtype, gradient checkpointing and Liger from the settings and the device.
+
+    Explicit choices that cannot work here (qlora or liger on CPU, liger not installed) are errors,
+    raised before the model is loaded.
+    """
+    import torch
+
+    check_settings(settings)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda"):
+        raise ConfigError(f"device: '{device}'; expected auto, cpu or cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device: 'cuda' was asked for, but torch sees no CUDA device")
+    reasons = []
+
+    method = settings["method"]
+    if method == "auto":
+        if device == "cuda" and _bitsandbytes_installed():
+            method = "qlora"
+            reasons.append("method auto -> qlora: CUDA device and bitsandbytes installed (4-bit NF4 base)")
+        elif device == "cuda":
+            method = "lora"
+            reasons.append("method auto -> lora: bitsandbytes is not installed, so the base stays in 16-bit")
+        else:
+            method = "lora"
+            reasons.append(
+                "method auto -> lora in float32: quantisation is off on CPU (bitsandbytes' 4-bit CPU path is "
+                "very slow and QLoRA's bf16 compute is ~6x slower than float32 on AVX2-only CPUs)"
+            )
+    if method == "qlora" and device != "cuda":
+        raise ConfigError("finetune.method: 'qlora' needs a CUDA device (bitsandbytes 4-bit); use method lora or auto on CPU")
+    if method == "qlora" and not _bitsandbytes_installed():
+        raise ConfigError("finetune.method: 'qlora' needs bitsandbytes; install the 'gpu' extra (bitsandbytes==0.50.2)")
+
+    if device == "cuda":
+        compute_dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    else:
+        compute_dtype = "float32"
+
+    checkpointing = settings["gradient_checkpointing"]
+    if checkpointing == "auto":
+        checkpointing = device == "cuda"
+        reasons.append(
+            f"gradient_checkpointing auto -> {checkpointing}: "
+            + ("trades ~30% speed for activation memory on GPU" if checkpointing else "CPU memory is not the limit")
+        )
+
+    liger = settings["liger"]
+    if liger is True and device != "cuda":
+        raise ConfigError("finetune.liger: true needs a CUDA device (Liger kernels are Triton GPU kernels)")
+    if liger is True and not _liger_installed():
+        raise ConfigError("finetune.liger: true, but liger-kernel is not installed (the 'gpu' extra: liger-kernel==0.8.5)")
+    if liger == "auto":
+        liger = device == "cuda" and _liger_installed()
+        reasons.append(
+            f"liger auto -> {liger}: "
+            + ("CUDA and liger-kernel installed" if liger else ("not installed" if device == "cuda" else "CPU run"))
+        )
+    return TrainingPlan(
+        method=method, device=device, compute_dtype=compute_dtype, gradient_checkpointing=bool(checkpointing),
+        liger=bool(liger), reasons=tuple(reasons),
+    )
+
+
+# --------------------------------------------------------------------------------------------- target modules
+def linear_module_names(model) -> dict[str, list[str]]:
+    """Linear layers LoRA can target: short name (e.g. 'q_proj') -> full module names. The LM head is left
+    out (TRL computes log-probs from its weight directly, so an adapter there would never train)."""
+    import torch
+
+    head = model.get_output_embeddings()
+    names: dict[str, list[str]] = {}
+    for full_name, module in model.named_modules():
+        # bitsandbytes' Linear4bit subclasses nn.Linear, so quantised models list the same names.
+        if isinstance(module, torch.nn.Linear) and module is not head:
+            names.setdefault(full_name.rsplit(".", 1)[-1], []).append(full_name)
+    return names
+
+
+def check_target_modules(target_modules: str | list[str], model, where: str = "finetune.target_modules") -> None:
+    """Raise ConfigError unless every requested module exists as a linear layer of `model`.
+
+    `target_modules` is 'all-linear', a list of short names (PEFT matches a module whose name is, or ends
+    with '.' + , an entry), or a regular expression over full module names (PEFT's string form).
+    """
+    available = linear_module_names(model)
+    head_name = next((n for n, m in model.named_modules() if m is model.get_output_embeddings()), "lm_head")
+    listing = f"linear modules of {type(model).__name__}: {sorted(available)}"
+    if target_modules == "all-linear":
+        return
+    if isinstance(target_modules, str):
+        full_names = [name for names in available.values() for name in names]
+        if not any(re.fullmatch(target_modules, name) for name in full_names):
+            raise ConfigError(
+                f"{where}: regular expression '{target_modules}' matches no linear module of the model; {listing}"
+            )
+        return
+    for name in target_modules:
+        if name == head_name.rsplit(".", 1)[-1]:
+            raise ConfigError(
+                f"{where}: '{name}' is the LM head, which LoRA cannot train here (TRL reads its weight directly); "
+                f"choose among the {listing}"
+            )
+        matched = name in available or any(full.endswith("." + name) or full == name
+                                           for names in available.values() for full in names)
+        if not matched:
+            raise ConfigError(f"{where}: module '{name}' does not exist in the model; {listing}")
+
+
+def _meta_model(model_path: str, revision: str | None):
+    """The model's module tree without weights (device 'meta'): enough to validate target modules in
+    about a second, before the expensive load."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(model_path, revision=revision)
+    except OSError as exc:
+        raise ModelError(f"cannot read the config of model '{model_path}': {exc}") from None
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+# --------------------------------------------------------------------------------------------- data
+def load_train_rows(train_jsonl: str | Path) -> list[dict]:
+    """Split rows (docs/ARCHITECTURE.md), checked: string fields, non-empty instruction and output."""
+    rows = read_jsonl(train_jsonl, required=TRAIN_ROW_KEYS)
+    if not rows:
+        raise DataError(f"{train_jsonl}: no rows; the fine-tuning set is empty")
+    for line_no, row in enumerate(rows, start=1):
+        for key in TRAIN_ROW_KEYS:
+            if not isinstance(row[key], str):
+                raise DataError(
+                    f"{train_jsonl}, line {line_no} (id {row.get('id')!r}): '{key}' is {type(row[key]).__name__}; "
+                    "expected a string"
+                )
+        for key in ("instruction", "output"):
+            if not row[key].strip():
+                raise DataError(f"{train_jsonl}, line {line_no} (id {row['id']!r}): '{key}' is empty")
+    return rows
+
+
+def training_examples(rows: list[dict], prompt_format: str, tokenizer) -> list[dict[str, str]]:
+    """Prompt-completion pairs: the exact prompt the generation stage builds, then the reference + EOS."""
+    from tunelens.prompts import build_prompt, response_text
+
+    return [
+        {"prompt": build_prompt(row, prompt_format, tokenizer), "completion": response_text(row, tokenizer)}
+        for row in rows
+    ]
+
+
+@dataclass
+class DataStats:
+    """Token counts of the training set as TRL tokenizes it (`tokenizer(text)`, special tokens included)."""
+
+    rows: int
+    prompt_tokens: int
+    completion_tokens: int  # loss-bearing tokens per epoch, before truncation
+    max_row_tokens: int
+    truncated_rows: int  # rows longer than max_seq_length (TRL keeps their start)
+
+
+def check_lengths(rows: list[dict], examples: list[dict], tokenizer, max_seq_length: int, train_jsonl) -> DataStats:
+    """Count tokens, and fail on rows whose prompt alone fills max_seq_length: they would carry no loss."""
+    prompt_tokens = completion_tokens = max_row = truncated = 0
+    too_long = []
+    for line_no, (row, example) in enumerate(zip(rows, examples), start=1):
+        n_prompt = len(tokenizer(example["prompt"])["input_ids"])
+        n_total = len(tokenizer(example["prompt"] + example["completion"])["input_ids"])
+        prompt_tokens += n_prompt
+        completion_tokens += n_total - n_prompt
+        max_row = max(max_row, n_total)
+        truncated += n_total > max_seq_length
+        if n_prompt >= max_seq_length:
+            too_long.append(f"line {line_no} (id {row['id']!r}, {n_prompt} prompt tokens)")
+    if too_long:
+        raise DataError(
+            f"{train_jsonl}: {len(too_long)} row(s) have a prompt of at least finetune.max_seq_length="
+            f"{max_seq_length} tokens, leaving no response token to train on: {', '.join(too_long[:5])}"
+            f"{' ...' if len(too_long) > 5 else ''}; raise max_seq_length or drop these rows"
+        )
+    return DataStats(len(rows), prompt_tokens, completion_tokens, max_row, truncated)
+
+
+# --------------------------------------------------------------------------------------------- checkpoints
+def run_fingerprint(model_path: str, train_jsonl: str | Path, settings: dict, prompt_format: str, seed: int,
+                    plan: TrainingPlan, revision: str | None = None) -> dict:
+    """What must match for a checkpoint to be resumed: inputs, settings, seed and the resolved plan."""
+    model_dir = Path(model_path)
+    model_id = {"path": str(model_path), "revision": revision}
+    if (model_dir / "config.json").exists():
+        model_id["config_sha256"] = sha256_file(model_dir / "config.json")
+        weights = sorted(model_dir.glob("*.safetensors")) + sorted(model_dir.glob("*.bin"))
+        # Sizes and names, not contents: hashing 14 GB of weights on every rerun would cost minutes.
+        model_id["weights"] = [[p.name, p.stat().st_size] for p in weights]
+    return {
+        "model": model_id,
+        "train_sha256": sha256_file(train_jsonl),
+        "settings": settings,
+        "prompt_format": prompt_format,
+        "seed": seed,
+        "plan": {"method": plan.method, "device": plan.device, "compute_dtype": plan.compute_dtype,
+                 "gradient_checkpointing": plan.gradient_checkpointing, "liger": plan.liger},
+    }
+
+
+def _complete_checkpoint(path: Path) -> bool:
+    # The trainer writes trainer_state.json after the weights and optimizer, so a checkpoint dir killed
+    # mid-write lacks it (or its optimizer) and must not be resumed.
+    return (path / "trainer_state.json").exists() and (path / "optimizer.pt").exists() and (
+        (path / "adapter_model.safetensors").exists() or (path / "adapter_model.bin").exists()
+    )
+
+
+def prepare_checkpoint_dir(checkpoint_dir: str | Path, fingerprint: dict) -> Path | None:
+    """Create `checkpoint_dir` for this run and return the checkpoint to resume from, or None.
+
+    Checkpoints written by a run with another fingerprint are deleted (logged): resuming them would mix
+    two different trainings.
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    record = checkpoint_dir / RUN_FINGERPRINT_FILE
+    if checkpoint_dir.exists():
+        previous = None
+        if record.exists():
+            try:
+                previous = json.loads(record.read_text(encoding="utf-8"))
+            except json.JSONDecodeError:
+                previous = None
+        # Compare through JSON so tuples/lists and int/float spellings of the same value agree.
+        if previous != json.loads(json.dumps(fingerprint)):
+            log.warning("%s: checkpoints of a different run (data, settings, seed or model changed); deleting them",
+                        checkpoint_dir)
+            shutil.rmtree(checkpoint_dir)
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    if not record.exists():
+        write_json_atomic(record, fingerprint)
+    candidates = sorted(
+        (p for p in checkpoint_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()),
+        key=lambda p: int(p.name.split("-")[-1]),
+        reverse=True,
+    )
+    for candidate in candidates:
+        if _complete_checkpoint(candidate):
+            return candidate
+        log.warning("%s: incomplete checkpoint (killed while saving?), skipped", candidate)
+    return None
+
+
+# --------------------------------------------------------------------------------------------- trainer
+def lora_config(settings: dict):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=settings["lora_r"],
+        lora_alpha=settings["lora_alpha"],
+        lora_dropout=settings["lora_dropout"],
+        target_modules=settings["target_modules"],
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def sft_config(settings: dict, plan: TrainingPlan, checkpoint_dir: str | Path, seed: int, *, max_length: int | None):
+    """TRL SFTConfig from the tunelens settings. Every value that changes the result comes from `settings`."""
+    import dataclasses
+
+    from trl import SFTConfig
+
+    # transformers >= 5.2x renamed gradient_checkpointing to activation_checkpointing (the old name warns);
+    # older 5.x (the GPU image has 5.17) only knows the old name.
+    names = {f.name for f in dataclasses.fields(SFTConfig)}
+    checkpointing_key = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+    return SFTConfig(
+        **{checkpointing_key: plan.gradient_checkpointing},
+        output_dir=str(checkpoint_dir),
+        seed=seed,
+        data_seed=seed,
+        per_device_train_batch_size=settings["batch_size"],
+        gradient_accumulation_steps=settings["gradient_accumulation"],
+        learning_rate=settings["learning_rate"],
+        lr_scheduler_type=settings["lr_scheduler"],
+        warmup_steps=float(settings["warmup_ratio"]),  # a float in [0, 1) is a ratio of the total steps
+        weight_decay=settings["weight_decay"],
+        num_train_epochs=float(settings["num_epochs"]),
+        max_steps=settings["max_steps"] if settings["max_steps"] is not None else -1,
+        max_length=max_length,
+        packing=settings["packing"],
+        padding_free=settings["padding_free"],
+        completion_only_loss=True,
+        bf16=plan.compute_dtype == "bfloat16",
+        fp16=plan.compute_dtype == "float16",
+        use_cpu=plan.device == "cpu",
+        use_liger_kernel=plan.liger,
+        logging_steps=settings["logging_steps"],
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=settings["save_steps"],
+        # Two, not one: if a job is killed while writing the newest, the previous one is still whole.
+        save_total_limit=2,
+        include_num_input_tokens_seen="non_padding",
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+
+
+def _load_base_model(model_path: str, plan: TrainingPlan, revision: str | None):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = getattr(torch, plan.compute_dtype)
+    kwargs: dict[str, Any] = {"dtype": dtype, "revision": revision}
+    if plan.method == "qlora":
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(model_path), **kwargs)
+    except OSError as exc:
+        raise ModelError(f"cannot load model '{model_path}': {exc}") from None
+    if plan.method != "qlora":
+        model.to(plan.device)
+    return model
+
+
+def _make_log_callback():
+    """A TrainerCallback that adds `tokens` and `tokens_per_s` to each log row, logs it, and counts the
+    optimizer steps this process runs. Defined inside a function so importing this module stays free of
+    transformers (Snakemake imports tunelens on every invocation)."""
+    from transformers import TrainerCallback
+
+    class TrainLogCallback(TrainerCallback):
+        def __init__(self):
+            self.steps_run = 0
+            self.start_step = 0
+            self._last_time = None
+            self._last_tokens = 0
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.start_step = state.global_step
+            self._last_time = time.perf_counter()
+            self._last_tokens = state.num_input_tokens_seen
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.steps_run += 1
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            now = time.perf_counter()
+            entry = state.log_history[-1] if state.log_history else {}
+            if "loss" in entry:
+                tokens = state.num_input_tokens_seen - self._last_tokens
+                elapsed = max(now - self._last_time, 1e-9)
+                # Stored in log_history, which checkpoints save, so rows of a killed run survive a resume.
+                entry["tokens"] = int(tokens)
+                entry["tokens_per_s"] = round(tokens / elapsed, 2)
+                log.info(
+                    "step %d/%d loss %.4f lr %.3g tokens/s %.1f", state.global_step, state.max_steps,
+                    entry["loss"], entry.get("learning_rate", float("nan")), entry["tokens_per_s"],
+                )
+            self._last_time, self._last_tokens = now, state.num_input_tokens_seen
+
+    return TrainLogCallback()
+
+
+@dataclass
+class PreparedRun:
+    """Everything `finetune()` needs after validation: the trainer and what to record."""
+
+    trainer: Any
+    plan: TrainingPlan
+    stats: DataStats
+    fingerprint: dict
+    resume_from: Path | None
+    log_callback: Any
+    load_time_s: float
+
+
+def build_trainer(
+    model_path: str | Path,
+    train_jsonl: str | Path,
+    checkpoint_dir: str | Path,
+    settings: dict,
+    prompt_format: str,
+    seed: int,
+    device: str = "auto",
+    revision: str | None = None,
+    callbacks: Sequence = (),
+) -> PreparedRun:
+    """Validate everything cheap first (settings, device, target modules, data), then load the model and
+    build the SFTTrainer. Nothing is trained and nothing but `checkpoint_dir` is written."""
+    model_path = str(model_path)
+    plan = resolve_plan(settings, device)
+    for reason in plan.reasons:
+        log.info("%s", reason)
+    check_target_modules(settings["target_modules"], _meta_model(model_path, revision))
+
+    from tunelens.models import load_tokenizer
+
+    tokenizer = load_tokenizer(model_path, revision)
+    rows = load_train_rows(train_jsonl)
+    examples = training_examples(rows, prompt_format, tokenizer)
+    stats = check_lengths(rows, examples, tokenizer, settings["max_seq_length"], train_jsonl)
+    if stats.truncated_rows:
+        log.warning("%d of %d rows are longer than max_seq_length=%d tokens and are truncated (end cut)",
+                    stats.truncated_rows, stats.rows, settings["max_seq_length"])
+    max_length = settings["max_seq_length"]
+    if settings["padding_free"] and not settings["packing"]:
+        # TRL does not truncate padding-free batches; check_lengths proved no row needs it, or refuse.
+        if stats.truncated_rows:
+            raise ConfigError(
+                f"finetune.padding_free without packing does not truncate, and {stats.truncated_rows} row(s) of "
+                f"{train_jsonl} exceed max_seq_length={max_length}; enable packing or raise max_seq_length"
+            )
+        max_length = None
+    log.info("train set: %d rows, %d prompt tokens, %d response tokens (loss-bearing) per epoch, longest row %d",
+             stats.rows, stats.prompt_tokens, stats.completion_tokens, stats.max_row_tokens)
+
+    fingerprint = run_fingerprint(model_path, train_jsonl, settings, prompt_format, seed, plan, revision)
+    resume_from = prepare_checkpoint_dir(checkpoint_dir, fingerprint)
+
+    from datasets import Dataset
+    from transformers.trainer_callback import PrinterCallback
+    from trl import SFTTrainer
+
+    started = time.perf_counter()
+    model = _load_base_model(model_path, plan, revision)
+    load_time_s = time.perf_counter() - started
+    log_callback = _make_log_callback()
+    trainer = SFTTrainer(
+        model=model,
+        args=sft_config(settings, plan, checkpoint_dir, seed, max_length=max_length),
+        train_dataset=Dataset.from_list(examples),
+        processing_class=tokenizer,
+        peft_config=lora_config(settings),
+        callbacks=[log_callback, *callbacks],
+    )
+    # With tqdm off, the Trainer prints every log dict to stdout; our callback logs them instead.
+    trainer.remove_callback(PrinterCallback)
+    return PreparedRun(trainer, plan, stats, fingerprint, resume_from, log_callback, load_time_s)
+
+
+# --------------------------------------------------------------------------------------------- outputs
+def train_log_rows(log_history: list[dict]) -> list[dict]:
+    """The training rows of the trainer's log history (the final summary row has no 'loss')."""
+    rows = []
+    for entry in log_history:
+        if "loss" not in entry:
+            continue
+        rows.append({key: entry[key] for key in LOG_KEYS if key in entry})
+    return rows
+
+
+def plot_loss(rows: list[dict], png_path: str | Path, title: str) -> None:
+    """Loss (nats per response token) and learning rate against optimizer step, written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    png_path = Path(png_path)
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
+    steps = [row["step"] for row in rows]
+    ax.plot(steps, [row["loss"] for row in rows], marker="o", markersize=3, color="tab:blue", label="train loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (mean cross-entropy per response token, nats)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if any("learning_rate" in row for row in rows):
+        ax_lr = ax.twinx()
+        ax_lr.plot(steps, [row.get("learning_rate", float("nan")) for row in rows], color="tab:gray",
+                   linestyle="--", linewidth=1, label="learning rate")
+        ax_lr.set_ylabel("learning rate")
+    fig.tight_layout()
+    png_path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=png_path.parent, prefix=f".{png_path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, png_path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(fig)
+
+
+def _peak_memory() -> dict:
+    import torch
+
+    peak = {"cpu_max_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        peak["cuda_max_allocated_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        peak["cuda_max_reserved_mib"] = round(torch.cuda.max_memory_reserved() / 2**20, 1)
+    return peak
+
+
+def _model_source(model_path: str) -> dict:
+    """What the base model is: its path plus the materialisation record of embedded models."""
+    from tunelens.models import SOURCE_RECORD
+
+    source: dict[str, Any] = {"path": str(model_path)}
+    record = Path(model_path) / SOURCE_RECORD
+    if record.exists():
+        source["record"] = json.loads(record.read_text(encoding="utf-8"))
+    return source
+
+
+def _save_adapter(model, adapter_dir: Path, record: dict) -> None:
+    """Save the adapter into a staging dir beside `adapter_dir`, then rename it into place."""
+    adapter_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=adapter_dir.parent, prefix=f".{adapter_dir.name}."))
+    try:
+        model.save_pretrained(str(staging))
+        write_json_atomic(staging / ADAPTER_RECORD, record)
+        if adapter_dir.exists():
+            shutil.rmtree(adapter_dir)
+        staging.rename(adapter_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def finetune(
+    model_path: str | Path,
+    train_jsonl: str | Path,
+    adapter_dir: str | Path,
+    train_log: str | Path,
+    metrics_json: str | Path,
+    loss_png: str | Path,
+    checkpoint_dir: str | Path,
+    settings: dict,
+    prompt_format: str,
+    seed: int,
+    device: str = "auto",
+    revision: str | None = None,
+    model_name: str | None = None,
+    callbacks: Sequence = (),
+) -> dict:
+    """Fine-tune a LoRA adapter on `train_jsonl` and write the stage's outputs. Returns the metrics dict.
+
+    `settings` is the model's merged `finetune` config section (schemas/config.schema.yaml).
+    `callbacks` are extra transformers TrainerCallbacks (tests use one to kill a run mid-way).
+    Resumes from `checkpoint_dir` when it holds a checkpoint of the same run; deletes it on success.
+    """
+    import torch
+
+    wall_start = time.perf_counter()
+    if not settings.get("enabled", True):
+        raise ConfigError(f"finetune.enabled is false for model '{model_name or model_path}'; nothing to train")
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    run = build_trainer(model_path, train_jsonl, checkpoint_dir, settings, prompt_format, seed, device,
+                        revision, callbacks)
+    trainer, plan = run.trainer, run.plan
+    if run.resume_from is not None:
+        log.info("resuming from %s", run.resume_from)
+
+    train_start = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from else None)
+    train_time_s = time.perf_counter() - train_start
+
+    rows = train_log_rows(trainer.state.log_history)
+    if not rows:
+        raise DataError(f"{train_jsonl}: training logged no loss (no optimizer step ran?)")
+    trainable, total = trainer.model.get_nb_trainable_parameters()
+    steps_this_job = run.log_callback.steps_run
+    tokens_this_job = sum(row.get("tokens", 0) for row in rows if row["step"] > run.log_callback.start_step)
+    adapter_record = {
+        "base_model": _model_source(str(model_path)),
+        "revision": revision,
+        "method": plan.method,
+        "settings": settings,
+        "prompt_format": prompt_format,
+        "seed": seed,
+        "train_sha256": run.fingerprint["train_sha256"],
+        "versions": library_versions(),
+    }
+    adapter_dir = Path(adapter_dir)
+    _save_adapter(trainer.model, adapter_dir, adapter_record)
+
+    metrics = {
+        "model": model_name,
+        "base_model": adapter_record["base_model"],
+        "revision": revision,
+        "method": plan.method,
+        "device": plan.device,
+        "device_name": torch.cuda.get_device_name() if plan.device == "cuda" else "cpu",
+        "compute_dtype": plan.compute_dtype,
+        "gradient_checkpointing": plan.gradient_checkpointing,
+        "liger": plan.liger,
+        "plan_reasons": list(plan.reasons),
+        "settings": settings,
+        "prompt_format": prompt_format,
+        "seed": seed,
+        "train_file": str(train_jsonl),
+        "train_sha256": run.fingerprint["train_sha256"],
+        "train_rows": run.stats.rows,
+        "train_prompt_tokens_per_epoch": run.stats.prompt_tokens,
+        "train_response_tokens_per_epoch": run.stats.completion_tokens,
+        "truncated_rows": run.stats.truncated_rows,
+        "trainable_params": int(trainable),
+        "total_params": int(total),
+        "trainable_percent": round(100.0 * trainable / total, 4),
+        "steps": trainer.state.global_step,
+        "epochs": round(float(trainer.state.epoch or 0.0), 4),
+        "train_tokens": int(trainer.state.num_input_tokens_seen),  # non-padding input tokens, all jobs
+        "resumed_from_step": run.log_callback.start_step if run.resume_from else None,
+        "steps_this_job": steps_this_job,
+        "tokens_this_job": int(tokens_this_job),
+        "tokens_per_s": round(tokens_this_job / train_time_s, 2) if train_time_s > 0 else None,
+        "final_loss": rows[-1]["loss"],
+        "first_loss": rows[0]["loss"],
+        "mean_train_loss": round(float(result.training_loss), 6),
+        "load_time_s": round(run.load_time_s, 2),
+        "train_time_s": round(train_time_s, 2),
+        "wall_time_s": round(time.perf_counter() - wall_start, 2),
+        "peak_memory": _peak_memory(),
+        "adapter": {"dir": str(adapter_dir), "sha256": sha256_dir(adapter_dir)},
+        "versions": library_versions(),
+    }
+    write_jsonl_atomic(train_log, rows)
+    plot_loss(rows, loss_png, f"{model_name or Path(str(model_path)).name}: {plan.method}, r={settings['lora_r']}")
+    write_json_atomic(metrics_json, metrics)
+    # Only now is the run complete; its checkpoints have served their purpose.
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    log.info("done: %d steps (%d in this job), final loss %.4f, %s tokens/s, adapter %s",
+             metrics["steps"], steps_this_job, metrics["final_loss"], metrics["tokens_per_s"], adapter_dir)
+    return metrics
