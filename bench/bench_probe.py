@@ -39,24 +39,32 @@ def build_model(args):
         config = LlamaConfig(**shapes[args.random_llama], max_position_embeddings=4096)
         dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
         torch.manual_seed(0)
-        with torch.device(args.device):
-            model = LlamaForCausalLM(config).to(dtype)
+        default_dtype = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)  # build in the target dtype: a float32 7B would need 27 GB first
+        try:
+            with torch.device(args.device):
+                model = LlamaForCausalLM(config)
+        finally:
+            torch.set_default_dtype(default_dtype)
         name = f"random Llama ({args.random_llama} shape, {dtype})"
         return model.eval(), name
     model, _ = load_model(args.model, device=args.device)
     return model, f"{args.model} ({next(model.parameters()).dtype})"
 
 
-def timed(fn, repeats: int, sync) -> float:
-    fn()  # warm-up
-    sync()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync()
-        best = min(best, time.perf_counter() - start)
-    return best
+def timed_interleaved(functions: dict, repeats: int, sync) -> dict:
+    """Minimum seconds per named function over `repeats` rounds, after one warm-up round. Rounds visit the
+    functions in turn, so a load change on a shared machine hits all of them alike."""
+    times = {name: float("inf") for name in functions}
+    for round_index in range(repeats + 1):
+        for name, fn in functions.items():
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            if round_index:  # round 0 is the warm-up
+                times[name] = min(times[name], time.perf_counter() - start)
+    return times
 
 
 def main() -> None:
@@ -98,12 +106,18 @@ def main() -> None:
                 min_new_tokens=args.new_tokens, do_sample=False, num_beams=1, pad_token_id=0,
             )
 
-    early = []
-    for layer in layers:
-        with truncated_decoder(model, layer):
-            seconds = timed(generate, args.repeats, sync)
-        early.append({"layer": layer, "seconds": seconds})
-    full = next(e["seconds"] for e in early if e["layer"] == depth) if depth in layers else timed(generate, args.repeats, sync)
+    def early_exit_at(layer):
+        def run():
+            with truncated_decoder(model, layer):
+                generate()
+
+        return run
+
+    if depth not in layers:
+        layers.append(depth)
+    seconds = timed_interleaved({layer: early_exit_at(layer) for layer in layers}, args.repeats, sync)
+    early = [{"layer": layer, "seconds": seconds[layer]} for layer in layers]
+    full = seconds[depth]
     tokens = args.batch * args.new_tokens
     for entry in early:
         entry.update(ratio=entry["seconds"] / full, depth_fraction=entry["layer"] / depth, tokens_per_s=tokens / entry["seconds"])
@@ -120,8 +134,8 @@ def main() -> None:
         with torch.inference_mode():
             lens_log_probs(model, sequence, positions, all_layers)
 
-    plain_s = timed(plain, args.repeats, sync)
-    lens_s = timed(lens, args.repeats, sync)
+    lens_times = timed_interleaved({"plain": plain, "lens": lens}, args.repeats, sync)
+    plain_s, lens_s = lens_times["plain"], lens_times["lens"]
 
     result = {
         "model": model_name, "num_layers": depth, "device": args.device,
