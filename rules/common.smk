@@ -397,6 +397,18 @@ REPORT = {
 }
 
 
+REPORT_PLOT_GROUPS = {
+    "sweep": "Metric vs decoding parameter",
+    "layers": "Metric vs exit layer",
+    "loss": "Fine-tuning loss",
+}
+
+
+def report_plot_group(wildcards):
+    """Report subcategory of a plot, from its file name prefix (see tunelens.report plot_*)."""
+    return REPORT_PLOT_GROUPS[wildcards.plot_kind]
+
+
 def report_inputs(wildcards):
     """Every file the report summarises, by kind; human ratings arrive inside the score files.
 

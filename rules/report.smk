@@ -29,7 +29,7 @@ rule report:
             patterns=["{plot_kind,sweep|layers|loss}_{plot_name}.png"],
             caption="../report/plots.rst",
             category="Plots",
-            subcategory="{plot_kind}",
+            subcategory=report_plot_group,
             labels={"plot": "{plot_name}"},
         ),
     log:

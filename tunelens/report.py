@@ -614,7 +614,7 @@ _CSS = (
     "table{border-collapse:collapse;margin:.5em 0 1.5em;font-size:.9em}"
     "th,td{border:1px solid #ccc;padding:.25em .6em}th{background:#f0f0f0}"
     "td.r{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}"
-    "td.best{background:#e6f4ea}code{background:#f4f4f4;padding:0 .2em}"
+    "td.best{background:#e6f4ea}code{background:#f4f4f4;padding:0 .2em}.ci{color:#666;font-size:.85em}"
     "h1{font-size:1.6em}h2{font-size:1.3em;border-bottom:1px solid #ddd}h3{font-size:1.1em}"
 )
 
@@ -644,9 +644,15 @@ def _html_table(table: Table) -> str:
     def cell(c: Cell, align: str) -> str:
         classes = " ".join(x for x in (align if align == "r" else "", "best" if c.best else "") if x)
         text = _inline_html(c.text)
-        if c.best and text:
-            head, sep, tail = text.partition(" [")
-            text = f"<strong>{head}</strong>{sep}{tail}"
+        head, sep, tail = text.partition(" [")
+        if sep and re.fullmatch(r"[-0-9.]+, [-0-9.]+\]( \*)?", tail):
+            # value [low, high]: the CI in small grey type so the columns stay narrow
+            star = " *" if tail.endswith(" *") else ""
+            tail = tail[: -len(star)] if star else tail
+            head = f"<strong>{head}</strong>" if c.best else head
+            text = f"{head} <span class=\"ci\">[{tail}</span>{star}"
+        elif c.best and text:
+            text = f"<strong>{text}</strong>"
         return f"<td class=\"{classes}\">{text}</td>" if classes else f"<td>{text}</td>"
 
     head = "<tr>" + "".join(f"<th>{_inline_html(h)}</th>" for h in table.header) + "</tr>"
@@ -1052,8 +1058,20 @@ def _save(fig, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
     # No software/date metadata: the same data gives the same PNG bytes.
-    fig.savefig(tmp, dpi=110, bbox_inches="tight", metadata={"Software": None})
+    fig.savefig(tmp, dpi=110, metadata={"Software": None})
     tmp.replace(path)
+
+
+def _panels(plt, count: int, width: float = 3.3, height: float = 2.8):
+    """A figure with one panel per metric, at most 4 per row (constrained layout: no overlapping labels)."""
+    columns = min(count, 4)
+    rows = math.ceil(count / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(width * columns, height * rows + 0.4), squeeze=False,
+                             layout="constrained")
+    flat = list(axes.flat)
+    for ax in flat[count:]:
+        ax.set_visible(False)
+    return fig, flat[:count]
 
 
 def _safe(name: str) -> str:
@@ -1080,20 +1098,24 @@ def plot_sweeps(scores: pd.DataFrame, config_fields: dict[str, dict], default: s
             metrics = metric_order(part["metric"])
             if part.empty:
                 continue
-            fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.0), squeeze=False)
-            for ax, metric in zip(axes[0], metrics):
-                for variant in _variants(part):
+            fig, axes = _panels(plt, len(metrics))
+            for ax, metric in zip(axes, metrics):
+                values = sorted({float(v) for v in slice_configs.values()})
+                # Nudge the variants apart (2% of the x range) so overlapping CI bars stay readable.
+                nudge = 0.02 * (values[-1] - values[0] or 1.0)
+                for index, variant in enumerate(_variants(part)):
                     points = part[(part["variant"] == variant) & (part["metric"] == metric)].copy()
-                    points["x"] = points["config"].map(slice_configs).astype(float)
+                    points["x"] = points["config"].map(slice_configs).astype(float) + (index - 0.5) * nudge
                     points = points.sort_values("x")
                     low = (points["value"] - points["ci_low"]).clip(lower=0).fillna(0)
                     high = (points["ci_high"] - points["value"]).clip(lower=0).fillna(0)
                     ax.errorbar(points["x"], points["value"], yerr=[low, high], marker="o", capsize=3, label=variant)
                 ax.axvline(float(default_fields[field_name]), color="grey", lw=0.8, ls=":")
+                ax.set_xticks(values)
                 info = metric_info(metric)
                 ax.set_title(f"{info.label} ({info.scale})", fontsize=9)
                 ax.set_xlabel(field_name)
-            axes[0][0].legend(fontsize=8)
+            axes[0].legend(fontsize=8)
             fig.suptitle(f"{model}: metrics vs {field_name} (others at default; dotted = default)", fontsize=10)
             path = out_dir / f"sweep_{_safe(model)}_{_safe(field_name)}.png"
             _save(fig, path)
@@ -1110,8 +1132,8 @@ def plot_layers(scores: pd.DataFrame, out_dir: Path) -> list[Path]:
     for model in dict.fromkeys(layers["model"]):
         part = layers[layers["model"] == model]
         metrics = metric_order(part["metric"])
-        fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.0), squeeze=False)
-        for ax, metric in zip(axes[0], metrics):
+        fig, axes = _panels(plt, len(metrics))
+        for ax, metric in zip(axes, metrics):
             for variant in _variants(part):
                 points = part[(part["variant"] == variant) & (part["metric"] == metric)].sort_values("layer")
                 x = points["layer"].astype(float)
@@ -1121,7 +1143,7 @@ def plot_layers(scores: pd.DataFrame, out_dir: Path) -> list[Path]:
             info = metric_info(metric)
             ax.set_title(f"{info.label} ({info.scale})", fontsize=9)
             ax.set_xlabel("exit layer")
-        axes[0][0].legend(fontsize=8)
+        axes[0].legend(fontsize=8)
         fig.suptitle(f"{model}: early exit, metric vs layer", fontsize=10)
         path = out_dir / f"layers_{_safe(model)}.png"
         _save(fig, path)
@@ -1142,7 +1164,7 @@ def plot_loss(finetune: dict[str, dict], out_dir: Path) -> list[Path]:
                  if isinstance(r.get("learning_rate"), (int, float)) and "step" in r]
         if not train:
             continue
-        fig, (ax_loss, ax_lr) = plt.subplots(1, 2, figsize=(8, 3.0))
+        fig, (ax_loss, ax_lr) = plt.subplots(1, 2, figsize=(8, 3.0), layout="constrained")
         ax_loss.plot(*zip(*train), label="train loss")
         if evals:
             ax_loss.plot(*zip(*evals), marker="o", label="eval loss")
