@@ -175,6 +175,8 @@ def test_prompt_tokens_carry_no_loss(tiny_llama_dir, train_jsonl, tmp_path, prom
         prompt_positions = (labels == -100) & real
         prompt_text = tokenizer.decode(input_ids[prompt_positions])
         row = by_prompt[prompt_text]  # the unlabelled tokens are exactly the generation prompt
+        # ... with the ids the generation stage feeds (full text, no special tokens added)
+        assert input_ids[prompt_positions].tolist() == tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
         # the labelled tokens are exactly the reference output and EOS, labelled with themselves
         assert tokenizer.decode(input_ids[trained_positions]) == response_text(row, tokenizer)
         assert (labels[trained_positions] == input_ids[trained_positions]).all()
@@ -182,6 +184,22 @@ def test_prompt_tokens_carry_no_loss(tiny_llama_dir, train_jsonl, tmp_path, prom
         # prompt first, then the response: no labelled token precedes an unlabelled real one
         first_label = int(trained_positions.nonzero()[0])
         assert not prompt_positions[first_label:].any()
+
+
+def test_padding_free_batch_gives_the_padded_loss(tiny_llama_dir, train_jsonl, tmp_path):
+    """Padding-free flattens the batch into one sequence; sequences must not attend to each other, so the
+    loss equals the padded batch's (same rows: same seed, same sampler)."""
+    import torch
+
+    losses = {}
+    for padding_free in (False, True):
+        run = build_trainer(tiny_llama_dir, train_jsonl, tmp_path / f"ckpt{padding_free}",
+                            settings(padding_free=padding_free), "alpaca", seed=1, device="cpu")
+        batch = next(iter(run.trainer.get_train_dataloader()))
+        assert ("attention_mask" in batch) is not padding_free
+        with torch.no_grad():
+            losses[padding_free] = run.trainer.compute_loss(run.trainer.model, batch).item()
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)
 
 
 # ------------------------------------------------------------------------------------------ bad options

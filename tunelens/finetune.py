@@ -13,8 +13,8 @@ One call of `finetune()` trains one model on the split's train.jsonl and writes 
 - `loss.png`            the loss curve.
 
 Each training example is `build_prompt(row) + response_text(row)` (the prompt the generation stage uses,
-then the reference output and EOS). It is handed to TRL as a prompt-completion pair, so the loss covers
-the response tokens only (`completion_only_loss`).
+then the reference output and EOS), tokenized as the generation stage tokenizes prompts, with a completion
+mask: TRL's `completion_only_loss` puts the loss on the response tokens only.
 
 Method: `auto` = QLoRA on CUDA (bitsandbytes 4-bit NF4 base, double quantisation, bf16 compute, gradient
 checkpointing, Liger kernels when installed) and LoRA in float32 on CPU (bitsandbytes' 4-bit CPU path is
@@ -246,6 +246,12 @@ def load_train_rows(train_jsonl: str | Path) -> list[dict]:
     return rows
 
 
+def encode_text(text: str, tokenizer) -> list[int]:
+    """Token ids of a full text, with no special tokens added: the prompt is a complete text (template
+    included), tokenized exactly as the generation and probe stages tokenize it (tunelens.generate)."""
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
 def training_examples(rows: list[dict], prompt_format: str, tokenizer) -> list[dict[str, str]]:
     """Prompt-completion pairs: the exact prompt the generation stage builds, then the reference + EOS."""
     from tunelens.prompts import build_prompt, response_text
@@ -258,26 +264,35 @@ def training_examples(rows: list[dict], prompt_format: str, tokenizer) -> list[d
 
 @dataclass
 class DataStats:
-    """Token counts of the training set as TRL tokenizes it (`tokenizer(text)`, special tokens included)."""
+    """Token counts of the training set, as tokenized for training."""
 
     rows: int
     prompt_tokens: int
     completion_tokens: int  # loss-bearing tokens per epoch, before truncation
     max_row_tokens: int
-    truncated_rows: int  # rows longer than max_seq_length (TRL keeps their start)
+    truncated_rows: int  # rows longer than max_seq_length (their start is kept)
 
 
-def check_lengths(rows: list[dict], examples: list[dict], tokenizer, max_seq_length: int, train_jsonl) -> DataStats:
-    """Count tokens, and fail on rows whose prompt alone fills max_seq_length: they would carry no loss."""
+def tokenize_examples(rows: list[dict], examples: list[dict], tokenizer, max_seq_length: int,
+                      train_jsonl) -> tuple[list[dict], DataStats]:
+    """Token ids and completion masks (1 = response token, trained) in TRL's tokenized format.
+
+    Tokenizing here rather than in TRL keeps training on exactly the ids generation sees: TRL's own
+    tokenization adds special tokens (a second BOS for some tokenizers). The response starts where the
+    ids of the prompt and of prompt + response diverge, as in TRL (a merge across the boundary moves it).
+    Fails on rows whose prompt alone fills max_seq_length: they would carry no loss.
+    """
+    tokenized, too_long = [], []
     prompt_tokens = completion_tokens = max_row = truncated = 0
-    too_long = []
     for line_no, (row, example) in enumerate(zip(rows, examples), start=1):
-        n_prompt = len(tokenizer(example["prompt"])["input_ids"])
-        n_total = len(tokenizer(example["prompt"] + example["completion"])["input_ids"])
+        prompt_ids = encode_text(example["prompt"], tokenizer)
+        ids = encode_text(example["prompt"] + example["completion"], tokenizer)
+        n_prompt = next((i for i, (a, b) in enumerate(zip(prompt_ids, ids)) if a != b), min(len(prompt_ids), len(ids)))
+        tokenized.append({"input_ids": ids, "completion_mask": [0] * n_prompt + [1] * (len(ids) - n_prompt)})
         prompt_tokens += n_prompt
-        completion_tokens += n_total - n_prompt
-        max_row = max(max_row, n_total)
-        truncated += n_total > max_seq_length
+        completion_tokens += len(ids) - n_prompt
+        max_row = max(max_row, len(ids))
+        truncated += len(ids) > max_seq_length
         if n_prompt >= max_seq_length:
             too_long.append(f"line {line_no} (id {row['id']!r}, {n_prompt} prompt tokens)")
     if too_long:
@@ -286,7 +301,7 @@ def check_lengths(rows: list[dict], examples: list[dict], tokenizer, max_seq_len
             f"{max_seq_length} tokens, leaving no response token to train on: {', '.join(too_long[:5])}"
             f"{' ...' if len(too_long) > 5 else ''}; raise max_seq_length or drop these rows"
         )
-    return DataStats(len(rows), prompt_tokens, completion_tokens, max_row, truncated)
+    return tokenized, DataStats(len(rows), prompt_tokens, completion_tokens, max_row, truncated)
 
 
 # --------------------------------------------------------------------------------------------- checkpoints
@@ -511,13 +526,13 @@ def build_trainer(
     tokenizer = load_tokenizer(model_path, revision)
     rows = load_train_rows(train_jsonl)
     examples = training_examples(rows, prompt_format, tokenizer)
-    stats = check_lengths(rows, examples, tokenizer, settings["max_seq_length"], train_jsonl)
+    tokenized, stats = tokenize_examples(rows, examples, tokenizer, settings["max_seq_length"], train_jsonl)
     if stats.truncated_rows:
         log.warning("%d of %d rows are longer than max_seq_length=%d tokens and are truncated (end cut)",
                     stats.truncated_rows, stats.rows, settings["max_seq_length"])
     max_length = settings["max_seq_length"]
     if settings["padding_free"] and not settings["packing"]:
-        # TRL does not truncate padding-free batches; check_lengths proved no row needs it, or refuse.
+        # TRL does not truncate padding-free batches without packing: allowed only when no row needs it.
         if stats.truncated_rows:
             raise ConfigError(
                 f"finetune.padding_free without packing does not truncate, and {stats.truncated_rows} row(s) of "
@@ -541,7 +556,8 @@ def build_trainer(
     trainer = SFTTrainer(
         model=model,
         args=sft_config(settings, plan, checkpoint_dir, seed, max_length=max_length),
-        train_dataset=Dataset.from_list(examples),
+        # Already tokenized: TRL builds labels from completion_mask (completion_only_loss), truncates, packs.
+        train_dataset=Dataset.from_list(tokenized),
         processing_class=tokenizer,
         peft_config=lora_config(settings),
         callbacks=[log_callback, *callbacks],
