@@ -185,6 +185,20 @@ def test_bertscore_matches_bert_score_called_directly(minilm_dir):
     assert result.details["rescaled"] is False and result.details["num_layers"] == 6
 
 
+def test_bertscore_empty_output_scores_zero(minilm_dir):
+    """bert-score defines an empty candidate's raw F1 as 0 (its own empty path crashes on transformers 5)."""
+    import bert_score
+
+    pairs = [PAIRS["partial"], PAIRS["empty"], ("   ", "Some reference."), PAIRS["identical"]]
+    context = ScoringContext(bertscore=BertScoreSettings(model=str(minilm_dir), num_layers=6), device="cpu")
+    result = run("bertscore", pairs, context)
+    assert result.per_row[1] == 0.0 and result.per_row[2] == 0.0
+    _, _, f1 = bert_score.score([PAIRS["partial"][0], PAIRS["identical"][0]], [PAIRS["partial"][1], PAIRS["identical"][1]],
+                                model_type=str(minilm_dir), num_layers=6, device="cpu")
+    assert [result.per_row[0], result.per_row[3]] == pytest.approx(f1.tolist(), abs=1e-6)
+    assert result.details["empty_pairs"] == 2
+
+
 def test_bertscore_rescaling_needs_a_baseline_file(minilm_dir):
     settings = BertScoreSettings(model=str(minilm_dir), num_layers=6, rescale_with_baseline=True)
     with pytest.raises(ConfigError, match="baseline_path"):
@@ -199,10 +213,10 @@ def test_bertscore_rescaled_with_a_baseline_file(minilm_dir, tmp_path):
     pairs = [PAIRS["partial"], PAIRS["disjoint"]]
     settings = BertScoreSettings(model=str(minilm_dir), num_layers=6, rescale_with_baseline=True,
                                  baseline_path=str(baseline))
-    result = run("bertscore", pairs, ScoringContext(bertscore=settings, device="cpu"))
+    result = run("bertscore", pairs + [PAIRS["empty"]], ScoringContext(bertscore=settings, device="cpu"))
     _, _, raw = bert_score.score([g for g, _ in pairs], [r for _, r in pairs], model_type=str(minilm_dir),
                                  num_layers=6, device="cpu")
-    assert result.per_row.tolist() == pytest.approx(((raw - 0.3) / 0.7).tolist(), abs=1e-6)
+    assert result.per_row.tolist() == pytest.approx(((raw - 0.3) / 0.7).tolist() + [-0.3 / 0.7], abs=1e-6)
 
 
 # --------------------------------------------------------------------------------------------- bootstrap

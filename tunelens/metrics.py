@@ -194,18 +194,29 @@ def _cached_bertscorer(settings: BertScoreSettings, device: str):
 
 @register("bertscore", "0-1", "bert-score F1 (configurable model); corpus = mean of rows")
 def bertscore(generated: list[str], references: list[str], rows: list[dict], context: ScoringContext) -> MetricResult:
-    """bert-score F1 per row. bert-score gives an empty candidate F1 0 (with a warning)."""
+    """bert-score F1 per row; an empty output (or reference) scores raw 0, as bert-score defines it."""
     if context.bertscore is None:
         raise ConfigError("metric 'bertscore' needs scoring.bertscore settings (model path)")
     scorer = _cached_bertscorer(context.bertscore, context.device)
-    _, _, f1 = scorer.score(generated, references, verbose=False, batch_size=context.bertscore.batch_size)
-    per_row = f1.double().cpu().numpy()
+    # bert-score means to give a pair with an empty (after strip) side raw P = R = F1 = 0, but its empty-input
+    # path calls a tokenizer method transformers 5 removed; score only the non-empty pairs and give the
+    # others bert-score's intended value (raw 0, rescaled with the baseline like every other row).
+    empty = np.asarray([not hyp.strip() or not ref.strip() for hyp, ref in zip(generated, references)], dtype=bool)
+    per_row = np.zeros(len(generated), dtype=np.float64)
+    if context.bertscore.rescale_with_baseline:
+        baseline_f1 = float(scorer.baseline_vals[2])
+        per_row[:] = (0.0 - baseline_f1) / (1.0 - baseline_f1)
+    keep = np.flatnonzero(~empty)
+    if keep.size:
+        _, _, f1 = scorer.score([generated[i] for i in keep], [references[i] for i in keep], verbose=False,
+                                batch_size=context.bertscore.batch_size)
+        per_row[keep] = f1.double().cpu().numpy()
     return MetricResult(
         "bertscore", "0-1", per_row, float(per_row.mean()),
         details={
             "model": str(context.bertscore.model), "num_layers": scorer.num_layers,
             "rescaled": context.bertscore.rescale_with_baseline, "baseline_path": context.bertscore.baseline_path,
-            "device": str(scorer.device),
+            "device": str(scorer.device), "empty_pairs": int(empty.sum()),
         },
     )
 
