@@ -410,17 +410,20 @@ def report_plot_group(wildcards):
 
 
 def report_inputs(wildcards):
-    """Every file the report summarises, by kind; human ratings arrive inside the score files.
+    """Every file the report summarises, by kind.
 
-    Lens files are not tabulated (their plots are in the report already) but are asked for, so the
-    report stands for a finished study.
+    Human scores exist once filled rating sheets are in scoring.human.ratings_dir; the blank sheet
+    and lens files are not tabulated but are asked for, so `all` leaves a finished study behind.
     """
+    human = all_human_files()
     return {
         "scores": all_score_files(),
         "perplexity": all_perplexity_files(),
         "judge": all_judge_files(),
+        "human": [path for path in human if path.endswith(".json")],
         "early_exit": all_early_exit_score_files(),
         "finetune": all_finetune_metrics(),
+        "human_sheet": [path for path in human if path.endswith(".csv")],
         "lens": all_lens_files(),
     }
 

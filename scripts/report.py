@@ -11,6 +11,8 @@ try:
         score_files=list(inputs.get("scores") or []),
         perplexity_files=list(inputs.get("perplexity") or []),
         judge_files=list(inputs.get("judge") or []),
+        human_files=list(inputs.get("human") or []),
+        human_sheet_files=list(inputs.get("human_sheet") or []),
         early_exit_files=list(inputs.get("early_exit") or []),
         finetune_metrics_files=list(inputs.get("finetune") or []),
         summary_md=snakemake.output.summary_md,

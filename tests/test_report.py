@@ -300,6 +300,40 @@ def test_best_marking_directions_ties_and_constant_columns():
     assert not any(row[2].best for row in cells)  # all equal: nothing singled out
 
 
+def test_human_score_files_and_perplexity_rows_are_paired(tmp_path):
+    only = {DEFAULT: CONFIGS[DEFAULT]}
+    files = {"score_files": [], "human_files": [], "perplexity_files": []}
+    for offset, variant in enumerate(("base", "finetuned")):
+        rouge = ramp(0.1 + 0.2 * offset, 0.05)
+        files["score_files"].append(write_score(tmp_path / f"scores/m/{variant}/{DEFAULT}.json", "m", variant,
+                                                DEFAULT, {"rougeL": rouge}))
+        # the human stage rates a sample (8 of 12 ids) in its own files: 1 when rougeL > 0.4
+        rated = IDS[::-1][:8]
+        human = [1.0 if rouge[IDS.index(i)] > 0.4 else 0.0 for i in rated]
+        files["human_files"].append(write_score(tmp_path / f"human/scores/m/{variant}/{DEFAULT}.json", "m",
+                                                variant, DEFAULT, {"human": human}, ids=rated))
+        files["perplexity_files"].append(write_score(tmp_path / f"perplexity/m/{variant}.json", "m", variant, None,
+                                                     {"perplexity": ramp(10 - 3 * offset, 0.5)}))
+    paths = run(tmp_path, files, settings=settings(only))
+    table = read_summary_csv(paths["summary_csv"])
+    tau = table[(table["statistic"] == "kendall_tau_vs_human") & (table["metric"] == "rougeL")]
+    assert tau["n"].tolist() == [16] and tau["value"].iloc[0] > 0.5  # rows joined by id across files
+    ppl = table[(table["statistic"] == "paired_difference") & (table["metric"] == "perplexity")]
+    assert ppl["value"].iloc[0] == pytest.approx(-3.0) and ppl["ci_high"].iloc[0] == pytest.approx(-3.0)
+    human = table[(table["statistic"] == "paired_difference") & (table["metric"] == "human")]
+    assert human["n"].tolist() == [8]
+    assert "Human (0-1)" in section(paths["summary_md"].read_text(), "1. Model overview")
+
+
+def test_unrated_human_sheet_is_pointed_to(tmp_path):
+    only = {DEFAULT: CONFIGS[DEFAULT]}
+    score = write_score(tmp_path / f"scores/m/base/{DEFAULT}.json", "m", "base", DEFAULT, {"bleu": ramp(1, 1)})
+    paths = run(tmp_path, {"score_files": [score], "human_sheet_files": ["results/human/sheet.csv",
+                                                                         "results/human/key.csv"]},
+                settings=settings(only))
+    assert "Human rating sheet: `results/human/sheet.csv`" in paths["summary_md"].read_text()
+
+
 def test_bad_score_file_names_file_and_key(tmp_path):
     bad = tmp_path / "scores/m/base/c.json"
     bad.parent.mkdir(parents=True)

@@ -2,8 +2,9 @@
 
 Inputs are only the files other stages write (formats in docs/ARCHITECTURE.md):
 - decoding score files  `scores/{model}/{variant}/{config}.json` (+ `{config}.rows.csv`)
-- perplexity files      `perplexity/{model}/{variant}.json`
+- perplexity files      `perplexity/{model}/{variant}.json` (+ `{variant}.rows.csv`)
 - judge files           `judge/{model}/{variant}/{config}.json` (+ `.rows.csv`)
+- human scores          `human/scores/{model}/{variant}/{config}.json` (+ `.rows.csv`), once sheets are rated
 - early-exit scores     `probe/{model}/{variant}/early_exit/layer_{layer}.scores.json` (+ rows)
 - fine-tune records     `finetune/{model}/metrics.json` (+ sibling `train_log.jsonl`)
 
@@ -12,8 +13,8 @@ long table `summary.csv`, and PNG plots. Scales are those of the score files: BL
 BERTScore, CodeBLEU, exact match, Judge and Human 0-1 (higher is better), perplexity >= 1 (lower is
 better), length in generated tokens (no better direction).
 
-Every number is reproducible from the inputs: bootstrap resamples are seeded per comparison, rows and
-columns have a fixed order, and the only line that changes between two runs on the same inputs is the
+Every number is reproducible from the inputs: bootstrap resamples are seeded (the study seed), rows
+and columns have a fixed order, and the only line that changes between two runs on the same inputs is the
 `Generated:` date line of the summary.
 
 Kept free of torch imports so the report job starts fast.
@@ -118,7 +119,7 @@ class ScoreFile:
     """One score file (any kind) and its per-row table when one was written next to it."""
 
     path: Path
-    kind: str  # decoding | perplexity | judge | early_exit
+    kind: str  # decoding | perplexity | judge | human | early_exit
     model: str
     variant: str
     config: str  # "" when not applicable (perplexity)
@@ -233,7 +234,7 @@ def load_score_file(path: str | Path, kind: str) -> ScoreFile:
 
 
 def load_score_files(paths_by_kind: dict[str, Sequence[str | Path]]) -> list[ScoreFile]:
-    """Load every score file; kinds are 'decoding', 'perplexity', 'judge', 'early_exit'."""
+    """Load every score file; kinds are 'decoding', 'perplexity', 'judge', 'human', 'early_exit'."""
     files = [load_score_file(path, kind) for kind, paths in paths_by_kind.items() for path in paths]
     seen: dict[tuple, Path] = {}
     for score in files:
@@ -452,7 +453,7 @@ def best_configs(scores: pd.DataFrame, rows: pd.DataFrame, settings: ReportSetti
     (statistic 'best_minus_default') when both have per-row values.
     """
     order = _order_index(scores["config"], settings.decoding_configs)
-    table = scores[scores["kind"].isin(["decoding", "judge"])].copy()
+    table = scores[scores["kind"].isin(["decoding", "judge", "human"])].copy()
     records = []
     for (model, variant, metric), group in table.groupby(["model", "variant", "metric"], sort=False):
         direction = metric_info(metric).higher_is_better
@@ -731,13 +732,12 @@ def swept_fields(config_fields: dict[str, dict]) -> list[str]:
 
 
 def build_summary(files: Sequence[ScoreFile], summary: pd.DataFrame, settings: ReportSettings,
-                  finetune: dict[str, dict], generated: str) -> Document:
+                  finetune: dict[str, dict], generated: str, human_sheets: Sequence[str] = ()) -> Document:
     """The summary document: the six tables of issue 7 plus fine-tuning, notes and provenance."""
     doc = Document()
     scores = summary[summary["statistic"] == "score"]
     by_key = _lookup(scores)
     models = list(dict.fromkeys(scores["model"]))
-    kinds = {(s.model, s.variant, s.config, s.layer): s.kind for s in files}
     default = settings.default_config
     config_fields = _config_fields(settings, files)
     swept = swept_fields({c: config_fields[c] for c in config_fields if c in set(scores["config"])})
@@ -866,6 +866,11 @@ def build_summary(files: Sequence[ScoreFile], summary: pd.DataFrame, settings: R
     # (5) agreement
     doc.heading(2, "5. Agreement of automatic metrics with Judge / Human")
     agree = summary[summary["statistic"].str.contains("_vs_")]
+    has_human = bool(scores["metric"].eq("human").any())
+    if human_sheets and not has_human:
+        doc.paragraph("Human rating sheet: " + ", ".join(f"`{p}`" for p in human_sheets if "sheet" in Path(p).name)
+                      + " (fill `correct` with 1/0, put it in `scoring.human.ratings_dir` and rerun for a Human "
+                      "column).")
     if agree.empty:
         doc.paragraph("No Judge or Human ratings with per-row values, so no agreement to report.")
     for reference in REFERENCE_METRICS:
@@ -935,7 +940,7 @@ def build_summary(files: Sequence[ScoreFile], summary: pd.DataFrame, settings: R
 
     _finetune_section(doc, finetune)
     _notes_section(doc, files)
-    _provenance_section(doc, files, settings)
+    _provenance_section(doc, files, settings, finetune)
     return doc
 
 
@@ -966,6 +971,8 @@ def _finetune_section(doc: Document, finetune: dict[str, dict]) -> None:
     for model, record in finetune.items():
         metrics = record.get("metrics") or {}
         scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool)) or v is None}
+        chosen = {k: scalars[k] for k in FINETUNE_FIELDS if k in scalars}
+        scalars = chosen or scalars  # the finetune stage's key facts; any other metrics.json: all scalars
         doc.heading(3, model)
         log_rows = record.get("train_log") or []
         losses = [r for r in log_rows if isinstance(r.get("loss"), (int, float))]
@@ -974,6 +981,11 @@ def _finetune_section(doc: Document, finetune: dict[str, dict]) -> None:
             items.append(f"train loss: {losses[0]['loss']:.4f} at step {losses[0].get('step', '?')} → "
                          f"{losses[-1]['loss']:.4f} at step {losses[-1].get('step', '?')} ({len(losses)} logged steps)")
         doc.bullets(items or ["metrics.json has no scalar values"])
+
+
+# Keys of the finetune stage's metrics.json shown in the summary (the rest stays in the file).
+FINETUNE_FIELDS = ("method", "train_rows", "trainable_params", "trainable_percent", "steps", "epochs",
+                   "first_loss", "final_loss", "train_time_s", "tokens_per_s")
 
 
 def _scalar_text(value: Any) -> str:
@@ -993,8 +1005,13 @@ def _notes_section(doc: Document, files: Sequence[ScoreFile]) -> None:
                      for (m, reason), models in skipped.items()])
 
 
-def provenance(files: Sequence[ScoreFile], settings: ReportSettings) -> dict[str, Any]:
-    """What produced the results: config hash, git commit, models and adapters, library versions."""
+def provenance(files: Sequence[ScoreFile], settings: ReportSettings,
+               finetune: dict[str, dict] | None = None) -> dict[str, Any]:
+    """What produced the results: config hash, git commit, models and adapters, library versions.
+
+    Adapter hashes come from the generation meta embedded in the score files (`source.adapter`), so
+    they name the adapter that produced the scored text; the finetune stage's hash is listed next to it.
+    """
     models = {}
     for score in files:
         source = score.source or {}
@@ -1008,6 +1025,11 @@ def provenance(files: Sequence[ScoreFile], settings: ReportSettings) -> dict[str
             entry["adapter"].add(str(adapter["sha256"]))
         if source.get("backend"):
             entry["backend"].add(str(source["backend"]))
+    trained = {}
+    for model, record in (finetune or {}).items():
+        adapter = (record.get("metrics") or {}).get("adapter") or {}
+        if adapter.get("sha256"):
+            trained[model] = str(adapter["sha256"])
     versions: dict[str, set[str]] = {}
     for score in files:
         for package, version in score.versions.items():
@@ -1021,22 +1043,31 @@ def provenance(files: Sequence[ScoreFile], settings: ReportSettings) -> dict[str
         except Exception:
             continue
     return {"config_hash": settings.config_hash, "git_commit": settings.git_commit, "models": models,
-            "score_versions": versions, "report_versions": report_versions}
+            "trained_adapters": trained, "score_versions": versions, "report_versions": report_versions}
 
 
-def _provenance_section(doc: Document, files: Sequence[ScoreFile], settings: ReportSettings) -> None:
-    info = provenance(files, settings)
+def _provenance_section(doc: Document, files: Sequence[ScoreFile], settings: ReportSettings,
+                        finetune: dict[str, dict]) -> None:
+    info = provenance(files, settings, finetune)
     doc.heading(2, "Provenance")
     doc.bullets([f"config hash (sha256 of the validated config): `{info['config_hash']}`",
                  f"git commit: `{info['git_commit']}`",
                  f"score files: {len(files)}"])
     rows = []
     for (model, variant), entry in info["models"].items():
+        trained = info["trained_adapters"].get(model) if variant != "base" else None
+        if trained and trained in entry["adapter"]:
+            trained_text = "same"
+        elif trained:
+            trained_text = f"`{trained[:16]}` (DIFFERS: scores are from another adapter)"
+        else:
+            trained_text = "–"
         rows.append([Cell(model), Cell(variant), Cell(", ".join(f"`{s}`" for s in sorted(entry["source"])) or "–"),
-                     Cell(", ".join(f"`{a[:16]}`" for a in sorted(entry["adapter"])) or "–"),
+                     Cell(", ".join(f"`{a[:16]}`" for a in sorted(entry["adapter"])) or "–"), Cell(trained_text),
                      Cell(", ".join(sorted(entry["backend"])) or "–")])
     if rows:
-        doc.table(Table(["Model", "Variant", "Source", "Adapter sha256 (16)", "Backend"], rows, ["l"] * 5))
+        doc.table(Table(["Model", "Variant", "Source", "Adapter sha256 (16) in generations",
+                         "Adapter of the fine-tune run", "Backend"], rows, ["l"] * 6))
     if info["score_versions"]:
         doc.paragraph("Libraries that produced the scores (from the score files; several versions = mixed runs):")
         doc.bullets([f"{p} {', '.join(sorted(v))}" + (" (MIXED)" if len(v) > 1 else "")
@@ -1082,7 +1113,7 @@ def plot_sweeps(scores: pd.DataFrame, config_fields: dict[str, dict], default: s
     """Per model and swept field: metric vs field value (others at default), base vs fine-tuned, CI bars."""
     plt = _plot_setup()
     written = []
-    decoding = scores[scores["kind"].isin(["decoding", "judge"])]
+    decoding = scores[scores["kind"].isin(["decoding", "judge", "human"])]
     fields_present = {c: config_fields[c] for c in dict.fromkeys(decoding["config"]) if c in config_fields}
     if default not in fields_present:
         return written
@@ -1207,7 +1238,8 @@ def config_hash(config: dict) -> str:
 
 
 def write_report(*, score_files: Sequence[str | Path] = (), perplexity_files: Sequence[str | Path] = (),
-                 judge_files: Sequence[str | Path] = (), early_exit_files: Sequence[str | Path] = (),
+                 judge_files: Sequence[str | Path] = (), human_files: Sequence[str | Path] = (),
+                 early_exit_files: Sequence[str | Path] = (), human_sheet_files: Sequence[str | Path] = (),
                  finetune_metrics_files: Sequence[str | Path] = (), summary_md: str | Path,
                  summary_csv: str | Path, summary_html: str | Path, plots_dir: str | Path,
                  settings: ReportSettings, now: _dt.datetime | None = None) -> dict[str, Any]:
@@ -1216,7 +1248,7 @@ def write_report(*, score_files: Sequence[str | Path] = (), perplexity_files: Se
     `now` (UTC) only sets the `Generated:` line; everything else depends on the inputs alone.
     """
     files = load_score_files({"decoding": score_files, "perplexity": perplexity_files, "judge": judge_files,
-                              "early_exit": early_exit_files})
+                              "human": human_files, "early_exit": early_exit_files})
     if not files:
         raise DataError("report: no score files given; expected results/scores/{model}/{variant}/{config}.json")
     if settings.default_config not in settings.decoding_configs:
@@ -1226,7 +1258,8 @@ def write_report(*, score_files: Sequence[str | Path] = (), perplexity_files: Se
     summary = summary_table(files, settings)
     write_summary_csv(summary, summary_csv)
     generated = (now or _dt.datetime.now(_dt.timezone.utc)).strftime("%Y-%m-%d %H:%M:%S UTC")
-    document = build_summary(files, summary, settings, finetune, generated)
+    document = build_summary(files, summary, settings, finetune, generated,
+                             human_sheets=[str(p) for p in human_sheet_files])
     write_text_atomic(summary_md, document.to_markdown())
     write_text_atomic(summary_html, document.to_html("tunelens summary"))
 

@@ -1,0 +1,49 @@
+# Fine-tuning: one LoRA / QLoRA job per model with finetune.enabled (tunelens.finetune, docs/finetune.md).
+# Every setting is a param, so editing one model's finetune keys reruns only that model's fine-tune and
+# what depends on its adapter. Checkpoints live in results/checkpoints/{model}/ (not an output, so a failed
+# or killed job keeps them and its rerun resumes); the job deletes them when it completes.
+
+
+rule finetune:
+    input:
+        train=SPLIT["train"],
+        model=model_input,
+    output:
+        adapter=directory(f"{R}/finetune/{{model}}/adapter"),
+        train_log=f"{R}/finetune/{{model}}/train_log.jsonl",
+        metrics=report(
+            f"{R}/finetune/{{model}}/metrics.json",
+            caption="../report/finetune_metrics.rst",
+            category="Fine-tuning",
+            subcategory="{model}",
+            labels={"model": "{model}", "file": "metrics.json"},
+        ),
+        loss_png=report(
+            f"{R}/finetune/{{model}}/loss.png",
+            caption="../report/finetune_loss.rst",
+            category="Fine-tuning",
+            subcategory="{model}",
+            labels={"model": "{model}", "file": "loss.png"},
+        ),
+    log:
+        "logs/finetune/{model}.log",
+    wildcard_constraints:
+        model=_alternation([name for name, spec in MODELS.items() if spec.finetuned])
+        or "(?!)",
+    conda:
+        "../envs/torch.yaml"
+    resources:
+        gpu=model_gpus,
+        mem_mb=model_resource("mem_mb"),
+        runtime=model_resource("runtime"),
+        cpus_per_task=model_resource("cpus"),
+    params:
+        model_path=model_path,
+        revision=model_revision,
+        prompt_format=model_prompt_format,
+        settings=finetune_settings,
+        seed=lookup(dpath="seed", within=config),
+        device=lookup(dpath="device", within=config),
+        checkpoint_dir=finetune_checkpoint_dir,
+    script:
+        "../scripts/finetune.py"
