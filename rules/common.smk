@@ -166,6 +166,24 @@ def model_prompt_format(wildcards):
     return model_spec(wildcards).prompt_format
 
 
+# finetune (rules/finetune.smk) ---------------------------------------------------------
+FINETUNED_MODELS = [name for name, spec in MODELS.items() if spec.finetuned]
+
+
+def finetune_settings(wildcards):
+    """The model's finetune section: top-level keys with its per-model overrides merged (config.py)."""
+    return MODELS[wildcards.model].finetune
+
+
+def finetune_checkpoint_dir(wildcards):
+    """Resumable trainer checkpoints: not a rule output, so a failed job keeps them for its rerun."""
+    return f"{R}/checkpoints/{wildcards.model}"
+
+
+def model_revision(wildcards):
+    return model_spec(wildcards).revision
+
+
 # probe (rules/probe.smk) ---------------------------------------------------------------
 def probe_config(key):
     """A `probe.<key>` setting (a rule param, so changing it reruns the probe)."""
