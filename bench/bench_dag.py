@@ -43,13 +43,14 @@ class PlannedJob:
     wildcards: tuple[tuple[str, str], ...]
     outputs: tuple[str, ...]
     reason: str = field(default="", compare=False)
+    local: bool = field(default=False, compare=False)  # a localrule: runs in the Snakemake process
 
     @property
     def key(self) -> tuple[str, tuple[tuple[str, str], ...]]:
         return (self.rule, self.wildcards)
 
 
-_JOB_HEADER = re.compile(r"^(?:local)?rule (\S+):$")
+_JOB_HEADER = re.compile(r"^(local)?rule (\S+):$")
 _JOB_FIELD = re.compile(r"^    (\w+): (.*)$")
 
 
@@ -66,6 +67,7 @@ def parse_dry_run(text: str) -> list[PlannedJob]:
                     wildcards=tuple(sorted(current["wildcards"].items())),
                     outputs=tuple(current["outputs"]),
                     reason=current["reason"],
+                    local=current["local"],
                 )
             )
 
@@ -73,7 +75,7 @@ def parse_dry_run(text: str) -> list[PlannedJob]:
         header = _JOB_HEADER.match(line)
         if header:
             close()
-            current = {"rule": header.group(1), "wildcards": {}, "outputs": [], "reason": ""}
+            current = {"rule": header.group(2), "wildcards": {}, "outputs": [], "reason": "", "local": bool(header.group(1))}
             continue
         if current is None:
             continue

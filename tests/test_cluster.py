@@ -217,3 +217,220 @@ def test_slurm_failure_and_timeout_are_reported_without_partial_outputs(slurm_cl
     # Both wrote a partial output before dying; Snakemake removed it.
     assert not (tmp_path / "fails.txt").exists()
     assert not (tmp_path / "times_out.txt").exists()
+
+
+# -------------------------------------------------------------------- the smoke study, SLURM vs local
+SMOKE = REPO / "configs" / "smoke.yaml"
+# One thread everywhere, so the SLURM jobs (1 CPU each) and the local run compute the same numbers.
+SAME_NUMERICS_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **OFFLINE_ENV}
+
+
+def run_study(workdir: Path, *args: str):
+    workdir.mkdir(parents=True, exist_ok=True)
+    return subprocess.run(
+        [SNAKEMAKE, "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
+         "--configfile", str(SMOKE), *args],
+        cwd=REPO, env={**os.environ, **SAME_NUMERICS_ENV},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=3600,
+    )  # fmt: skip
+
+
+def comparable_results(workdir: Path) -> dict[str, object]:
+    """What must not depend on where jobs ran: generated text, metric values, the summary table.
+    (Meta files hold timings and paths, so only their absence of difference in content is not checked.)"""
+    results = workdir / "results"
+    comparable = {}
+    for path in sorted(results.rglob("*")):
+        relative = path.relative_to(results).as_posix()
+        if path.suffix == ".jsonl" and relative.startswith(("generations/", "probe/")):
+            comparable[relative] = path.read_text()
+        elif path.suffix == ".json" and relative.startswith(("scores/", "perplexity/", "probe/")):
+            data = json.loads(path.read_text())
+            if "metrics" in data:
+                comparable[relative] = data["metrics"]
+        elif relative == "summary.csv":
+            comparable[relative] = path.read_text()
+    return comparable
+
+
+@pytest.mark.slurm
+def test_smoke_study_under_slurm_equals_local_run(slurm_cluster, tmp_path):
+    planned, _ = dry_run(tmp_path / "slurm", SMOKE)
+    started = time.perf_counter()
+    slurm = run_study(tmp_path / "slurm", "--profile", "profiles/slurm-local")
+    slurm_seconds = time.perf_counter() - started
+    assert slurm.returncode == 0, slurm.stdout[-6000:]
+    # Every planned job except localrules went through sbatch, once, and SLURM says it completed.
+    jobs = submitted_slurm_jobs(slurm.stdout)
+    assert sorted(jobs.values()) == sorted(job.rule for job in planned if not job.local)
+    assert set(slurm_states(jobs).values()) == {"COMPLETED"}
+
+    started = time.perf_counter()
+    local = run_study(tmp_path / "local", "--profile", "profiles/local", "--cores", "2")
+    local_seconds = time.perf_counter() - started
+    assert local.returncode == 0, local.stdout[-6000:]
+    assert "submitted with SLURM jobid" not in local.stdout
+
+    on_slurm, on_local = comparable_results(tmp_path / "slurm"), comparable_results(tmp_path / "local")
+    assert "summary.csv" in on_local
+    assert any(name.startswith("generations/") for name in on_local)
+    assert any(name.startswith("scores/") for name in on_local)
+    assert on_slurm == on_local
+    print(f"smoke study: SLURM {slurm_seconds:.0f} s ({len(jobs)} jobs), local {local_seconds:.0f} s")
+
+
+# =========================================================================================== partial reruns
+# Two embedded models (nothing is loaded: the dry runs only need the registry), two named decoding configs.
+PARTIAL_CONFIG = {
+    "seed": 1234,
+    "device": "cpu",
+    "dataset": {"name": "demo", "source": "embedded:demo", "test_size": 6},
+    "models": {
+        "smollm2": {"source": "embedded:smollm2-135m-instruct", "prompt_format": "chat"},
+        "gemma3": {"source": "embedded:gemma3-270m"},
+    },
+    "decoding": {
+        "mode": "list",
+        "configs": [{"name": "greedy", "temperature": 0.0}, {"name": "sampled", "temperature": 0.8}],
+    },
+    "probe": {"layers": [0.5, 1.0]},
+}
+# Jobs that read every generation or score file: they rerun whenever any of those changes.
+AGGREGATES = {("human_sheet", ()), ("report", ()), ("all", ())}
+
+
+def job(rule: str, **wildcards) -> tuple:
+    return (rule, tuple(sorted(wildcards.items())))
+
+
+def probe_layers_of(config: dict, model: str) -> list[int]:
+    import copy
+
+    from tunelens.config import load_config
+
+    return load_config(copy.deepcopy(config)).models[model].probe_layers
+
+
+def variant_jobs(config: dict, model: str, variant: str, decoding_configs) -> set:
+    """Every job of one (model, variant) below the fine-tune: generations and their scores for
+    `decoding_configs`, perplexity, logit lens, early exit per probe layer and its scores."""
+    jobs = {job("perplexity", model=model, variant=variant), job("logit_lens", model=model, variant=variant)}
+    for name in decoding_configs:
+        jobs |= {job("generate", model=model, variant=variant, config=name),
+                 job("score", model=model, variant=variant, config=name)}  # fmt: skip
+    for layer in probe_layers_of(config, model):
+        jobs |= {job("early_exit", model=model, variant=variant, layer=str(layer)),
+                 job("score_early_exit", model=model, variant=variant, layer=str(layer))}  # fmt: skip
+    return jobs
+
+
+def model_jobs(config: dict, model: str) -> set:
+    """Every job of one model: materialisation, fine-tune, both variants."""
+    names = [entry["name"] for entry in config["decoding"]["configs"]]
+    return (
+        {job("materialize_model", model=model), job("finetune", model=model)}
+        | variant_jobs(config, model, "base", names)
+        | variant_jobs(config, model, "finetuned", names)
+    )
+
+
+def planned(workdir: Path, config: dict, *args: str) -> set:
+    configfile = workdir.parent / f"{workdir.name}-config.yaml"
+    configfile.write_text(yaml.safe_dump(config, sort_keys=False))
+    jobs, _ = dry_run(workdir, configfile, *args)
+    keys = [planned_job.key for planned_job in jobs]
+    assert len(keys) == len(set(keys)), f"a job was listed twice: {keys}"
+    return set(keys)
+
+
+@pytest.fixture(scope="module")
+def finished_study(tmp_path_factory):
+    """A workdir where PARTIAL_CONFIG's whole study looks finished (faked outputs + metadata)."""
+    workdir = tmp_path_factory.mktemp("finished") / "work"
+    workdir.mkdir()
+    configfile = workdir.parent / "config.yaml"
+    configfile.write_text(yaml.safe_dump(PARTIAL_CONFIG, sort_keys=False))
+    faked = fake_finished_study(workdir, configfile)
+    assert len(faked) > 40
+    return workdir
+
+
+def test_fresh_study_plans_every_job(tmp_path):
+    expected = (
+        {job("split"), job("materialize_bertscore_model")}
+        | model_jobs(PARTIAL_CONFIG, "smollm2")
+        | model_jobs(PARTIAL_CONFIG, "gemma3")
+        | AGGREGATES
+    )
+    assert planned(tmp_path / "work", PARTIAL_CONFIG) == expected
+
+
+def test_finished_study_plans_nothing(finished_study):
+    assert planned(finished_study, PARTIAL_CONFIG) == set()
+
+
+def test_one_model_by_config_override_runs_only_that_model(tmp_path):
+    """A fresh workdir, the config narrowed to one model (what `--config models=...` does)."""
+    only_gemma = {**PARTIAL_CONFIG, "models": {"gemma3": PARTIAL_CONFIG["models"]["gemma3"]}}
+    expected = {job("split"), job("materialize_bertscore_model")} | model_jobs(only_gemma, "gemma3") | AGGREGATES
+    assert planned(tmp_path / "work", only_gemma) == expected
+
+
+def test_one_model_by_target_path_runs_only_its_upstream(tmp_path):
+    target = "results/scores/gemma3/finetuned/greedy.json"
+    assert planned(tmp_path / "work", PARTIAL_CONFIG, target) == {
+        job("split"),
+        job("materialize_bertscore_model"),
+        job("materialize_model", model="gemma3"),
+        job("finetune", model="gemma3"),
+        job("generate", model="gemma3", variant="finetuned", config="greedy"),
+        job("score", model="gemma3", variant="finetuned", config="greedy"),
+    }
+
+
+def test_adding_a_model_runs_only_its_jobs_and_the_aggregates(finished_study):
+    config = {**PARTIAL_CONFIG, "models": {**PARTIAL_CONFIG["models"],
+              "smollm2-b": {"source": "embedded:smollm2-135m-instruct", "prompt_format": "alpaca"}}}  # fmt: skip
+    assert planned(finished_study, config) == model_jobs(config, "smollm2-b") | AGGREGATES
+
+
+def test_changing_one_named_decoding_config_reruns_its_generations_scores_and_aggregates(finished_study):
+    config = {**PARTIAL_CONFIG, "decoding": {**PARTIAL_CONFIG["decoding"],
+              "configs": [{"name": "greedy", "temperature": 0.0, "repetition_penalty": 1.2},
+                          {"name": "sampled", "temperature": 0.8}]}}  # fmt: skip
+    expected = set(AGGREGATES)
+    for model in PARTIAL_CONFIG["models"]:
+        for variant in ("base", "finetuned"):
+            expected |= {job("generate", model=model, variant=variant, config="greedy"),
+                         job("score", model=model, variant=variant, config="greedy")}  # fmt: skip
+    assert planned(finished_study, config) == expected
+
+
+def test_adding_an_unnamed_decoding_config_runs_only_it_and_the_aggregates(finished_study):
+    config = {**PARTIAL_CONFIG, "decoding": {**PARTIAL_CONFIG["decoding"],
+              "configs": [*PARTIAL_CONFIG["decoding"]["configs"], {"top_k": 10, "temperature": 0.8}]}}  # fmt: skip
+    new = "top_k_10_num_beams_1_temp_0.8"
+    expected = set(AGGREGATES)
+    for model in PARTIAL_CONFIG["models"]:
+        for variant in ("base", "finetuned"):
+            expected |= {job("generate", model=model, variant=variant, config=new),
+                         job("score", model=model, variant=variant, config=new)}  # fmt: skip
+    assert planned(finished_study, config) == expected
+
+
+def test_forcerun_one_models_finetune_reruns_its_finetuned_variant_only(finished_study):
+    names = [entry["name"] for entry in PARTIAL_CONFIG["decoding"]["configs"]]
+    expected = (
+        {job("finetune", model="smollm2")}
+        | variant_jobs(PARTIAL_CONFIG, "smollm2", "finetuned", names)
+        | AGGREGATES
+    )
+    assert planned(finished_study, PARTIAL_CONFIG, "--forcerun", "results/finetune/smollm2/adapter") == expected
+
+
+def test_forcerun_the_finetune_rule_reruns_every_finetuned_variant(finished_study):
+    names = [entry["name"] for entry in PARTIAL_CONFIG["decoding"]["configs"]]
+    expected = set(AGGREGATES)
+    for model in PARTIAL_CONFIG["models"]:
+        expected |= {job("finetune", model=model)} | variant_jobs(PARTIAL_CONFIG, model, "finetuned", names)
+    assert planned(finished_study, PARTIAL_CONFIG, "--forcerun", "finetune") == expected
