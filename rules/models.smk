@@ -28,6 +28,7 @@ rule materialize_bertscore_model:
         mem_mb=2000,
         runtime=10,
     params:
-        embedded=lookup(dpath="scoring/bertscore/model", within=config),
+        # materialize_embedded() takes the registry name, without the "embedded:" prefix
+        embedded=config["scoring"]["bertscore"]["model"].removeprefix("embedded:"),
     script:
         "../scripts/materialize_model.py"
