@@ -257,7 +257,7 @@ def _fmt(times: list[float]) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", type=int, default=10)
-    parser.add_argument("--configs", type=int, default=120, help="decoding configs in the sweep")
+    parser.add_argument("--configs", type=int, default=160, help="decoding configs in the sweep (160 -> ~9,800 jobs)")
     parser.add_argument("--noop-config", type=Path, default=REPO / "configs" / "alpaca-7b.yaml")
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--only", choices=["sweep", "noop"])

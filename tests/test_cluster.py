@@ -237,7 +237,7 @@ def run_study(workdir: Path, *args: str):
 
 def comparable_results(workdir: Path) -> dict[str, object]:
     """What must not depend on where jobs ran: generated text, metric values, the summary table.
-    (Meta files hold timings and paths, so only their absence of difference in content is not checked.)"""
+    (.meta.json files and plots hold timings and paths, so they are not compared.)"""
     results = workdir / "results"
     comparable = {}
     for path in sorted(results.rglob("*")):
