@@ -87,6 +87,10 @@ def bertscore_model_input(wildcards):
     return [f"{R}/models/bertscore"] if needed else []
 
 
+def bertscore_embedded_name(wildcards):
+    return STUDY.config["scoring"]["bertscore"]["model"].removeprefix("embedded:")
+
+
 def bertscore_model_path(wildcards):
     source = STUDY.config["scoring"]["bertscore"]["model"]
     return f"{R}/models/bertscore" if source.startswith("embedded:") else source

@@ -6,13 +6,13 @@ rule materialize_model:
         directory(f"{R}/models/{{model}}"),
     log:
         "logs/materialize_model/{model}.log",
-    conda:
-        "../envs/torch.yaml"
+    params:
+        embedded=lambda wildcards: model_spec(wildcards).embedded_name,
     resources:
         mem_mb=6000,
         runtime=30,
-    params:
-        embedded=lambda wildcards: model_spec(wildcards).embedded_name,
+    conda:
+        "../envs/torch.yaml"
     script:
         "../scripts/materialize_model.py"
 
@@ -22,13 +22,12 @@ rule materialize_bertscore_model:
         directory(f"{R}/models/bertscore"),
     log:
         "logs/materialize_model/bertscore.log",
-    conda:
-        "../envs/torch.yaml"
+    params:
+        embedded=bertscore_embedded_name,
     resources:
         mem_mb=2000,
         runtime=10,
-    params:
-        # materialize_embedded() takes the registry name, without the "embedded:" prefix
-        embedded=config["scoring"]["bertscore"]["model"].removeprefix("embedded:"),
+    conda:
+        "../envs/torch.yaml"
     script:
         "../scripts/materialize_model.py"
