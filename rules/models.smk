@@ -6,13 +6,13 @@ rule materialize_model:
         directory(f"{R}/models/{{model}}"),
     log:
         "logs/materialize_model/{model}.log",
-    params:
-        embedded=lambda wildcards: model_spec(wildcards).embedded_name,
+    conda:
+        "../envs/torch.yaml"
     resources:
         mem_mb=6000,
         runtime=30,
-    conda:
-        "../envs/torch.yaml"
+    params:
+        embedded=lambda wildcards: model_spec(wildcards).embedded_name,
     script:
         "../scripts/materialize_model.py"
 
@@ -22,12 +22,12 @@ rule materialize_bertscore_model:
         directory(f"{R}/models/bertscore"),
     log:
         "logs/materialize_model/bertscore.log",
-    params:
-        embedded=bertscore_embedded_name,
+    conda:
+        "../envs/torch.yaml"
     resources:
         mem_mb=2000,
         runtime=10,
-    conda:
-        "../envs/torch.yaml"
+    params:
+        embedded=bertscore_embedded_name,
     script:
         "../scripts/materialize_model.py"
