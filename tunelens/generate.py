@@ -498,9 +498,8 @@ def vllm_generate(
         out = output.outputs[0]
         ids = list(out.token_ids)
         text, cut = cut_at_stop(out.text, settings.stop)  # vLLM already cut; kept for safety
-        if out.finish_reason == "stop" and out.stop_reason is not None and isinstance(out.stop_reason, str):
-            reason = "stop_string"
-        elif cut:
+        # vLLM reports a stop string as finish_reason 'stop' with the string in stop_reason (EOS: None).
+        if isinstance(out.stop_reason, str) or cut:
             reason = "stop_string"
         elif out.finish_reason == "length":
             reason = "length"
@@ -567,6 +566,13 @@ def run_completions(
         completions = hf_generate_batched(model, tokenizer, prompts, decoding_config, settings)
     elif backend == "vllm":
         options = dict(vllm_options or {})
+        if adapter_dir is not None:
+            rank = json.loads((Path(adapter_dir) / "adapter_config.json").read_text()).get("r", 0)
+            if rank > options.get("max_lora_rank", 64):
+                raise ConfigError(
+                    f"adapter '{adapter_dir}' has LoRA rank {rank}, above generation.vllm_max_lora_rank="
+                    f"{options.get('max_lora_rank', 64)}; raise it to at least {rank}"
+                )
         owned = engine is None
         if owned:
             engine = build_vllm_engine(
