@@ -23,7 +23,6 @@ Kept free of torch imports so the report job starts fast.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import html
 import json
 import logging
@@ -1230,11 +1229,6 @@ def load_finetune_records(metrics_files: Sequence[str | Path]) -> dict[str, dict
         train_log = read_jsonl(log_path, required=("step",)) if log_path.exists() else []
         records[path.parent.name] = {"metrics": metrics, "train_log": train_log}
     return records
-
-
-def config_hash(config: dict) -> str:
-    """sha256 of the validated config as canonical JSON (sorted keys)."""
-    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode("utf-8")).hexdigest()
 
 
 def write_report(*, score_files: Sequence[str | Path] = (), perplexity_files: Sequence[str | Path] = (),
