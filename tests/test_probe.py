@@ -78,6 +78,19 @@ def test_lens_at_last_layer_equals_the_models_own_logits(tiny_model_factory, arc
         assert steps == readout["continuation_ids"][: len(steps)]
 
 
+def test_lens_applies_gemma_final_logit_softcapping(tiny_model_factory):
+    model, tokenizer = _load(tiny_model_factory("gemma3", 4))
+    model.config.final_logit_softcapping = 0.5  # tiny so it visibly squashes the random logits
+    ids = _prompt_ids(tokenizer)[:1]
+    readout = logit_lens(model, tokenizer, ids, [4], top_k=3, new_tokens=1)[0]  # self-check inside passes
+    sequence = torch.tensor([ids[0] + readout["continuation_ids"]])
+    with torch.no_grad():
+        probs = torch.softmax(model(input_ids=sequence).logits[0], dim=-1)
+    entry = readout["positions"][0]
+    assert [t["prob"] for t in entry["layers"][0]["top"]] == pytest.approx(
+        torch.topk(probs[entry["position"]], 3).values.tolist(), abs=1e-6)
+
+
 def test_lens_of_an_inner_layer_is_norm_plus_head_of_its_hidden_state(tiny_model_factory):
     model, tokenizer = _load(tiny_model_factory("llama", 4))
     ids = _prompt_ids(tokenizer)[:1]

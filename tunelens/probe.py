@@ -261,8 +261,8 @@ def _check_last_layer(lens_logp, model_logits, model) -> None:
     if not math.isfinite(error) or error > atol:
         raise ModelError(
             f"{type(model).__name__}: the logit lens at the last layer differs from the model's own logits "
-            f"(max |log p| difference {error:.3g} > {atol:.3g}); this architecture's hidden-state convention is "
-            "not the one tunelens expects (final norm applied to hidden_states[-1])"
+            f"(max |log p| difference {error:.3g} > {atol:.3g}); this architecture's read-out (hidden_states[-1] "
+            "already normed, then LM head and optional final_logit_softcapping) is not the one tunelens expects"
         )
 
 
