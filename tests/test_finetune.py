@@ -243,8 +243,8 @@ def test_prompt_longer_than_max_seq_length_names_the_row(tiny_llama_dir, train_j
 
 def test_bad_train_row_names_file_and_line(tiny_llama_dir, tmp_path):
     path = tmp_path / "train.jsonl"
-    path.write_text(json.dumps({"id": "a", **ROWS[0]}) + "\n" + json.dumps({"id": "b", **ROWS[1], "output": ""}) + "\n")
-    with pytest.raises(DataError, match=r"train.jsonl, line 2 \(id 'b'\): 'output' is empty"):
+    path.write_text(json.dumps({"id": "a", **ROWS[0]}) + "\n" + json.dumps({"id": "b", **ROWS[1], "instruction": " "}) + "\n")
+    with pytest.raises(DataError, match=r"train.jsonl, line 2 \(id 'b'\): 'instruction' is empty"):
         build_trainer(tiny_llama_dir, path, tmp_path / "ckpt", settings(), "alpaca", seed=1, device="cpu")
 
 
