@@ -20,6 +20,10 @@ PROVENANCE_PACKAGES = (
 )
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 def _atomic_write(path: Path, write) -> None:
     """Write through a temp file in the same directory, then rename, so a killed job leaves no
     complete-looking file behind."""
@@ -31,6 +35,8 @@ def _atomic_write(path: Path, write) -> None:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
+        # mkstemp makes 0600 files; results on a shared cluster filesystem must be readable like any file.
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
