@@ -46,6 +46,8 @@ from tunelens.errors import ConfigError, DataError, ModelError
 from tunelens.io import library_versions, read_jsonl, sha256_dir, sha256_file, write_json_atomic, write_jsonl_atomic
 
 log = logging.getLogger(__name__)
+_UMASK = os.umask(0)  # read once: os.umask can only be read by setting it
+os.umask(_UMASK)
 
 TRAIN_ROW_KEYS = ("id", "instruction", "input", "output")
 # Written into the checkpoint directory: checkpoints are resumed only by a run with the same fingerprint.
@@ -604,6 +606,7 @@ def plot_loss(rows: list[dict], png_path: str | Path, title: str) -> None:
     os.close(fd)
     try:
         fig.savefig(tmp, format="png")
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; results are read by other cluster users
         os.replace(tmp, png_path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -640,6 +643,7 @@ def _save_adapter(model, adapter_dir: Path, record: dict) -> None:
     try:
         model.save_pretrained(str(staging))
         write_json_atomic(staging / ADAPTER_RECORD, record)
+        os.chmod(staging, 0o777 & ~_UMASK)  # mkdtemp makes 0700
         if adapter_dir.exists():
             shutil.rmtree(adapter_dir)
         staging.rename(adapter_dir)
