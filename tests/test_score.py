@@ -205,6 +205,12 @@ def test_bertscore_rescaling_needs_a_baseline_file(minilm_dir):
         run("bertscore", [PAIRS["partial"]], ScoringContext(bertscore=settings, device="cpu"))
 
 
+def test_bertscore_local_model_needs_num_layers(minilm_dir):
+    settings = BertScoreSettings(model=str(minilm_dir), num_layers=None)
+    with pytest.raises(ConfigError, match="num_layers"):
+        run("bertscore", [PAIRS["partial"]], ScoringContext(bertscore=settings, device="cpu"))
+
+
 def test_bertscore_rescaled_with_a_baseline_file(minilm_dir, tmp_path):
     import bert_score
 

@@ -172,6 +172,14 @@ def load_bertscorer(settings: BertScoreSettings, device: str = "auto"):
             "scoring.bertscore.rescale_with_baseline: needs scoring.bertscore.baseline_path (CSV LAYER,P,R,F); "
             "without it bert-score would return unrescaled scores for a local model"
         )
+    if settings.num_layers is None:
+        from bert_score.utils import model2layers
+
+        if str(settings.model) not in model2layers:
+            raise ConfigError(
+                f"scoring.bertscore.num_layers: needed for model '{settings.model}' (bert-score knows a default "
+                "layer only for its listed hub models)"
+            )
     if settings.baseline_path and not Path(settings.baseline_path).is_file():
         raise ConfigError(f"scoring.bertscore.baseline_path: '{settings.baseline_path}' does not exist")
     return BERTScorer(
