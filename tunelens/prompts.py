@@ -29,11 +29,30 @@ def user_message(row: dict) -> str:
     return row["instruction"]
 
 
+def bos_prefix(tokenizer) -> str:
+    """The BOS token text when this tokenizer puts one before every sequence by default, else "".
+
+    Every stage tokenizes prompts with add_special_tokens=False (so a chat template's own BOS is not
+    doubled); a plain-text prompt therefore carries the BOS in its text, for the models that expect one
+    (Llama-2, Gemma: without it Gemma's outputs degrade). SmolLM2 adds none.
+    """
+    bos = getattr(tokenizer, "bos_token", None)
+    bos_id = getattr(tokenizer, "bos_token_id", None)
+    if not bos or bos_id is None:
+        return ""
+    ids = tokenizer("a")["input_ids"]
+    return bos if ids and ids[0] == bos_id else ""
+
+
 def build_prompt(row: dict, prompt_format: str, tokenizer=None) -> str:
-    """The text the model continues: Alpaca template, or the tokenizer's chat template with a generation prompt."""
+    """The text the model continues: Alpaca template, or the tokenizer's chat template with a generation prompt.
+
+    The Alpaca prompt starts with the tokenizer's BOS text where the model expects one (see bos_prefix).
+    """
     if prompt_format == "alpaca":
         template = ALPACA_WITH_INPUT if row.get("input") else ALPACA_NO_INPUT
-        return template.format(instruction=row["instruction"], input=row.get("input", ""))
+        prefix = bos_prefix(tokenizer) if tokenizer is not None else ""
+        return prefix + template.format(instruction=row["instruction"], input=row.get("input", ""))
     if prompt_format == "chat":
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             name = getattr(tokenizer, "name_or_path", "?")
