@@ -115,7 +115,9 @@ def sha256_dir(path: str | Path) -> str:
     """Hash of a directory's files (relative names and contents, sorted), e.g. to identify an adapter."""
     root = Path(path)
     digest = hashlib.sha256()
-    for file in sorted(p for p in root.rglob("*") if p.is_file()):
+    # Snakemake drops a .snakemake_timestamp into directory outputs after the job: not content.
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.name != ".snakemake_timestamp")
+    for file in files:
         digest.update(file.relative_to(root).as_posix().encode() + b"\0")
         digest.update(sha256_file(file).encode())
     return digest.hexdigest()

@@ -51,3 +51,14 @@ def test_chat_without_template_is_a_clear_error():
         build_prompt(ROW, "chat", FakeTokenizer())
     with pytest.raises(ConfigError, match="prompt_format 'plain' is unknown"):
         build_prompt(ROW, "plain")
+
+
+def test_adapter_hash_ignores_snakemake_timestamp(tmp_path):
+    from tunelens.io import sha256_dir
+
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"weights")
+    before = sha256_dir(tmp_path)
+    (tmp_path / ".snakemake_timestamp").write_text("")
+    assert sha256_dir(tmp_path) == before
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"other weights")
+    assert sha256_dir(tmp_path) != before
