@@ -312,14 +312,27 @@ def test_human_score_files_and_perplexity_rows_are_paired(tmp_path):
         human = [1.0 if rouge[IDS.index(i)] > 0.4 else 0.0 for i in rated]
         files["human_files"].append(write_score(tmp_path / f"human/scores/m/{variant}/{DEFAULT}.json", "m",
                                                 variant, DEFAULT, {"human": human}, ids=rated))
-        files["perplexity_files"].append(write_score(tmp_path / f"perplexity/m/{variant}.json", "m", variant, None,
-                                                     {"perplexity": ramp(10 - 3 * offset, 0.5)}))
+        # as the perplexity stage writes it: per-row perplexity plus summed nll and token counts
+        nll, tokens = np.array(ramp(2.0 - 0.5 * offset, 0.3)), np.array(ramp(5.0, 1.0))
+        ppl = write_score(tmp_path / f"perplexity/m/{variant}.json", "m", variant, None,
+                          {"perplexity": list(np.exp(nll / tokens))})
+        pd.DataFrame({"id": IDS, "perplexity": np.exp(nll / tokens), "nll": nll, "tokens": tokens}).to_csv(
+            ppl.with_name(f"{variant}.rows.csv"), index=False)
+        files["perplexity_files"].append(ppl)
     paths = run(tmp_path, files, settings=settings(only))
     table = read_summary_csv(paths["summary_csv"])
     tau = table[(table["statistic"] == "kendall_tau_vs_human") & (table["metric"] == "rougeL")]
     assert tau["n"].tolist() == [16] and tau["value"].iloc[0] > 0.5  # rows joined by id across files
     ppl = table[(table["statistic"] == "paired_difference") & (table["metric"] == "perplexity")]
-    assert ppl["value"].iloc[0] == pytest.approx(-3.0) and ppl["ci_high"].iloc[0] == pytest.approx(-3.0)
+    # the difference of corpus perplexities exp(sum nll / sum tokens), not the mean of per-row ones
+    tokens = sum(ramp(5.0, 1.0))
+    expected = math.exp(sum(ramp(1.5, 0.3)) / tokens) - math.exp(sum(ramp(2.0, 0.3)) / tokens)
+    per_row_mean = np.mean(np.exp(np.array(ramp(1.5, 0.3)) / ramp(5.0, 1.0))
+                           - np.exp(np.array(ramp(2.0, 0.3)) / ramp(5.0, 1.0)))
+    assert ppl["value"].tolist() == [pytest.approx(expected)] and abs(expected - per_row_mean) > 1e-3
+    assert ppl["ci_low"].iloc[0] < expected < ppl["ci_high"].iloc[0] < 0 and ppl["config"].iloc[0] == ""
+    assert not table["metric"].isin(["nll", "tokens"]).any()  # helper columns are not metrics
+    assert f"{expected:+.2f} [" in section(paths["summary_md"].read_text(), "6. Fine-tuned")
     human = table[(table["statistic"] == "paired_difference") & (table["metric"] == "human")]
     assert human["n"].tolist() == [8]
     assert "Human (0-1)" in section(paths["summary_md"].read_text(), "1. Model overview")

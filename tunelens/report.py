@@ -280,7 +280,9 @@ def long_rows(files: Sequence[ScoreFile]) -> pd.DataFrame:
     for score in files:
         if score.rows is None:
             continue
-        melted = score.rows.melt(id_vars="id", var_name="metric", value_name="value")
+        # Only the file's metrics: helper columns (perplexity's nll, tokens) are not metrics.
+        columns = ["id"] + [c for c in score.rows.columns[1:] if c in score.metrics]
+        melted = score.rows[columns].melt(id_vars="id", var_name="metric", value_name="value")
         melted.insert(0, "model", score.model)
         melted.insert(1, "variant", score.variant)
         melted.insert(2, "config", score.config)
@@ -381,13 +383,67 @@ def _kendall_tau_b_rows(xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
     return out
 
 
-def paired_differences(rows: pd.DataFrame, settings: ReportSettings) -> pd.DataFrame:
-    """Fine-tuned minus base per (model, config, layer, metric), rows paired by id, with bootstrap CIs."""
+def corpus_perplexity_difference(base: pd.DataFrame, tuned: pd.DataFrame, *, samples: int, confidence: float,
+                                 seed: int) -> tuple[float, float, float, int]:
+    """Fine-tuned minus base corpus perplexity, exp(sum nll / sum tokens), over references paired by id.
+
+    Both variants are resampled with the same rows (tunelens.score.resample_counts), so the CI is that of
+    the paired difference of the corpus values shown in the tables. `nll` is a row's summed negative
+    log-likelihood (nats), `tokens` its scored token count. Returns (diff, low, high, n pairs).
+    """
+    from tunelens.score import resample_counts
+
+    pair = base.merge(tuned, on="id", suffixes=("_base", "_tuned")).dropna().sort_values("id")
+    if pair.empty:
+        return math.nan, math.nan, math.nan, 0
+
+    def perplexity(counts: np.ndarray, side: str) -> np.ndarray:
+        return np.exp((counts @ pair[f"nll_{side}"].to_numpy()) / (counts @ pair[f"tokens_{side}"].to_numpy()))
+
+    ones = np.ones((1, len(pair)))
+    value = float((perplexity(ones, "tuned") - perplexity(ones, "base"))[0])
+    counts = resample_counts(len(pair), samples, seed)
+    low, high = _percentile_ci(perplexity(counts, "tuned") - perplexity(counts, "base"), confidence)
+    return value, low, high, len(pair)
+
+
+def _perplexity_rows(score: ScoreFile) -> pd.DataFrame | None:
+    if score.kind != "perplexity" or score.rows is None or not {"nll", "tokens"} <= set(score.rows.columns):
+        return None
+    return score.rows[["id", "nll", "tokens"]]
+
+
+def paired_differences(rows: pd.DataFrame, settings: ReportSettings,
+                       files: Sequence[ScoreFile] = ()) -> pd.DataFrame:
+    """Fine-tuned minus base per (model, config, layer, metric), rows paired by id, with bootstrap CIs.
+
+    The difference is the mean of per-row differences, except for perplexity with per-row `nll` and
+    `tokens`: there it is the difference of the corpus perplexities (see corpus_perplexity_difference).
+    """
     records = []
+    corpus = {}
+    by_model: dict[str, dict[str, pd.DataFrame]] = {}
+    for score in files:
+        table = _perplexity_rows(score)
+        if table is not None:
+            by_model.setdefault(score.model, {})[score.variant] = table
+    for model, tables in by_model.items():
+        if {"base", "finetuned"} <= set(tables):
+            corpus[model] = corpus_perplexity_difference(
+                tables["base"], tables["finetuned"], samples=settings.bootstrap_samples,
+                confidence=settings.confidence, seed=settings.seed)
+    for model, (value, low, high, n) in corpus.items():
+        records.append({
+            "model": model, "variant": DIFF_VARIANT, "config": "", "layer": None, "metric": "perplexity",
+            "statistic": "paired_difference", "value": value, "ci_low": low, "ci_high": high, "n": n,
+            "scale": metric_info("perplexity").scale,
+        })
     if rows.empty:
-        return pd.DataFrame(columns=list(CSV_COLUMNS))
+        return pd.DataFrame.from_records(records, columns=list(CSV_COLUMNS))
     keys = ["model", "config", "layer", "metric"]
     for (model, config, layer, metric), group in rows.groupby(keys, sort=False):
+        if metric == "perplexity" and config == "" and model in corpus:
+            continue
         wide = group.pivot(index="id", columns="variant", values="value")
         if not {"base", "finetuned"} <= set(wide.columns):
             continue
@@ -496,7 +552,8 @@ def summary_table(files: Sequence[ScoreFile], settings: ReportSettings) -> pd.Da
     """
     scores = tidy_scores(files)
     rows = long_rows(files)
-    parts = [scores.drop(columns="kind"), paired_differences(rows, settings), best_configs(scores, rows, settings),
+    parts = [scores.drop(columns="kind"), paired_differences(rows, settings, files),
+             best_configs(scores, rows, settings),
              agreement(rows, settings)]
     table = pd.concat([p for p in parts if not p.empty], ignore_index=True)
     return _sort_summary(table, settings)
@@ -908,11 +965,12 @@ def build_summary(files: Sequence[ScoreFile], summary: pd.DataFrame, settings: R
     else:
         doc.paragraph(f"At the default config: fine-tuned − base, mean of per-row differences with rows paired by "
                       f"id and a bootstrap {ci}; * = the CI excludes 0. Per-row values of corpus metrics (BLEU) are "
-                      "sentence-level, so their mean can differ from the corpus value. Every config and layer is in "
-                      "summary.csv.")
+                      "sentence-level, so their mean can differ from the corpus value; perplexity is the difference "
+                      "of the corpus perplexities (same resampled references for both). Every config and layer is "
+                      "in summary.csv.")
         rows = []
         for model in tuned_models:
-            part = diffs[(diffs["model"] == model) & (diffs["config"] == default)]
+            part = diffs[(diffs["model"] == model) & diffs["config"].isin([default, ""])]
             metrics = metric_order(list(part["metric"]) + list(scores[(scores["model"] == model)
                                                                        & (scores["metric"] == "perplexity")]["metric"]))
             for metric in metrics:
