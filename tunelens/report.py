@@ -1150,6 +1150,14 @@ def _save(fig, path: Path) -> None:
     tmp.replace(path)
 
 
+# Variants drawn differently, so a fine-tuned line lying on the base line stays visible.
+VARIANT_STYLE = {"base": {"marker": "o", "linestyle": "-"}, "finetuned": {"marker": "s", "linestyle": "--"}}
+
+
+def _style(variant: str) -> dict:
+    return VARIANT_STYLE.get(variant, {"marker": "^", "linestyle": ":"})
+
+
 def _panels(plt, count: int, width: float = 3.3, height: float = 2.8):
     """A figure with one panel per metric, at most 4 per row (constrained layout: no overlapping labels)."""
     columns = min(count, 4)
@@ -1197,7 +1205,8 @@ def plot_sweeps(scores: pd.DataFrame, config_fields: dict[str, dict], default: s
                     points = points.sort_values("x")
                     low = (points["value"] - points["ci_low"]).clip(lower=0).fillna(0)
                     high = (points["ci_high"] - points["value"]).clip(lower=0).fillna(0)
-                    ax.errorbar(points["x"], points["value"], yerr=[low, high], marker="o", capsize=3, label=variant)
+                    ax.errorbar(points["x"], points["value"], yerr=[low, high], capsize=3, label=variant,
+                                **_style(variant))
                 ax.axvline(float(default_fields[field_name]), color="grey", lw=0.8, ls=":")
                 ax.set_xticks(values)
                 info = metric_info(metric)
@@ -1225,7 +1234,7 @@ def plot_layers(scores: pd.DataFrame, out_dir: Path) -> list[Path]:
             for variant in _variants(part):
                 points = part[(part["variant"] == variant) & (part["metric"] == metric)].sort_values("layer")
                 x = points["layer"].astype(float)
-                line = ax.plot(x, points["value"], marker="o", label=variant)[0]
+                line = ax.plot(x, points["value"], label=variant, **_style(variant))[0]
                 if points["ci_low"].notna().all():
                     ax.fill_between(x, points["ci_low"], points["ci_high"], alpha=0.2, color=line.get_color())
             info = metric_info(metric)
