@@ -264,7 +264,8 @@ def main(argv=None) -> int:
     parser.add_argument("--profile-top", type=int, default=0, help="also cProfile one sweep dry run")
     args = parser.parse_args(argv)
 
-    print(f"# bench_dag on {platform.node()} ({os.cpu_count()} CPUs), python {platform.python_version()}")
+    print(f"# bench_dag on {platform.node()} ({os.cpu_count()} CPUs), python {platform.python_version()}, "
+          f"load average {os.getloadavg()[0]:.1f}")  # fmt: skip
     startup = bench_startup(args.repeat)
     print(f"snakemake --version: {_fmt(startup['snakemake_version_s'])}")
     if args.only in (None, "sweep"):
@@ -279,6 +280,7 @@ def main(argv=None) -> int:
         print(f"no-op rerun of {noop['config']} ({noop['jobs']} jobs, faked in {noop['fake_s']:.1f} s)")
         print(f"  dry run:            {_fmt(noop['dry_run_s'])}")
         print(f"  snakemake --cores 1: {_fmt(noop['run_s'])}")
+    print(f"# load average at the end {os.getloadavg()[0]:.1f}")
     return 0
 
 
