@@ -467,27 +467,6 @@ def report_config_hash():
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
-def report_git_commit():
-    """The workflow checkout's commit, recorded in the provenance block (a param: a new commit reruns
-    the cheap report job, so the block never names a commit that did not produce it)."""
-    import subprocess
-
-    try:
-        result = subprocess.run(
-            ["git", "-C", workflow.basedir, "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown (git not available)"
-    return (
-        result.stdout.strip()
-        if result.returncode == 0
-        else "unknown (not a git checkout)"
-    )
-
-
 def all_targets():
     """The targets of the default target: the report outputs; their inputs pull in every stage."""
     return list(REPORT.values())

@@ -46,6 +46,5 @@ rule report:
         confidence=lookup(dpath="scoring/confidence", within=config),
         seed=lookup(dpath="seed", within=config),
         config_hash=report_config_hash(),
-        git_commit=report_git_commit(),
     script:
         "../scripts/report.py"

@@ -1,7 +1,9 @@
 """Snakemake entry point of rule `report` (see tunelens.report.write_report)."""
 import logging
 
-from tunelens.report import ReportSettings, write_report
+from pathlib import Path
+
+from tunelens.report import ReportSettings, workflow_git_commit, write_report
 
 logging.basicConfig(filename=snakemake.log[0], level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
 params = snakemake.params
@@ -26,7 +28,8 @@ try:
             confidence=params.confidence,
             seed=params.seed,
             config_hash=params.config_hash,
-            git_commit=params.git_commit,
+            # Read here, not a rule param: a docs-only commit must not rerun the report.
+            git_commit=workflow_git_commit(Path(snakemake.scriptdir).parent),
         ),
     )
 except Exception:

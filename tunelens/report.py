@@ -1332,3 +1332,15 @@ def write_report(*, score_files: Sequence[str | Path] = (), perplexity_files: Se
     plots += plot_loss(finetune, plots_dir)
     log.info("report: %d score files -> %d summary rows, %d plots", len(files), len(summary), len(plots))
     return {"rows": len(summary), "plots": [str(p) for p in plots]}
+
+
+def workflow_git_commit(workflow_dir: str | Path) -> str:
+    """The workflow checkout's commit for the provenance block ("unknown (...)" outside a git checkout)."""
+    import subprocess
+
+    try:
+        result = subprocess.run(["git", "-C", str(workflow_dir), "rev-parse", "HEAD"],
+                                capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown (git not available)"
+    return result.stdout.strip() if result.returncode == 0 else "unknown (not a git checkout)"
