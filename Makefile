@@ -46,7 +46,9 @@ $(VLLM_VENV)/.installed: pyproject.toml
 	touch $@
 
 run: install
-	$(BIN)/snakemake --cores $(CORES) $(SNAKEMAKE_ARGS)
+	# --rerun-incomplete: a job stopped by Ctrl-C reruns instead of blocking the next run (outputs are
+	# written atomically, and fine-tuning resumes from its checkpoint).
+	$(BIN)/snakemake --cores $(CORES) --rerun-incomplete $(SNAKEMAKE_ARGS)
 
 test: install
 	$(BIN)/pytest $(PYTEST_ARGS)
