@@ -28,12 +28,15 @@ def test_materialise_embedded_llm_then_load_and_generate(tmp_path_factory, name)
     model, tokenizer = load_model(out, device="cpu")
     assert num_decoder_layers(model) == EMBEDDED_MODELS[name]["num_layers"]
     assert final_norm(model) is not None and lm_head(model) is not None
-    inputs = tokenizer("Question: What is the capital of France?\nAnswer:", return_tensors="pt")
-    with torch.no_grad():
-        generated = model.generate(**inputs, max_new_tokens=6, do_sample=False)
-    new_text = tokenizer.decode(generated[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-    # A real model (not random weights, not a broken dequantisation) names Paris...
-    assert "Paris" in new_text, new_text
+    # A real model (not random weights, not a broken dequantisation) names Paris. The instruct model ends a
+    # bare "Answer:" turn at once and the base model rambles after a sentence stem, so offer both phrasings.
+    answers = []
+    for prompt in ("The capital of France is", "Question: What is the capital of France?\nAnswer:"):
+        inputs = tokenizer(prompt, return_tensors="pt")
+        with torch.no_grad():
+            generated = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+        answers.append(tokenizer.decode(generated[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+    assert any("Paris" in answer for answer in answers), answers
     # ...and finds English far likelier than the same tokens shuffled.
     ids = tokenizer("The quick brown fox jumps over the lazy dog because it was late for dinner.",
                     return_tensors="pt")["input_ids"]
