@@ -141,8 +141,7 @@ def source_kind(source: str) -> str:
 # --------------------------------------------------------------------------------------------- decoding
 def _fmt_number(value: float) -> str:
     """0.8 -> '0.8', 1 -> '1.0', 0 -> '0.0': floats always carry a decimal point, as users write them."""
-    text = repr(float(value))
-    return text
+    return repr(float(value))
 
 
 @dataclass(frozen=True)
@@ -456,17 +455,3 @@ def load_default_config(workflow_dir: str | Path, overrides: dict | None = None)
     config = load_configfile(str(Path(workflow_dir) / "config.yaml"))
     update_config(config, copy.deepcopy(overrides or {}))
     return config
-
-
-def load_config_file(path: str | Path, overrides: dict | None = None) -> Study:
-    """Load a YAML config file (plus optional overrides, merged shallowly per top-level key)."""
-    path = Path(path)
-    try:
-        config = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"config file '{path}' does not exist") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file '{path}': not valid YAML ({exc})") from None
-    config = copy.deepcopy(config)
-    config.update(overrides or {})
-    return load_config(config, base_dir=path.parent)
