@@ -600,6 +600,41 @@ def run_completions(
     return list(prompt_rows), completions, timing
 
 
+def check_variant(model_name: str, variant: str, adapter_dir: str | Path | None) -> None:
+    """base runs without an adapter, finetuned with one: a mix-up would silently score the wrong model."""
+    if variant == "finetuned" and adapter_dir is None:
+        raise ConfigError(f"model '{model_name}': variant 'finetuned' needs an adapter directory")
+    if variant == "base" and adapter_dir is not None:
+        raise ConfigError(f"model '{model_name}': variant 'base' was given an adapter ({adapter_dir})")
+
+
+def generation_rows(prompt_rows, completions: Sequence[Completion]) -> list[dict]:
+    """Rows of a generation file (docs/ARCHITECTURE.md), one per prompt row, in test-file order."""
+    return [
+        {
+            "id": row.id,
+            "prompt": row.prompt,
+            "reference": row.reference,
+            "generated": completion.text,
+            "num_generated_tokens": completion.num_generated_tokens,
+            "finish_reason": completion.finish_reason,
+        }
+        for row, completion in zip(prompt_rows, completions)
+    ]
+
+
+def completion_summary(completions: Sequence[Completion], generation_time_s: float) -> dict:
+    """The meta fields that describe what was generated: rows, tokens, speed (tokens/s), finish reasons."""
+    generated_tokens = sum(c.num_generated_tokens for c in completions)
+    return {
+        "n_rows": len(completions),
+        "generation_time_s": generation_time_s,
+        "generated_tokens": generated_tokens,
+        "tokens_per_s": round(generated_tokens / generation_time_s, 2) if generation_time_s > 0 else None,
+        "finish_reasons": {r: sum(c.finish_reason == r for c in completions) for r in FINISH_REASONS},
+    }
+
+
 def generate(
     test_file: str | Path,
     output_file: str | Path,
@@ -638,10 +673,7 @@ def generate(
         max_new_tokens=max_new_tokens, stop=tuple(stop), seed=seed, beam_mode=beam_mode,
         batch_size=batch_size, max_prompt_tokens=max_prompt_tokens,
     )
-    if variant == "finetuned" and adapter_dir is None:
-        raise ConfigError(f"model '{model_name}': variant 'finetuned' needs an adapter directory")
-    if variant == "base" and adapter_dir is not None:
-        raise ConfigError(f"model '{model_name}': variant 'base' was given an adapter ({adapter_dir})")
+    check_variant(model_name, variant, adapter_dir)
     if adapter_dir is not None and not (Path(adapter_dir) / "adapter_config.json").exists():
         raise ModelError(f"adapter directory '{adapter_dir}' has no adapter_config.json")
     concrete, reason = resolve_backend(backend, device) if engine is None else ("vllm", "engine passed in")
@@ -659,8 +691,7 @@ def generate(
         max_rows=max_test_rows, adapter_dir=adapter_dir, device=device, tensor_parallel_size=gpus or 1,
         vllm_options=vllm_options, engine=engine,
     )
-    generated_tokens = sum(c.num_generated_tokens for c in completions)
-    gen_time = timing["generation_time_s"]
+    summary = completion_summary(completions, timing["generation_time_s"])
     meta = {
         "backend": concrete,
         "backend_reason": reason,
@@ -679,31 +710,17 @@ def generate(
         "test_file": str(test_file),
         "device": timing["device"],
         "tensor_parallel_size": (gpus or 1) if concrete == "vllm" else None,
-        "n_rows": len(completions),
         "load_time_s": timing["load_time_s"],
-        "generation_time_s": gen_time,
-        "generated_tokens": generated_tokens,
-        "tokens_per_s": round(generated_tokens / gen_time, 2) if gen_time > 0 else None,
-        "finish_reasons": {r: sum(c.finish_reason == r for c in completions) for r in FINISH_REASONS},
+        **summary,
         "versions": library_versions(),
     }
-    rows = [
-        {
-            "id": row.id,
-            "prompt": row.prompt,
-            "reference": row.reference,
-            "generated": completion.text,
-            "num_generated_tokens": completion.num_generated_tokens,
-            "finish_reason": completion.finish_reason,
-        }
-        for row, completion in zip(prompt_rows, completions)
-    ]
+    rows = generation_rows(prompt_rows, completions)
     output_file = Path(output_file)
     meta_file = Path(meta_file) if meta_file else output_file.with_suffix(".meta.json")
     write_json_atomic(meta_file, meta)
     write_jsonl_atomic(output_file, rows)
-    log.info("%d rows, %d tokens in %.1f s (load %.1f s) -> %s", len(rows), generated_tokens, gen_time,
-             timing["load_time_s"], output_file)
+    log.info("%d rows, %d tokens in %.1f s (load %.1f s) -> %s", len(rows), summary["generated_tokens"],
+             summary["generation_time_s"], timing["load_time_s"], output_file)
     return meta
 
 

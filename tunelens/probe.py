@@ -409,6 +409,8 @@ def run_logit_lens(
     """Rule `logit_lens`: lens.json plus its two plots for one (model, variant). Returns the lens dict."""
     import torch
 
+    from tunelens.generate import check_variant
+
     test_rows = _read_test_rows(test_path, lens_test_prompts) if lens_test_prompts else []
     items = [{"id": f"lens-{i}", "source": "config", "instruction": text, "input": ""}
              for i, text in enumerate(lens_prompts, start=1)]
@@ -416,7 +418,7 @@ def run_logit_lens(
               for row in test_rows]
     if not items:
         raise ConfigError("probe.lens_prompts is empty and probe.lens_test_prompts is 0: nothing to lens")
-    _check_variant(model_name, variant, adapter_dir)
+    check_variant(model_name, variant, adapter_dir)
 
     started = time.perf_counter()
     model, tokenizer = load_model(model_path, adapter_dir=adapter_dir, device=device)
@@ -497,10 +499,12 @@ def run_early_exit(
     Returns the meta dict.
     """
     from tunelens.generate import (
-        FINISH_REASONS,
         GenerationSettings,
         as_decoding_config,
+        check_variant,
+        completion_summary,
         describe_semantics,
+        generation_rows,
         hf_generate_batched,
         load_prompt_rows,
     )
@@ -511,7 +515,7 @@ def run_early_exit(
         max_prompt_tokens=max_prompt_tokens,
     )
     semantics = describe_semantics(decoding_config, beam_mode, "hf")  # validates beam_sample + temperature 0
-    _check_variant(model_name, variant, adapter_dir)
+    check_variant(model_name, variant, adapter_dir)
 
     started = time.perf_counter()
     model, tokenizer = load_model(model_path, adapter_dir=adapter_dir, device=device)
@@ -528,12 +532,8 @@ def run_early_exit(
     with truncated_decoder(model, layer):
         completions = hf_generate_batched(model, tokenizer, [row.prompt for row in rows], decoding_config, settings)
     generation_time = time.perf_counter() - started
-    out_rows = [
-        {"id": row.id, "prompt": row.prompt, "reference": row.reference, "generated": completion.text,
-         "num_generated_tokens": completion.num_generated_tokens, "finish_reason": completion.finish_reason}
-        for row, completion in zip(rows, completions)
-    ]
-    total_tokens = sum(completion.num_generated_tokens for completion in completions)
+    out_rows = generation_rows(rows, completions)
+    summary = completion_summary(completions, round(generation_time, 3))
     meta = {
         "backend": "hf",
         "model": _model_record(model_name, source, model_path),
@@ -554,24 +554,14 @@ def run_early_exit(
         "test_file": str(test_path),
         "device": str(next(model.parameters()).device),
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-        "n_rows": len(out_rows),
         "load_time_s": round(load_time, 3),
-        "generation_time_s": round(generation_time, 3),
-        "generated_tokens": total_tokens,
-        "tokens_per_s": round(total_tokens / generation_time, 2) if generation_time > 0 else None,
-        "finish_reasons": {r: sum(c.finish_reason == r for c in completions) for r in FINISH_REASONS},
+        **summary,
         "versions": library_versions(),
     }
     # Meta first, rows last (as the generation stage does): the rows file appearing means the job completed.
     write_json_atomic(output_meta, meta)
     write_jsonl_atomic(output_jsonl, out_rows)
     log.info("early exit %s (%s) layer %d/%d: %d rows, %d tokens in %.1f s", model_name, variant, layer, depth,
-             len(out_rows), total_tokens, generation_time)
+             len(out_rows), summary["generated_tokens"], generation_time)
     return meta
 
-
-def _check_variant(model_name: str, variant: str, adapter_dir: str | Path | None) -> None:
-    if variant == "finetuned" and adapter_dir is None:
-        raise ConfigError(f"model '{model_name}': variant 'finetuned' needs an adapter directory")
-    if variant == "base" and adapter_dir is not None:
-        raise ConfigError(f"model '{model_name}': variant 'base' was given an adapter ({adapter_dir})")
