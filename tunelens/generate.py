@@ -69,6 +69,12 @@ class GenerationSettings:
     batch_size: int = 16
     max_prompt_tokens: int = 1024
 
+    def as_meta(self) -> dict:
+        """The fields every generation sidecar records (JSON types)."""
+        return {"seed": self.seed, "max_new_tokens": self.max_new_tokens, "stop": list(self.stop),
+                "beam_mode": self.beam_mode, "batch_size": self.batch_size,
+                "max_prompt_tokens": self.max_prompt_tokens}
+
     def __post_init__(self):
         if self.beam_mode not in BEAM_MODES:
             raise ConfigError(f"decoding.beam_mode: '{self.beam_mode}' is unknown; choices: {BEAM_MODES}")
@@ -600,6 +606,11 @@ def run_completions(
     return list(prompt_rows), completions, timing
 
 
+def adapter_record(adapter_dir: str | Path | None) -> dict | None:
+    """What identifies an adapter in a sidecar: its directory and the sha256 of its files."""
+    return None if adapter_dir is None else {"dir": str(adapter_dir), "sha256": sha256_dir(adapter_dir)}
+
+
 def check_variant(model_name: str, variant: str, adapter_dir: str | Path | None) -> None:
     """base runs without an adapter, finetuned with one: a mix-up would silently score the wrong model."""
     if variant == "finetuned" and adapter_dir is None:
@@ -697,15 +708,10 @@ def generate(
         "backend_reason": reason,
         "model": {"name": model_name, "source": model_source or str(model_path), "path": str(model_path)},
         "variant": variant,
-        "adapter": {"dir": str(adapter_dir), "sha256": sha256_dir(adapter_dir)} if adapter_dir else None,
+        "adapter": adapter_record(adapter_dir),
         "decoding_config": decoding_config.as_dict(),
         "semantics": semantics,
-        "seed": seed,
-        "max_new_tokens": max_new_tokens,
-        "stop": list(stop),
-        "beam_mode": beam_mode,
-        "batch_size": batch_size,
-        "max_prompt_tokens": max_prompt_tokens,
+        **settings.as_meta(),
         "prompt_format": prompt_format,
         "test_file": str(test_file),
         "device": timing["device"],
@@ -830,7 +836,7 @@ def agreement(
         row.update(id=hf_row["id"], hf_text=hf_row["text"], vllm_text=vllm_row["text"])
     report = {
         "model_path": str(model_path),
-        "adapter": {"dir": str(adapter_dir), "sha256": sha256_dir(adapter_dir)} if adapter_dir else None,
+        "adapter": adapter_record(adapter_dir),
         "decoding_config": greedy.as_dict(),
         "max_new_tokens": max_new_tokens,
         "hf": {"load_time_s": hf_rows[0]["load_time_s"], "generation_time_s": hf_rows[0]["generation_time_s"]},

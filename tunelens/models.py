@@ -173,7 +173,6 @@ def load_model(
 
     The model is in eval mode on `device`; float32 on CPU, bfloat16 on CUDA unless `dtype` says otherwise.
     """
-    import torch
     from transformers import AutoModelForCausalLM
 
     device = pick_device(device)

@@ -32,7 +32,7 @@ from typing import Any, Iterator, Sequence
 
 from tunelens.config import DecodingConfig, resolve_layers
 from tunelens.errors import ConfigError, DataError, ModelError
-from tunelens.io import library_versions, read_jsonl, sha256_dir, write_json_atomic, write_jsonl_atomic
+from tunelens.io import library_versions, read_jsonl, write_json_atomic, write_jsonl_atomic
 from tunelens.models import (
     decoder_layers,
     final_norm,
@@ -369,12 +369,6 @@ def _model_record(model_name: str, source: str, model_path: str | Path) -> dict:
     return {"name": model_name, "source": source, "path": str(model_path)}
 
 
-def _adapter_record(adapter_dir: str | Path | None) -> dict | None:
-    if adapter_dir is None:
-        return None
-    return {"dir": str(adapter_dir), "sha256": sha256_dir(adapter_dir)}
-
-
 def _check_prompt_lengths(ids: Sequence[Sequence[int]], row_ids: Sequence[str], max_prompt_tokens: int, where: str):
     for row_id, row in zip(row_ids, ids):
         if len(row) > max_prompt_tokens:
@@ -409,7 +403,7 @@ def run_logit_lens(
     """Rule `logit_lens`: lens.json plus its two plots for one (model, variant). Returns the lens dict."""
     import torch
 
-    from tunelens.generate import check_variant
+    from tunelens.generate import adapter_record, check_variant
 
     test_rows = _read_test_rows(test_path, lens_test_prompts) if lens_test_prompts else []
     items = [{"id": f"lens-{i}", "source": "config", "instruction": text, "input": ""}
@@ -435,7 +429,7 @@ def run_logit_lens(
     lens = {
         "model": _model_record(model_name, source, model_path),
         "variant": variant,
-        "adapter": _adapter_record(adapter_dir),
+        "adapter": adapter_record(adapter_dir),
         "num_layers": num_decoder_layers(model),
         "layer_specs": list(layer_specs),
         "layers": layers,
@@ -500,6 +494,7 @@ def run_early_exit(
     """
     from tunelens.generate import (
         GenerationSettings,
+        adapter_record,
         as_decoding_config,
         check_variant,
         completion_summary,
@@ -538,18 +533,13 @@ def run_early_exit(
         "backend": "hf",
         "model": _model_record(model_name, source, model_path),
         "variant": variant,
-        "adapter": _adapter_record(adapter_dir),
+        "adapter": adapter_record(adapter_dir),
         "decoding_config": decoding_config.as_dict(),
         "semantics": f"{semantics} Early exit after decoder block {layer} of {depth}, then the model's final norm "
                      f"and LM head (blocks {layer + 1}..{depth} not run).",
         "layer": layer,
         "early_exit": {"layer": layer, "num_layers": depth, "fraction": round(layer / depth, 4)},
-        "seed": seed,
-        "max_new_tokens": max_new_tokens,
-        "stop": list(stop),
-        "beam_mode": beam_mode,
-        "batch_size": batch_size,
-        "max_prompt_tokens": max_prompt_tokens,
+        **settings.as_meta(),
         "prompt_format": prompt_format,
         "test_file": str(test_path),
         "device": str(next(model.parameters()).device),
