@@ -24,6 +24,21 @@ include: "rules/score.smk"
 include: "rules/report.smk"
 
 
+# Every rule writes benchmarks/<rule>/<wildcards>.tsv (wall time, CPU time, peak memory); a rerun overwrites
+# it, so the run archives each benchmark file it has not seen into benchmarks/history.tsv before its jobs
+# start and when it ends (tunelens.cost): the history keeps what every earlier result cost.
+onstart:
+    archive_job_costs()
+
+
+onsuccess:
+    archive_job_costs()
+
+
+onerror:
+    archive_job_costs()
+
+
 rule all:
     default_target: True
     input:

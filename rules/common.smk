@@ -470,3 +470,12 @@ def report_config_hash():
 def all_targets():
     """The targets of the default target: the report outputs; their inputs pull in every stage."""
     return list(REPORT.values())
+
+
+# ----------------------------------------------------------------------------------------- job costs
+def archive_job_costs():
+    """Append benchmark files not yet archived to benchmarks/history.tsv (the main process only)."""
+    if workflow.is_main_process:
+        from tunelens.cost import archive_benchmarks
+
+        archive_benchmarks("benchmarks")

@@ -10,6 +10,8 @@ rule split:
         manifest=SPLIT["manifest"],
     log:
         f"logs/split/{DATASET}.log",
+    benchmark:
+        f"benchmarks/split/{DATASET}.tsv"
     conda:
         "../envs/core.yaml"
     resources:

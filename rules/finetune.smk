@@ -27,6 +27,8 @@ rule finetune:
         ),
     log:
         "logs/finetune/{model}.log",
+    benchmark:
+        "benchmarks/finetune/{model}.tsv"
     wildcard_constraints:
         model=_alternation([name for name, spec in MODELS.items() if spec.finetuned])
         or "(?!)",

@@ -19,6 +19,8 @@ rule generate:
         meta=f"{R}/generations/{{model}}/{{variant}}/{{config}}.meta.json",
     log:
         "logs/generate/{model}/{variant}/{config}.log",
+    benchmark:
+        "benchmarks/generate/{model}/{variant}/{config}.tsv"
     conda:
         "../envs/torch.yaml"
     resources:
@@ -56,6 +58,8 @@ rule generation_agreement:
         ),
     log:
         "logs/generation_agreement/{model}/{variant}.log",
+    benchmark:
+        "benchmarks/generation_agreement/{model}/{variant}.tsv"
     conda:
         "../envs/torch.yaml"
     resources:

@@ -6,6 +6,8 @@ rule materialize_model:
         directory(f"{R}/models/{{model}}"),
     log:
         "logs/materialize_model/{model}.log",
+    benchmark:
+        "benchmarks/materialize_model/{model}.tsv"
     conda:
         "../envs/torch.yaml"
     resources:
@@ -22,6 +24,8 @@ rule materialize_bertscore_model:
         directory(f"{R}/models/bertscore"),
     log:
         "logs/materialize_model/bertscore.log",
+    benchmark:
+        "benchmarks/materialize_bertscore_model/bertscore.tsv"
     conda:
         "../envs/torch.yaml"
     resources:

@@ -29,6 +29,8 @@ rule logit_lens:
         ),
     log:
         "logs/logit_lens/{model}/{variant}.log",
+    benchmark:
+        "benchmarks/logit_lens/{model}/{variant}.tsv"
     conda:
         "../envs/torch.yaml"
     resources:
@@ -63,6 +65,8 @@ rule early_exit:
         meta=f"{R}/probe/{{model}}/{{variant}}/early_exit/layer_{{layer}}.meta.json",
     log:
         "logs/early_exit/{model}/{variant}/layer_{layer}.log",
+    benchmark:
+        "benchmarks/early_exit/{model}/{variant}/layer_{layer}.tsv"
     conda:
         "../envs/torch.yaml"
     resources:

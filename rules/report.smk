@@ -34,6 +34,8 @@ rule report:
         ),
     log:
         "logs/report/report.log",
+    benchmark:
+        "benchmarks/report/report.tsv"
     conda:
         "../envs/core.yaml"
     resources:

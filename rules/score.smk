@@ -19,6 +19,8 @@ rule score:
         rows=f"{R}/scores/{{model}}/{{variant}}/{{config}}.rows.csv",
     log:
         "logs/score/{model}/{variant}/{config}.log",
+    benchmark:
+        "benchmarks/score/{model}/{variant}/{config}.tsv"
     conda:
         "../envs/torch.yaml"
     resources:
@@ -46,6 +48,8 @@ rule score_early_exit:
         rows=f"{R}/probe/{{model}}/{{variant}}/early_exit/layer_{{layer}}.rows.csv",
     log:
         "logs/score_early_exit/{model}/{variant}/layer_{layer}.log",
+    benchmark:
+        "benchmarks/score_early_exit/{model}/{variant}/layer_{layer}.tsv"
     conda:
         "../envs/torch.yaml"
     resources:
@@ -83,6 +87,8 @@ rule perplexity:
         rows=f"{R}/perplexity/{{model}}/{{variant}}.rows.csv",
     log:
         "logs/perplexity/{model}/{variant}.log",
+    benchmark:
+        "benchmarks/perplexity/{model}/{variant}.tsv"
     conda:
         "../envs/torch.yaml"
     resources:
@@ -115,6 +121,8 @@ rule judge:
         rows=f"{R}/judge/{{model}}/{{variant}}/{{config}}.rows.csv",
     log:
         "logs/judge/{model}/{variant}/{config}.log",
+    benchmark:
+        "benchmarks/judge/{model}/{variant}/{config}.tsv"
     conda:
         "../envs/torch.yaml"
     resources:
@@ -147,6 +155,8 @@ rule human_sheet:
         key=f"{R}/human/key.csv",
     log:
         "logs/human_sheet/human_sheet.log",
+    benchmark:
+        "benchmarks/human_sheet/human_sheet.tsv"
     conda:
         "../envs/core.yaml"
     resources:
@@ -170,6 +180,8 @@ rule human_score:
         rows=human_score_outputs("rows"),
     log:
         "logs/human_score/human_score.log",
+    benchmark:
+        "benchmarks/human_score/human_score.tsv"
     conda:
         "../envs/core.yaml"
     resources:
