@@ -547,6 +547,7 @@ def run_completions(
     tensor_parallel_size: int = 1,
     vllm_options: dict | None = None,
     engine: VllmEngine | None = None,
+    hf_model: tuple | None = None,
 ) -> tuple[list[PromptRow], list[Completion], dict]:
     """Load the model on `backend` ('hf' or 'vllm'), build/validate prompts, generate; plus timings.
 
@@ -565,7 +566,8 @@ def run_completions(
     if backend == "hf":
         from tunelens.models import load_model
 
-        model, tokenizer = load_model(model_path, adapter_dir=adapter_dir, device=device)
+        # hf_model: (model, tokenizer) already loaded with this adapter (the generation server's cache).
+        model, tokenizer = hf_model or load_model(model_path, adapter_dir=adapter_dir, device=device)
         used_device = str(next(model.parameters()).device)
         load_time = time.perf_counter() - started
         started = time.perf_counter()
@@ -646,6 +648,88 @@ def completion_summary(completions: Sequence[Completion], generation_time_s: flo
     }
 
 
+def generation_output(
+    test_file: str | Path,
+    *,
+    model_name: str,
+    model_path: str | Path,
+    model_source: str | None = None,
+    variant: str = "base",
+    adapter_dir: str | Path | None = None,
+    prompt_format: str = "alpaca",
+    decoding_config: DecodingConfig | dict,
+    max_new_tokens: int = 128,
+    stop: Sequence[str] = (),
+    seed: int = 1234,
+    beam_mode: str = "beam_search",
+    backend: str = "auto",
+    batch_size: int = 16,
+    max_prompt_tokens: int = 1024,
+    max_test_rows: int | None = None,
+    device: str = "auto",
+    gpus: int = 1,
+    vllm_options: dict | None = None,
+    engine: VllmEngine | None = None,
+    hf_model: tuple | None = None,
+) -> tuple[dict, list[dict]]:
+    """What `generate` writes, computed but not written: (meta, rows). The generation server
+    (tunelens.genserver) calls this with a model/engine it keeps loaded (`engine` for vLLM, `hf_model`
+    = (model, tokenizer) for hf); the job writes the files itself, so a server never writes outputs."""
+    decoding_config = as_decoding_config(decoding_config)
+    settings = GenerationSettings(
+        max_new_tokens=max_new_tokens, stop=tuple(stop), seed=seed, beam_mode=beam_mode,
+        batch_size=batch_size, max_prompt_tokens=max_prompt_tokens,
+    )
+    check_variant(model_name, variant, adapter_dir)
+    if adapter_dir is not None and not (Path(adapter_dir) / "adapter_config.json").exists():
+        raise ModelError(f"adapter directory '{adapter_dir}' has no adapter_config.json")
+    concrete, reason = resolve_backend(backend, device) if engine is None else ("vllm", "engine passed in")
+    if concrete == "vllm" and decoding_config.is_beam and beam_mode == "beam_sample":
+        raise ConfigError(
+            f"decoding config '{decoding_config.name}': beam_mode 'beam_sample' is hf-only; the backend resolved "
+            f"to vllm ({reason}); set generation.backend: hf or decoding.beam_mode: beam_search"
+        )
+    semantics = describe_semantics(decoding_config, beam_mode, concrete)
+    log.info("model %s (%s), variant %s, config %s: backend %s (%s)", model_name, model_path, variant,
+             decoding_config.name, concrete, reason)
+    log.info("semantics: %s", semantics)
+    prompt_rows, completions, timing = run_completions(
+        concrete, model_path, None, decoding_config, settings, test_file=test_file, prompt_format=prompt_format,
+        max_rows=max_test_rows, adapter_dir=adapter_dir, device=device, tensor_parallel_size=gpus or 1,
+        vllm_options=vllm_options, engine=engine, hf_model=hf_model,
+    )
+    summary = completion_summary(completions, timing["generation_time_s"])
+    meta = {
+        "backend": concrete,
+        "backend_reason": reason,
+        "model": {"name": model_name, "source": model_source or str(model_path), "path": str(model_path)},
+        "variant": variant,
+        "adapter": adapter_record(adapter_dir),
+        "decoding_config": decoding_config.as_dict(),
+        "semantics": semantics,
+        **settings.as_meta(),
+        "prompt_format": prompt_format,
+        "test_file": str(test_file),
+        "device": timing["device"],
+        "tensor_parallel_size": (gpus or 1) if concrete == "vllm" else None,
+        "load_time_s": timing["load_time_s"],
+        **summary,
+        "versions": library_versions(),
+    }
+    return meta, generation_rows(prompt_rows, completions)
+
+
+def write_generation(output_file: str | Path, meta_file: str | Path | None, meta: dict, rows: list[dict]) -> None:
+    """Write a generation file and its sidecar atomically, the meta first (a killed job leaves no
+    complete-looking generation file)."""
+    output_file = Path(output_file)
+    meta_file = Path(meta_file) if meta_file else output_file.with_suffix(".meta.json")
+    write_json_atomic(meta_file, meta)
+    write_jsonl_atomic(output_file, rows)
+    log.info("%d rows, %d tokens in %.1f s (load %.1f s) -> %s", len(rows), meta["generated_tokens"],
+             meta["generation_time_s"], meta["load_time_s"], output_file)
+
+
 def generate(
     test_file: str | Path,
     output_file: str | Path,
@@ -679,54 +763,14 @@ def generate(
     `gpus` is the job's GPU count: vLLM's tensor_parallel_size. Times are seconds, tokens_per_s is
     generated tokens per second of generation time (load excluded).
     """
-    decoding_config = as_decoding_config(decoding_config)
-    settings = GenerationSettings(
-        max_new_tokens=max_new_tokens, stop=tuple(stop), seed=seed, beam_mode=beam_mode,
-        batch_size=batch_size, max_prompt_tokens=max_prompt_tokens,
+    meta, rows = generation_output(
+        test_file, model_name=model_name, model_path=model_path, model_source=model_source,
+        variant=variant, adapter_dir=adapter_dir, prompt_format=prompt_format, decoding_config=decoding_config,
+        max_new_tokens=max_new_tokens, stop=stop, seed=seed, beam_mode=beam_mode, backend=backend,
+        batch_size=batch_size, max_prompt_tokens=max_prompt_tokens, max_test_rows=max_test_rows, device=device,
+        gpus=gpus, vllm_options=vllm_options, engine=engine,
     )
-    check_variant(model_name, variant, adapter_dir)
-    if adapter_dir is not None and not (Path(adapter_dir) / "adapter_config.json").exists():
-        raise ModelError(f"adapter directory '{adapter_dir}' has no adapter_config.json")
-    concrete, reason = resolve_backend(backend, device) if engine is None else ("vllm", "engine passed in")
-    if concrete == "vllm" and decoding_config.is_beam and beam_mode == "beam_sample":
-        raise ConfigError(
-            f"decoding config '{decoding_config.name}': beam_mode 'beam_sample' is hf-only; the backend resolved "
-            f"to vllm ({reason}); set generation.backend: hf or decoding.beam_mode: beam_search"
-        )
-    semantics = describe_semantics(decoding_config, beam_mode, concrete)
-    log.info("model %s (%s), variant %s, config %s: backend %s (%s)", model_name, model_path, variant,
-             decoding_config.name, concrete, reason)
-    log.info("semantics: %s", semantics)
-    prompt_rows, completions, timing = run_completions(
-        concrete, model_path, None, decoding_config, settings, test_file=test_file, prompt_format=prompt_format,
-        max_rows=max_test_rows, adapter_dir=adapter_dir, device=device, tensor_parallel_size=gpus or 1,
-        vllm_options=vllm_options, engine=engine,
-    )
-    summary = completion_summary(completions, timing["generation_time_s"])
-    meta = {
-        "backend": concrete,
-        "backend_reason": reason,
-        "model": {"name": model_name, "source": model_source or str(model_path), "path": str(model_path)},
-        "variant": variant,
-        "adapter": adapter_record(adapter_dir),
-        "decoding_config": decoding_config.as_dict(),
-        "semantics": semantics,
-        **settings.as_meta(),
-        "prompt_format": prompt_format,
-        "test_file": str(test_file),
-        "device": timing["device"],
-        "tensor_parallel_size": (gpus or 1) if concrete == "vllm" else None,
-        "load_time_s": timing["load_time_s"],
-        **summary,
-        "versions": library_versions(),
-    }
-    rows = generation_rows(prompt_rows, completions)
-    output_file = Path(output_file)
-    meta_file = Path(meta_file) if meta_file else output_file.with_suffix(".meta.json")
-    write_json_atomic(meta_file, meta)
-    write_jsonl_atomic(output_file, rows)
-    log.info("%d rows, %d tokens in %.1f s (load %.1f s) -> %s", len(rows), summary["generated_tokens"],
-             summary["generation_time_s"], timing["load_time_s"], output_file)
+    write_generation(output_file, meta_file, meta, rows)
     return meta
 
 
