@@ -345,3 +345,64 @@ def test_resume_picks_the_last_complete_checkpoint_of_the_same_run(tiny_llama_di
     fake_checkpoint(checkpoint_dir, 4)
     other_data = run_fingerprint(str(tiny_llama_dir), train_jsonl, settings(lora_r=4), "alpaca", 3, plan)
     assert prepare_checkpoint_dir(checkpoint_dir, other_data) is None
+
+
+# ------------------------------------------------------------------------------------------ packing
+def _per_token_nll(model, input_ids, labels, position_ids=None):
+    """Per-token cross-entropy (nats) at every labelled position, in order."""
+    import torch
+
+    with torch.no_grad():
+        kwargs = {"position_ids": position_ids} if position_ids is not None else {}
+        logits = model(input_ids=input_ids, **kwargs).logits.float()
+    logprobs = torch.log_softmax(logits[0, :-1], dim=-1)
+    targets = labels[0, 1:]
+    keep = targets != -100
+    return -logprobs[keep].gather(-1, targets[keep, None])[:, 0]
+
+
+def _packed_vs_alone(model, batch):
+    """Max |per-token loss of each packed row - the same row run alone|, over all trained tokens."""
+    import torch
+
+    packed = _per_token_nll(model, batch["input_ids"], batch["labels"], batch["position_ids"])
+    starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist() + [batch["input_ids"].shape[1]]
+    alone = torch.cat([
+        _per_token_nll(model, batch["input_ids"][:, a:b], batch["labels"][:, a:b])
+        for a, b in zip(starts[:-1], starts[1:])
+    ])
+    assert len(starts) - 1 >= 3, "the batch must pack several rows for the test to mean anything"
+    assert packed.shape == alone.shape
+    return float((packed - alone).abs().max())
+
+
+@pytest.mark.parametrize("mode", ["packing", "padding_free"])
+def test_packed_rows_do_not_attend_to_each_other(sharp_llama_dir, train_jsonl, tmp_path, mode):
+    """The per-token losses of packed rows equal those of the same rows alone (SDPA, the default kernel).
+    Without the block-diagonal mask a packed row attends to the rows before it: the same comparison on the
+    unmasked model must show it, or this test could not tell the difference."""
+    from transformers import AutoModelForCausalLM
+
+    run = build_trainer(sharp_llama_dir, train_jsonl, tmp_path / "ckpt", settings(**{mode: True}, batch_size=4),
+                        "alpaca", seed=1, device="cpu")
+    assert run.row_separation and "block-diagonal" in run.row_separation
+    batch = next(iter(run.trainer.get_train_dataloader()))
+    model = run.trainer.model.eval()
+    assert _packed_vs_alone(model, batch) < 1e-4
+
+    plain = AutoModelForCausalLM.from_pretrained(sharp_llama_dir).eval()  # no hook: TRL's inputs as they are
+    assert _packed_vs_alone(plain, batch) > 1e-2
+
+
+def test_packed_rows_separated_under_eager_attention(sharp_llama_dir, train_jsonl, tmp_path):
+    """Eager attention adds its mask to the scores: the hook gives it the additive form."""
+    from transformers import AutoModelForCausalLM
+
+    from tunelens.finetune import separate_packed_rows
+
+    run = build_trainer(sharp_llama_dir, train_jsonl, tmp_path / "ckpt", settings(packing=True, batch_size=4),
+                        "alpaca", seed=1, device="cpu")
+    batch = next(iter(run.trainer.get_train_dataloader()))
+    eager = AutoModelForCausalLM.from_pretrained(sharp_llama_dir, attn_implementation="eager").eval()
+    assert "eager" in separate_packed_rows(eager)
+    assert _packed_vs_alone(eager, batch) < 1e-4

@@ -452,6 +452,57 @@ def _load_base_model(model_path: str, plan: TrainingPlan, revision: str | None):
     return model
 
 
+# --------------------------------------------------------------------------------------------- packing
+# Attention kernels that read TRL's packed-sequence boundaries (cu_seq_lens / position_ids) by themselves.
+VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3")
+
+
+def packed_attention_mask(position_ids, dtype=None):
+    """Block-diagonal causal mask for rows packed into one sequence, from their position ids.
+
+    A packed row starts where its position id is 0 (TRL's padding-free collator restarts them per row).
+    Returns [batch, 1, T, T]: boolean (True = may attend) for SDPA / flex, or additive (0 / dtype min)
+    when `dtype` is given, the form eager attention adds to its scores.
+    """
+    import torch
+
+    segment = (position_ids == 0).cumsum(-1)  # [B, T]: which packed row each token belongs to
+    length = position_ids.shape[-1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=position_ids.device).tril()
+    allowed = (segment[:, :, None] == segment[:, None, :]) & causal
+    allowed = allowed[:, None]
+    if dtype is None:
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def separate_packed_rows(model) -> str:
+    """Make packed rows attend only to themselves, whatever the attention kernel.
+
+    TRL packs padding-free: rows are concatenated and their boundaries travel as `position_ids` (and
+    `cu_seq_lens_*`), which only flash-attention's varlen kernels read. Under SDPA or eager attention a packed
+    row would attend to the rows before it. For those kernels a forward pre-hook on the decoder turns the
+    position ids into an explicit block-diagonal mask. Returns how rows are separated (recorded in metrics).
+    """
+    implementation = getattr(model.config, "_attn_implementation", None) or "sdpa"
+    if implementation in VARLEN_ATTENTION:
+        return f"{implementation} varlen kernel (cu_seq_lens)"
+    eager = implementation == "eager"
+
+    def hook(module, args, kwargs):
+        position_ids = kwargs.get("position_ids")
+        if kwargs.get("attention_mask") is not None or position_ids is None:
+            return None
+        if position_ids.shape[0] == 1 and int((position_ids == 0).sum()) <= 1:
+            return None  # one row: the plain causal mask is already right
+        dtype = next(module.parameters()).dtype if eager else None
+        kwargs["attention_mask"] = packed_attention_mask(position_ids, dtype)
+        return args, kwargs
+
+    model.get_decoder().register_forward_pre_hook(hook, with_kwargs=True)
+    return f"block-diagonal mask for {implementation} attention"
+
+
 def _make_log_callback():
     """A TrainerCallback that adds `tokens` and `tokens_per_s` to each log row, logs it, and counts the
     optimizer steps this process runs. Defined inside a function so importing this module stays free of
@@ -502,6 +553,7 @@ class PreparedRun:
     resume_from: Path | None
     log_callback: Any
     load_time_s: float
+    row_separation: str | None = None  # how packed rows are kept from attending to each other
 
 
 def build_trainer(
@@ -554,6 +606,10 @@ def build_trainer(
     started = time.perf_counter()
     model = _load_base_model(model_path, plan, revision)
     load_time_s = time.perf_counter() - started
+    row_separation = None
+    if settings["packing"] or settings["padding_free"]:
+        row_separation = separate_packed_rows(model)
+        log.info("packed rows are kept apart by: %s", row_separation)
     log_callback = _make_log_callback()
     trainer = SFTTrainer(
         model=model,
@@ -566,7 +622,7 @@ def build_trainer(
     )
     # With tqdm off, the Trainer prints every log dict to stdout; our callback logs them instead.
     trainer.remove_callback(PrinterCallback)
-    return PreparedRun(trainer, plan, stats, fingerprint, resume_from, log_callback, load_time_s)
+    return PreparedRun(trainer, plan, stats, fingerprint, resume_from, log_callback, load_time_s, row_separation)
 
 
 # --------------------------------------------------------------------------------------------- outputs
@@ -720,6 +776,7 @@ def finetune(
         "compute_dtype": plan.compute_dtype,
         "gradient_checkpointing": plan.gradient_checkpointing,
         "liger": plan.liger,
+        "packed_row_separation": run.row_separation,
         "plan_reasons": list(plan.reasons),
         "settings": settings,
         "prompt_format": prompt_format,
