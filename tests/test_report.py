@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 
 from tunelens.errors import DataError
-from tunelens import report
+from tunelens import report, statistics
 from tunelens.report import ReportSettings, read_summary_csv, write_report
 
 DEFAULT = "top_k_50_num_beams_1_temp_0.8"
@@ -231,12 +231,12 @@ def test_agreement_recovers_known_rank_correlations(full):
 def test_rank_agreement_exact_cases():
     rng = np.random.default_rng(0)
     x = np.arange(20, dtype=float)
-    same = report.rank_agreement(x, x ** 2, samples=100, confidence=0.95, rng=rng)
+    same = statistics.rank_agreement(x, x ** 2, samples=100, confidence=0.95, rng=rng)
     assert same["kendall_tau"][0] == pytest.approx(1.0) and same["spearman_rho"][0] == pytest.approx(1.0)
     assert same["spearman_rho"][1] == pytest.approx(1.0)  # every resample is monotone too
-    opposite = report.rank_agreement(x, -x, samples=100, confidence=0.95, rng=rng)
+    opposite = statistics.rank_agreement(x, -x, samples=100, confidence=0.95, rng=rng)
     assert opposite["kendall_tau"][0] == pytest.approx(-1.0)
-    constant = report.rank_agreement(x, np.ones(20), samples=100, confidence=0.95, rng=rng)
+    constant = statistics.rank_agreement(x, np.ones(20), samples=100, confidence=0.95, rng=rng)
     assert math.isnan(constant["kendall_tau"][0])
 
 
@@ -247,7 +247,7 @@ def test_vectorised_kendall_matches_scipy_with_ties():
     xs = rng.integers(0, 5, (20, 30)).astype(float)  # many ties, as in bootstrap resamples
     ys = xs + rng.integers(0, 3, (20, 30))
     expected = [stats.kendalltau(x, y).statistic for x, y in zip(xs, ys)]
-    assert report._kendall_tau_b_rows(xs, ys) == pytest.approx(expected, abs=1e-12)
+    assert statistics.kendall_tau_b_rows(xs, ys) == pytest.approx(expected, abs=1e-12)
 
 
 def test_best_config_table_and_paired_gain_over_default(full):
@@ -294,7 +294,7 @@ def test_missing_metric_in_one_file_shows_a_dash(tmp_path):
 def test_best_marking_directions_ties_and_constant_columns():
     cells = [[report.Cell("a"), report.Cell("b"), report.Cell("c")] for _ in range(3)]
     values = [[0.5, 12.0, 0.0], [0.7, 10.0, 0.0], [0.7, 11.0, 0.0]]
-    report._mark_best(cells, values, ["rougeL", "perplexity", "exact_match"])
+    report.mark_best(cells, values, ["rougeL", "perplexity", "exact_match"])
     assert [row[0].best for row in cells] == [False, True, True]  # higher is better, ties both marked
     assert [row[1].best for row in cells] == [False, True, False]  # perplexity: lower is better
     assert not any(row[2].best for row in cells)  # all equal: nothing singled out

@@ -13,15 +13,8 @@ import pytest
 
 from tunelens.errors import ConfigError, DataError
 from tunelens.metrics import METRICS, BertScoreSettings, ScoringContext, codebleu_components
-from tunelens.score import (
-    bootstrap_ci,
-    bootstrap_distribution,
-    paired_bootstrap,
-    paired_rows,
-    read_rows_csv,
-    resample_counts,
-    score_generation_file,
-)
+from tunelens.score import paired_rows, read_rows_csv, score_generation_file
+from tunelens.statistics import bootstrap_ci, bootstrap_distribution, paired_bootstrap, resample_counts
 
 TEXT = ScoringContext(dataset_kind="text")
 CODE = ScoringContext(dataset_kind="code", code_language="python")

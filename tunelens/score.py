@@ -7,8 +7,7 @@ One pipeline for generation files and early-exit files alike (same row format):
   aggregate percentile bootstrap CI: rows resampled with replacement, the corpus value recomputed on each
             resample (from per-row sufficient statistics for BLEU/CodeBLEU/perplexity, so it stays cheap).
 
-The bootstrap helpers (`bootstrap_ci`, `paired_bootstrap`) are public: the report stage uses them for
-paired differences between configs/variants on the per-row tables (rows matched by id).
+The bootstrap and CI code is tunelens.statistics (shared with the report's paired differences).
 
 Score file format: docs/ARCHITECTURE.md ("Score files").
 """
@@ -21,118 +20,21 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from tunelens.errors import DataError
 from tunelens.io import library_versions, read_json, read_jsonl, write_json_atomic, write_text_atomic
 from tunelens.metrics import METRICS, MetricResult, ScoringContext, check_metric_names
+from tunelens.statistics import BOOTSTRAP_METHOD, bootstrap_distribution, percentile_ci, resample_counts
 
 log = logging.getLogger(__name__)
 
 GENERATION_FIELDS = ("id", "prompt", "reference", "generated", "num_generated_tokens", "finish_reason")
-BOOTSTRAP_METHOD = "percentile bootstrap: rows resampled with replacement, corpus value recomputed per resample"
 
 
-# --------------------------------------------------------------------------------------------- bootstrap
-def resample_counts(n: int, samples: int, seed: int) -> np.ndarray:
-    """(samples, n) matrix: how often each row is drawn in each bootstrap resample (rows sum to n).
-
-    Deterministic in (n, samples, seed): every metric of a file, and every file with the same rows,
-    sees the same resamples, which is what paired comparisons need.
-    """
-    if n < 1:
-        raise ValueError("bootstrap needs at least one row")
-    rng = np.random.default_rng(seed)
-    draws = rng.integers(0, n, size=(samples, n))
-    flat = (draws + np.arange(samples)[:, None] * n).ravel()
-    return np.bincount(flat, minlength=samples * n).reshape(samples, n).astype(np.float64)
-
-
-def _percentiles(distribution: np.ndarray, confidence: float) -> tuple[float, float]:
-    alpha = 1.0 - confidence
-    low, high = np.quantile(distribution, [alpha / 2, 1 - alpha / 2])
-    return float(low), float(high)
-
-
-def bootstrap_distribution(
-    values: Sequence[float] | np.ndarray | None = None,
-    *,
-    stats: np.ndarray | None = None,
-    reduce: Callable[[np.ndarray], float] | None = None,
-    samples: int = 1000,
-    seed: int = 0,
-    counts: np.ndarray | None = None,
-) -> np.ndarray:
-    """The statistic on each bootstrap resample: the mean of `values`, or `reduce(column sums of stats)`."""
-    if stats is not None:
-        if reduce is None:
-            raise ValueError("stats given without reduce")
-        stats = np.asarray(stats, dtype=np.float64)
-        n = stats.shape[0]
-    else:
-        values = np.asarray(values, dtype=np.float64)
-        n = values.shape[0]
-    counts = resample_counts(n, samples, seed) if counts is None else counts
-    if stats is None:
-        return counts @ values / n
-    return np.asarray([reduce(sums) for sums in counts @ stats], dtype=np.float64)
-
-
-def bootstrap_ci(
-    values: Sequence[float] | np.ndarray | None = None,
-    *,
-    stats: np.ndarray | None = None,
-    reduce: Callable[[np.ndarray], float] | None = None,
-    samples: int = 1000,
-    confidence: float = 0.95,
-    seed: int = 0,
-    counts: np.ndarray | None = None,
-) -> dict[str, float]:
-    """Seeded percentile bootstrap CI of a corpus statistic.
-
-    Either `values` (per-row values; statistic = mean) or `stats` + `reduce` (per-row sufficient statistics;
-    statistic = reduce(column sums), e.g. corpus BLEU). Returns {"value", "ci_low", "ci_high"} on the
-    statistic's own scale. With all rows equal the CI collapses to the value.
-    """
-    if stats is not None:
-        value = float(reduce(np.asarray(stats, dtype=np.float64).sum(axis=0)))
-    else:
-        value = float(np.mean(np.asarray(values, dtype=np.float64)))
-    distribution = bootstrap_distribution(values, stats=stats, reduce=reduce, samples=samples, seed=seed, counts=counts)
-    low, high = _percentiles(distribution, confidence)
-    return {"value": value, "ci_low": low, "ci_high": high}
-
-
-def paired_bootstrap(
-    a: Sequence[float] | np.ndarray,
-    b: Sequence[float] | np.ndarray,
-    *,
-    samples: int = 1000,
-    confidence: float = 0.95,
-    seed: int = 0,
-) -> dict[str, float]:
-    """Paired bootstrap of mean(a) - mean(b) over the same rows (a[i] and b[i] belong to one test row).
-
-    Returns {"diff", "ci_low", "ci_high", "p_value", "n"}; p_value is two-sided: twice the share of
-    resampled differences on the other side of 0 (capped at 1). Units are those of the inputs.
-    """
-    a = np.asarray(a, dtype=np.float64)
-    b = np.asarray(b, dtype=np.float64)
-    if a.shape != b.shape or a.ndim != 1:
-        raise ValueError(f"paired_bootstrap needs two equal-length 1-D arrays, got shapes {a.shape} and {b.shape}")
-    diff = a - b
-    distribution = bootstrap_distribution(diff, samples=samples, seed=seed)
-    low, high = _percentiles(distribution, confidence)
-    observed = float(diff.mean())
-    if np.all(distribution == 0):
-        p_value = 1.0
-    else:
-        p_value = min(1.0, 2 * min(np.mean(distribution <= 0), np.mean(distribution >= 0)))
-    return {"diff": observed, "ci_low": low, "ci_high": high, "p_value": float(p_value), "n": int(a.shape[0])}
-
-
+# --------------------------------------------------------------------------------------------- paired rows
 def paired_rows(rows_a: str | Path, rows_b: str | Path, metric: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Per-row values of `metric` from two per-row CSVs, matched by id (ids present in both, sorted)."""
     table_a, table_b = read_rows_csv(rows_a), read_rows_csv(rows_b)
@@ -196,7 +98,7 @@ def summarise(
             distribution = bootstrap_distribution(stats=result.stats, reduce=result.reduce, counts=counts)
         else:
             distribution = bootstrap_distribution(result.per_row, counts=counts)
-        low, high = _percentiles(distribution, confidence)
+        low, high = percentile_ci(distribution, confidence)
         entry = {"value": float(result.value), "ci_low": low, "ci_high": high, "scale": result.scale, "n": n}
         if result.name in METRICS:
             entry["description"] = METRICS[result.name].description

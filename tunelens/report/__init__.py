@@ -1,0 +1,102 @@
+"""Summary tables, statistics and plots built from score files alone (the `report` rule).
+
+Outputs: `summary.md` (and the same document as `summary.html` for the Snakemake report), the tidy
+long table `summary.csv`, and PNG plots. Scales are those of the score files: BLEU 0-100, ROUGE-L,
+BERTScore, CodeBLEU, exact match, Judge and Human 0-1 (higher is better), perplexity >= 1 (lower is
+better), length in generated tokens (no better direction).
+
+Every number is reproducible from the inputs: bootstrap resamples are seeded (the study seed), rows
+and columns have a fixed order, and the only line that changes between two runs on the same inputs is the
+`Generated:` date line of the summary.
+
+The package, in the order data flows through it:
+  inputs       score files, per-row tables and fine-tune records -> tidy_scores / long_rows
+  comparisons  paired differences, best configs, agreement (bootstrap: tunelens.statistics)
+  tidy         summary.csv (every number behind every table)
+  document     summary.md / summary.html, one function per section
+  tables       Document, Markdown (pandas + tabulate) and HTML (summary.html.j2) rendering, number formats
+  plots        PNG plots
+  common       ReportSettings, fixed orders, metric display info
+
+Kept free of torch imports so the report job starts fast.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+from tunelens.errors import DataError
+from tunelens.io import write_text_atomic
+from tunelens.report.common import (
+    CSV_COLUMNS, DATE_PREFIX, DIFF_VARIANT, METRICS, POOLED, MetricInfo, ReportSettings, metric_info, metric_order,
+)
+from tunelens.report.comparisons import agreement, best_configs, paired_differences
+from tunelens.report.document import build_summary, config_fields, provenance, swept_fields
+from tunelens.report.inputs import (
+    ScoreFile, load_finetune_records, load_score_file, load_score_files, long_rows, read_rows_csv, tidy_scores,
+)
+from tunelens.report.plots import plot_layers, plot_loss, plot_sweeps
+from tunelens.report.tables import Cell, Document, Table, format_estimate, format_number, mark_best
+from tunelens.report.tidy import read_summary_csv, summary_table, write_summary_csv
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "CSV_COLUMNS", "DATE_PREFIX", "DIFF_VARIANT", "METRICS", "POOLED", "Cell", "Document", "MetricInfo",
+    "ReportSettings", "ScoreFile", "Table", "agreement", "best_configs", "build_summary", "config_fields",
+    "format_estimate", "format_number", "load_finetune_records", "load_score_file", "load_score_files",
+    "long_rows", "mark_best", "metric_info", "metric_order", "paired_differences", "plot_layers", "plot_loss",
+    "plot_sweeps", "provenance", "read_rows_csv", "read_summary_csv", "summary_table", "swept_fields",
+    "tidy_scores", "workflow_git_commit", "write_report", "write_summary_csv",
+]
+
+
+def write_report(*, score_files: Sequence[str | Path] = (), perplexity_files: Sequence[str | Path] = (),
+                 judge_files: Sequence[str | Path] = (), human_files: Sequence[str | Path] = (),
+                 early_exit_files: Sequence[str | Path] = (), human_sheet_files: Sequence[str | Path] = (),
+                 finetune_metrics_files: Sequence[str | Path] = (), summary_md: str | Path,
+                 summary_csv: str | Path, summary_html: str | Path, plots_dir: str | Path,
+                 settings: ReportSettings, now: _dt.datetime | None = None) -> dict[str, Any]:
+    """Build every report output from score files. Returns {'rows': n csv rows, 'plots': [paths]}.
+
+    `now` (UTC) only sets the `Generated:` line; everything else depends on the inputs alone.
+    """
+    files = load_score_files({"decoding": score_files, "perplexity": perplexity_files, "judge": judge_files,
+                              "human": human_files, "early_exit": early_exit_files})
+    if not files:
+        raise DataError("report: no score files given; expected results/scores/{model}/{variant}/{config}.json")
+    if settings.default_config not in settings.decoding_configs:
+        raise DataError(f"report.default_config: '{settings.default_config}' is not among the decoding configs "
+                        f"{list(settings.decoding_configs)}")
+    finetune = load_finetune_records(finetune_metrics_files)
+    summary = summary_table(files, settings)
+    write_summary_csv(summary, summary_csv)
+    generated = (now or _dt.datetime.now(_dt.timezone.utc)).strftime("%Y-%m-%d %H:%M:%S UTC")
+    document = build_summary(files, summary, settings, finetune, generated,
+                             human_sheets=[str(p) for p in human_sheet_files])
+    write_text_atomic(summary_md, document.to_markdown())
+    write_text_atomic(summary_html, document.to_html("tunelens summary"))
+
+    plots_dir = Path(plots_dir)
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    scores = tidy_scores(files)
+    plots = plot_sweeps(scores, config_fields(settings, files), settings.default_config, plots_dir)
+    plots += plot_layers(scores, plots_dir)
+    plots += plot_loss(finetune, plots_dir)
+    log.info("report: %d score files -> %d summary rows, %d plots", len(files), len(summary), len(plots))
+    return {"rows": len(summary), "plots": [str(p) for p in plots]}
+
+
+def workflow_git_commit(workflow_dir: str | Path) -> str:
+    """The workflow checkout's commit for the provenance block ("unknown (...)" outside a git checkout)."""
+    import subprocess
+
+    try:
+        result = subprocess.run(["git", "-C", str(workflow_dir), "rev-parse", "HEAD"],
+                                capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown (git not available)"
+    return result.stdout.strip() if result.returncode == 0 else "unknown (not a git checkout)"

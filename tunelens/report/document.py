@@ -1,0 +1,444 @@
+"""summary.md / summary.html: the summary document, one function per section.
+
+Numbered sections (the tables every study reports):
+  1 overview_section      model overview at the default decoding config
+  2 decoding_section      every decoding config per model and variant
+  3 layers_section        early exit per layer
+  4 best_config_section   best decoding config per model and metric
+  5 agreement_section     automatic metrics vs Judge / Human
+  6 paired_section        fine-tuned vs base
+then finetune_section, notes_section (skipped metrics) and provenance_section. Every section reads the
+same SummaryContext (the summary table and what is derived from it once) and adds blocks to a Document.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import pandas as pd
+
+from tunelens.io import library_versions
+from tunelens.report.common import (
+    DATE_PREFIX, POOLED, REFERENCE_METRICS, VARIANT_ORDER, ReportSettings, metric_info, metric_order, order_index,
+    variants,
+)
+from tunelens.report.inputs import ScoreFile
+from tunelens.report.tables import (
+    Cell, Document, Table, estimate_cell, format_estimate, format_number, mark_best, significance,
+)
+
+
+def config_fields(settings: ReportSettings, files: Sequence[ScoreFile]) -> dict[str, dict]:
+    """Fields of each decoding config: from the study (params) or, for others, the generation meta."""
+    fields = {name: dict(values) for name, values in settings.decoding_configs.items()}
+    for score in files:
+        if score.kind == "decoding" and score.config not in fields:
+            meta = (score.source or {}).get("decoding_config") or {}
+            fields[score.config] = {k: v for k, v in meta.items() if k != "name"}
+    return fields
+
+
+def swept_fields(config_fields: dict[str, dict]) -> list[str]:
+    """Decoding fields that take more than one value across the configs, in field order."""
+    keys: list[str] = []
+    for values in config_fields.values():
+        keys += [k for k in values if k not in keys and k != "name"]
+    return [k for k in keys if len({json.dumps(v.get(k)) for v in config_fields.values()}) > 1]
+
+
+def _lookup(scores: pd.DataFrame) -> dict[tuple, dict]:
+    return {
+        (r["model"], r["variant"], r["config"], None if pd.isna(r["layer"]) else int(r["layer"]), r["metric"]): r
+        for r in scores.to_dict("records")
+    }
+
+
+@dataclass
+class SummaryContext:
+    """What the sections share: the inputs, the summary table and the views of it derived once."""
+
+    files: Sequence[ScoreFile]
+    summary: pd.DataFrame
+    settings: ReportSettings
+    finetune: dict[str, dict]
+    human_sheets: Sequence[str]
+    scores: pd.DataFrame  # summary rows with statistic 'score'
+    by_key: dict[tuple, dict]  # (model, variant, config, layer, metric) -> score row
+    models: list[str]
+    config_fields: dict[str, dict]
+    swept: list[str]  # decoding fields that vary across the configs present
+
+    @property
+    def default(self) -> str:
+        return self.settings.default_config
+
+    @property
+    def ci(self) -> str:
+        return self.settings.ci_label
+
+
+def build_summary(files: Sequence[ScoreFile], summary: pd.DataFrame, settings: ReportSettings,
+                  finetune: dict[str, dict], generated: str, human_sheets: Sequence[str] = ()) -> Document:
+    """The summary document: the six numbered tables plus fine-tuning, notes and provenance."""
+    scores = summary[summary["statistic"] == "score"]
+    fields = config_fields(settings, files)
+    ctx = SummaryContext(
+        files=files, summary=summary, settings=settings, finetune=finetune, human_sheets=human_sheets,
+        scores=scores, by_key=_lookup(scores), models=list(dict.fromkeys(scores["model"])), config_fields=fields,
+        swept=swept_fields({c: fields[c] for c in fields if c in set(scores["config"])}),
+    )
+    doc = Document()
+    header_section(doc, ctx, generated)
+    for section in (overview_section, decoding_section, layers_section, best_config_section, agreement_section,
+                    paired_section):
+        section(doc, ctx)
+    finetune_section(doc, finetune)
+    notes_section(doc, files)
+    provenance_section(doc, files, settings, finetune)
+    return doc
+
+
+def header_section(doc: Document, ctx: SummaryContext, generated: str) -> None:
+    """Title, the generated date (the only line that changes between runs) and how to read the cells."""
+    doc.heading(1, "tunelens summary")
+    doc.paragraph(DATE_PREFIX + generated)
+    scales = ", ".join(f"{metric_info(m).label} {metric_info(m).scale}" for m in metric_order(ctx.scores["metric"]))
+    doc.paragraph(
+        f"Cells read `value [{ctx.ci} low, high]`; metric CIs are the score files' bootstrap CIs over test rows. "
+        f"**Bold** = best in its column (lowest for perplexity; length is not ranked); – = not available. "
+        f"Scales: {scales}. Default decoding config: `{ctx.default}`."
+    )
+
+
+def overview_section(doc: Document, ctx: SummaryContext) -> None:
+    """(1) Model overview at the default decoding config: one row per model and variant."""
+    scores, by_key, models, default = ctx.scores, ctx.by_key, ctx.models, ctx.default
+    doc.heading(2, "1. Model overview (default decoding config)")
+    overview = scores[((scores["config"] == default) | (scores["metric"] == "perplexity")) & scores["layer"].isna()]
+    metrics = metric_order(overview["metric"])
+    if overview.empty:
+        doc.paragraph(f"No scores at the default config `{default}`.")
+    else:
+        rows, values = [], []
+        for model in models:
+            for variant in variants(overview[overview["model"] == model]):
+                row, vals = [Cell(model), Cell(variant)], [None, None]
+                for metric in metrics:
+                    config = "" if metric == "perplexity" else default
+                    entry = by_key.get((model, variant, config, None, metric))
+                    row.append(estimate_cell(entry, metric))
+                    vals.append(None if entry is None else entry["value"])
+                n = _first_n(scores, model, variant, default)
+                row.append(Cell(n))
+                vals.append(None)
+                rows.append(row)
+                values.append(vals)
+        mark_best(rows, values, [None, None, *metrics, None])
+        header = ["Model", "Variant", *[f"{metric_info(m).label} ({metric_info(m).scale})" for m in metrics], "n"]
+        doc.table(Table(header, rows, ["l", "l", *["r"] * len(metrics), "r"]))
+
+
+def decoding_section(doc: Document, ctx: SummaryContext) -> None:
+    """(2) Every decoding config per model and variant, with the swept fields as columns."""
+    scores, by_key, models, default = ctx.scores, ctx.by_key, ctx.models, ctx.default
+    config_fields, swept, settings = ctx.config_fields, ctx.swept, ctx.settings
+    doc.heading(2, "2. Decoding configs per model")
+    decoding = scores[scores["config"].ne("") & scores["layer"].isna()]
+    config_rank = order_index(decoding["config"], settings.decoding_configs)
+    for model in models:
+        for variant in variants(decoding[decoding["model"] == model]):
+            part = decoding[(decoding["model"] == model) & (decoding["variant"] == variant)]
+            configs = sorted(dict.fromkeys(part["config"]), key=config_rank.get)
+            metrics = metric_order(part["metric"])
+            doc.heading(3, f"{model} – {variant}")
+            rows, values = [], []
+            for config in configs:
+                label = f"{config} (default)" if config == default else config
+                row = [Cell(label)] + [Cell(_field_text(config_fields.get(config, {}).get(k))) for k in swept]
+                vals: list = [None] * (1 + len(swept))
+                for metric in metrics:
+                    entry = by_key.get((model, variant, config, None, metric))
+                    row.append(estimate_cell(entry, metric))
+                    vals.append(None if entry is None else entry["value"])
+                rows.append(row)
+                values.append(vals)
+            mark_best(rows, values, [None] * (1 + len(swept)) + metrics)
+            header = ["Config", *swept, *[metric_info(m).label for m in metrics]]
+            doc.table(Table(header, rows, ["l", *["r"] * (len(swept) + len(metrics))]))
+
+
+def layers_section(doc: Document, ctx: SummaryContext) -> None:
+    """(3) Early exit: one row per probed layer, base and fine-tuned side by side."""
+    scores = ctx.scores
+    doc.heading(2, "3. Early exit per layer (base vs fine-tuned)")
+    layers = scores[scores["layer"].notna()]
+    if layers.empty:
+        doc.paragraph("No early-exit scores (probe.early_exit disabled or not run).")
+    for model in dict.fromkeys(layers["model"]):
+        part = layers[layers["model"] == model]
+        present = variants(part)
+        metrics = metric_order(part["metric"])
+        doc.heading(3, model)
+        configs = sorted(set(part["config"]) - {""})
+        if configs:
+            doc.paragraph("Early-exit decoding: " + ", ".join(f"`{c}`" for c in configs) + ".")
+        rows, values = [], []
+        for layer in sorted(int(x) for x in dict.fromkeys(part["layer"])):
+            row, vals = [Cell(str(layer))], [None]
+            for metric in metrics:
+                for variant in present:
+                    match = part[(part["variant"] == variant) & (part["layer"] == layer) & (part["metric"] == metric)]
+                    entry = None if match.empty else match.iloc[0]
+                    row.append(estimate_cell(entry, metric))
+                    vals.append(None if entry is None else entry["value"])
+            rows.append(row)
+            values.append(vals)
+        mark_best(rows, values, [None] + [m for m in metrics for _ in present])
+        header = ["Layer"] + [f"{metric_info(m).label} {v}" for m in metrics for v in present]
+        doc.table(Table(header, rows, ["r"] * len(header)))
+
+
+def best_config_section(doc: Document, ctx: SummaryContext) -> None:
+    """(4) Best decoding config per model, variant and metric, and its paired gain over the default."""
+    summary, by_key, models, default, ci = ctx.summary, ctx.by_key, ctx.models, ctx.default, ctx.ci
+    doc.heading(2, "4. Best decoding config per model and metric")
+    best = summary[summary["statistic"] == "best_config"]
+    metric_rank = {m: i for i, m in enumerate(metric_order(best["metric"]))}
+    model_rank = order_index(models)
+    variant_rank = order_index(best["variant"], VARIANT_ORDER)
+    best = best.assign(_m=best["model"].map(model_rank), _v=best["variant"].map(variant_rank),
+                       _k=best["metric"].map(metric_rank)).sort_values(["_m", "_v", "_k"], kind="stable")
+    best_diff = summary[summary["statistic"] == "best_minus_default"]
+    if best.empty:
+        doc.paragraph("No ranked metrics.")
+    else:
+        rows = []
+        for r in best.itertuples(index=False):
+            decimals = metric_info(r.metric).decimals
+            default_entry = by_key.get((r.model, r.variant, default, None, r.metric))
+            diff = best_diff[(best_diff["model"] == r.model) & (best_diff["variant"] == r.variant)
+                             & (best_diff["metric"] == r.metric)]
+            if r.config == default:
+                diff_text = "default is best"
+            elif diff.empty:
+                diff_text = "– (no per-row values)"
+            else:
+                d = diff.iloc[0]
+                diff_text = format_estimate(d["value"], d["ci_low"], d["ci_high"], decimals, signed=True)
+                diff_text += significance(d["ci_low"], d["ci_high"])
+            rows.append([Cell(r.model), Cell(r.variant), Cell(metric_info(r.metric).label), Cell(f"`{r.config}`"),
+                         Cell(format_estimate(r.value, r.ci_low, r.ci_high, decimals)),
+                         estimate_cell(default_entry, r.metric), Cell(diff_text)])
+        doc.paragraph(f"best − default: mean paired difference over rows (by id) with a bootstrap {ci}; "
+                      "* = the CI excludes 0. Ties go to the earlier config in study order.")
+        doc.table(Table(["Model", "Variant", "Metric", "Best config", "Best", "Default", "Best − default"], rows,
+                        ["l", "l", "l", "l", "r", "r", "r"]))
+
+
+def agreement_section(doc: Document, ctx: SummaryContext) -> None:
+    """(5) Rank agreement of automatic metrics with Judge / Human ratings."""
+    summary, scores, ci, human_sheets = ctx.summary, ctx.scores, ctx.ci, ctx.human_sheets
+    doc.heading(2, "5. Agreement of automatic metrics with Judge / Human")
+    agree = summary[summary["statistic"].str.contains("_vs_")]
+    has_human = bool(scores["metric"].eq("human").any())
+    if human_sheets and not has_human:
+        doc.paragraph("Human rating sheet: " + ", ".join(f"`{p}`" for p in human_sheets if "sheet" in Path(p).name)
+                      + " (fill `correct` with 1/0, put it in `scoring.human.ratings_dir` and rerun for a Human "
+                      "column).")
+    if agree.empty:
+        doc.paragraph("No Judge or Human ratings with per-row values, so no agreement to report.")
+    for reference in REFERENCE_METRICS:
+        part = agree[agree["statistic"].str.endswith(f"_vs_{reference}")]
+        if part.empty:
+            continue
+        doc.heading(3, f"vs {metric_info(reference).label}")
+        doc.paragraph(f"Over rated answers (rows paired by id), pooled over variants and decoding configs per "
+                      f"model; `{POOLED}` pools every model. Kendall τ-b and Spearman ρ with a bootstrap {ci} "
+                      "over answers; bold = highest per model.")
+        rows, values = [], []
+        for (model, metric), group in part.groupby(["model", "metric"], sort=False):
+            stats = {s.split("_vs_")[0]: r for s, r in zip(group["statistic"], group.itertuples(index=False))}
+            tau, rho = stats.get("kendall_tau"), stats.get("spearman_rho")
+            rows.append([Cell(model), Cell(metric_info(metric).label), Cell(str(int(group["n"].iloc[0]))),
+                         Cell(format_estimate(tau.value, tau.ci_low, tau.ci_high, 3) if tau else "–"),
+                         Cell(format_estimate(rho.value, rho.ci_low, rho.ci_high, 3) if rho else "–")])
+            values.append((model, tau.value if tau else math.nan, rho.value if rho else math.nan))
+        for model in dict.fromkeys(v[0] for v in values):
+            for column, index in ((3, 1), (4, 2)):
+                candidates = [v[index] for v in values if v[0] == model and math.isfinite(v[index])]
+                if len(candidates) < 2:
+                    continue
+                top = format_number(max(candidates), 3)
+                for row, v in zip(rows, values):
+                    if v[0] == model and math.isfinite(v[index]) and format_number(v[index], 3) == top:
+                        row[column].best = True
+        doc.table(Table(["Model", "Metric", "n", "Kendall τ", "Spearman ρ"], rows, ["l", "l", "r", "r", "r"]))
+
+
+def paired_section(doc: Document, ctx: SummaryContext) -> None:
+    """(6) Fine-tuned minus base at the default config, rows paired by id."""
+    summary, scores, by_key, models, default, ci = ctx.summary, ctx.scores, ctx.by_key, ctx.models, ctx.default, ctx.ci
+    doc.heading(2, "6. Fine-tuned vs base (paired differences)")
+    diffs = summary[(summary["statistic"] == "paired_difference") & summary["layer"].isna()]
+    tuned_models = [m for m in models if {"base", "finetuned"} <= set(scores[scores["model"] == m]["variant"])]
+    if not tuned_models:
+        doc.paragraph("No model has both a base and a fine-tuned variant.")
+    else:
+        doc.paragraph(f"At the default config: fine-tuned − base, mean of per-row differences with rows paired by "
+                      f"id and a bootstrap {ci}; * = the CI excludes 0. Per-row values of corpus metrics (BLEU) are "
+                      "sentence-level, so their mean can differ from the corpus value; perplexity is the difference "
+                      "of the corpus perplexities (same resampled references for both). Every config and layer is "
+                      "in summary.csv.")
+        rows = []
+        for model in tuned_models:
+            part = diffs[(diffs["model"] == model) & diffs["config"].isin([default, ""])]
+            metrics = metric_order(list(part["metric"]) + list(scores[(scores["model"] == model)
+                                                                       & (scores["metric"] == "perplexity")]["metric"]))
+            for metric in metrics:
+                decimals = metric_info(metric).decimals
+                config = "" if metric == "perplexity" else default
+                base = by_key.get((model, "base", config, None, metric))
+                tuned = by_key.get((model, "finetuned", config, None, metric))
+                match = part[part["metric"] == metric]
+                if not match.empty:
+                    d = match.iloc[0]
+                    diff_text = format_estimate(d["value"], d["ci_low"], d["ci_high"], decimals, signed=True)
+                    diff_text += significance(d["ci_low"], d["ci_high"])
+                    n = str(int(d["n"]))
+                elif base is not None and tuned is not None:
+                    diff_text = format_estimate(tuned["value"] - base["value"], math.nan, math.nan, decimals,
+                                                signed=True) + " (no per-row values, no CI)"
+                    n = "–"
+                else:
+                    continue
+                rows.append([Cell(model), Cell(metric_info(metric).label), estimate_cell(base, metric),
+                             estimate_cell(tuned, metric), Cell(diff_text), Cell(n)])
+        doc.table(Table(["Model", "Metric", "Base", "Fine-tuned", "Fine-tuned − base", "n pairs"], rows,
+                        ["l", "l", "r", "r", "r", "r"]))
+
+
+
+def _first_n(scores: pd.DataFrame, model: str, variant: str, config: str) -> str:
+    match = scores[(scores["model"] == model) & (scores["variant"] == variant) & (scores["config"] == config)]
+    ns = match["n"].dropna()
+    return "–" if ns.empty else str(int(ns.max()))
+
+
+def _field_text(value: Any) -> str:
+    return "–" if value is None else str(value)
+
+
+def finetune_section(doc: Document, finetune: dict[str, dict]) -> None:
+    doc.heading(2, "Fine-tuning")
+    if not finetune:
+        doc.paragraph("No fine-tuned models.")
+        return
+    for model, record in finetune.items():
+        metrics = record.get("metrics") or {}
+        scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool)) or v is None}
+        chosen = {k: scalars[k] for k in FINETUNE_FIELDS if k in scalars}
+        scalars = chosen or scalars  # the finetune stage's key facts; any other metrics.json: all scalars
+        doc.heading(3, model)
+        log_rows = record.get("train_log") or []
+        losses = [r for r in log_rows if isinstance(r.get("loss"), (int, float))]
+        items = [f"`{k}`: {_scalar_text(v)}" for k, v in scalars.items()]
+        if losses:
+            items.append(f"train loss: {losses[0]['loss']:.4f} at step {losses[0].get('step', '?')} → "
+                         f"{losses[-1]['loss']:.4f} at step {losses[-1].get('step', '?')} ({len(losses)} logged steps)")
+        doc.bullets(items or ["metrics.json has no scalar values"])
+
+
+# Keys of the finetune stage's metrics.json shown in the summary (the rest stays in the file).
+FINETUNE_FIELDS = ("method", "train_rows", "trainable_params", "trainable_percent", "steps", "epochs",
+                   "first_loss", "final_loss", "train_time_s", "tokens_per_s")
+
+
+def _scalar_text(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return "–" if value is None else str(value)
+
+
+def notes_section(doc: Document, files: Sequence[ScoreFile]) -> None:
+    skipped: dict[tuple[str, str], list[str]] = {}
+    for score in files:
+        for metric, reason in score.skipped.items():
+            skipped.setdefault((metric, str(reason)), []).append(score.model)
+    if skipped:
+        doc.heading(2, "Skipped metrics")
+        doc.bullets([f"{metric_info(m).label}: {reason} ({', '.join(dict.fromkeys(models))})"
+                     for (m, reason), models in skipped.items()])
+
+
+def provenance(files: Sequence[ScoreFile], settings: ReportSettings,
+               finetune: dict[str, dict] | None = None) -> dict[str, Any]:
+    """What produced the results: config hash, git commit, models and adapters, library versions.
+
+    Adapter hashes come from the generation meta embedded in the score files (`source.adapter`), so
+    they name the adapter that produced the scored text; the finetune stage's hash is listed next to it.
+    """
+    models = {}
+    for score in files:
+        source = score.source or {}
+        model = source.get("model") or {}
+        adapter = source.get("adapter") or {}
+        key = (score.model, score.variant)
+        entry = models.setdefault(key, {"source": set(), "adapter": set(), "backend": set()})
+        if model.get("source"):
+            entry["source"].add(str(model["source"]))
+        if adapter.get("sha256"):
+            entry["adapter"].add(str(adapter["sha256"]))
+        if source.get("backend"):
+            entry["backend"].add(str(source["backend"]))
+    trained = {}
+    for model, record in (finetune or {}).items():
+        adapter = (record.get("metrics") or {}).get("adapter") or {}
+        if adapter.get("sha256"):
+            trained[model] = str(adapter["sha256"])
+    versions: dict[str, set[str]] = {}
+    for score in files:
+        for package, version in score.versions.items():
+            versions.setdefault(package, set()).add(str(version))
+    report_versions = library_versions()
+    for package in ("pandas", "numpy", "scipy", "matplotlib"):
+        try:
+            import importlib.metadata as md
+
+            report_versions[package] = md.version(package)
+        except Exception:
+            continue
+    return {"config_hash": settings.config_hash, "git_commit": settings.git_commit, "models": models,
+            "trained_adapters": trained, "score_versions": versions, "report_versions": report_versions}
+
+
+def provenance_section(doc: Document, files: Sequence[ScoreFile], settings: ReportSettings,
+                        finetune: dict[str, dict]) -> None:
+    info = provenance(files, settings, finetune)
+    doc.heading(2, "Provenance")
+    doc.bullets([f"config hash (sha256 of the validated config): `{info['config_hash']}`",
+                 f"git commit: `{info['git_commit']}`",
+                 f"score files: {len(files)}"])
+    rows = []
+    for (model, variant), entry in info["models"].items():
+        trained = info["trained_adapters"].get(model) if variant != "base" else None
+        if trained and trained in entry["adapter"]:
+            trained_text = "same"
+        elif trained:
+            trained_text = f"`{trained[:16]}` (DIFFERS: scores are from another adapter)"
+        else:
+            trained_text = "–"
+        rows.append([Cell(model), Cell(variant), Cell(", ".join(f"`{s}`" for s in sorted(entry["source"])) or "–"),
+                     Cell(", ".join(f"`{a[:16]}`" for a in sorted(entry["adapter"])) or "–"), Cell(trained_text),
+                     Cell(", ".join(sorted(entry["backend"])) or "–")])
+    if rows:
+        doc.table(Table(["Model", "Variant", "Source", "Adapter sha256 (16) in generations",
+                         "Adapter of the fine-tune run", "Backend"], rows, ["l"] * 6))
+    if info["score_versions"]:
+        doc.paragraph("Libraries that produced the scores (from the score files; several versions = mixed runs):")
+        doc.bullets([f"{p} {', '.join(sorted(v))}" + (" (MIXED)" if len(v) > 1 else "")
+                     for p, v in sorted(info["score_versions"].items())])
+    doc.paragraph("Libraries of the report job: " + ", ".join(f"{p} {v}" for p, v in sorted(info["report_versions"].items())) + ".")
