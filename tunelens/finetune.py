@@ -58,8 +58,12 @@ SETTING_KEYS = (
     "enabled", "method", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "learning_rate",
     "lr_scheduler", "warmup_ratio", "weight_decay", "num_epochs", "max_steps", "batch_size",
     "gradient_accumulation", "max_seq_length", "packing", "padding_free", "gradient_checkpointing", "liger",
-    "logging_steps", "save_steps",
+    "logging_steps", "save_steps", "autotune",
 )
+# Settings added after the first release: a hand-built settings dict without them gets these values.
+SETTING_DEFAULTS = {"autotune": True}
+# Written into the checkpoint directory: a resumed run keeps the micro-batch and checkpointing it measured.
+AUTOTUNE_FILE = "tunelens_autotune.json"
 # What a train_log.jsonl row holds, in this order (missing values are left out of the row).
 LOG_KEYS = ("step", "epoch", "loss", "learning_rate", "grad_norm", "tokens", "tokens_per_s", "mean_token_accuracy")
 
@@ -87,6 +91,8 @@ def _bitsandbytes_installed() -> bool:
 
 def check_settings(settings: dict) -> None:
     """Fail on missing keys and on combinations the schema cannot express. Raises ConfigError."""
+    for key, value in SETTING_DEFAULTS.items():
+        settings.setdefault(key, value)
     missing = [key for key in SETTING_KEYS if key not in settings]
     if missing:
         raise ConfigError(f"finetune settings: missing key(s) {missing}; the config schema fills them by default")
@@ -104,7 +110,10 @@ def check_settings(settings: dict) -> None:
         raise ConfigError("finetune.target_modules: empty list; give module names or 'all-linear'")
 
 
-def resolve_plan(settings: dict, device: str = "auto") -> TrainingPlan:
+LIGER_MIN_VOCAB = 128_000
+
+
+def resolve_plan(settings: dict, device: str = "auto", vocab_size: int | None = None) -> TrainingPlan:
     """Decide method, dtype, gradient checkpointing and Liger from the settings and the device.
 
     Explicit choices that cannot work here (qlora or liger on CPU, liger not installed) are errors,
@@ -150,7 +159,8 @@ def resolve_plan(settings: dict, device: str = "auto") -> TrainingPlan:
         checkpointing = device == "cuda"
         reasons.append(
             f"gradient_checkpointing auto -> {checkpointing}: "
-            + ("trades ~30% speed for activation memory on GPU" if checkpointing else "CPU memory is not the limit")
+            + ("on until the autotuner measures that the GPU holds the activations without it"
+               if checkpointing else "CPU memory is not the limit")
         )
 
     liger = settings["liger"]
@@ -159,11 +169,20 @@ def resolve_plan(settings: dict, device: str = "auto") -> TrainingPlan:
     if liger is True and not _liger_installed():
         raise ConfigError("finetune.liger: true, but liger-kernel is not installed (the 'gpu' extra: liger-kernel==0.8.5)")
     if liger == "auto":
-        liger = device == "cuda" and _liger_installed()
-        reasons.append(
-            f"liger auto -> {liger}: "
-            + ("CUDA and liger-kernel installed" if liger else ("not installed" if device == "cuda" else "CPU run"))
-        )
+        # Measured on an H200 with a 7B Llama shape (BENCHMARKS.md, bench/bench_gpu_study.py): Liger was 9-23%
+        # slower than without. Its fused linear cross-entropy pays where the logits are what fills memory, i.e.
+        # with very large vocabularies (Gemma's 262k), so auto keeps it for those only.
+        large_vocab = vocab_size is not None and vocab_size >= LIGER_MIN_VOCAB
+        liger = device == "cuda" and _liger_installed() and large_vocab
+        if device != "cuda":
+            why = "CPU run"
+        elif not _liger_installed():
+            why = "not installed"
+        elif large_vocab:
+            why = f"vocabulary of {vocab_size} tokens: the fused cross-entropy saves the logits' memory"
+        else:
+            why = f"vocabulary under {LIGER_MIN_VOCAB} tokens: measured slower than plain kernels on a 7B shape"
+        reasons.append(f"liger auto -> {liger}: {why}")
     return TrainingPlan(
         method=method, device=device, compute_dtype=compute_dtype, gradient_checkpointing=bool(checkpointing),
         liger=bool(liger), reasons=tuple(reasons),
@@ -554,6 +573,7 @@ class PreparedRun:
     log_callback: Any
     load_time_s: float
     row_separation: str | None = None  # how packed rows are kept from attending to each other
+    autotune: dict | None = None  # what the CUDA autotuner measured and chose (None: not run)
 
 
 def build_trainer(
@@ -570,10 +590,12 @@ def build_trainer(
     """Validate everything cheap first (settings, device, target modules, data), then load the model and
     build the SFTTrainer. Nothing is trained and nothing but `checkpoint_dir` is written."""
     model_path = str(model_path)
-    plan = resolve_plan(settings, device)
+    check_settings(settings)
+    meta_model = _meta_model(model_path, revision)
+    plan = resolve_plan(settings, device, vocab_size=meta_model.config.get_text_config().vocab_size)
     for reason in plan.reasons:
         log.info("%s", reason)
-    check_target_modules(settings["target_modules"], _meta_model(model_path, revision))
+    check_target_modules(settings["target_modules"], meta_model)
 
     from tunelens.models import load_tokenizer
 
@@ -622,7 +644,161 @@ def build_trainer(
     )
     # With tqdm off, the Trainer prints every log dict to stdout; our callback logs them instead.
     trainer.remove_callback(PrinterCallback)
-    return PreparedRun(trainer, plan, stats, fingerprint, resume_from, log_callback, load_time_s, row_separation)
+    autotune = None
+    if plan.device == "cuda" and settings["autotune"]:
+        autotune = autotune_cuda(trainer, settings, plan, Path(checkpoint_dir))
+    return PreparedRun(trainer, plan, stats, fingerprint, resume_from, log_callback, load_time_s, row_separation,
+                       autotune)
+
+
+# --------------------------------------------------------------------------------------------- autotune
+def _checkpointing_key(args) -> str:
+    return "activation_checkpointing" if hasattr(args, "activation_checkpointing") else "gradient_checkpointing"
+
+
+def _set_checkpointing(trainer, enabled: bool) -> None:
+    """Turn activation checkpointing on/off on the model now and in the args the Trainer reads at train()."""
+    model = trainer.model
+    setattr(trainer.args, _checkpointing_key(trainer.args), enabled)
+    if enabled:
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    elif hasattr(model, "activation_checkpointing_disable"):
+        model.activation_checkpointing_disable()
+    else:
+        model.gradient_checkpointing_disable()
+
+
+def _apply_micro_batch(trainer, micro: int, rows_per_step: int) -> None:
+    trainer.args.per_device_train_batch_size = micro
+    trainer.args.gradient_accumulation_steps = rows_per_step // micro
+    trainer._train_batch_size = micro  # the Trainer caches it at construction
+
+
+def _probe(trainer, batch: dict, repeats: int = 3) -> tuple[float, int]:
+    """Seconds per forward+backward of `batch` (median of the repeats after the first) and peak bytes.
+
+    No optimizer step runs and gradients are dropped, so the weights stay as they were; the caller restores
+    the random state, so dropout masks of the real run are unchanged."""
+    import statistics
+
+    import torch
+
+    model = trainer.model
+    model.train()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    try:
+        for _ in range(repeats):
+            start = time.perf_counter()
+            loss = model(**batch).loss
+            loss.backward()
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+            del loss
+    finally:
+        model.zero_grad(set_to_none=True)
+    return statistics.median(times[1:] if len(times) > 1 else times), torch.cuda.max_memory_allocated()
+
+
+def autotune_cuda(trainer, settings: dict, plan: TrainingPlan, checkpoint_dir: Path) -> dict:
+    """Choose activation checkpointing and the micro-batch by measuring them on this GPU.
+
+    What the user configured stays: rows per optimizer step (batch_size x gradient_accumulation), length,
+    learning rate, seed, and so the rows of every optimizer step (the sampler's order does not depend on the
+    micro-batch; transformers normalises the loss over the whole accumulated step). Within that, each candidate
+    runs forward+backward on the longest micro-batch of the training set (the worst case for memory) and the
+    fastest that fits the GPU's memory, with headroom for the optimizer state, is kept. Checkpointing stays as
+    configured when it was set explicitly. A resumed run reuses the choice recorded in `checkpoint_dir`.
+    """
+    import torch
+
+    rows_per_step = settings["batch_size"] * settings["gradient_accumulation"]
+    record_path = checkpoint_dir / AUTOTUNE_FILE
+    if record_path.exists():
+        choice = json.loads(record_path.read_text(encoding="utf-8"))
+        if choice.get("rows_per_step") == rows_per_step:
+            _set_checkpointing(trainer, choice["gradient_checkpointing"])
+            _apply_micro_batch(trainer, choice["micro_batch_size"], rows_per_step)
+            log.info("autotune: reusing the choice of the interrupted run: %s", choice["reason"])
+            return choice
+
+    configured = settings["gradient_checkpointing"]
+    checkpointing_options = [False, True] if configured == "auto" else [bool(configured)]
+    micro_options = [m for m in range(rows_per_step, 0, -1) if rows_per_step % m == 0]
+    dataset = trainer.train_dataset
+    lengths = [len(ids) for ids in dataset["input_ids"]]
+    longest_first = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    device = torch.device("cuda", torch.cuda.current_device())
+
+    def worst_batch(micro: int) -> dict:
+        examples = [dataset[i] for i in longest_first[:micro]]
+        batch = trainer.data_collator(examples)
+        return {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+
+    free, total = torch.cuda.mem_get_info()
+    # What this process may use: free memory plus what its allocator already holds, less 10% headroom for
+    # fragmentation and the steps' varying shapes; AdamW keeps two fp32 moments per trainable parameter.
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    optimizer_bytes = 3 * 4 * trainable
+    budget = 0.9 * (free + torch.cuda.memory_reserved()) - optimizer_bytes
+    rng = (torch.get_rng_state(), torch.cuda.get_rng_state_all())
+    was_training = trainer.model.training
+    trials = []
+    try:
+        for checkpointing in checkpointing_options:
+            _set_checkpointing(trainer, checkpointing)
+            # Largest micro-batch first: without checkpointing the first that fits is measured; with it, the
+            # configured micro-batch and the whole step in one micro-batch.
+            candidates = micro_options if not checkpointing else sorted(
+                {rows_per_step, min(settings["batch_size"], rows_per_step)}, reverse=True)
+            for micro in candidates:
+                batch = worst_batch(micro)
+                tokens = int(batch["input_ids"].numel())
+                try:
+                    seconds, peak = _probe(trainer, batch)
+                except torch.OutOfMemoryError:
+                    trials.append({"gradient_checkpointing": checkpointing, "micro_batch_size": micro, "fits": False,
+                                   "error": "out of memory"})
+                    del batch
+                    torch.cuda.empty_cache()
+                    continue
+                fits = peak <= budget
+                trials.append({"gradient_checkpointing": checkpointing, "micro_batch_size": micro, "fits": fits,
+                               "peak_mib": round(peak / 2**20), "seconds": round(seconds, 4),
+                               "tokens_per_s": round(tokens / seconds, 1)})
+                del batch
+                torch.cuda.empty_cache()
+                if fits and not checkpointing:
+                    break
+    finally:
+        torch.set_rng_state(rng[0])
+        torch.cuda.set_rng_state_all(rng[1])
+        trainer.model.train(was_training)
+    fitting = [t for t in trials if t["fits"]]
+    if not fitting:
+        best = {"gradient_checkpointing": True if configured == "auto" else bool(configured),
+                "micro_batch_size": settings["batch_size"] if rows_per_step % settings["batch_size"] == 0 else 1}
+        reason = "no candidate fitted in the probe; keeping the configured micro-batch with checkpointing"
+    else:
+        best = max(fitting, key=lambda t: t["tokens_per_s"])
+        reason = (f"micro-batch {best['micro_batch_size']} x {rows_per_step // best['micro_batch_size']} accumulation, "
+                  f"checkpointing {'on' if best['gradient_checkpointing'] else 'off'}: fastest of {len(trials)} "
+                  f"measured ({best['tokens_per_s']} tok/s on the longest rows, peak {best['peak_mib']} MiB of a "
+                  f"{round(budget / 2**20)} MiB budget)")
+    _set_checkpointing(trainer, best["gradient_checkpointing"])
+    _apply_micro_batch(trainer, best["micro_batch_size"], rows_per_step)
+    choice = {"rows_per_step": rows_per_step, "gradient_checkpointing": best["gradient_checkpointing"],
+              "micro_batch_size": best["micro_batch_size"], "reason": reason, "trials": trials,
+              "gpu_total_mib": round(total / 2**20)}
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(record_path, choice)
+    log.info("autotune: %s", reason)
+    return choice
 
 
 # --------------------------------------------------------------------------------------------- outputs
@@ -774,9 +950,12 @@ def finetune(
         "device": plan.device,
         "device_name": torch.cuda.get_device_name() if plan.device == "cuda" else "cpu",
         "compute_dtype": plan.compute_dtype,
-        "gradient_checkpointing": plan.gradient_checkpointing,
+        "gradient_checkpointing": run.autotune["gradient_checkpointing"] if run.autotune else plan.gradient_checkpointing,
         "liger": plan.liger,
         "packed_row_separation": run.row_separation,
+        "autotune": run.autotune,
+        "micro_batch_size": trainer.args.per_device_train_batch_size,
+        "gradient_accumulation_steps": trainer.args.gradient_accumulation_steps,
         "plan_reasons": list(plan.reasons),
         "settings": settings,
         "prompt_format": prompt_format,
