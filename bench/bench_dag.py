@@ -96,11 +96,12 @@ def parse_dry_run(text: str) -> list[PlannedJob]:
     return jobs
 
 
-def snakemake(workdir: Path, configfile: Path, *args: str, check: bool = True, env: dict | None = None):
-    """Run snakemake on the repository's Snakefile in `workdir`; returns (CompletedProcess, seconds)."""
+def snakemake(workdir: Path, configfile: Path, *args: str, check: bool = True, env: dict | None = None,
+              snakefile: Path = REPO / "Snakefile"):
+    """Run snakemake on the repository's Snakefile (or `snakefile`) in `workdir`; returns (CompletedProcess, seconds)."""
     command = [
         SNAKEMAKE,
-        "--snakefile", str(REPO / "Snakefile"),
+        "--snakefile", str(snakefile),
         "--directory", str(workdir),
         "--configfile", str(configfile),
         *args,
@@ -122,9 +123,10 @@ def snakemake(workdir: Path, configfile: Path, *args: str, check: bool = True, e
     return result, seconds
 
 
-def dry_run(workdir: Path, configfile: Path, *args: str) -> tuple[list[PlannedJob], float]:
+def dry_run(workdir: Path, configfile: Path, *args: str, snakefile: Path = REPO / "Snakefile"
+            ) -> tuple[list[PlannedJob], float]:
     """The jobs Snakemake would run (with `args`, e.g. targets or --forcerun), and the wall time."""
-    result, seconds = snakemake(workdir, configfile, "--dry-run", *args)
+    result, seconds = snakemake(workdir, configfile, "--dry-run", *args, snakefile=snakefile)
     return parse_dry_run(result.stdout + result.stderr), seconds
 
 
@@ -134,14 +136,15 @@ def _looks_like_directory(path: str) -> bool:
     return "." not in Path(path).name
 
 
-def fake_finished_study(workdir: Path, configfile: Path, *args: str) -> list[PlannedJob]:
+def fake_finished_study(workdir: Path, configfile: Path, *args: str, snakefile: Path = REPO / "Snakefile"
+                        ) -> list[PlannedJob]:
     """Make `workdir` look like a finished run: every output exists and has Snakemake metadata.
 
     Creates each planned output (empty file, or a directory with a marker file), then lets
     `snakemake --touch --forceall` give them DAG-ordered mtimes and record params/code metadata.
     Returns the jobs that were faked.
     """
-    jobs, _ = dry_run(workdir, configfile, *args)
+    jobs, _ = dry_run(workdir, configfile, *args, snakefile=snakefile)
     for job in jobs:
         for output in job.outputs:
             path = workdir / output
@@ -151,7 +154,8 @@ def fake_finished_study(workdir: Path, configfile: Path, *args: str) -> list[Pla
             else:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text("")
-    snakemake(workdir, configfile, "--touch", "--forceall", "--cores", "1", "--quiet", "all", *args)
+    snakemake(workdir, configfile, "--touch", "--forceall", "--cores", "1", "--quiet", "all", *args,
+              snakefile=snakefile)
     return jobs
 
 

@@ -4,6 +4,7 @@ import sys
 
 sys.path.insert(0, workflow.basedir)  # tunelens from this checkout, installed or not
 
+from tunelens.codehash import code_hash
 from tunelens.config import (
     VARIANTS,
     load_config,
@@ -25,6 +26,16 @@ R = "results"
 DATASET = STUDY.dataset_name
 MODELS = STUDY.models
 DECODING = STUDY.decoding
+
+
+def code_version(script):
+    """A rule's `code` param: hash of the normalised source its script runs (script + tunelens imports).
+
+    Snakemake's own code trigger is off (profiles/*/config.yaml): it reruns on a script's mtime and
+    misses edits in tunelens/. This param reruns a rule's jobs exactly when code they execute changes;
+    comments, docstrings and formatting do not count (tunelens/codehash.py).
+    """
+    return code_hash(f"{workflow.basedir}/scripts/{script}")
 
 
 def _alternation(names):

@@ -18,12 +18,12 @@ rule split:
         mem_mb=4000,
         runtime=30,
     params:
+        code=code_version("split.py"),
         source=lookup(dpath="dataset/source", within=config),
         name=DATASET,
         fields=lookup(dpath="dataset/fields", within=config),
         seed=lookup(dpath="seed", within=config),
         test_size=lookup(dpath="dataset/test_size", within=config),
-        max_test=lookup(dpath="dataset/max_test", within=config),
         max_train=lookup(dpath="dataset/max_train", within=config),
         hub_split=lookup(dpath="dataset/hub_split", within=config),
     script:

@@ -40,6 +40,7 @@ rule finetune:
         runtime=model_resource("runtime"),
         cpus_per_task=model_resource("cpus"),
     params:
+        code=code_version("finetune.py"),
         model_path=model_path,
         revision=model_revision,
         prompt_format=model_prompt_format,

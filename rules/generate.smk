@@ -29,6 +29,7 @@ rule generate:
         runtime=model_resource("runtime"),
         cpus_per_task=model_resource("cpus"),
     params:
+        code=code_version("generate.py"),
         model_path=model_path,
         model_source=model_source,
         prompt_format=model_prompt_format,
@@ -68,6 +69,7 @@ rule generation_agreement:
         runtime=model_resource("runtime"),
         cpus_per_task=model_resource("cpus"),
     params:
+        code=code_version("agreement.py"),
         model_path=model_path,
         prompt_format=model_prompt_format,
         rows=lookup(dpath="generation/agreement_rows", within=config),

@@ -14,6 +14,7 @@ rule materialize_model:
         mem_mb=6000,
         runtime=30,
     params:
+        code=code_version("materialize_model.py"),
         embedded=lambda wildcards: model_spec(wildcards).embedded_name,
     script:
         "../scripts/materialize_model.py"
@@ -32,6 +33,7 @@ rule materialize_bertscore_model:
         mem_mb=2000,
         runtime=10,
     params:
+        code=code_version("materialize_model.py"),
         embedded=bertscore_embedded_name,
     script:
         "../scripts/materialize_model.py"

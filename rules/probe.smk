@@ -39,6 +39,7 @@ rule logit_lens:
         runtime=model_resource("runtime"),
         cpus_per_task=model_resource("cpus"),
     params:
+        code=code_version("logit_lens.py"),
         source=probe_model_source,
         model_path=model_path,
         prompt_format=probe_prompt_format,
@@ -75,6 +76,7 @@ rule early_exit:
         runtime=model_resource("runtime"),
         cpus_per_task=model_resource("cpus"),
     params:
+        code=code_version("early_exit.py"),
         source=probe_model_source,
         model_path=model_path,
         prompt_format=probe_prompt_format,

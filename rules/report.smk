@@ -42,6 +42,7 @@ rule report:
         mem_mb=2000,
         runtime=20,
     params:
+        code=code_version("report.py"),
         decoding_configs=report_decoding_configs(),
         default_config=STUDY.default_decoding,
         bootstrap_samples=lookup(dpath="scoring/bootstrap_samples", within=config),

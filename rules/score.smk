@@ -28,6 +28,7 @@ rule score:
         mem_mb=8000,
         runtime=60,
     params:
+        code=code_version("score.py"),
         metrics=score_metrics,
         context=score_context,
         samples=scoring_config("bootstrap_samples"),
@@ -57,6 +58,7 @@ rule score_early_exit:
         mem_mb=8000,
         runtime=60,
     params:
+        code=code_version("score.py"),
         metrics=score_metrics,
         context=score_context,
         samples=scoring_config("bootstrap_samples"),
@@ -97,6 +99,7 @@ rule perplexity:
         runtime=model_resource("runtime"),
         cpus_per_task=model_resource("cpus"),
     params:
+        code=code_version("perplexity.py"),
         source=score_model_source,
         model_path=model_path,
         prompt_format=score_prompt_format,
@@ -131,6 +134,7 @@ rule judge:
         runtime=model_resource("runtime"),
         cpus_per_task=model_resource("cpus"),
     params:
+        code=code_version("judge.py"),
         judge_model=judge_model_name,
         judge_path=judge_model_path,
         batch_size=scoring_config("judge/batch_size"),
@@ -163,6 +167,7 @@ rule human_sheet:
         mem_mb=2000,
         runtime=10,
     params:
+        code=code_version("human_sheet.py"),
         groups=human_groups(),
         sample_size=scoring_config("human/sample_size"),
         seed=lookup(dpath="seed", within=config),
@@ -188,6 +193,7 @@ rule human_score:
         mem_mb=2000,
         runtime=10,
     params:
+        code=code_version("human_score.py"),
         groups=human_groups(),
         samples=scoring_config("bootstrap_samples"),
         confidence=scoring_config("confidence"),

@@ -11,7 +11,6 @@ split_dataset(
     fields=params.fields,
     seed=params.seed,
     test_size=params.test_size,
-    max_test=params.max_test,
     max_train=params.max_train,
     hub_split=params.hub_split,
     train_path=snakemake.output.train,

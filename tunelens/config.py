@@ -34,6 +34,9 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$
 VARIANTS = ("base", "finetuned")
 RESERVED_MODEL_NAMES = {"bertscore"}
 DECODING_FIELDS = ("top_k", "num_beams", "temperature", "top_p", "repetition_penalty")
+# Here, not in data.py: every job re-validates the config, and a job's code hash (tunelens.codehash)
+# follows imports, so importing data.py from here would make a data.py edit rerun every job.
+EMBEDDED_DATASETS = {"demo": "tunelens.demo_data.generate_demo_rows: 400 generated instruction rows"}
 
 
 # --------------------------------------------------------------------------------------------- jobs
@@ -372,6 +375,23 @@ class Study:
         return self.config["dataset"]["name"]
 
 
+# Keys that were removed, with what to use instead (a clearer message than "unknown key").
+REMOVED_KEYS = {
+    ("dataset", "max_test"): (
+        "was removed: it capped the test split by moving the other test rows into train, so raising the "
+        "evaluation size re-fine-tuned every model. The split is now fixed by dataset.test_size and seed; "
+        "set how many test rows are evaluated with decoding.max_test_rows (it never changes train.jsonl)"
+    ),
+}
+
+
+def check_removed_keys(config: dict) -> None:
+    for (section, key), message in REMOVED_KEYS.items():
+        holder = config.get(section)
+        if isinstance(holder, dict) and key in holder:
+            raise ConfigError(f"{section}.{key}: {holder[key]!r}: {section}.{key} {message}")
+
+
 def load_config(config: dict, *, base_dir: str | Path = ".") -> Study:
     """Validate `config` (defaults are filled in place) and return the Study built from it.
 
@@ -379,6 +399,7 @@ def load_config(config: dict, *, base_dir: str | Path = ".") -> Study:
     """
     if not isinstance(config, dict) or not config:
         raise ConfigError("the config is empty; pass --configfile or keep config.yaml next to the Snakefile")
+    check_removed_keys(config)
     validate_schema(config)
     schema = _load_schema()
     base_dir = Path(base_dir)
@@ -386,8 +407,6 @@ def load_config(config: dict, *, base_dir: str | Path = ".") -> Study:
     dataset = config["dataset"]
     kind = source_kind(dataset["source"])
     if kind == "embedded":
-        from tunelens.data import EMBEDDED_DATASETS
-
         key = dataset["source"][len(EMBEDDED_PREFIX):]
         if key not in EMBEDDED_DATASETS:
             raise ConfigError(f"dataset.source: unknown embedded dataset '{key}'; choices: {sorted(EMBEDDED_DATASETS)}")

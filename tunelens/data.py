@@ -23,7 +23,6 @@ from tunelens.io import library_versions, sha256_bytes, sha256_file, write_json_
 
 log = logging.getLogger(__name__)
 
-EMBEDDED_DATASETS = {"demo": "tunelens.demo_data.generate_demo_rows: 400 generated instruction rows"}
 REQUIRED = ("instruction", "output")
 FIELDS = ("instruction", "input", "output")
 
@@ -31,7 +30,7 @@ FIELDS = ("instruction", "input", "output")
 # --------------------------------------------------------------------------------------------- reading
 def read_source(source: str, *, hub_split: str = "train", base_dir: str | Path = ".") -> tuple[list[dict], dict]:
     """Rows of a dataset source as dicts, plus a description of the source (kind, path, content hash)."""
-    from tunelens.config import EMBEDDED_PREFIX, source_kind
+    from tunelens.config import EMBEDDED_DATASETS, EMBEDDED_PREFIX, source_kind
 
     kind = source_kind(source)
     if kind == "embedded":
@@ -151,14 +150,12 @@ def _order_key(seed: int, text: str) -> str:
     return hashlib.sha256(f"{seed}\x1f{text}".encode("utf-8")).hexdigest()
 
 
-def resolve_test_count(test_size: float, n_prompts: int, max_test: int | None) -> int:
+def resolve_test_count(test_size: float, n_prompts: int) -> int:
     """Number of distinct prompts for test: a fraction of prompts (rounded, at least 1) or a count."""
     if test_size < 1:
         count = max(1, round(test_size * n_prompts))
     else:
         count = int(test_size)
-    if max_test is not None:
-        count = min(count, max_test)
     if count >= n_prompts:
         raise DataError(
             f"dataset.test_size: {test_size} asks for {count} test prompts but only {n_prompts} distinct prompts "
@@ -167,14 +164,13 @@ def resolve_test_count(test_size: float, n_prompts: int, max_test: int | None) -
     return count
 
 
-def split_rows(rows: list[dict], *, seed: int, test_size: float, max_test: int | None = None,
-               max_train: int | None = None) -> tuple[list[dict], list[dict], dict]:
+def split_rows(rows: list[dict], *, seed: int, test_size: float, max_train: int | None = None) -> tuple[list[dict], list[dict], dict]:
     """Split cleaned rows by prompt group (instruction+input) in a seeded, content-hashed order."""
     groups: dict[tuple[str, str], list[dict]] = {}
     for row in rows:
         groups.setdefault((row["instruction"], row["input"]), []).append(row)
     ordered = sorted(groups, key=lambda key: _order_key(seed, "\x1f".join(key)))
-    n_test = resolve_test_count(test_size, len(ordered), max_test)
+    n_test = resolve_test_count(test_size, len(ordered))
     test, train, extra = [], [], 0
     for index, key in enumerate(ordered):
         group = sorted(groups[key], key=lambda r: r["id"])
@@ -193,14 +189,13 @@ def split_rows(rows: list[dict], *, seed: int, test_size: float, max_test: int |
     return train, test, stats
 
 
-def split_dataset(*, source: str, name: str, fields: dict, seed: int, test_size: float, max_test: int | None,
-                  max_train: int | None, hub_split: str, train_path: str | Path, test_path: str | Path,
+def split_dataset(*, source: str, name: str, fields: dict, seed: int, test_size: float, max_train: int | None, hub_split: str, train_path: str | Path, test_path: str | Path,
                   manifest_path: str | Path, base_dir: str | Path = ".") -> dict:
     """Read, clean and split a dataset; write train.jsonl, test.jsonl and manifest.json. Returns the manifest."""
     raw_rows, source_info = read_source(source, hub_split=hub_split, base_dir=base_dir)
     log.info("read %d rows from %s", len(raw_rows), source)
     rows, dropped = clean_rows(raw_rows, fields, name, where=f"dataset '{source}'")
-    train, test, stats = split_rows(rows, seed=seed, test_size=test_size, max_test=max_test, max_train=max_train)
+    train, test, stats = split_rows(rows, seed=seed, test_size=test_size, max_train=max_train)
     write_jsonl_atomic(train_path, train)
     write_jsonl_atomic(test_path, test)
     manifest: dict[str, Any] = {
@@ -209,7 +204,6 @@ def split_dataset(*, source: str, name: str, fields: dict, seed: int, test_size:
         "fields": fields,
         "seed": seed,
         "test_size": test_size,
-        "max_test": max_test,
         "max_train": max_train,
         "counts": {
             "read": len(raw_rows),

@@ -1,0 +1,220 @@
+"""Rerun exactly when a result would change: code edits and the evaluation size (exact dry-run plans).
+
+The plan tests work on a copy of the workflow (Snakefile, rules, scripts, tunelens, ...) in a temp dir, fake a
+finished study there (bench_dag.fake_finished_study: empty outputs + Snakemake metadata), edit one file of
+the copy, and assert the exact set of (rule, wildcards) the dry run plans. No model is loaded.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+from bench_dag import dry_run, fake_finished_study  # noqa: E402
+
+from tunelens import codehash  # noqa: E402
+
+WORKFLOW_FILES = ("Snakefile", "config.yaml", "rules", "scripts", "tunelens", "schemas", "profiles", "envs", "report")
+
+# One embedded model, one decoding config, one probe layer: the smallest DAG with every kind of job.
+CONFIG = {
+    "seed": 1234,
+    "device": "cpu",
+    "dataset": {"name": "demo", "source": "embedded:demo", "test_size": 6},
+    "models": {"smollm2": {"source": "embedded:smollm2-135m-instruct", "prompt_format": "chat"}},
+    "decoding": {"mode": "list", "configs": [{"name": "greedy", "temperature": 0.0}], "max_test_rows": 4},
+    "probe": {"layers": [1.0]},
+}
+VARIANTS = ("base", "finetuned")
+LAYER = "30"  # 1.0 of SmolLM2-135M's 30 layers
+
+
+def job(rule: str, **wildcards) -> tuple:
+    return (rule, tuple(sorted(wildcards.items())))
+
+
+def per_variant(rule: str, **extra) -> set:
+    return {job(rule, model="smollm2", variant=variant, **extra) for variant in VARIANTS}
+
+
+GENERATE = per_variant("generate", config="greedy")
+SCORE = per_variant("score", config="greedy")
+PERPLEXITY = per_variant("perplexity")
+EARLY_EXIT = per_variant("early_exit", layer=LAYER)
+SCORE_EARLY_EXIT = per_variant("score_early_exit", layer=LAYER)
+AGGREGATES = {job("human_sheet"), job("report"), job("all")}
+
+
+# ----------------------------------------------------------------------------------------- codehash units
+def _write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_hash_ignores_comments_docstrings_and_formatting(tmp_path):
+    script = _write(tmp_path / "s.py", '"""Doc."""\nimport os\n\ndef f(x):\n    """Doc."""\n    return x + 1\n')
+    before = codehash.code_hash(script)
+    codehash.code_hash.cache_clear()
+    codehash._parsed.cache_clear()
+    _write(script, '"""Other doc."""\nimport os  # a comment\n\n\n# more\ndef f( x ):\n    """Changed."""\n'
+                   '    return (x + 1)\n')
+    assert codehash.code_hash(script) == before
+    codehash.code_hash.cache_clear()
+    codehash._parsed.cache_clear()
+    _write(script, '"""Doc."""\nimport os\n\ndef f(x):\n    """Doc."""\n    return x + 2\n')
+    assert codehash.code_hash(script) != before
+
+
+def test_closure_follows_lazy_and_transitive_tunelens_imports():
+    # scripts/score.py imports tunelens.score, which imports metrics; metrics imports models inside a function.
+    modules = codehash.code_modules(REPO / "scripts" / "score.py")
+    assert {"tunelens.score", "tunelens.metrics", "tunelens.models", "tunelens.io"} <= set(modules)
+    assert "tunelens.generate" not in modules and "tunelens.report" not in modules
+    generate = codehash.code_modules(REPO / "scripts" / "generate.py")
+    assert "tunelens.metrics" not in generate and "tunelens.report" not in generate
+    assert "tunelens.data" not in generate  # config.py keeps the embedded dataset registry itself
+    assert "tunelens.report" in codehash.code_modules(REPO / "scripts" / "report.py")
+
+
+def test_hashing_every_script_is_fast():
+    codehash.code_hash.cache_clear()
+    codehash._parsed.cache_clear()
+    started = time.perf_counter()
+    for script in sorted((REPO / "scripts").glob("*.py")):
+        codehash.code_hash(script)
+    assert time.perf_counter() - started < 2.0  # ~0.1 s on an idle core; built on every snakemake call
+
+
+# ----------------------------------------------------------------------------------------- plan tests
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """(workflow copy, workdir, configfile) of a finished CONFIG study."""
+    root = tmp_path_factory.mktemp("reruns")
+    flow = root / "flow"
+    flow.mkdir()
+    for name in WORKFLOW_FILES:
+        source = REPO / name
+        if source.is_dir():
+            shutil.copytree(source, flow / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(source, flow / name)
+    workdir = root / "work"
+    workdir.mkdir()
+    configfile = root / "config.yaml"
+    configfile.write_text(yaml.safe_dump(CONFIG, sort_keys=False))
+    fake_finished_study(workdir, configfile, snakefile=flow / "Snakefile")
+    return flow, workdir, configfile
+
+
+def plan(study, config: dict | None = None) -> set:
+    flow, workdir, configfile = study
+    if config is not None:
+        configfile = configfile.parent / "changed.yaml"
+        configfile.write_text(yaml.safe_dump(config, sort_keys=False))
+    jobs, _ = dry_run(workdir, configfile, snakefile=flow / "Snakefile")
+    return {planned.key for planned in jobs}
+
+
+def module_file(flow: Path, module: str) -> Path:
+    """tunelens/<module>.py, or its package's __init__.py once a module becomes a package."""
+    path = flow / "tunelens" / f"{module}.py"
+    return path if path.exists() else flow / "tunelens" / module / "__init__.py"
+
+
+class appended:
+    """Context manager: append `text` to a file of the workflow copy, restore it afterwards."""
+
+    def __init__(self, path: Path, text: str):
+        self.path, self.text = path, text
+
+    def __enter__(self):
+        self.original = self.path.read_text()
+        self.path.write_text(self.original + self.text)
+
+    def __exit__(self, *exc):
+        self.path.write_text(self.original)
+
+
+class edited:
+    """Context manager: replace `old` by `new` in a file of the workflow copy, restore it afterwards."""
+
+    def __init__(self, path: Path, old: str, new: str):
+        self.path, self.old, self.new = path, old, new
+
+    def __enter__(self):
+        self.original = self.path.read_text()
+        assert self.old in self.original, f"{self.old!r} not in {self.path}"
+        self.path.write_text(self.original.replace(self.old, self.new, 1))
+
+    def __exit__(self, *exc):
+        self.path.write_text(self.original)
+
+
+def test_finished_study_plans_nothing(study):
+    assert plan(study) == set()
+
+
+def test_editing_report_code_reruns_only_the_report(study):
+    flow = study[0]
+    with appended(module_file(flow, "report"), "\nREPORT_EDIT = 1\n"):
+        assert plan(study) == {job("report"), job("all")}
+
+
+def test_editing_metrics_code_reruns_scoring_and_report_not_generation(study):
+    flow = study[0]
+    with appended(module_file(flow, "metrics"), "\nMETRICS_EDIT = 1\n"):
+        planned = plan(study)
+    # every job whose code imports tunelens.metrics: scores, early-exit scores, perplexity, the human
+    # sheet (tunelens.human) and the report; generation, fine-tune, probe and split are untouched.
+    assert planned == SCORE | SCORE_EARLY_EXIT | PERPLEXITY | AGGREGATES
+
+
+def test_comment_docstring_edit_and_touch_rerun_nothing(study):
+    flow = study[0]
+    metrics = module_file(flow, "metrics")
+    text = metrics.read_text()
+    with edited(metrics, '"""', '"""Edited docstring.\n\n'), appended(metrics, "\n# a new comment\n\n"):
+        later = time.time() + 5
+        for script in (flow / "scripts").glob("*.py"):
+            os.utime(script, (later, later))
+        for module in (flow / "tunelens").glob("*.py"):
+            os.utime(module, (later, later))
+        assert plan(study) == set()
+    assert metrics.read_text() == text
+
+
+def test_editing_a_script_reruns_that_rule_and_downstream(study):
+    flow = study[0]
+    with edited(flow / "scripts/generate.py", "params = snakemake.params\n", "params = snakemake.params\nEDIT = 1\n"):
+        planned = plan(study)
+    assert planned == GENERATE | SCORE | AGGREGATES
+
+
+def test_raising_the_evaluation_size_plans_no_finetune(study):
+    config = copy.deepcopy(CONFIG)
+    config["decoding"]["max_test_rows"] = 6
+    planned = plan(study, config)
+    # new generations (and what reads them) and the perplexity of the larger evaluation set; the split,
+    # the fine-tunes, the probes and the early exits (their own row count) stay.
+    assert planned == GENERATE | SCORE | PERPLEXITY | AGGREGATES
+    assert not {rule for rule, _ in planned} & {"split", "finetune", "materialize_model"}
+
+
+def test_removed_max_test_key_is_rejected_with_its_replacement():
+    from tunelens.config import load_config
+    from tunelens.errors import ConfigError
+
+    config = copy.deepcopy(CONFIG)
+    config["dataset"]["max_test"] = 50
+    with pytest.raises(ConfigError, match=r"dataset\.max_test: 50: .*decoding\.max_test_rows"):
+        load_config(config)
