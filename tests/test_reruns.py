@@ -86,9 +86,17 @@ def test_closure_follows_lazy_and_transitive_tunelens_imports():
     assert "tunelens.report" in codehash.code_modules(REPO / "scripts" / "report.py")
 
 
+def test_package_templates_count_as_code():
+    closure = codehash.code_closure(REPO / "scripts" / "report.py")
+    templates = [name for name in closure if ":" in name]
+    assert "tunelens.report:summary.html.j2" in templates, templates
+    assert not [name for name in codehash.code_closure(REPO / "scripts" / "generate.py") if name.endswith(".j2")]
+
+
 def test_hashing_every_script_is_fast():
     codehash.code_hash.cache_clear()
     codehash._parsed.cache_clear()
+    codehash._package_data.cache_clear()
     started = time.perf_counter()
     for script in sorted((REPO / "scripts").glob("*.py")):
         codehash.code_hash(script)

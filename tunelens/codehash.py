@@ -92,8 +92,19 @@ def _parsed(path: Path, package: str | None) -> tuple[str, frozenset[str]]:
     return ast.dump(tree, annotate_fields=False, include_attributes=False), imports
 
 
+@functools.lru_cache(maxsize=None)
+def _package_data(directory: Path) -> tuple[tuple[str, str], ...]:
+    """(file name, sha256) of a package directory's non-Python files (templates such as summary.html.j2)."""
+    return tuple(
+        (path.name, hashlib.sha256(path.read_bytes()).hexdigest())
+        for path in sorted(directory.iterdir())
+        if path.is_file() and path.suffix not in (".py", ".pyc")
+    )
+
+
 def code_closure(script: str | Path) -> dict[str, str]:
-    """{name: normalised AST} of `script` and every tunelens module it runs (transitively)."""
+    """{name: normalised AST} of `script` and every tunelens module it runs (transitively), plus the
+    data files (templates) that sit in the directory of each package it imports."""
     script = Path(script).resolve()
     dump, pending = _parsed(script, None)
     closure = {"<script>": dump}
@@ -105,6 +116,9 @@ def code_closure(script: str | Path) -> dict[str, str]:
         path = _module_file(module)
         dump, imports = _parsed(path, _package_of(path))
         closure[module] = dump
+        if path.name == "__init__.py":
+            for name, digest in _package_data(path.parent):
+                closure[f"{module}:{name}"] = digest
         pending |= imports - closure.keys()
     return closure
 
