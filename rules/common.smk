@@ -118,6 +118,21 @@ def model_resource(key):
     return get
 
 
+def model_threads(wildcards):
+    """Threads of a job that runs this model: its `resources.cpus` (also the SLURM cpus_per_task).
+
+    On one machine Snakemake lowers it to --cores, so a model job alone may use every local core, and
+    jobs whose threads would sum past --cores run one after the other. The job hands the number to
+    torch (tunelens.jobs.use_job_threads).
+    """
+    return MODELS[wildcards.model].resources["cpus"]
+
+
+# Score jobs are short and spend most of their time starting up; one thread each lets two run side by
+# side (and matches the profiles' default cpus_per_task of 1).
+SCORE_THREADS = 1
+
+
 def model_gpus(wildcards):
     """GPUs this model's jobs request; 0 when the study runs on CPU."""
     if STUDY.config["device"] == "cpu":

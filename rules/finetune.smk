@@ -34,6 +34,7 @@ rule finetune:
         or "(?!)",
     conda:
         "../envs/torch.yaml"
+    threads: model_threads
     resources:
         gpu=model_gpus,
         mem_mb=model_resource("mem_mb"),

@@ -23,6 +23,7 @@ rule generate:
         "benchmarks/generate/{model}/{variant}/{config}.tsv"
     conda:
         "../envs/torch.yaml"
+    threads: model_threads
     resources:
         gpu=model_gpus,
         mem_mb=model_resource("mem_mb"),
@@ -63,6 +64,7 @@ rule generation_agreement:
         "benchmarks/generation_agreement/{model}/{variant}.tsv"
     conda:
         "../envs/torch.yaml"
+    threads: model_threads
     resources:
         gpu=model_gpus,
         mem_mb=model_resource("mem_mb"),

@@ -33,6 +33,7 @@ rule logit_lens:
         "benchmarks/logit_lens/{model}/{variant}.tsv"
     conda:
         "../envs/torch.yaml"
+    threads: model_threads
     resources:
         gpu=model_gpus,
         mem_mb=model_resource("mem_mb"),
@@ -70,6 +71,7 @@ rule early_exit:
         "benchmarks/early_exit/{model}/{variant}/layer_{layer}.tsv"
     conda:
         "../envs/torch.yaml"
+    threads: model_threads
     resources:
         gpu=model_gpus,
         mem_mb=model_resource("mem_mb"),

@@ -23,6 +23,7 @@ rule score:
         "benchmarks/score/{model}/{variant}/{config}.tsv"
     conda:
         "../envs/torch.yaml"
+    threads: SCORE_THREADS
     resources:
         gpu=score_gpus,
         mem_mb=8000,
@@ -53,6 +54,7 @@ rule score_early_exit:
         "benchmarks/score_early_exit/{model}/{variant}/layer_{layer}.tsv"
     conda:
         "../envs/torch.yaml"
+    threads: SCORE_THREADS
     resources:
         gpu=score_gpus,
         mem_mb=8000,
@@ -93,6 +95,7 @@ rule perplexity:
         "benchmarks/perplexity/{model}/{variant}.tsv"
     conda:
         "../envs/torch.yaml"
+    threads: model_threads
     resources:
         gpu=model_gpus,
         mem_mb=model_resource("mem_mb"),
@@ -128,6 +131,7 @@ rule judge:
         "benchmarks/judge/{model}/{variant}/{config}.tsv"
     conda:
         "../envs/torch.yaml"
+    threads: model_threads
     resources:
         gpu=model_gpus,
         mem_mb=model_resource("mem_mb"),

@@ -1,9 +1,11 @@
 """Snakemake entry point of rule `early_exit` (see tunelens.probe.run_early_exit)."""
 import logging
 
+from tunelens.jobs import use_job_threads
 from tunelens.probe import run_early_exit
 
 logging.basicConfig(filename=snakemake.log[0], level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+use_job_threads(snakemake.threads)
 params = snakemake.params
 run_early_exit(
     model_name=snakemake.wildcards.model,

@@ -7,6 +7,10 @@ log_file = open(snakemake.log[0], "w", buffering=1)
 sys.stderr = log_file
 logging.basicConfig(stream=log_file, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
+from tunelens.jobs import use_job_threads  # noqa: E402
+
+use_job_threads(snakemake.threads)
+
 import datasets  # noqa: E402
 
 from tunelens.finetune import finetune  # noqa: E402

@@ -2,11 +2,13 @@
 
 import logging
 
+from tunelens.jobs import use_job_threads
 from tunelens.generate import generate
 
 logging.basicConfig(
     filename=snakemake.log[0], level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
 )
+use_job_threads(snakemake.threads)
 params = snakemake.params
 settings = dict(params.settings)
 generate(

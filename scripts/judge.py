@@ -1,9 +1,11 @@
 """Snakemake entry point of rule `judge` (see tunelens.judge.judge_generation_file)."""
 import logging
 
+from tunelens.jobs import use_job_threads
 from tunelens.judge import judge_generation_file
 
 logging.basicConfig(filename=snakemake.log[0], level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+use_job_threads(snakemake.threads)
 params = snakemake.params
 judge_generation_file(
     snakemake.input.generations,

@@ -1,9 +1,11 @@
 """Snakemake entry point of rule `logit_lens` (see tunelens.probe.run_logit_lens)."""
 import logging
 
+from tunelens.jobs import use_job_threads
 from tunelens.probe import run_logit_lens
 
 logging.basicConfig(filename=snakemake.log[0], level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+use_job_threads(snakemake.threads)
 params = snakemake.params
 run_logit_lens(
     model_name=snakemake.wildcards.model,

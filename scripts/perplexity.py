@@ -1,9 +1,11 @@
 """Snakemake entry point of rule `perplexity` (see tunelens.perplexity.reference_perplexity)."""
 import logging
 
+from tunelens.jobs import use_job_threads
 from tunelens.perplexity import reference_perplexity
 
 logging.basicConfig(filename=snakemake.log[0], level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+use_job_threads(snakemake.threads)
 params = snakemake.params
 reference_perplexity(
     snakemake.input.test,
