@@ -310,3 +310,84 @@ def test_semantics_text_states_what_was_applied():
     assert "top_k=off (0)" in describe_semantics(DecodingConfig(top_k=0), "beam_search", "vllm")
     with pytest.raises(ConfigError):
         GenerationSettings(beam_mode="nucleus")
+
+
+# ------------------------------------------------------------------------------------------ adaptive batches
+PROMPTS_10 = [f"Question {i}: " + "word " * (i * 3) + "what comes next?" for i in range(10)]
+
+
+def test_out_of_memory_batch_is_split_and_no_row_is_lost(tiny):
+    """A batch that runs out of GPU memory is split in two and retried until it fits: every row gets its
+    answer, the same as without the failure (greedy), and the sidecar's batch log shows the splits."""
+    import torch
+
+    from tunelens.models import load_model
+
+    model, tokenizer = load_model(tiny, device="cpu")
+    greedy = DecodingConfig(temperature=0.0)
+    settings = GenerationSettings(max_new_tokens=6, batch_size=8)
+    reference = hf_generate_batched(model, tokenizer, PROMPTS_10, greedy, settings)
+
+    real_generate = model.generate
+    seen = []
+
+    def generate_or_oom(**kwargs):  # the GPU "holds" at most 3 rows
+        seen.append(kwargs["input_ids"].shape[0])
+        if kwargs["input_ids"].shape[0] > 3:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_generate(**kwargs)
+
+    model.generate = generate_or_oom
+    try:
+        batch_log = []
+        got = hf_generate_batched(model, tokenizer, PROMPTS_10, greedy, settings, batch_log)
+    finally:
+        del model.generate
+    assert [c.token_ids for c in got] == [c.token_ids for c in reference]
+    assert all(c is not None for c in got)
+    run = [entry["rows"] for entry in batch_log if "rows" in entry]
+    assert sum(run) == len(PROMPTS_10) and max(run) <= 3
+    assert [entry["out_of_memory"] for entry in batch_log if "out_of_memory" in entry] == [8, 4, 4]
+    assert seen[0] == 8  # the plan was tried first, not pre-shrunk
+
+
+def test_single_row_out_of_memory_is_an_error_naming_the_prompt_size(tiny):
+    import torch
+
+    from tunelens.models import load_model
+
+    model, tokenizer = load_model(tiny, device="cpu")
+
+    def always_oom(**kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    model.generate = always_oom
+    with pytest.raises(ModelError, match="out of memory generating a single prompt of .* tokens"):
+        hf_generate_batched(model, tokenizer, PROMPTS_10[:2], DecodingConfig(temperature=0.0),
+                            GenerationSettings(max_new_tokens=4, batch_size=2))
+
+
+def test_auto_batches_fill_the_token_budget_longest_first():
+    """auto on CUDA: each batch grows while rows x (its longest prompt + new tokens) x beams fit the budget."""
+    from tunelens.generate import plan_batches
+
+    lengths = [100, 10, 50, 30, 70]
+    order = sorted(range(5), key=lambda i: -lengths[i])  # 0, 4, 2, 3, 1
+    settings = GenerationSettings(max_new_tokens=20, batch_size="auto")
+    # budget 300 tokens, no per-row logits charge: (100+20)x2 = 240 fits, x3 = 360 does not
+    assert plan_batches(lengths, order, settings, 1, (300, 0)) == [[0, 4], [2, 3, 1]]
+    # two beams double every row's cache: one row per batch until the prompts get short
+    assert plan_batches(lengths, order, settings, 2, (300, 0)) == [[0], [4], [2, 3], [1]]
+    # a huge budget: one batch; CPU (no budget): batches of 16; a fixed size cuts every n rows
+    assert plan_batches(lengths, order, settings, 1, (10**9, 0)) == [order]
+    assert plan_batches(list(range(40)), list(range(40)), settings, 1, None) == [list(range(16)), list(range(16, 32)),
+                                                                                   list(range(32, 40))]
+    assert plan_batches(lengths, order, GenerationSettings(batch_size=2), 1, None) == [[0, 4], [2, 3], [1]]
+
+
+def test_auto_batch_size_runs_on_cpu(tiny, test_file, tmp_path):
+    meta = generate(test_file, tmp_path / "out.jsonl", model_name="tiny", model_path=tiny,
+                    decoding_config=DecodingConfig(temperature=0.0), max_new_tokens=4, backend="hf", device="cpu",
+                    batch_size="auto")
+    assert meta["batch_size"] == "auto"
+    assert [b["rows"] for b in meta["batches"]] == [len(ROWS)]

@@ -57,8 +57,10 @@ class GenerationSettings:
     """Everything besides the decoding config that changes what a generation job produces.
 
     max_new_tokens: cap on generated tokens per row; stop: strings that end an answer (cut before them);
-    seed: sampling seed; beam_mode: see module docstring; batch_size: prompts per forward batch (hf) —
-    changes sampled outputs only through the random stream, never greedy/beam outputs;
+    seed: sampling seed; beam_mode: see module docstring; batch_size: prompts per forward batch (hf), or
+    "auto": on CUDA the largest length-sorted batches whose KV cache fits the free GPU memory (a batch that
+    still runs out of memory is split, no row lost), on CPU 16 — changes sampled outputs only through the
+    random stream, never greedy/beam outputs (the batches used are recorded in the sidecar);
     max_prompt_tokens: a longer prompt is an error naming its row (never silently truncated).
     """
 
@@ -66,7 +68,7 @@ class GenerationSettings:
     stop: tuple[str, ...] = ()
     seed: int = 1234
     beam_mode: str = "beam_search"
-    batch_size: int = 16
+    batch_size: int | str = "auto"
     max_prompt_tokens: int = 1024
 
     def as_meta(self) -> dict:
@@ -80,8 +82,8 @@ class GenerationSettings:
             raise ConfigError(f"decoding.beam_mode: '{self.beam_mode}' is unknown; choices: {BEAM_MODES}")
         if self.max_new_tokens < 1:
             raise ConfigError(f"decoding.max_new_tokens: {self.max_new_tokens}; expected >= 1")
-        if self.batch_size < 1:
-            raise ConfigError(f"generation.batch_size: {self.batch_size}; expected >= 1")
+        if self.batch_size != "auto" and not (isinstance(self.batch_size, int) and self.batch_size >= 1):
+            raise ConfigError(f"generation.batch_size: {self.batch_size!r}; expected 'auto' or an integer >= 1")
         if any(not s for s in self.stop):
             raise ConfigError("decoding.stop: contains an empty string; every stop string needs >= 1 character")
         object.__setattr__(self, "stop", tuple(self.stop))
@@ -247,19 +249,88 @@ def hf_generation_config(model, tokenizer, decoding_config: DecodingConfig, sett
     )
 
 
+# Rows per batch on CPU when batch_size is auto: CPU decoding is bandwidth-bound; 16 measured 3.8x one at a time.
+CPU_AUTO_BATCH = 16
+# Share of the free GPU memory (after the model is loaded) that the KV cache of one batch may take: the rest
+# covers the cache's growth copies, the logits and the sampling warpers' sorted copies.
+KV_MEMORY_SHARE = 0.5
+MAX_AUTO_BATCH = 1024
+
+
+def kv_bytes_per_token(model) -> int:
+    """Bytes of KV cache one token takes in every layer (keys + values, the model's dtype)."""
+    config = model.config.get_text_config()
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    element = next(model.parameters()).element_size()
+    if element < 2:  # 4-bit weights (bitsandbytes): the cache is in the compute dtype
+        element = 2
+    return 2 * config.num_hidden_layers * kv_heads * head_dim * element
+
+
+def auto_token_budget(model) -> tuple[int, int] | None:
+    """(tokens of KV cache one batch may hold, bytes per row for logits) on this device; None on CPU."""
+    import torch
+
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    # Memory the allocator holds but no tensor uses is free to this process too.
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    vocab = model.config.get_text_config().vocab_size
+    # Per token of batch, the step's logits and the warpers' copies are per row, not per token; they are
+    # charged as 16 bytes x vocab per row below, in plan_batches.
+    return int(KV_MEMORY_SHARE * free / kv_bytes_per_token(model)), 16 * vocab
+
+
+def plan_batches(lengths: Sequence[int], order: Sequence[int], settings: GenerationSettings, num_beams: int,
+                 budget: tuple[int, int] | None, kv_bytes: int = 0) -> list[list[int]]:
+    """Split the length-sorted row order (longest first) into batches.
+
+    A fixed batch_size cuts every `batch_size` rows. "auto" with a budget (CUDA) grows each batch while
+    rows x (its longest prompt + max_new_tokens) x beams tokens of KV cache, plus each row's logits, stay
+    within the budget; without one (CPU) it cuts every CPU_AUTO_BATCH rows.
+    """
+    if settings.batch_size != "auto":
+        size = int(settings.batch_size)
+        return [list(order[i : i + size]) for i in range(0, len(order), size)]
+    if budget is None:
+        return [list(order[i : i + CPU_AUTO_BATCH]) for i in range(0, len(order), CPU_AUTO_BATCH)]
+    tokens_budget, row_bytes = budget
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for index in order:
+        longest = lengths[current[0]] if current else lengths[index]  # longest first: the batch's first row
+        rows = len(current) + 1
+        tokens = rows * (longest + settings.max_new_tokens) * num_beams
+        extra_tokens = (rows * num_beams * row_bytes) // max(kv_bytes, 1)
+        if current and (tokens + extra_tokens > tokens_budget or rows > MAX_AUTO_BATCH):
+            batches.append(current)
+            current = []
+        current.append(index)
+    if current:
+        batches.append(current)
+    return batches
+
+
 def hf_generate_batched(
     model,
     tokenizer,
     prompts: Sequence[str],
     decoding_config: DecodingConfig,
     settings: GenerationSettings,
+    batch_log: list | None = None,
 ) -> list[Completion]:
     """Generate one completion per prompt with transformers, in batches; results in the input order.
 
     Prompts are sorted by token length (longest first, so an out-of-memory shows in the first batch) and
-    left-padded; the KV cache is on. The random stream is reseeded per batch (seed + batch index), so a run
-    is reproducible for the same prompts, seed and batch size. Reusable by other stages (early exit runs
-    it on a model whose decoder layer list was truncated).
+    left-padded; the KV cache is on. Batches follow `plan_batches`; a batch that runs out of GPU memory is
+    split in two and retried (no row is lost; the split is logged and appended to `batch_log`). The random
+    stream is reseeded per batch (seed + batch index), so a run is reproducible for the same prompts, seed
+    and batches. Reusable by other stages (early exit runs it on a model whose decoder layer list was
+    truncated).
     """
     import torch
 
@@ -273,24 +344,48 @@ def hf_generate_batched(
     tokenizer.padding_side = "left"  # decoder-only: new tokens must follow the prompt directly
     lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
+    budget = auto_token_budget(model) if settings.batch_size == "auto" else None
+    pending = plan_batches(lengths, order, settings, generation_config.num_beams, budget,
+                           kv_bytes_per_token(model) if budget else 0)
     results: list[Completion | None] = [None] * len(prompts)
+    batch_index = 0
     try:
-        for batch_index, start in enumerate(range(0, len(order), settings.batch_size)):
-            indices = order[start : start + settings.batch_size]
+        while pending:
+            indices = pending.pop(0)
             # Prompts are full texts (template included): no extra BOS beyond what the template holds.
             encoded = tokenizer(
                 [prompts[i] for i in indices], return_tensors="pt", padding=True, add_special_tokens=False
             ).to(device)
             torch.manual_seed(settings.seed + batch_index)
-            with torch.inference_mode():
-                output = model.generate(
-                    **encoded,
-                    generation_config=generation_config,
-                    tokenizer=tokenizer if settings.stop else None,
-                )
+            try:
+                with torch.inference_mode():
+                    output = model.generate(
+                        **encoded,
+                        generation_config=generation_config,
+                        tokenizer=tokenizer if settings.stop else None,
+                    )
+            except torch.OutOfMemoryError:
+                del encoded
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                if len(indices) == 1:
+                    raise ModelError(
+                        f"out of memory generating a single prompt of {lengths[indices[0]]} tokens with "
+                        f"max_new_tokens={settings.max_new_tokens}, num_beams={generation_config.num_beams}"
+                    ) from None
+                half = len(indices) // 2
+                log.warning("batch of %d rows ran out of memory; retrying as %d + %d rows", len(indices), half,
+                            len(indices) - half)
+                if batch_log is not None:
+                    batch_log.append({"out_of_memory": len(indices)})
+                pending[:0] = [indices[:half], indices[half:]]
+                continue
+            if batch_log is not None:
+                batch_log.append({"rows": len(indices), "prompt_tokens": int(encoded["input_ids"].shape[1])})
             new_tokens = output[:, encoded["input_ids"].shape[1] :].tolist()
             for i, ids in zip(indices, new_tokens):
                 results[i] = _finish(ids, tokenizer, eos_ids, pad_id, settings)
+            batch_index += 1
     finally:
         tokenizer.padding_side = old_side
     return results  # type: ignore[return-value]
@@ -562,6 +657,7 @@ def run_completions(
             test_file, prompt_format, tokenizer, max_prompt_tokens=settings.max_prompt_tokens, max_rows=max_rows
         )
     prompts = [row.prompt for row in prompt_rows]
+    batches: list[dict] = []  # hf: the batches actually run (rows, padded prompt length, out-of-memory splits)
     started = time.perf_counter()
     if backend == "hf":
         from tunelens.models import load_model
@@ -571,7 +667,7 @@ def run_completions(
         used_device = str(next(model.parameters()).device)
         load_time = time.perf_counter() - started
         started = time.perf_counter()
-        completions = hf_generate_batched(model, tokenizer, prompts, decoding_config, settings)
+        completions = hf_generate_batched(model, tokenizer, prompts, decoding_config, settings, batches)
     elif backend == "vllm":
         options = dict(vllm_options or {})
         if adapter_dir is not None:
@@ -604,6 +700,7 @@ def run_completions(
         "load_time_s": round(load_time, 3),
         "generation_time_s": round(time.perf_counter() - started, 3),
         "device": used_device,
+        "batches": batches or None,
     }
     return list(prompt_rows), completions, timing
 
@@ -663,7 +760,7 @@ def generation_output(
     seed: int = 1234,
     beam_mode: str = "beam_search",
     backend: str = "auto",
-    batch_size: int = 16,
+    batch_size: int | str = "auto",
     max_prompt_tokens: int = 1024,
     max_test_rows: int | None = None,
     device: str = "auto",
@@ -713,6 +810,7 @@ def generation_output(
         "device": timing["device"],
         "tensor_parallel_size": (gpus or 1) if concrete == "vllm" else None,
         "load_time_s": timing["load_time_s"],
+        "batches": timing["batches"],
         **summary,
         "versions": library_versions(),
     }
@@ -747,7 +845,7 @@ def generate(
     seed: int = 1234,
     beam_mode: str = "beam_search",
     backend: str = "auto",
-    batch_size: int = 16,
+    batch_size: int | str = "auto",
     max_prompt_tokens: int = 1024,
     max_test_rows: int | None = None,
     device: str = "auto",
@@ -848,7 +946,7 @@ def agreement(
     max_rows: int = 16,
     max_new_tokens: int = 32,
     max_prompt_tokens: int = 1024,
-    batch_size: int = 16,
+    batch_size: int | str = "auto",
     vllm_python: str | None = None,
     device: str = "auto",
     vllm_options: dict | None = None,

@@ -479,7 +479,7 @@ def run_early_exit(
     max_test_rows: int | None = None,
     max_new_tokens: int = 64,
     stop: Sequence[str] = (),
-    batch_size: int = 16,
+    batch_size: int | str = "auto",
     max_prompt_tokens: int = 1024,
     seed: int = 0,
     device: str = "auto",
