@@ -23,7 +23,8 @@ import pandas as pd
 import pytest
 from scipy import stats as scipy_stats
 
-from tunelens.score import bootstrap_ci, paired_rows, read_rows_csv, write_rows_csv
+from tunelens.score import paired_rows, read_rows_csv, write_rows_csv
+from tunelens.statistics import bootstrap_ci, corpus_perplexity_difference
 
 
 # --------------------------------------------------------------------------------------------- scipy
@@ -103,8 +104,6 @@ def test_perplexity_ci_is_recomputed_from_resampled_rows(tmp_path, tiny_llama_di
 
 
 def test_report_perplexity_difference_is_recomputed_from_resampled_paired_rows():
-    from tunelens.report import corpus_perplexity_difference
-
     rng = np.random.default_rng(4)
     ids = [f"r-{i:02d}" for i in range(30)]
     tokens = rng.integers(4, 40, size=30).astype(float)
@@ -162,7 +161,8 @@ def test_paired_rows_match_shuffled_and_missing_ids(tmp_path):
 
 
 def test_report_paired_difference_pairs_by_id_with_shuffled_and_missing_rows():
-    from tunelens.report import ReportSettings, paired_differences
+    from tunelens.report.common import ReportSettings
+    from tunelens.report.comparisons import paired_differences
 
     ids, base, tuned = paired_study()
     order = np.random.default_rng(2).permutation(len(ids))
