@@ -117,7 +117,7 @@ def test_two_raters_are_averaged_per_item(tmp_path):
         (lambda rows: [{**rows[0], "correct": ""}] + rows[1:], r"line 2, column 'correct': empty"),
         (lambda rows: rows[:2] + [{**rows[2], "correct": "yes"}] + rows[3:], r"line 4, column 'correct': 'yes'"),
         (lambda rows: rows[:1] + [{**rows[1], "item": "item-999"}] + rows[2:], r"line 3, column 'item': 'item-999'"),
-        (lambda rows: rows + [rows[0]], r"column 'item': 'item-\d+' already rated on line 2"),
+        (lambda rows: rows + [rows[0]], r"column 'item': 'item-\w+' already rated on line 2"),
     ],
 )
 def test_malformed_sheet_names_line_and_column(tmp_path, edit, message):
@@ -142,3 +142,73 @@ def test_sheet_without_correct_column_and_unrated_group(tmp_path):
     partial = fill(sheet, tmp_path / "ratings/partial.csv", rows=only_smol)
     with pytest.raises(DataError, match="no ratings for model 'gemma'"):
         human_scores([partial], key_file, outputs_for(tmp_path))
+
+
+# --------------------------------------------------------------------------------------------- stable items
+def build_groups(tmp_path: Path, groups, answers=lambda g, i: f"answer {i}" if i < 2 * g else f"wrong {i}",
+                 sample_size=N_ROWS):
+    """Like build(), for any list of groups; answers(g, i) is group g's answer to row i."""
+    test_rows = [{"id": f"demo-{i}", "instruction": f"Task {i}", "input": "", "output": f"answer {i}"}
+                 for i in range(N_ROWS)]
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    test_file = tmp_path / "test.jsonl"
+    test_file.write_text("".join(json.dumps(row) + "\n" for row in test_rows))
+    files = {}
+    for g, group in enumerate(groups):
+        path = tmp_path / f"{'__'.join(group)}.jsonl"
+        rows = [{"id": f"demo-{i}", "prompt": f"P{i}", "reference": f"answer {i}", "generated": answers(g, i),
+                 "num_generated_tokens": 2, "finish_reason": "stop"} for i in range(N_ROWS)]
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        files[group] = path
+    sheet, key = tmp_path / "human/sheet.csv", tmp_path / "human/key.csv"
+    write_human_sheet(files, test_file, sheet, key, sample_size=sample_size, seed=9)
+    return sheet, key
+
+
+def rated_without_answers(sheet: Path, out: Path) -> Path:
+    """A rater's file that kept only item and correct (spreadsheets often drop or reorder columns)."""
+    rows = read_csv(sheet)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("item,correct\n" + "".join(
+        f"{row['item']},{1 if row['answer'] == row['reference'] else 0}\n" for row in rows))
+    return out
+
+
+def test_adding_a_group_keeps_item_ids_so_old_ratings_stay_with_their_answers(tmp_path):
+    """A sheet rated, then a group added (new model or config) and the sheet rebuilt: the old ratings must
+    still belong to the same (group, row), never be renumbered onto other answers."""
+    two = GROUPS[:2]
+    sheet, key_file = build_groups(tmp_path / "before", two)
+    rated = rated_without_answers(sheet, tmp_path / "ratings/alice.csv")
+    before = read_key(key_file)
+    sheet_after, key_after = build_groups(tmp_path / "after", [*two, ("new", "base", "cfg_z")])
+    after = read_key(key_after)
+    assert all(after[item] == entry for item, entry in before.items())  # old items: same group and row
+    outputs = {g: (tmp_path / f"out/{'_'.join(g)}.json", tmp_path / f"out/{'_'.join(g)}.rows.csv") for g in two}
+    summaries = human_scores([rated], key_after, outputs, samples=100)
+    # Group g answers rows i < 2g correctly: the ratings recover exactly that, per row.
+    for g, group in enumerate(two):
+        assert summaries[group]["metrics"]["human"]["value"] == pytest.approx(min(2 * g, N_ROWS) / N_ROWS)
+        rows = read_rows_csv(outputs[group][1])
+        assert {row_id: r["human"] for row_id, r in rows.items()} == {f"demo-{i}": float(i < 2 * g) for i in range(N_ROWS)}
+
+
+def test_ratings_of_changed_answers_are_rejected_not_misattributed(tmp_path):
+    """Generations rerun (another adapter, another seed) after rating: the answers changed, so a rated file
+    without its `answer` column cannot be matched to the new answers and must fail, naming the item."""
+    sheet, key_file = build_groups(tmp_path / "before", GROUPS)
+    rated = rated_without_answers(sheet, tmp_path / "ratings/alice.csv")
+    def changed(g, i):  # group 1 regenerated: its right answers are now wrong and vice versa
+        if g == 1:
+            return f"wrong {i}" if i < 2 * g else f"answer {i}"
+        return f"answer {i}" if i < 2 * g else f"wrong {i}"
+
+    sheet_after, key_after = build_groups(tmp_path / "after", GROUPS, answers=changed)
+    with pytest.raises(DataError, match=r"alice.csv, line \d+, column 'item': 'item-\w+' is not an item of") as info:
+        human_scores([rated], key_after, outputs_for(tmp_path), sheet_csv=sheet_after)
+    assert "rebuilt" in str(info.value)
+    # Only the regenerated group's items changed id; the other groups' items are still those of the key.
+    key_before, key_now = read_key(key_file), read_key(key_after)
+    regenerated = {item for item, entry in key_before.items() if (entry["model"], entry["variant"]) == ("smol", "finetuned")}
+    assert regenerated and not regenerated & set(key_now)
+    assert all(key_now[item] == key_before[item] for item in set(key_before) - regenerated)

@@ -15,6 +15,7 @@ A malformed sheet fails naming the file, the line and the column.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import logging
 from pathlib import Path
@@ -47,6 +48,18 @@ def _csv_text(header: Sequence[str], rows: Sequence[Sequence]) -> str:
     return buffer.getvalue()
 
 
+def item_id(group: Group, row_id: str, answer: str) -> str:
+    """A rating item's id: a digest of what is rated (model, variant, config, test row, answer text).
+
+    Stable: adding or removing groups, or another shuffle, leaves every other item's id unchanged. Bound to
+    the content: when an answer changes (generations rerun), so does its id, and a rating of the old answer
+    no longer matches any item of the new key (rejected, never moved onto another answer). Opaque: the
+    sheet still says nothing of which model, variant or config produced an answer.
+    """
+    digest = hashlib.sha256("\x1f".join((*group, row_id, answer)).encode("utf-8")).hexdigest()
+    return f"item-{digest[:12]}"
+
+
 def write_human_sheet(
     generation_files: Mapping[Group, str | Path],
     test_file: str | Path,
@@ -71,12 +84,14 @@ def write_human_sheet(
     ids = sorted(common)
     sampled = [ids[i] for i in sorted(rng.choice(len(ids), size=min(sample_size, len(ids)), replace=False))]
     entries = [(group, row_id) for group in sorted(by_group) for row_id in sampled]
+    items = [item_id(group, row_id, by_group[group][row_id]["generated"]) for group, row_id in entries]
+    if len(set(items)) != len(items):  # 48-bit digests of distinct (group, row): practically never
+        raise DataError("two rating items got the same id; change scoring.human.sample_size or the seed")
     order = rng.permutation(len(entries))
-    width = len(str(len(entries)))
     sheet_rows, key_rows = [], []
-    for position, index in enumerate(order, start=1):
+    for index in order:
         (model, variant, config), row_id = entries[index]
-        item = f"item-{position:0{width}d}"
+        item = items[index]
         row = by_group[(model, variant, config)][row_id]
         sheet_rows.append([item, user_message(tasks[row_id]), row["reference"], row["generated"], "", ""])
         key_rows.append([item, model, variant, config, row_id])
@@ -124,7 +139,11 @@ def read_rating_sheet(path: str | Path, key: Mapping[str, dict], answers: Mappin
                 raise DataError(f"{path}, line {line}: more cells than the {len(header)} columns of the header")
             item = (row["item"] or "").strip()
             if item not in key:
-                raise DataError(f"{path}, line {line}, column 'item': '{item}' is not an item of the key file")
+                raise DataError(
+                    f"{path}, line {line}, column 'item': '{item}' is not an item of the key file; item ids are "
+                    "digests of the rated answer, so the sheet was rebuilt after this file was rated (an answer "
+                    "changed) or the file belongs to another sheet: rate the new sheet's items"
+                )
             if item in seen_line:
                 raise DataError(f"{path}, line {line}, column 'item': '{item}' already rated on line {seen_line[item]}")
             if answers is not None and "answer" in row and row["answer"] != answers.get(item):
