@@ -68,8 +68,15 @@ def _cached_schema() -> dict:
 
 
 def _load_schema() -> dict:
-    """The config schema (a fresh copy: callers may modify it)."""
-    return copy.deepcopy(_cached_schema())
+    """The config schema (a fresh copy: callers may modify it), with what comes from registries filled in:
+    the choices and default of `scoring.metrics` are the registered metrics (tunelens.metrics)."""
+    from tunelens.metrics import default_metric_names, scored_metric_names
+
+    schema = copy.deepcopy(_cached_schema())
+    metrics = schema["properties"]["scoring"]["properties"]["metrics"]
+    metrics["items"] = {"enum": scored_metric_names()}
+    metrics["default"] = default_metric_names()
+    return schema
 
 
 def _fill_defaults(config: dict, schema: dict) -> None:
@@ -119,7 +126,7 @@ def validate_schema(config: dict) -> None:
     errors = schema_errors(config)
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
-    schema = _cached_schema()
+    schema = _load_schema()
     _fill_defaults(config, schema)
     # Defaults of objects that are present get filled; nested objects given as `default: {}` only get
     # their own defaults on a second pass.

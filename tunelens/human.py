@@ -197,7 +197,7 @@ def human_scores(
             )
         items.sort(key=lambda item: key[item]["id"])
         values = np.asarray([np.mean(per_item[item]) for item in items])
-        result = MetricResult("human", "0-1", values, float(values.mean()),
+        result = MetricResult("human", values, float(values.mean()),
                               details={"instructions": RATING_INSTRUCTIONS, "raters_per_item": float(np.mean([len(per_item[i]) for i in items]))})
         n = len(items)
         summary = {

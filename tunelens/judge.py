@@ -137,7 +137,7 @@ def judge_generation_file(
     judge_time = time.perf_counter() - start
     per_row = (ratings - 1) / 4
     result = MetricResult(
-        "judge", "0-1", per_row, float(per_row.mean()),
+        "judge", per_row, float(per_row.mean()),
         details={"rubric_version": RUBRIC_VERSION, "judge_model": judge_model,
                  "definition": "(argmax rating over tokens '1'..'5' - 1) / 4"},
     )

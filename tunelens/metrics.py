@@ -1,21 +1,24 @@
-"""Text metrics registered by name: each turns (generated, reference) pairs into per-row values plus the
-corpus value exactly as the field's own library computes it.
+"""The metric registry: one `Metric` record per metric, read by every stage, and the text metrics' code.
 
-Every metric returns a `MetricResult`:
+A metric is registered once, here (`register`), with everything any stage needs:
+  name            key in config (`scoring.metrics`), score files and summary.csv
+  label, decimals how the report shows it
+  scale           its scale as score files and summary.csv write it; `scale_label` the report's wording
+  higher_is_better  ranking direction (None: not ranked, e.g. length)
+  sentence_level  what a per-row value is (the per-row CSV; paired differences are means of these)
+  dataset_kinds   the dataset kinds (`dataset.kind`) it applies to; other kinds skip it with a reason
+  compute         the function for metrics computed from generation files (tunelens.score); None for metrics
+                  that their own stage writes (perplexity, judge, human)
+Readers: scoring (tunelens.score: compute, skip), config validation (the `scoring.metrics` enum and default,
+tunelens.config), the report (labels, scales, ranking, decimals, order; tunelens.report.common) and plots.
+
+Every compute function returns a `MetricResult`:
   - `per_row`: one sentence-level value per row (what the per-row CSV holds, for paired comparisons);
   - `value`: the corpus value (the number tables show);
   - `stats` + `reduce`: for corpus metrics that are not a mean of rows (BLEU, CodeBLEU, perplexity), per-row
     sufficient statistics whose column sums `reduce` turns into the corpus value. The bootstrap resamples rows
     and reduces the resampled sums, so a CI costs one matrix product instead of re-running the library.
     `stats is None` means the corpus value is the mean of `per_row`.
-
-Scales (also written into every score file):
-  bleu         0-100  sacrebleu corpus BLEU (13a tokenizer, exp smoothing); per row sacrebleu.sentence_bleu
-  rougeL       0-1    rouge-score ROUGE-L F-measure with Porter stemming; corpus = mean of rows
-  bertscore    0-1    bert-score F1 (rescaled only with a baseline file); corpus = mean of rows
-  codebleu     0-1    codebleu.calc_codebleu (weights 0.25 each); per row = calc_codebleu on that row alone
-  exact_match  0-1    generated.strip() == reference.strip(); corpus = fraction of rows
-  length       tokens number of generated tokens (the generation file's count); corpus = mean
 
 Heavy libraries are imported inside the metric functions, so `import tunelens.metrics` stays cheap.
 """
@@ -31,7 +34,7 @@ import numpy as np
 
 from tunelens.errors import ConfigError
 
-DEFAULT_METRICS = ("bleu", "rougeL", "bertscore", "codebleu", "exact_match", "length")
+DATASET_KINDS = ("text", "code")  # values of dataset.kind
 
 
 @dataclass
@@ -39,12 +42,15 @@ class MetricResult:
     """What one metric computed over one generation file."""
 
     name: str
-    scale: str
     per_row: np.ndarray
     value: float
     stats: np.ndarray | None = None
     reduce: Callable[[np.ndarray], float] | None = None
     details: dict = field(default_factory=dict)
+
+    @property
+    def scale(self) -> str:
+        return METRICS[self.name].scale
 
 
 @dataclass(frozen=True)
@@ -81,31 +87,75 @@ class ScoringContext:
 
 @dataclass(frozen=True)
 class Metric:
+    """Everything every stage knows about one metric (see the module docstring)."""
+
     name: str
+    label: str
     scale: str
+    higher_is_better: bool | None
+    decimals: int
+    sentence_level: str
     description: str
-    compute: Callable[[list[str], list[str], list[dict], ScoringContext], MetricResult]
-    # Returns a reason to skip (e.g. CodeBLEU on a text dataset), or None when the metric applies.
-    skip_reason: Callable[[ScoringContext], str | None] = lambda context: None
+    compute: Callable[[list[str], list[str], list[dict], ScoringContext], MetricResult] | None = None
+    dataset_kinds: tuple[str, ...] = DATASET_KINDS
+    scale_label: str | None = None  # the report's wording of the scale; None = `scale`
+    default: bool = True  # in the default `scoring.metrics` (computed metrics only)
+
+    @property
+    def shown_scale(self) -> str:
+        return self.scale_label or self.scale
+
+    @property
+    def scored(self) -> bool:
+        """Computed from generation files by the score stage (a `scoring.metrics` choice)."""
+        return self.compute is not None
+
+    def skip_reason(self, context: ScoringContext) -> str | None:
+        """Why this metric does not apply to the study (e.g. CodeBLEU on a text dataset), or None."""
+        if context.dataset_kind in self.dataset_kinds:
+            return None
+        needs = " or ".join(self.dataset_kinds)
+        return f"dataset kind is {context.dataset_kind} ({self.label} needs dataset.kind: {needs})"
 
 
+# In registration order, which is the order of the report's columns and of summary.csv.
 METRICS: dict[str, Metric] = {}
 
 
-def register(name: str, scale: str, description: str, skip_reason=None):
-    """Decorator: register a metric function under `name` (the key used in config and score files)."""
+def register(name: str, *, label: str, scale: str, higher_is_better: bool | None, decimals: int,
+             sentence_level: str, description: str, dataset_kinds: Sequence[str] = DATASET_KINDS,
+             scale_label: str | None = None, default: bool = True, compute: Callable | None = None):
+    """Register a metric. As a decorator, the decorated function is its `compute` (a metric of the score
+    stage); called with `compute=None` and not used as a decorator, it declares a metric another stage writes.
+    Re-registering a name replaces it."""
+    unknown = sorted(set(dataset_kinds) - set(DATASET_KINDS))
+    if unknown:
+        raise ValueError(f"metric '{name}': unknown dataset kind(s) {unknown}; known: {list(DATASET_KINDS)}")
 
-    def wrap(fn):
-        METRICS[name] = Metric(name, scale, description, fn, skip_reason or (lambda context: None))
+    def add(fn: Callable | None) -> Callable | None:
+        METRICS[name] = Metric(name, label, scale, higher_is_better, decimals, sentence_level, description,
+                               fn, tuple(dataset_kinds), scale_label, default)
         return fn
 
-    return wrap
+    add(compute)
+    return add
+
+
+def scored_metric_names() -> list[str]:
+    """Metrics the score stage computes (the choices of `scoring.metrics`), in registry order."""
+    return [name for name, metric in METRICS.items() if metric.scored]
+
+
+def default_metric_names() -> list[str]:
+    """The default of `scoring.metrics`."""
+    return [name for name, metric in METRICS.items() if metric.scored and metric.default]
 
 
 def check_metric_names(names: Sequence[str]) -> None:
-    unknown = [name for name in names if name not in METRICS]
+    choices = scored_metric_names()
+    unknown = [name for name in names if name not in choices]
     if unknown:
-        raise ConfigError(f"scoring.metrics: unknown metric(s) {unknown}; registered: {sorted(METRICS)}")
+        raise ConfigError(f"scoring.metrics: unknown metric(s) {unknown}; registered: {sorted(choices)}")
 
 
 # --------------------------------------------------------------------------------------------- BLEU
@@ -125,7 +175,9 @@ def _bleu_reduce(corpus_bleu) -> Callable[[np.ndarray], float]:
     return reduce
 
 
-@register("bleu", "0-100", "sacrebleu corpus BLEU (13a, exp smoothing); per row sacrebleu.sentence_bleu")
+@register("bleu", label="BLEU", scale="0-100", higher_is_better=True, decimals=1,
+          sentence_level="sacrebleu.sentence_bleu (exp smoothing, effective order)",
+          description="sacrebleu corpus BLEU (13a, exp smoothing); per row sacrebleu.sentence_bleu")
 def bleu(generated: list[str], references: list[str], rows: list[dict], context: ScoringContext) -> MetricResult:
     """Corpus BLEU from summed n-gram statistics; no n-gram match at all gives exactly 0 (sacrebleu #141),
     and an empty output has brevity penalty 0, so gibberish or empty output cannot score above 0 by smoothing."""
@@ -143,13 +195,15 @@ def bleu(generated: list[str], references: list[str], rows: list[dict], context:
     stats_array = np.asarray(stats, dtype=np.float64)
     value = corpus_bleu.corpus_score(generated, [references]).score
     return MetricResult(
-        "bleu", "0-100", np.asarray(per_row), value, stats=stats_array, reduce=_bleu_reduce(corpus_bleu),
+        "bleu", np.asarray(per_row), value, stats=stats_array, reduce=_bleu_reduce(corpus_bleu),
         details={"signature": str(corpus_bleu.get_signature()), "sentence_level": "sacrebleu.sentence_bleu"},
     )
 
 
 # --------------------------------------------------------------------------------------------- ROUGE-L
-@register("rougeL", "0-1", "rouge-score ROUGE-L F-measure, Porter stemmer; corpus = mean of rows")
+@register("rougeL", label="ROUGE-L", scale="0-1", higher_is_better=True, decimals=3,
+          sentence_level="ROUGE-L F-measure of the row",
+          description="rouge-score ROUGE-L F-measure, Porter stemmer; corpus = mean of rows")
 def rouge_l(generated: list[str], references: list[str], rows: list[dict], context: ScoringContext) -> MetricResult:
     """rouge-score's default tokenizer keeps only [a-z0-9] tokens: text in other scripts scores 0 (library behaviour)."""
     from rouge_score import rouge_scorer
@@ -157,7 +211,7 @@ def rouge_l(generated: list[str], references: list[str], rows: list[dict], conte
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     # RougeScorer.score(target, prediction): the reference comes first.
     per_row = np.asarray([scorer.score(ref, hyp)["rougeL"].fmeasure for hyp, ref in zip(generated, references)])
-    return MetricResult("rougeL", "0-1", per_row, float(per_row.mean()), details={"use_stemmer": True})
+    return MetricResult("rougeL", per_row, float(per_row.mean()), details={"use_stemmer": True})
 
 
 # --------------------------------------------------------------------------------------------- BERTScore
@@ -200,7 +254,9 @@ def _cached_bertscorer(settings: BertScoreSettings, device: str):
     return _BERTSCORERS[key]
 
 
-@register("bertscore", "0-1", "bert-score F1 (configurable model); corpus = mean of rows")
+@register("bertscore", label="BERTScore", scale="0-1", higher_is_better=True, decimals=3,
+          sentence_level="bert-score F1 of the row",
+          description="bert-score F1 (configurable model); corpus = mean of rows")
 def bertscore(generated: list[str], references: list[str], rows: list[dict], context: ScoringContext) -> MetricResult:
     """bert-score F1 per row; an empty output (or reference) scores raw 0, as bert-score defines it."""
     if context.bertscore is None:
@@ -220,7 +276,7 @@ def bertscore(generated: list[str], references: list[str], rows: list[dict], con
                                 batch_size=context.bertscore.batch_size)
         per_row[keep] = f1.double().cpu().numpy()
     return MetricResult(
-        "bertscore", "0-1", per_row, float(per_row.mean()),
+        "bertscore", per_row, float(per_row.mean()),
         details={
             "model": str(context.bertscore.model), "num_layers": scorer.num_layers,
             "rescaled": context.bertscore.rescale_with_baseline, "baseline_path": context.bertscore.baseline_path,
@@ -339,13 +395,9 @@ def codebleu_components(sums: np.ndarray) -> dict[str, float]:
     }
 
 
-def _codebleu_skip(context: ScoringContext) -> str | None:
-    if context.dataset_kind != "code":
-        return f"dataset kind is {context.dataset_kind} (CodeBLEU needs dataset.kind: code)"
-    return None
-
-
-@register("codebleu", "0-1", "codebleu.calc_codebleu (weights 0.25 each)", skip_reason=_codebleu_skip)
+@register("codebleu", label="CodeBLEU", scale="0-1", higher_is_better=True, decimals=3,
+          sentence_level="calc_codebleu on the row alone", description="codebleu.calc_codebleu (weights 0.25 each)",
+          dataset_kinds=("code",))
 def codebleu(generated: list[str], references: list[str], rows: list[dict], context: ScoringContext) -> MetricResult:
     """Corpus CodeBLEU equal to codebleu.calc_codebleu(references, generated, lang); per row the same on one row."""
     tools = _codebleu_tools(context.code_language)
@@ -355,20 +407,34 @@ def codebleu(generated: list[str], references: list[str], rows: list[dict], cont
     per_row = np.asarray([codebleu_components(row)["codebleu"] for row in stats])
     components = codebleu_components(stats.sum(axis=0))
     return MetricResult(
-        "codebleu", "0-1", per_row, components.pop("codebleu"), stats=stats,
+        "codebleu", per_row, components.pop("codebleu"), stats=stats,
         reduce=lambda sums: codebleu_components(sums)["codebleu"],
         details={"language": context.code_language, "weights": list(CODEBLEU_WEIGHTS), "components": components},
     )
 
 
 # --------------------------------------------------------------------------------------------- simple ones
-@register("exact_match", "0-1", "generated.strip() == reference.strip(); corpus = fraction of rows")
+@register("exact_match", label="Exact match", scale="0-1", higher_is_better=True, decimals=3,
+          sentence_level="1 if the stripped texts are equal, else 0",
+          description="generated.strip() == reference.strip(); corpus = fraction of rows")
 def exact_match(generated: list[str], references: list[str], rows: list[dict], context: ScoringContext) -> MetricResult:
     per_row = np.asarray([float(hyp.strip() == ref.strip()) for hyp, ref in zip(generated, references)])
-    return MetricResult("exact_match", "0-1", per_row, float(per_row.mean()), details={"normalisation": "strip"})
+    return MetricResult("exact_match", per_row, float(per_row.mean()), details={"normalisation": "strip"})
 
 
-@register("length", "tokens", "generated tokens per row (num_generated_tokens); corpus = mean")
+# Written by their own stages (tunelens.perplexity, tunelens.judge, tunelens.human), in the report's order.
+register("perplexity", label="Perplexity", scale=">=1 (lower is better)", scale_label=">=1, lower is better",
+         higher_is_better=False, decimals=2, sentence_level="exp(NLL / tokens) of the reference",
+         description="exp(sum of response-token NLL / response tokens), teacher-forced reference")
+register("judge", label="Judge", scale="0-1", higher_is_better=True, decimals=3,
+         sentence_level="(judge rating 1-5 - 1) / 4", description="LLM judge rating, rescaled to 0-1; corpus = mean")
+register("human", label="Human", scale="0-1", higher_is_better=True, decimals=3,
+         sentence_level="rater's 1/0 correct", description="share of answers a human rated correct")
+
+
+@register("length", label="Length", scale="tokens", scale_label="generated tokens", higher_is_better=None,
+          decimals=1, sentence_level="generated tokens of the row",
+          description="generated tokens per row (num_generated_tokens); corpus = mean")
 def length(generated: list[str], references: list[str], rows: list[dict], context: ScoringContext) -> MetricResult:
     per_row = np.asarray([float(row["num_generated_tokens"]) for row in rows])
-    return MetricResult("length", "tokens", per_row, float(per_row.mean()), details={"unit": "model tokens"})
+    return MetricResult("length", per_row, float(per_row.mean()), details={"unit": "model tokens"})

@@ -87,7 +87,7 @@ def perplexity_result(nll_stats: np.ndarray) -> MetricResult:
     per_row = np.exp(nll_stats[:, 0] / nll_stats[:, 1])
     value = math.exp(nll_stats[:, 0].sum() / nll_stats[:, 1].sum())
     return MetricResult(
-        "perplexity", ">=1 (lower is better)", per_row, value, stats=nll_stats,
+        "perplexity", per_row, value, stats=nll_stats,
         reduce=lambda sums: math.exp(sums[0] / sums[1]),
         details={
             "nll_per_token": float(nll_stats[:, 0].sum() / nll_stats[:, 1].sum()),

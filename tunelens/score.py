@@ -100,8 +100,7 @@ def summarise(
             distribution = bootstrap_distribution(result.per_row, counts=counts)
         low, high = percentile_ci(distribution, confidence)
         entry = {"value": float(result.value), "ci_low": low, "ci_high": high, "scale": result.scale, "n": n}
-        if result.name in METRICS:
-            entry["description"] = METRICS[result.name].description
+        entry["description"] = METRICS[result.name].description
         entry.update(result.details)
         out[result.name] = entry
     return out

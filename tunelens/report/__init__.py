@@ -31,7 +31,7 @@ from typing import Any, Sequence
 from tunelens.errors import DataError
 from tunelens.io import write_text_atomic
 from tunelens.report.common import (
-    CSV_COLUMNS, DATE_PREFIX, DIFF_VARIANT, METRICS, POOLED, MetricInfo, ReportSettings, metric_info, metric_order,
+    CSV_COLUMNS, DATE_PREFIX, DIFF_VARIANT, POOLED, MetricInfo, ReportSettings, metric_info, metric_order,
 )
 from tunelens.report.comparisons import agreement, best_configs, paired_differences
 from tunelens.report.document import build_summary, config_fields, provenance, swept_fields
@@ -45,7 +45,7 @@ from tunelens.report.tidy import read_summary_csv, summary_table, write_summary_
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "CSV_COLUMNS", "DATE_PREFIX", "DIFF_VARIANT", "METRICS", "POOLED", "Cell", "Document", "MetricInfo",
+    "CSV_COLUMNS", "DATE_PREFIX", "DIFF_VARIANT", "POOLED", "Cell", "Document", "MetricInfo",
     "ReportSettings", "ScoreFile", "Table", "agreement", "best_configs", "build_summary", "config_fields",
     "format_estimate", "format_number", "load_finetune_records", "load_score_file", "load_score_files",
     "long_rows", "mark_best", "metric_info", "metric_order", "paired_differences", "plot_layers", "plot_loss",

@@ -7,6 +7,8 @@ from typing import Iterable, Sequence
 
 import pandas as pd
 
+from tunelens.metrics import METRICS
+
 VARIANT_ORDER = ("base", "finetuned")
 DIFF_VARIANT = "finetuned-base"  # `variant` of paired-difference rows in summary.csv
 POOLED = "all"  # model/variant/config of statistics pooled over several of them
@@ -27,30 +29,23 @@ class MetricInfo:
     decimals: int
 
 
-METRICS: dict[str, MetricInfo] = {
-    "bleu": MetricInfo("BLEU", "0-100", True, 1),
-    "rougeL": MetricInfo("ROUGE-L", "0-1", True, 3),
-    "bertscore": MetricInfo("BERTScore", "0-1", True, 3),
-    "codebleu": MetricInfo("CodeBLEU", "0-1", True, 3),
-    "exact_match": MetricInfo("Exact match", "0-1", True, 3),
-    "perplexity": MetricInfo("Perplexity", ">=1, lower is better", False, 2),
-    "judge": MetricInfo("Judge", "0-1", True, 3),
-    "human": MetricInfo("Human", "0-1", True, 3),
-    "length": MetricInfo("Length", "generated tokens", None, 1),
-}
 CORRELATION = MetricInfo("", "-1..1", True, 3)
 
 
 def metric_info(metric: str) -> MetricInfo:
-    """Display info of a metric; an unknown metric is shown by name with 3 decimals, no direction."""
-    return METRICS.get(metric, MetricInfo(metric, "as scored", None, 3))
+    """Display info of a metric from the registry (tunelens.metrics); an unregistered metric is shown by
+    name with 3 decimals and no direction (not ranked)."""
+    spec = METRICS.get(metric)
+    if spec is None:
+        return MetricInfo(metric, "as scored", None, 3)
+    return MetricInfo(spec.label, spec.shown_scale, spec.higher_is_better, spec.decimals)
 
 
 def metric_order(metrics: Iterable[str]) -> list[str]:
-    """Known metrics in the documented order, then unknown ones alphabetically."""
-    known = list(METRICS)
+    """Registered metrics in registry order, then unregistered ones alphabetically."""
     unique = set(metrics)
-    return [m for m in known if m in unique] + sorted(unique - set(known))
+    known = [m for m in METRICS if m in unique]
+    return known + sorted(unique - set(known))
 
 
 @dataclass
