@@ -1,6 +1,6 @@
 # tunelens: fine-tune, generate, score and probe LLMs, then tabulate.
 #   snakemake --cores all                                  # the embedded default (config.yaml), offline
-#   snakemake --cores all --configfile configs/alpaca-7b.yaml --profile profiles/slurm
+#   snakemake --cores all --configfile configs/alpaca-7b.yaml --profile slurm
 from snakemake.utils import min_version
 
 min_version("9.0")
