@@ -26,6 +26,14 @@ R = "results"
 DATASET = STUDY.dataset_name
 MODELS = STUDY.models
 DECODING = STUDY.decoding
+EVALSETS = STUDY.evaluation_sets
+
+if workflow.is_main_process and EVALSETS:
+    # Before any job: a missing column, or an evaluation set left without rows after the leakage check,
+    # stops here naming the set (hub sets are checked by their `evalset` job; tunelens.data).
+    from tunelens.data import check_evaluation_sets
+
+    check_evaluation_sets(STUDY)
 
 
 def code_version(script):
@@ -48,6 +56,7 @@ wildcard_constraints:
     config=_alternation(DECODING),
     layer=r"\d+",
     dataset=re.escape(DATASET),
+    evalset=_alternation(EVALSETS) or "(?!)",
 
 
 # ----------------------------------------------------------------------------------------- data
@@ -62,6 +71,26 @@ SPLIT = {
     "test": f"{R}/data/{DATASET}/test.jsonl",
     "manifest": f"{R}/data/{DATASET}/manifest.json",
 }
+
+
+# evaluation sets (the evalset rule) - results/eval/{evalset}/ holds the set's test rows, manifest and every
+# per-set output; the training data's own test split (SPLIT["test"]) stays the default set.
+EVAL = f"{R}/eval/{{evalset}}"
+
+
+def eval_path(evalset, relative):
+    """A per-set output path: results/eval/<evalset>/<relative>."""
+    return f"{R}/eval/{evalset}/{relative}"
+
+
+def evalset_file_input(wildcards):
+    """A local evaluation-set file is an input (editing it reruns that set's jobs only)."""
+    spec = EVALSETS[wildcards.evalset]
+    return [spec.source] if spec.source_kind == "local" else []
+
+
+def evalset_params(wildcards):
+    return EVALSETS[wildcards.evalset].prepare_params()
 
 
 # ----------------------------------------------------------------------------------------- models
@@ -276,9 +305,14 @@ def score_context(wildcards):
     num_layers = settings["num_layers"]
     if num_layers is None and source.startswith("embedded:"):
         num_layers = EMBEDDED_MODELS[source.removeprefix("embedded:")]["num_layers"]
+    kind = STUDY.config["dataset"]["kind"]
+    language = STUDY.config["dataset"]["code_language"]
+    if wildcards.get("evalset"):  # an evaluation set has its own kind (CodeBLEU or not)
+        spec = EVALSETS[wildcards.evalset]
+        kind, language = spec.kind, spec.code_language
     return {
-        "dataset_kind": STUDY.config["dataset"]["kind"],
-        "code_language": STUDY.config["dataset"]["code_language"],
+        "dataset_kind": kind,
+        "code_language": language,
         "device": STUDY.config["device"],
         "bertscore": {
             "model": bertscore_model_path(wildcards),
@@ -344,33 +378,45 @@ def human_groups():
 
 
 def human_generation_files(wildcards):
+    evalset = wildcards.get("evalset")
+    if evalset:
+        return [evalset_generation_file(evalset, *group) for group in human_groups()]
     return [generation_file(*group) for group in human_groups()]
 
 
-def human_score_outputs(kind):
+def human_score_outputs(kind, prefix=R):
+    """Human score files of every group under `prefix` (results/, or EVAL with its {evalset} wildcard)."""
     suffix = ".json" if kind == "json" else ".rows.csv"
     return [
-        f"{R}/human/scores/{model}/{variant}/{name}{suffix}"
+        f"{prefix}/human/scores/{model}/{variant}/{name}{suffix}"
         for model, variant, name in human_groups()
     ]
 
 
-def human_rating_files():
-    """Filled sheets in scoring.human.ratings_dir (found when the DAG is built)."""
+def human_rating_files(evalset=None):
+    """Filled sheets in scoring.human.ratings_dir, or its <evalset>/ subfolder for an evaluation set's
+    sheet (found when the DAG is built)."""
     import glob
     import os
 
     folder = STUDY.config["scoring"]["human"]["ratings_dir"]
+    if evalset:
+        folder = os.path.join(folder, evalset)
     return sorted(glob.glob(os.path.join(folder, "*.csv")))
 
 
-def all_human_files():
+def evalset_human_rating_files(wildcards):
+    return human_rating_files(wildcards.evalset)
+
+
+def all_human_files(evalset=None):
     """Sheet + key when human rating is enabled; the Human scores once filled sheets exist."""
     if not STUDY.config["scoring"]["human"]["enabled"]:
         return []
-    targets = [f"{R}/human/sheet.csv", f"{R}/human/key.csv"]
-    if human_rating_files():
-        targets += human_score_outputs("json")
+    prefix = f"{R}/eval/{evalset}" if evalset else R
+    targets = [f"{prefix}/human/sheet.csv", f"{prefix}/human/key.csv"]
+    if human_rating_files(evalset):
+        targets += human_score_outputs("json", prefix)
     return targets
 
 
@@ -381,6 +427,43 @@ def all_score_files():
         for variant in variants(model)
         for name in DECODING
     ]
+
+
+def evalset_generation_file(evalset, model, variant, config_name):
+    return eval_path(evalset, f"generations/{model}/{variant}/{config_name}.jsonl")
+
+
+def all_evalset_files(kind):
+    """Every evaluation set's files of one kind (scores, perplexity, judge, human, human_sheet, manifest)."""
+    files = []
+    for evalset in EVALSETS:
+        groups = [
+            (model, variant, name)
+            for model in MODELS
+            for variant in variants(model)
+            for name in DECODING
+        ]
+        if kind == "manifest":
+            files.append(eval_path(evalset, "manifest.json"))
+        elif kind == "scores":
+            files += [
+                eval_path(evalset, f"scores/{m}/{v}/{c}.json") for m, v, c in groups
+            ]
+        elif kind == "judge" and STUDY.config["scoring"]["judge"]["enabled"]:
+            files += [
+                eval_path(evalset, f"judge/{m}/{v}/{c}.json") for m, v, c in groups
+            ]
+        elif kind == "perplexity" and STUDY.config["scoring"]["perplexity"]:
+            files += [
+                eval_path(evalset, f"perplexity/{model}/{variant}.json")
+                for model in MODELS
+                for variant in variants(model)
+            ]
+        elif kind == "human":
+            files += [p for p in all_human_files(evalset) if p.endswith(".json")]
+        elif kind == "human_sheet":
+            files += [p for p in all_human_files(evalset) if p.endswith(".csv")]
+    return files
 
 
 def all_perplexity_files():
@@ -473,6 +556,13 @@ def report_inputs(wildcards):
         "finetune": all_finetune_metrics(),
         "human_sheet": [path for path in human if path.endswith(".csv")],
         "lens": all_lens_files(),
+        # evaluation sets (results/eval/<set>/...): the same kinds of files, per set
+        "eval_manifests": all_evalset_files("manifest"),
+        "eval_scores": all_evalset_files("scores"),
+        "eval_perplexity": all_evalset_files("perplexity"),
+        "eval_judge": all_evalset_files("judge"),
+        "eval_human": all_evalset_files("human"),
+        "eval_human_sheet": all_evalset_files("human_sheet"),
     }
 
 

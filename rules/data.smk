@@ -28,3 +28,29 @@ rule split:
         hub_split=lookup(dpath="dataset/hub_split", within=config),
     script:
         "../scripts/split.py"
+
+
+# Evaluation sets: each `evaluation_sets` entry used whole as test data, rows leaked from the training
+# split dropped and counted in its manifest (tunelens.data.prepare_evaluation_set).
+rule evalset:
+    input:
+        evalset_file_input,
+        train=SPLIT["train"],
+    output:
+        test=f"{EVAL}/test.jsonl",
+        manifest=f"{EVAL}/manifest.json",
+    log:
+        "logs/evalset/{evalset}.log",
+    benchmark:
+        "benchmarks/evalset/{evalset}.tsv"
+    conda:
+        "../envs/core.yaml"
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    params:
+        code=code_version("evalset.py"),
+        evalset=evalset_params,
+        seed=lookup(dpath="seed", within=config),
+    script:
+        "../scripts/evalset.py"

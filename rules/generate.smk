@@ -84,3 +84,29 @@ rule generation_agreement:
         device=lookup(dpath="device", within=config),
     script:
         "../scripts/agreement.py"
+
+
+# The same job on an evaluation set's rows (results/eval/{evalset}/, rule evalset).
+use rule generate as generate_evalset with:
+    input:
+        test=f"{EVAL}/test.jsonl",
+        model=model_input,
+        adapter=adapter_input,
+    output:
+        generations=report(
+            f"{EVAL}/generations/{{model}}/{{variant}}/{{config}}.jsonl",
+            caption="../report/generate.rst",
+            category="Generations",
+            subcategory="{model}",
+            labels={
+                "model": "{model}",
+                "variant": "{variant}",
+                "config": "{config}",
+                "evaluation set": "{evalset}",
+            },
+        ),
+        meta=f"{EVAL}/generations/{{model}}/{{variant}}/{{config}}.meta.json",
+    log:
+        "logs/generate_evalset/{evalset}/{model}/{variant}/{config}.log",
+    benchmark:
+        "benchmarks/generate_evalset/{evalset}/{model}/{variant}/{config}.tsv"

@@ -204,3 +204,103 @@ rule human_score:
         seed=lookup(dpath="seed", within=config),
     script:
         "../scripts/human_score.py"
+
+
+# ----------------------------------------------------------------------- evaluation sets (results/eval/{evalset}/)
+# The jobs above on each evaluation set's rows; score_context gives the set's own kind (CodeBLEU or not).
+use rule score as score_evalset with:
+    input:
+        generations=f"{EVAL}/generations/{{model}}/{{variant}}/{{config}}.jsonl",
+        meta=f"{EVAL}/generations/{{model}}/{{variant}}/{{config}}.meta.json",
+        bertscore_model=bertscore_model_input,
+    output:
+        scores=report(
+            f"{EVAL}/scores/{{model}}/{{variant}}/{{config}}.json",
+            caption="../report/score.rst",
+            category="Scores",
+            subcategory="{model}",
+            labels={
+                "model": "{model}",
+                "variant": "{variant}",
+                "config": "{config}",
+                "evaluation set": "{evalset}",
+            },
+        ),
+        rows=f"{EVAL}/scores/{{model}}/{{variant}}/{{config}}.rows.csv",
+    log:
+        "logs/score_evalset/{evalset}/{model}/{variant}/{config}.log",
+    benchmark:
+        "benchmarks/score_evalset/{evalset}/{model}/{variant}/{config}.tsv"
+
+
+use rule perplexity as perplexity_evalset with:
+    input:
+        test=f"{EVAL}/test.jsonl",
+        model=model_input,
+        adapter=adapter_input,
+    output:
+        scores=report(
+            f"{EVAL}/perplexity/{{model}}/{{variant}}.json",
+            caption="../report/score_perplexity.rst",
+            category="Scores",
+            subcategory="{model}",
+            labels={
+                "model": "{model}",
+                "variant": "{variant}",
+                "metric": "perplexity",
+                "evaluation set": "{evalset}",
+            },
+        ),
+        rows=f"{EVAL}/perplexity/{{model}}/{{variant}}.rows.csv",
+    log:
+        "logs/perplexity_evalset/{evalset}/{model}/{variant}.log",
+    benchmark:
+        "benchmarks/perplexity_evalset/{evalset}/{model}/{variant}.tsv"
+
+
+use rule judge as judge_evalset with:
+    input:
+        generations=f"{EVAL}/generations/{{model}}/{{variant}}/{{config}}.jsonl",
+        meta=f"{EVAL}/generations/{{model}}/{{variant}}/{{config}}.meta.json",
+        test=f"{EVAL}/test.jsonl",
+        judge_model=judge_model_input,
+    output:
+        scores=f"{EVAL}/judge/{{model}}/{{variant}}/{{config}}.json",
+        rows=f"{EVAL}/judge/{{model}}/{{variant}}/{{config}}.rows.csv",
+    log:
+        "logs/judge_evalset/{evalset}/{model}/{variant}/{config}.log",
+    benchmark:
+        "benchmarks/judge_evalset/{evalset}/{model}/{variant}/{config}.tsv"
+
+
+# One blind sheet per evaluation set; its filled sheets go into scoring.human.ratings_dir/<evalset>/.
+use rule human_sheet as human_sheet_evalset with:
+    input:
+        generations=human_generation_files,
+        test=f"{EVAL}/test.jsonl",
+    output:
+        sheet=report(
+            f"{EVAL}/human/sheet.csv",
+            caption="../report/score_human_sheet.rst",
+            category="Human rating",
+            labels={"evaluation set": "{evalset}"},
+        ),
+        key=f"{EVAL}/human/key.csv",
+    log:
+        "logs/human_sheet_evalset/{evalset}.log",
+    benchmark:
+        "benchmarks/human_sheet_evalset/{evalset}.tsv"
+
+
+use rule human_score as human_score_evalset with:
+    input:
+        ratings=evalset_human_rating_files,
+        sheet=f"{EVAL}/human/sheet.csv",
+        key=f"{EVAL}/human/key.csv",
+    output:
+        scores=human_score_outputs("json", EVAL),
+        rows=human_score_outputs("rows", EVAL),
+    log:
+        "logs/human_score_evalset/{evalset}.log",
+    benchmark:
+        "benchmarks/human_score_evalset/{evalset}.tsv"

@@ -441,3 +441,93 @@ def test_forcerun_the_finetune_rule_reruns_every_finetuned_variant(finished_stud
     for model in PARTIAL_CONFIG["models"]:
         expected |= {job("finetune", model=model)} | variant_jobs(PARTIAL_CONFIG, model, "finetuned", names)
     assert planned(finished_study, PARTIAL_CONFIG, "--forcerun", "finetune") == expected
+
+
+# =========================================================================================== evaluation sets
+def write_eval_rows(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+def eval_rows(tag: str, n: int = 5) -> list[dict]:
+    return [{"instruction": f"{tag} task {i}", "input": "", "output": f"{tag} answer {i}"} for i in range(n)]
+
+
+def evalset_jobs(config: dict, evalset: str) -> set:
+    """Every job of one evaluation set: its rows, generation + score per (model, variant, decoding config),
+    perplexity per (model, variant) and its human sheet. Never a fine-tune, a split or a probe job."""
+    names = [entry["name"] for entry in config["decoding"]["configs"]]
+    jobs = {job("evalset", evalset=evalset), job("human_sheet_evalset", evalset=evalset)}
+    for model in config["models"]:
+        for variant in ("base", "finetuned"):
+            jobs.add(job("perplexity_evalset", evalset=evalset, model=model, variant=variant))
+            for name in names:
+                jobs |= {job("generate_evalset", evalset=evalset, model=model, variant=variant, config=name),
+                         job("score_evalset", evalset=evalset, model=model, variant=variant, config=name)}  # fmt: skip
+    return jobs
+
+
+REPORT_ONLY = {("report", ()), ("all", ())}
+
+
+@pytest.fixture(scope="module")
+def finished_study_with_sets(tmp_path_factory):
+    """A finished study of PARTIAL_CONFIG plus two evaluation sets read from local files."""
+    root = tmp_path_factory.mktemp("finished_sets")
+    workdir = root / "work"
+    workdir.mkdir()
+    config = {**PARTIAL_CONFIG, "evaluation_sets": [
+        {"name": "alpha", "source": write_eval_rows(root / "alpha.jsonl", eval_rows("alpha"))},
+        {"name": "beta", "source": write_eval_rows(root / "beta.jsonl", eval_rows("beta"))},
+    ]}  # fmt: skip
+    configfile = root / "config.yaml"
+    configfile.write_text(yaml.safe_dump(config, sort_keys=False))
+    fake_finished_study(workdir, configfile)
+    return workdir, config
+
+
+def test_fresh_study_with_an_evaluation_set_plans_its_jobs_once(tmp_path):
+    config = {**PARTIAL_CONFIG, "evaluation_sets": [
+        {"name": "alpha", "source": write_eval_rows(tmp_path / "alpha.jsonl", eval_rows("alpha"))}]}  # fmt: skip
+    expected = (
+        {job("split"), job("materialize_bertscore_model")}
+        | model_jobs(config, "smollm2")
+        | model_jobs(config, "gemma3")
+        | AGGREGATES
+        | evalset_jobs(config, "alpha")
+    )
+    assert planned(tmp_path / "work", config) == expected
+
+
+def test_adding_an_evaluation_set_runs_only_its_jobs_and_the_report(finished_study, tmp_path):
+    """No fine-tune, no split, no default-set job (the default human sheet stays) reruns."""
+    config = {**PARTIAL_CONFIG, "evaluation_sets": [
+        {"name": "code", "source": write_eval_rows(tmp_path / "code.jsonl", eval_rows("code")), "kind": "code"}]}  # fmt: skip
+    assert planned(finished_study, config) == evalset_jobs(config, "code") | REPORT_ONLY
+
+
+def test_finished_study_with_evaluation_sets_plans_nothing(finished_study_with_sets):
+    workdir, config = finished_study_with_sets
+    assert planned(workdir, config) == set()
+
+
+def test_changing_one_evaluation_sets_rows_reruns_only_that_set(finished_study_with_sets, tmp_path):
+    workdir, config = finished_study_with_sets
+    beta = Path(config["evaluation_sets"][1]["source"])
+    original = beta.read_text()
+    try:
+        write_eval_rows(beta, eval_rows("beta", n=6))
+        assert planned(workdir, config) == evalset_jobs(config, "beta") | REPORT_ONLY
+    finally:
+        beta.write_text(original)
+
+
+def test_changing_one_evaluation_sets_settings_reruns_only_that_set(finished_study_with_sets):
+    workdir, config = finished_study_with_sets
+    alpha, beta = config["evaluation_sets"]
+    changed = {**config, "evaluation_sets": [{**alpha, "max_rows": 3}, beta]}
+    assert planned(workdir, changed) == evalset_jobs(config, "alpha") | REPORT_ONLY
+    # kind only changes how the set is scored: its scores and the report rerun, not its generations
+    changed = {**config, "evaluation_sets": [alpha, {**beta, "kind": "code"}]}
+    scores = {key for key in evalset_jobs(config, "beta") if key[0] == "score_evalset"}
+    assert planned(workdir, changed) == scores | REPORT_ONLY

@@ -221,3 +221,49 @@ def test_alpaca_preset_is_the_study_design():
     assert len(study.decoding) == 13
     assert set(study.models) == {"llama2-7b", "mistral-7b", "phi-2"}
     assert all(spec.probe_layers == [8, 16, 24, 32] for spec in study.models.values())
+
+
+# ----------------------------------------------------------------------------------------- evaluation sets
+def eval_set_file(tmp_path: Path, name: str = "extra.jsonl") -> str:
+    path = tmp_path / name
+    path.write_text('{"instruction": "a", "input": "", "output": "b"}\n')
+    return str(path)
+
+
+def test_evaluation_sets_default_to_none_and_fill_their_defaults(tmp_path):
+    assert load_config(base_config()).evaluation_sets == {}
+    source = eval_set_file(tmp_path)
+    config = with_changes(evaluation_sets=[{"name": "extra", "source": source}, {"name": "held", "source": "embedded:demo-holdout", "kind": "code"}])
+    study = load_config(config)
+    assert list(study.evaluation_sets) == ["extra", "held"]
+    extra = study.evaluation_sets["extra"]
+    assert (extra.source_kind, extra.kind, extra.max_rows, extra.hub_split) == ("local", "text", None, "test")
+    assert extra.fields == {"instruction": "instruction", "input": "input", "output": "output"}
+    assert study.evaluation_sets["held"].source_kind == "embedded"
+
+
+def test_duplicate_evaluation_set_name(tmp_path):
+    source = eval_set_file(tmp_path)
+    expect_error(with_changes(evaluation_sets=[{"name": "extra", "source": source}, {"name": "extra", "source": source}]),
+                 "evaluation_sets[1].name", "duplicate", "'extra'", "evaluation_sets[0]")
+
+
+def test_evaluation_set_named_like_the_dataset(tmp_path):
+    expect_error(with_changes(evaluation_sets=[{"name": "demo", "source": eval_set_file(tmp_path)}]),
+                 "evaluation_sets[0].name", "'demo'", "dataset.name")
+
+
+def test_missing_evaluation_set_file(tmp_path):
+    missing = str(tmp_path / "nope.jsonl")
+    expect_error(with_changes(evaluation_sets=[{"name": "extra", "source": missing}]),
+                 "evaluation_sets[0].source", missing, "does not exist")
+
+
+def test_evaluation_set_bad_suffix_unknown_embedded_and_bad_name(tmp_path):
+    path = tmp_path / "rows.txt"
+    path.write_text("x")
+    expect_error(with_changes(evaluation_sets=[{"name": "x", "source": str(path)}]), "evaluation_sets[0].source", ".txt")
+    expect_error(with_changes(evaluation_sets=[{"name": "x", "source": "embedded:nope"}]),
+                 "evaluation_sets[0].source", "unknown embedded dataset 'nope'")
+    expect_error(with_changes(evaluation_sets=[{"name": "a/b", "source": "embedded:demo-holdout"}]),
+                 "evaluation_sets[0].name")

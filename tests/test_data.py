@@ -177,3 +177,106 @@ def test_demo_dataset_is_deterministic_and_varied(tmp_path):
     assert any(r["output"].startswith("def ") for r in rows)
     manifest = run_split(tmp_path, "embedded:demo", name="demo", test_size=24)
     assert manifest["counts"]["test"] == 24 and manifest["counts"]["dropped"] == {}
+
+
+# ----------------------------------------------------------------------------------------- evaluation sets
+def prepare_set(tmp_path: Path, source: str, train_path: Path, name: str = "extra", out: str = "eval", **kwargs):
+    from tunelens.data import prepare_evaluation_set
+
+    options = dict(fields=FIELDS, seed=1, max_rows=None, hub_split="test")
+    options.update(kwargs)
+    target = tmp_path / out
+    return prepare_evaluation_set(name=name, source=source, train_path=train_path, test_path=target / "test.jsonl",
+                                  manifest_path=target / "manifest.json", **options)
+
+
+def split_for_eval(tmp_path: Path) -> tuple[Path, list[dict]]:
+    run_split(tmp_path, write_json(tmp_path / "train_source.json", make_rows(40)), out="split")
+    train_path = tmp_path / "split" / "train.jsonl"
+    return train_path, read_jsonl(train_path)
+
+
+def test_evaluation_set_drops_and_counts_rows_leaked_from_training(tmp_path):
+    train_path, train = split_for_eval(tmp_path)
+    test = read_jsonl(tmp_path / "split" / "test.jsonl")
+    new = [{"instruction": f"New task {i}", "input": "", "output": f"new {i}"} for i in range(5)]
+    leaked = [{**row, "output": "another answer"} for row in train[:3]]  # same instruction+input as training rows
+    rows = [*new, *leaked, dict(test[0]), {"instruction": "New task 0", "input": "", "output": "second reference"},
+            {"instruction": "", "input": "", "output": "x"}, dict(new[1])]
+    manifest = prepare_set(tmp_path, write_json(tmp_path / "extra.json", rows), train_path)
+    assert manifest["counts"] == {"read": 12, "usable": 10, "beyond_max_rows": 0, "test": 6,
+                                  "dropped": {"duplicate": 1, "duplicate_prompt": 1, "empty_instruction": 1,
+                                              "in_training_split": 3}}
+    out = read_jsonl(tmp_path / "eval" / "test.jsonl")
+    train_prompts = {(r["instruction"], r["input"]) for r in train}
+    assert not {(r["instruction"], r["input"]) for r in out} & train_prompts
+    # the training data's own test row is not training data: it stays
+    assert (test[0]["instruction"], test[0]["input"]) in {(r["instruction"], r["input"]) for r in out}
+    assert all(r["id"].startswith("extra-") for r in out)
+    listed = manifest["dropped_rows"]["in_training_split"]
+    assert sorted((r["instruction"], r["input"]) for r in listed) == sorted((r["instruction"], r["input"]) for r in leaked)
+    assert manifest["source"]["sha256"] and manifest["sha256"]["test.jsonl"]
+    assert manifest["training_split"]["rows"] == len(train)
+    assert json.loads((tmp_path / "eval" / "manifest.json").read_text()) == manifest
+
+
+def test_evaluation_set_is_input_order_independent_and_capped_by_a_seeded_sample(tmp_path):
+    train_path, _ = split_for_eval(tmp_path)
+    rows = [{"instruction": f"Other {i}", "input": "", "output": str(i)} for i in range(30)]
+    prepare_set(tmp_path, write_json(tmp_path / "a.json", rows), train_path, out="a", max_rows=8)
+    prepare_set(tmp_path, write_json(tmp_path / "b.json", rows[::-1]), train_path, out="b", max_rows=8)
+    a, b = (tmp_path / "a" / "test.jsonl").read_bytes(), (tmp_path / "b" / "test.jsonl").read_bytes()
+    assert a == b
+    kept = read_jsonl(tmp_path / "a" / "test.jsonl")
+    assert len(kept) == 8
+    assert [r["instruction"] for r in kept] != [f"Other {i}" for i in range(8)]  # a sample, not the file's head
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert manifest["counts"]["beyond_max_rows"] == 22 and manifest["counts"]["test"] == 8
+
+
+def test_evaluation_set_with_every_row_in_training_is_an_error(tmp_path):
+    train_path, train = split_for_eval(tmp_path)
+    with pytest.raises(DataError, match=r"evaluation set 'extra'.*no usable rows left after the leakage check"):
+        prepare_set(tmp_path, write_json(tmp_path / "extra.json", train[:5]), train_path)
+    assert not (tmp_path / "eval" / "test.jsonl").exists()
+
+
+def test_evaluation_set_missing_column_names_the_set(tmp_path):
+    train_path, _ = split_for_eval(tmp_path)
+    source = write_json(tmp_path / "extra.json", [{"question": "q", "answer": "a"}])
+    with pytest.raises(ConfigError, match=r"evaluation_sets\[name=extra\]\.fields\.instruction: column 'instruction'"):
+        prepare_set(tmp_path, source, train_path)
+    manifest = prepare_set(tmp_path, source, train_path,
+                           fields={"instruction": "question", "input": None, "output": "answer"})
+    assert manifest["counts"]["test"] == 1
+
+
+def test_embedded_holdout_set_is_disjoint_from_the_demo_training_data(tmp_path):
+    from tunelens.demo_data import generate_holdout_rows
+
+    holdout = generate_holdout_rows()
+    assert len(holdout) == 12 and generate_holdout_rows() == holdout
+    demo = {(r["instruction"], r["input"]) for r in generate_demo_rows()}
+    assert not demo & {(r["instruction"], r["input"]) for r in holdout}
+
+
+def test_check_evaluation_sets_before_any_job_matches_the_job(tmp_path):
+    """The DAG-time check computes the training split in memory exactly as rule `split` does."""
+    from tunelens.config import load_config
+    from tunelens.data import check_evaluation_sets
+
+    source = write_json(tmp_path / "train_source.json", make_rows(40))
+    run_split(tmp_path, source, name="ds", out="split")  # seed 1, test_size 0.2 as below
+    train = read_jsonl(tmp_path / "split" / "train.jsonl")
+    extra = write_json(tmp_path / "extra.json", [*train[:4], {"instruction": "fresh", "input": "", "output": "y"}])
+    config = {"seed": 1, "dataset": {"name": "ds", "source": source, "test_size": 0.2},
+              "evaluation_sets": [{"name": "extra", "source": extra}],
+              "models": {"m": {"source": "embedded:smollm2-135m-instruct"}}}
+    checked = check_evaluation_sets(load_config(config))
+    job = prepare_set(tmp_path, extra, tmp_path / "split" / "train.jsonl", seed=1)
+    assert checked["extra"] == job["counts"]
+    assert checked["extra"]["dropped"] == {"in_training_split": 4}
+    all_leaked = write_json(tmp_path / "leaked.json", train[:4])
+    config["evaluation_sets"] = [{"name": "extra", "source": extra}, {"name": "leaky", "source": all_leaked}]
+    with pytest.raises(DataError, match=r"evaluation set 'leaky'.*no usable rows left after the leakage check"):
+        check_evaluation_sets(load_config(config))

@@ -49,3 +49,51 @@ def test_bad_config_stops_before_any_job(tmp_path):
     assert result.returncode != 0
     assert "decoding.sweep.temperature[0]" in result.stdout + result.stderr
     assert not (tmp_path / "results").exists()
+
+
+def _write_jsonl(path: Path, rows) -> str:
+    import json
+
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+def test_bad_evaluation_set_stops_before_any_job(tmp_path):
+    """A missing file or column, a set left empty by the leakage check, a duplicate name: the run stops while
+    the DAG is built (no job, no results/), naming the set."""
+    import yaml
+
+    from tunelens.data import clean_rows, split_rows
+
+    rows = [{"instruction": f"Task {i}", "input": "", "output": f"answer {i}"} for i in range(40)]
+    train_file = _write_jsonl(tmp_path / "train.jsonl", rows)
+    cleaned, _ = clean_rows(rows, {"instruction": "instruction", "input": "input", "output": "output"}, "ds", "x")
+    train, _, _ = split_rows(cleaned, seed=1234, test_size=5)
+    good = _write_jsonl(tmp_path / "good.jsonl", [{"instruction": "Other", "input": "", "output": "x"}])
+    cases = {
+        "missing file": ([{"name": "gone", "source": str(tmp_path / "gone.jsonl")}],
+                         ["evaluation_sets[0].source", "gone.jsonl", "does not exist"]),
+        "missing column": ([{"name": "qa", "source": good, "fields": {"output": "answer"}}],
+                           ["evaluation_sets[name=qa].fields.output", "column 'answer'"]),
+        "all rows leaked": ([{"name": "good", "source": good},
+                             {"name": "leaky", "source": _write_jsonl(tmp_path / "leaky.jsonl", train[:6])}],
+                            ["evaluation set 'leaky'", "no usable rows left after the leakage check",
+                             "'in_training_split': 6"]),
+        "duplicate name": ([{"name": "good", "source": good}, {"name": "good", "source": good}],
+                           ["evaluation_sets[1].name", "duplicate evaluation set name 'good'"]),
+    }  # fmt: skip
+    for case, (evaluation_sets, fragments) in cases.items():
+        config = {"seed": 1234, "dataset": {"name": "ds", "source": train_file, "test_size": 5},
+                  "evaluation_sets": evaluation_sets,
+                  "models": {"smollm2": {"source": "embedded:smollm2-135m-instruct"}}}  # fmt: skip
+        configfile = tmp_path / "bad.yaml"
+        configfile.write_text(yaml.safe_dump(config))
+        workdir = tmp_path / case.replace(" ", "_")
+        workdir.mkdir()
+        result = run([*SNAKEMAKE, "-n", "--snakefile", str(ROOT / "Snakefile"), "--directory", str(workdir),
+                      "--configfile", str(configfile)])  # fmt: skip
+        output = result.stdout + result.stderr
+        assert result.returncode != 0, case
+        for fragment in fragments:
+            assert fragment in output, f"{case}: {fragment!r} not in {output[-2000:]}"
+        assert not (workdir / "results").exists(), case

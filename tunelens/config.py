@@ -36,7 +36,10 @@ RESERVED_MODEL_NAMES = {"bertscore"}
 DECODING_FIELDS = ("top_k", "num_beams", "temperature", "top_p", "repetition_penalty")
 # Here, not in data.py: every job re-validates the config, and a job's code hash (tunelens.codehash)
 # follows imports, so importing data.py from here would make a data.py edit rerun every job.
-EMBEDDED_DATASETS = {"demo": "tunelens.demo_data.generate_demo_rows: 400 generated instruction rows"}
+EMBEDDED_DATASETS = {
+    "demo": "tunelens.demo_data.generate_demo_rows: 400 generated instruction rows",
+    "demo-holdout": "tunelens.demo_data.generate_holdout_rows: 12 rows of task families absent from demo",
+}
 
 
 # --------------------------------------------------------------------------------------------- jobs
@@ -364,6 +367,74 @@ def _model_spec(name: str, entry: dict, config: dict, finetune_schema: dict) -> 
 
 
 # --------------------------------------------------------------------------------------------- study
+@dataclass(frozen=True)
+class EvaluationSet:
+    """An entry of `evaluation_sets`: a held-out set evaluated whole (results/eval/<name>/)."""
+
+    name: str
+    source: str
+    source_kind: str  # embedded | local | hub
+    fields: dict
+    kind: str  # text | code
+    code_language: str
+    max_rows: int | None
+    hub_split: str
+
+    def prepare_params(self) -> dict:
+        """What the `evalset` rule's output depends on besides the training split (its params)."""
+        return {"source": self.source, "fields": dict(self.fields), "max_rows": self.max_rows, "hub_split": self.hub_split}
+
+
+def _check_data_source(source: str, where: str, base_dir: Path) -> str:
+    """The kind of a dataset source (embedded/local/hub); an unknown embedded name, a missing or
+    unsupported file, or a malformed hub id fails naming `where` (a config key)."""
+    kind = source_kind(source)
+    if kind == "embedded":
+        key = source[len(EMBEDDED_PREFIX):]
+        if key not in EMBEDDED_DATASETS:
+            raise ConfigError(f"{where}: unknown embedded dataset '{key}'; choices: {sorted(EMBEDDED_DATASETS)}")
+    elif kind == "local":
+        path = Path(source).expanduser()
+        path = path if path.is_absolute() else base_dir / path
+        if not path.is_file():
+            raise ConfigError(f"{where}: file '{source}' does not exist")
+        if path.suffix not in DATA_EXTENSIONS:
+            raise ConfigError(f"{where}: '{source}' has suffix '{path.suffix}'; expected one of {DATA_EXTENSIONS}")
+    elif not HUB_ID.match(source):
+        raise ConfigError(f"{where}: '{source}' is neither embedded:NAME, an existing file nor a hub id")
+    return kind
+
+
+def _evaluation_sets(config: dict, base_dir: Path) -> dict[str, EvaluationSet]:
+    """`evaluation_sets` by name, in config order. A duplicate name, or the training dataset's own name
+    (its test split is the default set), fails naming the entry."""
+    sets: dict[str, EvaluationSet] = {}
+    dataset_name = config["dataset"]["name"]
+    for index, entry in enumerate(config["evaluation_sets"]):
+        where = f"evaluation_sets[{index}]"
+        name = entry["name"]
+        if name == dataset_name:
+            raise ConfigError(
+                f"{where}.name: '{name}' is dataset.name (its test split is already the default evaluation set); "
+                "give the set another name"
+            )
+        if name in sets:
+            first = [e["name"] for e in config["evaluation_sets"]].index(name)
+            raise ConfigError(f"{where}.name: duplicate evaluation set name '{name}' (also evaluation_sets[{first}])")
+        kind = _check_data_source(entry["source"], f"{where}.source", base_dir)
+        sets[name] = EvaluationSet(
+            name=name,
+            source=entry["source"],
+            source_kind=kind,
+            fields=dict(entry["fields"]),
+            kind=entry["kind"],
+            code_language=entry["code_language"],
+            max_rows=entry["max_rows"],
+            hub_split=entry["hub_split"],
+        )
+    return sets
+
+
 @dataclass
 class Study:
     """A validated config plus the typed views the DAG is built from."""
@@ -372,6 +443,7 @@ class Study:
     models: dict[str, ModelSpec]
     decoding: dict[str, DecodingConfig]
     default_decoding: str
+    evaluation_sets: dict[str, EvaluationSet] = field(default_factory=dict)
     dataset_kind: str = field(init=False)
 
     def __post_init__(self):
@@ -412,20 +484,8 @@ def load_config(config: dict, *, base_dir: str | Path = ".") -> Study:
     base_dir = Path(base_dir)
 
     dataset = config["dataset"]
-    kind = source_kind(dataset["source"])
-    if kind == "embedded":
-        key = dataset["source"][len(EMBEDDED_PREFIX):]
-        if key not in EMBEDDED_DATASETS:
-            raise ConfigError(f"dataset.source: unknown embedded dataset '{key}'; choices: {sorted(EMBEDDED_DATASETS)}")
-    elif kind == "local":
-        path = Path(dataset["source"]).expanduser()
-        path = path if path.is_absolute() else base_dir / path
-        if not path.is_file():
-            raise ConfigError(f"dataset.source: file '{dataset['source']}' does not exist")
-        if path.suffix not in DATA_EXTENSIONS:
-            raise ConfigError(f"dataset.source: '{dataset['source']}' has suffix '{path.suffix}'; expected one of {DATA_EXTENSIONS}")
-    elif not HUB_ID.match(dataset["source"]):
-        raise ConfigError(f"dataset.source: '{dataset['source']}' is neither embedded:NAME, an existing file nor a hub id")
+    _check_data_source(dataset["source"], "dataset.source", base_dir)
+    evaluation_sets = _evaluation_sets(config, base_dir)
     test_size = dataset["test_size"]
     if test_size >= 1 and not float(test_size).is_integer():
         raise ConfigError(f"dataset.test_size: {test_size} is neither a fraction below 1 nor a whole count")
@@ -470,7 +530,9 @@ def load_config(config: dict, *, base_dir: str | Path = ".") -> Study:
             choices = sorted(k for k, v in EMBEDDED_MODELS.items() if v.get("role") == "encoder")
             raise ConfigError(f"scoring.bertscore.model: unknown embedded encoder '{key}'; choices: {choices}")
 
-    return Study(config=config, models=models, decoding=by_name, default_decoding=default_name)
+    return Study(
+        config=config, models=models, decoding=by_name, default_decoding=default_name, evaluation_sets=evaluation_sets
+    )
 
 
 def load_default_config(workflow_dir: str | Path, overrides: dict | None = None) -> dict:

@@ -34,12 +34,12 @@ def read_source(source: str, *, hub_split: str = "train", base_dir: str | Path =
 
     kind = source_kind(source)
     if kind == "embedded":
-        from tunelens.demo_data import generate_demo_rows
+        from tunelens.demo_data import generate_demo_rows, generate_holdout_rows
 
         name = source[len(EMBEDDED_PREFIX):]
         if name not in EMBEDDED_DATASETS:
             raise ConfigError(f"dataset.source: unknown embedded dataset '{name}'; choices: {sorted(EMBEDDED_DATASETS)}")
-        rows = generate_demo_rows()
+        rows = generate_holdout_rows() if name == "demo-holdout" else generate_demo_rows()
         digest = sha256_bytes("\n".join(dumps_row(r) for r in rows).encode())
         return rows, {"kind": "embedded", "source": source, "sha256": digest}
     if kind == "hub":
@@ -100,8 +100,12 @@ def row_id(dataset: str, row: dict) -> str:
     return f"{dataset}-{hashlib.sha1(key.encode('utf-8')).hexdigest()[:12]}"
 
 
-def clean_rows(raw_rows: list[dict], fields: dict, dataset: str, where: str) -> tuple[list[dict], Counter]:
-    """Map source columns to instruction/input/output and drop unusable rows, counting each reason."""
+def clean_rows(raw_rows: list[dict], fields: dict, dataset: str, where: str,
+               fields_key: str = "dataset.fields") -> tuple[list[dict], Counter]:
+    """Map source columns to instruction/input/output and drop unusable rows, counting each reason.
+
+    `fields_key` is the config key of the mapping, named in the error when a column is missing.
+    """
     if not raw_rows:
         raise DataError(f"{where}: the dataset has no rows")
     columns = set().union(*(row.keys() for row in raw_rows[:1000]))
@@ -109,7 +113,7 @@ def clean_rows(raw_rows: list[dict], fields: dict, dataset: str, where: str) -> 
         column = fields.get(field)
         if column is not None and column not in columns and field in REQUIRED:
             raise ConfigError(
-                f"dataset.fields.{field}: column '{column}' is not in {where}; columns found: {sorted(columns)}"
+                f"{fields_key}.{field}: column '{column}' is not in {where}; columns found: {sorted(columns)}"
             )
     dropped: Counter = Counter()
     seen: set[tuple[str, str, str]] = set()
@@ -220,3 +224,134 @@ def split_dataset(*, source: str, name: str, fields: dict, seed: int, test_size:
     write_json_atomic(manifest_path, manifest)
     log.info("split: %d train, %d test, dropped %s", len(train), len(test), dict(dropped))
     return manifest
+
+
+# --------------------------------------------------------------------------------------------- evaluation sets
+LEAKED_ROWS_LISTED = 100  # the manifest lists at most this many dropped leaked rows (all are counted)
+
+
+def evaluation_set_fields_key(name: str) -> str:
+    return f"evaluation_sets[name={name}].fields"
+
+
+def training_prompts(train_rows: list[dict]) -> set[tuple[str, str]]:
+    """The (instruction, input) pairs of the training split: what an evaluation row must not repeat."""
+    return {(row["instruction"], row["input"]) for row in train_rows}
+
+
+def evaluation_set_rows(raw_rows: list[dict], *, name: str, fields: dict, train_prompts: set[tuple[str, str]],
+                        seed: int, max_rows: int | None, where: str,
+                        fields_key: str) -> tuple[list[dict], dict, list[dict]]:
+    """Clean an evaluation set and check it against the training split.
+
+    Returns (rows, counts, leaked): the test rows (one reference per prompt, in a seeded content-hashed order
+    that does not depend on the input order; the first `max_rows` when capped), the counts for the manifest
+    (read, usable, dropped by reason, beyond_max_rows, test) and the rows dropped because their exact
+    instruction+input is in the training split. Zero rows left is an error naming the set.
+    """
+    rows, dropped = clean_rows(raw_rows, fields, name, where=where, fields_key=fields_key)
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["instruction"], row["input"]), []).append(row)
+    kept, leaked = [], []
+    for key, group in groups.items():
+        group = sorted(group, key=lambda r: r["id"])
+        if len(group) > 1:  # one reference per prompt, as in the split's test side
+            dropped["duplicate_prompt"] += len(group) - 1
+        if key in train_prompts:
+            dropped["in_training_split"] += 1
+            leaked.append(group[0])
+        else:
+            kept.append(group[0])
+    if not kept:
+        raise DataError(
+            f"{where}: no usable rows left after the leakage check ({len(raw_rows)} read; dropped by reason: "
+            f"{dict(sorted(dropped.items()))}); every remaining instruction+input is in the training split"
+        )
+    kept.sort(key=lambda r: _order_key(seed, "\x1f".join((r["instruction"], r["input"]))))
+    beyond = 0
+    if max_rows is not None and len(kept) > max_rows:
+        beyond = len(kept) - max_rows
+        kept = kept[:max_rows]
+    counts = {
+        "read": len(raw_rows),
+        "usable": len(rows),
+        "dropped": dict(sorted(dropped.items())),
+        "beyond_max_rows": beyond,
+        "test": len(kept),
+    }
+    leaked.sort(key=lambda r: r["id"])
+    return kept, counts, leaked
+
+
+def prepare_evaluation_set(*, name: str, source: str, fields: dict, seed: int, max_rows: int | None,
+                           hub_split: str, train_path: str | Path, test_path: str | Path,
+                           manifest_path: str | Path, base_dir: str | Path = ".") -> dict:
+    """Read one `evaluation_sets` entry, drop rows leaked from the training split (`train_path`), write its
+    test.jsonl and manifest.json. Returns the manifest."""
+    from tunelens.io import read_jsonl
+
+    where = f"evaluation set '{name}' ({source})"
+    raw_rows, source_info = read_source(source, hub_split=hub_split, base_dir=base_dir)
+    train = read_jsonl(train_path, required=("instruction", "input"))
+    rows, counts, leaked = evaluation_set_rows(
+        raw_rows, name=name, fields=fields, train_prompts=training_prompts(train), seed=seed, max_rows=max_rows,
+        where=where, fields_key=evaluation_set_fields_key(name),
+    )
+    write_jsonl_atomic(test_path, rows)
+    manifest: dict[str, Any] = {
+        "evaluation_set": name,
+        "source": source_info,
+        "fields": fields,
+        "seed": seed,
+        "max_rows": max_rows,
+        "training_split": {"path": str(train_path), "sha256": sha256_file(train_path), "rows": len(train)},
+        "counts": counts,
+        "leakage_check": (
+            f"{counts['dropped'].get('in_training_split', 0)} row(s) whose exact instruction+input is in the "
+            "training split dropped (reason in_training_split); none of the kept rows is"
+        ),
+        "dropped_rows": {
+            "in_training_split": [
+                {"id": row["id"], "instruction": row["instruction"], "input": row["input"]}
+                for row in leaked[:LEAKED_ROWS_LISTED]
+            ],
+        },
+        "sha256": {"test.jsonl": sha256_file(test_path)},
+        "versions": library_versions(),
+    }
+    write_json_atomic(manifest_path, manifest)
+    log.info("evaluation set %s: %d rows, dropped %s", name, len(rows), counts["dropped"])
+    return manifest
+
+
+def check_evaluation_sets(study, base_dir: str | Path = ".") -> dict[str, dict]:
+    """Check every evaluation set whose rows can be read now (local files, embedded sets) before any job:
+    the field mapping names existing columns, and rows are left after cleaning and after the leakage check
+    against the training split (computed in memory exactly as rule `split` computes it, when the training data
+    is local or embedded). Raises naming the set; returns {name: counts} of the sets checked.
+
+    Hub sets (and the leakage check against hub training data) are checked by their `evalset` job, which
+    every generation job of that set waits for.
+    """
+    readable = [spec for spec in study.evaluation_sets.values() if spec.source_kind != "hub"]
+    if not readable:
+        return {}
+    dataset = study.config["dataset"]
+    train_prompts: set[tuple[str, str]] = set()
+    if study.dataset_kind != "hub":
+        raw, _ = read_source(dataset["source"], hub_split=dataset["hub_split"], base_dir=base_dir)
+        rows, _ = clean_rows(raw, dataset["fields"], dataset["name"], where=f"dataset '{dataset['source']}'")
+        train, _, _ = split_rows(rows, seed=study.config["seed"], test_size=dataset["test_size"],
+                                 max_train=dataset["max_train"])
+        train_prompts = training_prompts(train)
+    checked = {}
+    for spec in readable:
+        raw, _ = read_source(spec.source, hub_split=spec.hub_split, base_dir=base_dir)
+        _, counts, _ = evaluation_set_rows(
+            raw, name=spec.name, fields=spec.fields, train_prompts=train_prompts, seed=study.config["seed"],
+            max_rows=spec.max_rows, where=f"evaluation set '{spec.name}' ({spec.source})",
+            fields_key=evaluation_set_fields_key(spec.name),
+        )
+        checked[spec.name] = counts
+    return checked

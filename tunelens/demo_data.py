@@ -141,3 +141,46 @@ def generate_demo_rows(n_rows: int = 400, seed: int = 20261123) -> list[dict]:
         seen.add(key)
         rows.append(row)
     return rows
+
+
+# ------------------------------------------------------------------------------------ held-out task families
+# Task families the training rows never contain (an evaluation set disjoint from training by construction):
+# does the fine-tuned answer style carry over to tasks the model was not tuned on?
+def _division(rng: random.Random) -> dict:
+    divisor, quotient = rng.randint(2, 12), rng.randint(2, 20)
+    dividend = divisor * quotient
+    return {"instruction": f"What is {dividend} divided by {divisor}?", "input": "",
+            "output": f"{dividend} / {divisor} = {quotient}."}
+
+
+def _first_letter(rng: random.Random) -> dict:
+    word = rng.choice(WORDS)
+    return {"instruction": "What is the first letter of the following word?", "input": word,
+            "output": f"The first letter of {word} is {word[0]}."}
+
+
+def _element_from_symbol(rng: random.Random) -> dict:
+    name, symbol, _, _ = rng.choice(ELEMENTS)
+    return {"instruction": f"Which element has the chemical symbol {symbol}?", "input": "",
+            "output": f"The element with the symbol {symbol} is {name}."}
+
+
+HOLDOUT_FAMILIES = (_division, _first_letter, _element_from_symbol)
+
+
+def generate_holdout_rows(n_rows: int = 12, seed: int = 20261130) -> list[dict]:
+    """`n_rows` distinct rows of task families that `generate_demo_rows` never produces."""
+    rng = random.Random(seed)
+    rows, seen = [], set()
+    attempts = 0
+    while len(rows) < n_rows:
+        attempts += 1
+        if attempts > n_rows * 50:
+            raise RuntimeError(f"held-out demo generator could not find {n_rows} distinct rows")
+        row = HOLDOUT_FAMILIES[attempts % len(HOLDOUT_FAMILIES)](rng)
+        key = (row["instruction"], row["input"])
+        if key in seen:
+            continue
+        seen.add(key)
+        rows.append(row)
+    return rows

@@ -1,0 +1,18 @@
+"""Snakemake entry point of rule `evalset` (see tunelens.data.prepare_evaluation_set)."""
+import logging
+
+from tunelens.data import prepare_evaluation_set
+
+logging.basicConfig(filename=snakemake.log[0], level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+settings = snakemake.params.evalset
+prepare_evaluation_set(
+    name=snakemake.wildcards.evalset,
+    source=settings["source"],
+    fields=settings["fields"],
+    seed=snakemake.params.seed,
+    max_rows=settings["max_rows"],
+    hub_split=settings["hub_split"],
+    train_path=snakemake.input.train,
+    test_path=snakemake.output.test,
+    manifest_path=snakemake.output.manifest,
+)
