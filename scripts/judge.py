@@ -12,6 +12,7 @@ judge_generation_file(
     snakemake.input.test,
     snakemake.output.scores,
     snakemake.output.rows,
+    meta_file=snakemake.input.meta,
     judge_model=params.judge_model,
     judge_path=params.judge_path,
     model=snakemake.wildcards.model,

@@ -11,6 +11,7 @@ score_generation_file(
     snakemake.input.generations,
     snakemake.output.scores,
     snakemake.output.rows,
+    meta_file=snakemake.input.meta,
     metrics=params.metrics,
     context=params.context,
     samples=params.samples,

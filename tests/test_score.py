@@ -472,3 +472,18 @@ def test_judge_rating_reads_the_rating_tokens(tiny_llama_dir):
     finally:
         hook.remove()
     assert ratings.tolist() == [4.0, 4.0] and expected.tolist() == pytest.approx([4.0, 4.0], abs=1e-6)
+
+
+def test_meta_sidecar_is_the_one_given(tmp_path):
+    """The rule declares the sidecar as an input and the script passes it: that file is the one read."""
+    gen = write_generation_file(tmp_path / "g.jsonl", [PAIRS["identical"], PAIRS["partial"]])
+    declared = tmp_path / "elsewhere" / "declared.meta.json"
+    declared.parent.mkdir()
+    (tmp_path / "g.meta.json").rename(declared)
+    score = score_generation_file(gen, tmp_path / "s.json", tmp_path / "s.rows.csv", metrics=["exact_match"],
+                                  context=TEXT, samples=100, meta_file=declared)
+    assert score["source"]["n_rows"] == 2
+    declared.write_text(json.dumps({"n_rows": 5}))
+    with pytest.raises(DataError, match="declared.meta.json says n_rows=5"):
+        score_generation_file(gen, tmp_path / "s.json", tmp_path / "s.rows.csv", metrics=["exact_match"],
+                              context=TEXT, samples=100, meta_file=declared)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import importlib
 import itertools
 import json
 import math
@@ -24,22 +25,15 @@ from typing import Any
 import yaml
 
 from tunelens.errors import ConfigError
+from tunelens.sources import DATA_EXTENSIONS, EMBEDDED_DATASETS, EMBEDDED_PREFIX, source_kind  # noqa: F401 (re-exported)
 
 PACKAGE_ROOT = Path(__file__).resolve().parent
 SCHEMA_PATH = PACKAGE_ROOT.parent / "schemas" / "config.schema.yaml"
 
-EMBEDDED_PREFIX = "embedded:"
-DATA_EXTENSIONS = (".json", ".jsonl", ".csv", ".parquet")
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
 VARIANTS = ("base", "finetuned")
 RESERVED_MODEL_NAMES = {"bertscore"}
 DECODING_FIELDS = ("top_k", "num_beams", "temperature", "top_p", "repetition_penalty")
-# Here, not in data.py: every job re-validates the config, and a job's code hash (tunelens.codehash)
-# follows imports, so importing data.py from here would make a data.py edit rerun every job.
-EMBEDDED_DATASETS = {
-    "demo": "tunelens.demo_data.generate_demo_rows: 400 generated instruction rows",
-    "demo-holdout": "tunelens.demo_data.generate_holdout_rows: 12 rows of task families absent from demo",
-}
 
 
 # --------------------------------------------------------------------------------------------- jobs
@@ -73,12 +67,14 @@ def _cached_schema() -> dict:
 def _load_schema() -> dict:
     """The config schema (a fresh copy: callers may modify it), with what comes from registries filled in:
     the choices and default of `scoring.metrics` are the registered metrics (tunelens.metrics)."""
-    from tunelens.metrics import default_metric_names, scored_metric_names
-
+    # Imported by name on purpose: a job's code hash (tunelens.codehash) follows import statements, and the
+    # metric code must not become code of every job that loads the config (a BLEU fix would rerun every
+    # generation). Only the names reach other jobs, through their params.
+    registry = importlib.import_module("tunelens.metrics")
     schema = copy.deepcopy(_cached_schema())
     metrics = schema["properties"]["scoring"]["properties"]["metrics"]
-    metrics["items"] = {"enum": scored_metric_names()}
-    metrics["default"] = default_metric_names()
+    metrics["items"] = {"enum": registry.scored_metric_names()}
+    metrics["default"] = registry.default_metric_names()
     return schema
 
 
@@ -134,21 +130,6 @@ def validate_schema(config: dict) -> None:
     # Defaults of objects that are present get filled; nested objects given as `default: {}` only get
     # their own defaults on a second pass.
     _fill_defaults(config, schema)
-
-
-# --------------------------------------------------------------------------------------------- sources
-def source_kind(source: str) -> str:
-    """'embedded', 'local' or 'hub' for a model or dataset source string."""
-    if source.startswith(EMBEDDED_PREFIX):
-        return "embedded"
-    looks_like_path = (
-        source.startswith(("/", "./", "../", "~"))
-        or source.endswith(DATA_EXTENSIONS)
-        or Path(source).expanduser().exists()
-    )
-    if looks_like_path:
-        return "local"
-    return "hub"
 
 
 # --------------------------------------------------------------------------------------------- decoding

@@ -20,6 +20,7 @@ from typing import Any
 
 from tunelens.errors import ConfigError, DataError
 from tunelens.io import library_versions, sha256_bytes, sha256_file, write_json_atomic, write_jsonl_atomic, dumps_row
+from tunelens.sources import EMBEDDED_DATASETS, EMBEDDED_PREFIX, source_kind
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +31,6 @@ FIELDS = ("instruction", "input", "output")
 # --------------------------------------------------------------------------------------------- reading
 def read_source(source: str, *, hub_split: str = "train", base_dir: str | Path = ".") -> tuple[list[dict], dict]:
     """Rows of a dataset source as dicts, plus a description of the source (kind, path, content hash)."""
-    from tunelens.config import EMBEDDED_DATASETS, EMBEDDED_PREFIX, source_kind
-
     kind = source_kind(source)
     if kind == "embedded":
         from tunelens.demo_data import generate_demo_rows, generate_holdout_rows

@@ -113,13 +113,14 @@ def judge_generation_file(
     confidence: float = 0.95,
     seed: int = 1234,
     model_and_tokenizer=None,
+    meta_file: str | Path | None = None,
 ) -> dict:
     """Rate every row of a generation file; write the judge JSON (score-file format, metric `judge`, 0-1)
     and the per-row CSV (`judge`, `judge_rating` 1-5, `judge_expected`)."""
     from tunelens.models import load_model
 
     rows = read_generations(generation_file)
-    meta = read_generation_meta(generation_file, len(rows))
+    meta = read_generation_meta(generation_file, len(rows), meta_file)
     tasks = {row["id"]: row for row in read_jsonl(test_file, required=("id", "instruction", "input", "output"))}
     missing = [row["id"] for row in rows if row["id"] not in tasks]
     if missing:

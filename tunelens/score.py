@@ -74,9 +74,10 @@ def read_generations(generation_file: str | Path) -> list[dict]:
     return rows
 
 
-def read_generation_meta(generation_file: str | Path, n_rows: int) -> dict:
-    """The `.meta.json` sidecar; its n_rows must match the rows read (else the file is truncated)."""
-    meta_file = _meta_path(Path(generation_file))
+def read_generation_meta(generation_file: str | Path, n_rows: int, meta_file: str | Path | None = None) -> dict:
+    """The `.meta.json` sidecar (`meta_file`; by default next to the generation file); its n_rows must match
+    the rows read (else the file is truncated)."""
+    meta_file = Path(meta_file) if meta_file else _meta_path(Path(generation_file))
     meta = read_json(meta_file)
     expected = meta.get("n_rows")
     if expected is not None and expected != n_rows:
@@ -186,9 +187,11 @@ def score_generation_file(
     variant: str | None = None,
     config: str | None = None,
     layer: int | None = None,
+    meta_file: str | Path | None = None,
 ) -> dict:
     """Score one generation or early-exit file; write the score JSON and the per-row CSV atomically.
 
+    `meta_file` is the generation's sidecar (default: next to the generation file).
     `model`/`variant`/`config` default to the generation meta's. `layer` is the early-exit layer (None for
     full-depth generations). `context` may be a plain dict (rule params, see ScoringContext.from_dict).
     Returns the score-file dict.
@@ -196,7 +199,7 @@ def score_generation_file(
     if isinstance(context, dict):
         context = ScoringContext.from_dict(context)
     rows = read_generations(generation_file)
-    meta = read_generation_meta(generation_file, len(rows))
+    meta = read_generation_meta(generation_file, len(rows), meta_file)
     check_metric_names(metrics)
     results, skipped, seconds = score_rows(rows, metrics, context)
     n = len(rows)
