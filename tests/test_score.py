@@ -455,23 +455,35 @@ def test_judge_rates_every_row_deterministically(tmp_path, tiny_llama_dir):
     assert all(len(ids) >= 1 for ids in rating_token_ids(loaded[1]))
 
 
+def vocabulary_digit_ids(tokenizer) -> dict[int, list[int]]:
+    """For each digit 1-5, every single token that reads as it ("4", " 4"), found by decoding the whole
+    vocabulary: independent of tunelens.judge.rating_token_ids (which encodes the digit strings)."""
+    pieces = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+    return {d: [i for i, piece in enumerate(pieces) if piece.strip() == str(d)] for d in range(1, 6)}
+
+
 def test_judge_rating_reads_the_rating_tokens(tiny_llama_dir):
-    """Force the tiny model to prefer token '4': the rating must follow the logits."""
+    """Boost the vocabulary's own tokens for one digit: the rating must follow the logits, for every digit
+    and every spelling of it."""
     import torch
 
     from tunelens.judge import rate, rating_token_ids
     from tunelens.models import load_model
 
     model, tokenizer = load_model(tiny_llama_dir, device="cpu")
-    four = rating_token_ids(tokenizer)[3]
-    hook = model.get_output_embeddings().register_forward_hook(
-        lambda module, args, output: output.index_fill(-1, torch.tensor(four), 50.0)
-    )
-    try:
-        ratings, expected = rate(model, tokenizer, ["Rate this.", "Another prompt, longer than the first one."])
-    finally:
-        hook.remove()
-    assert ratings.tolist() == [4.0, 4.0] and expected.tolist() == pytest.approx([4.0, 4.0], abs=1e-6)
+    digits = vocabulary_digit_ids(tokenizer)
+    for rating, digit_ids in digits.items():
+        assert digit_ids and set(rating_token_ids(tokenizer)[rating - 1]) <= set(digit_ids)
+        for boosted in (digit_ids, digit_ids[:1], digit_ids[-1:]):  # every spelling, and each one alone
+            hook = model.get_output_embeddings().register_forward_hook(
+                lambda module, args, output: output.index_fill(-1, torch.tensor(boosted), 50.0)
+            )
+            try:
+                ratings, expected = rate(model, tokenizer, ["Rate this.", "Another prompt, longer than the first."])
+            finally:
+                hook.remove()
+            assert ratings.tolist() == [rating, rating], (rating, boosted)
+            assert expected.tolist() == pytest.approx([rating, rating], abs=1e-6)
 
 
 def test_meta_sidecar_is_the_one_given(tmp_path):
