@@ -49,5 +49,7 @@ rule report:
         confidence=lookup(dpath="scoring/confidence", within=config),
         seed=lookup(dpath="seed", within=config),
         config_hash=report_config_hash(),
+        evaluation_set=DATASET,
+        evaluation_sets=list(EVALSETS),
     script:
         "../scripts/report.py"

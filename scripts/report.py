@@ -8,6 +8,18 @@ from tunelens.report import ReportSettings, workflow_git_commit, write_report
 logging.basicConfig(filename=snakemake.log[0], level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
 params = snakemake.params
 inputs = snakemake.input
+
+
+def evaluation_set_inputs(names, inputs):
+    """{set: {"scores": [...], ..., "manifest": path}} from the flat eval_* input lists (results/eval/<set>/...)."""
+    by_set = {name: {} for name in names}
+    for kind in ("scores", "perplexity", "judge", "human", "human_sheet"):
+        for path in inputs.get(f"eval_{kind}") or []:
+            by_set[Path(path).parts[2]].setdefault(kind, []).append(path)
+    for path in inputs.get("eval_manifests") or []:
+        by_set[Path(path).parts[2]]["manifest"] = path
+    return by_set
+
 try:
     write_report(
         score_files=list(inputs.get("scores") or []),
@@ -30,7 +42,9 @@ try:
             config_hash=params.config_hash,
             # Read here, not a rule param: a docs-only commit must not rerun the report.
             git_commit=workflow_git_commit(Path(snakemake.scriptdir).parent),
+            evaluation_set=params.evaluation_set,
         ),
+        evaluation_sets=evaluation_set_inputs(params.evaluation_sets, inputs),
     )
 except Exception:
     logging.exception("report failed")

@@ -434,3 +434,61 @@ def test_same_inputs_same_bytes_except_date_line(tmp_path):
         assert "2025-01-02 03:04:05 UTC" in differing[0][0] and "2031-12-31 23:59:59 UTC" in differing[0][1]
     for name in sorted(p.name for p in first["plots_dir"].iterdir()):
         assert (second["plots_dir"] / name).read_bytes() == (first["plots_dir"] / name).read_bytes()
+
+
+# ----------------------------------------------------------------------------------------- evaluation sets
+def test_extra_evaluation_set_gets_its_overview_paired_table_csv_rows_and_plots(tmp_path):
+    """A second set with known numbers: fine-tuned rows = base rows - 0.2 rougeL there (it hurts on the
+    new set, while it helps by +0.1 on the default set); its tables, CSV rows and plots carry its name."""
+    files = build_study(tmp_path / "default", models=("smol",), judge=False, layers=())
+    code = tmp_path / "eval" / "code"
+    ids = [f"code-{i:04d}" for i in range(10)]
+    set_inputs = {"scores": [], "perplexity": []}
+    for v_index, variant in enumerate(("base", "finetuned")):
+        for c_index, config in enumerate(CONFIGS):
+            rows = {"bleu": ramp(30 - 8 * v_index + c_index, 1.0, 10), "rougeL": ramp(0.6 - 0.2 * v_index, 0.01, 10),
+                    "codebleu": ramp(0.5, 0.02, 10)}
+            set_inputs["scores"].append(write_score(code / f"scores/smol/{variant}/{config}.json", "smol", variant,
+                                                    config, rows, ids=ids))
+        set_inputs["perplexity"].append(write_score(code / f"perplexity/smol/{variant}.json", "smol", variant, None,
+                                                    {"perplexity": ramp(20 + 5 * v_index, 0.1, 10)}, ids=ids,
+                                                    with_rows=False))
+    manifest = code / "manifest.json"
+    manifest.write_text(json.dumps({"evaluation_set": "code", "source": {"kind": "local", "source": "code.json"},
+                                    "counts": {"read": 14, "usable": 13, "test": 10, "beyond_max_rows": 0,
+                                               "dropped": {"in_training_split": 3, "empty_output": 1}}}))
+    set_inputs["manifest"] = manifest
+    paths = run(tmp_path, files, settings=ReportSettings(
+        decoding_configs=CONFIGS, default_config=DEFAULT, bootstrap_samples=SAMPLES, seed=7, evaluation_set="alpaca"),
+        evaluation_sets={"code": set_inputs})
+
+    table = read_summary_csv(paths["summary_csv"])
+    assert list(table.columns)[0] == "evaluation_set"
+    assert list(dict.fromkeys(table["evaluation_set"])) == ["alpaca", "code"]
+    diff = table[(table["statistic"] == "paired_difference") & (table["config"] == DEFAULT)
+                 & (table["metric"] == "rougeL")].set_index("evaluation_set")
+    assert diff.loc["alpaca", "value"] == pytest.approx(0.1)
+    assert diff.loc["code", "value"] == pytest.approx(-0.2)
+    assert diff.loc["code", "ci_high"] < 0 and int(diff.loc["code", "n"]) == 10
+    code_scores = table[(table["evaluation_set"] == "code") & (table["statistic"] == "score")]
+    assert "codebleu" in set(code_scores["metric"]) and "perplexity" in set(code_scores["metric"])
+    assert "codebleu" not in set(table[table["evaluation_set"] == "alpaca"]["metric"])
+
+    md = paths["summary_md"].read_text()
+    assert "## 7. Evaluation sets" in md and "`alpaca`" in md
+    assert re.search(r"\| code +\| `code\.json` +\| +10 \| +3 \| empty_output 1", md), md
+    code_part = md[md.index("### 7. code: model overview"):]
+    assert "### 7. code: fine-tuned vs base (paired differences)" in code_part
+    overview = code_part[:code_part.index("### 7. code: fine-tuned")]
+    base_rouge = code_scores[(code_scores["variant"] == "base") & (code_scores["config"] == DEFAULT)
+                             & (code_scores["metric"] == "rougeL")].iloc[0]
+    estimate = report.format_estimate(base_rouge["value"], base_rouge["ci_low"], base_rouge["ci_high"], 3)
+    assert re.search(r"\| smol +\| base +\|.*\| +" + re.escape(estimate), overview.replace("**", "")), overview
+    paired = code_part[code_part.index("### 7. code: fine-tuned"):]
+    assert re.search(r"ROUGE-L.*\| +-0\.200 \[-0\.200, -0\.200\] ?\*", paired), paired[:1500]
+    # sections 1-6 are unchanged by the extra set: the default set's overview does not show its numbers
+    assert "0.600" not in md[:md.index("## 7. Evaluation sets")]
+
+    plots = sorted(p.name for p in paths["plots_dir"].glob("sweep_*.png"))
+    assert any(name.endswith("__code.png") for name in plots)
+    assert any(not name.endswith("__code.png") for name in plots)

@@ -26,15 +26,17 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
+
+import pandas as pd
 
 from tunelens.errors import DataError
-from tunelens.io import write_text_atomic
+from tunelens.io import read_json, write_text_atomic
 from tunelens.report.common import (
     CSV_COLUMNS, DATE_PREFIX, DIFF_VARIANT, POOLED, MetricInfo, ReportSettings, metric_info, metric_order,
 )
 from tunelens.report.comparisons import agreement, best_configs, paired_differences
-from tunelens.report.document import build_summary, config_fields, provenance, swept_fields
+from tunelens.report.document import EvaluationSetResults, build_summary, config_fields, provenance, swept_fields
 from tunelens.report.inputs import (
     ScoreFile, load_finetune_records, load_score_file, load_score_files, long_rows, read_rows_csv, tidy_scores,
 )
@@ -59,9 +61,13 @@ def write_report(*, score_files: Sequence[str | Path] = (), perplexity_files: Se
                  early_exit_files: Sequence[str | Path] = (), human_sheet_files: Sequence[str | Path] = (),
                  finetune_metrics_files: Sequence[str | Path] = (), summary_md: str | Path,
                  summary_csv: str | Path, summary_html: str | Path, plots_dir: str | Path,
-                 settings: ReportSettings, now: _dt.datetime | None = None) -> dict[str, Any]:
+                 settings: ReportSettings, now: _dt.datetime | None = None,
+                 evaluation_sets: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
     """Build every report output from score files. Returns {'rows': n csv rows, 'plots': [paths]}.
 
+    The named file lists are the training data's own test split (the default set). `evaluation_sets`:
+    set name -> {"scores", "perplexity", "judge", "human", "human_sheet": [paths], "manifest": path} for each
+    extra set (results/eval/<name>/), in study order.
     `now` (UTC) only sets the `Generated:` line; everything else depends on the inputs alone.
     """
     files = load_score_files({"decoding": score_files, "perplexity": perplexity_files, "judge": judge_files,
@@ -73,21 +79,42 @@ def write_report(*, score_files: Sequence[str | Path] = (), perplexity_files: Se
                         f"{list(settings.decoding_configs)}")
     finetune = load_finetune_records(finetune_metrics_files)
     summary = summary_table(files, settings)
-    write_summary_csv(summary, summary_csv)
+    extra = [_evaluation_set_results(name, inputs, settings) for name, inputs in (evaluation_sets or {}).items()]
+    write_summary_csv(pd.concat([summary, *(results.summary for results in extra)], ignore_index=True), summary_csv)
     generated = (now or _dt.datetime.now(_dt.timezone.utc)).strftime("%Y-%m-%d %H:%M:%S UTC")
     document = build_summary(files, summary, settings, finetune, generated,
-                             human_sheets=[str(p) for p in human_sheet_files])
+                             human_sheets=[str(p) for p in human_sheet_files], evaluation_sets=extra)
     write_text_atomic(summary_md, document.to_markdown())
     write_text_atomic(summary_html, document.to_html("tunelens summary"))
 
     plots_dir = Path(plots_dir)
     plots_dir.mkdir(parents=True, exist_ok=True)
     scores = tidy_scores(files)
-    plots = plot_sweeps(scores, config_fields(settings, files), settings.default_config, plots_dir)
+    # With extra sets, every sweep plot names its set (the default set's file names stay as they were).
+    label = settings.evaluation_set if extra else None
+    plots = plot_sweeps(scores, config_fields(settings, files), settings.default_config, plots_dir,
+                        evaluation_set=label)
+    for results in extra:
+        plots += plot_sweeps(tidy_scores(results.files), config_fields(settings, results.files),
+                             settings.default_config, plots_dir, evaluation_set=results.name, suffix=results.name)
     plots += plot_layers(scores, plots_dir)
     plots += plot_loss(finetune, plots_dir)
-    log.info("report: %d score files -> %d summary rows, %d plots", len(files), len(summary), len(plots))
-    return {"rows": len(summary), "plots": [str(p) for p in plots]}
+    rows = len(summary) + sum(len(results.summary) for results in extra)
+    log.info("report: %d score files (%d evaluation sets) -> %d summary rows, %d plots",
+             len(files) + sum(len(results.files) for results in extra), 1 + len(extra), rows, len(plots))
+    return {"rows": rows, "plots": [str(p) for p in plots]}
+
+
+def _evaluation_set_results(name: str, inputs: Mapping[str, Any], settings: ReportSettings) -> EvaluationSetResults:
+    """Load one extra evaluation set's score files and manifest; its summary rows carry its name."""
+    files = load_score_files({"decoding": inputs.get("scores") or (), "perplexity": inputs.get("perplexity") or (),
+                              "judge": inputs.get("judge") or (), "human": inputs.get("human") or ()})
+    if not files:
+        raise DataError(f"report: evaluation set '{name}' has no score files; expected "
+                        f"results/eval/{name}/scores/{{model}}/{{variant}}/{{config}}.json")
+    manifest = read_json(inputs["manifest"]) if inputs.get("manifest") else None
+    return EvaluationSetResults(name=name, files=files, summary=summary_table(files, settings, evaluation_set=name),
+                                manifest=manifest, human_sheets=[str(p) for p in inputs.get("human_sheet") or ()])
 
 
 def workflow_git_commit(workflow_dir: str | Path) -> str:

@@ -14,7 +14,8 @@ DIFF_VARIANT = "finetuned-base"  # `variant` of paired-difference rows in summar
 POOLED = "all"  # model/variant/config of statistics pooled over several of them
 REFERENCE_METRICS = ("judge", "human")  # what automatic metrics are compared against
 CSV_COLUMNS = (
-    "model", "variant", "config", "layer", "metric", "statistic", "value", "ci_low", "ci_high", "n", "scale",
+    "evaluation_set", "model", "variant", "config", "layer", "metric", "statistic", "value", "ci_low", "ci_high", "n",
+    "scale",
 )
 DATE_PREFIX = "Generated: "
 
@@ -57,6 +58,8 @@ class ReportSettings:
     bootstrap_samples / confidence / seed: for every CI the report computes itself
     (paired differences, rank correlations); metric CIs come from the score files.
     config_hash / git_commit: provenance, computed by the rule.
+    evaluation_set: label of the training data's own test split (the default set; dataset.name), the
+    `evaluation_set` of its summary.csv rows.
     """
 
     decoding_configs: dict[str, dict]
@@ -66,6 +69,7 @@ class ReportSettings:
     seed: int = 1234
     config_hash: str = "unknown"
     git_commit: str = "unknown"
+    evaluation_set: str = "test"
 
     @property
     def ci_label(self) -> str:

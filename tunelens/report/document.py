@@ -7,6 +7,7 @@ Numbered sections (the tables every study reports):
   4 best_config_section   best decoding config per model and metric
   5 agreement_section     automatic metrics vs Judge / Human
   6 paired_section        fine-tuned vs base
+  7 evaluation_sets_section  sections 1 and 6 again on each extra evaluation set (when the study has any)
 then finetune_section, notes_section (skipped metrics) and provenance_section. Every section reads the
 same SummaryContext (the summary table and what is derived from it once) and adds blocks to a Document.
 """
@@ -81,21 +82,41 @@ class SummaryContext:
         return self.settings.ci_label
 
 
-def build_summary(files: Sequence[ScoreFile], summary: pd.DataFrame, settings: ReportSettings,
-                  finetune: dict[str, dict], generated: str, human_sheets: Sequence[str] = ()) -> Document:
-    """The summary document: the six numbered tables plus fine-tuning, notes and provenance."""
+@dataclass
+class EvaluationSetResults:
+    """One extra evaluation set (results/eval/<name>/): its score files, summary rows and manifest."""
+
+    name: str
+    files: Sequence[ScoreFile]
+    summary: pd.DataFrame
+    manifest: dict | None = None
+    human_sheets: Sequence[str] = ()
+
+
+def _context(files: Sequence[ScoreFile], summary: pd.DataFrame, settings: ReportSettings,
+             finetune: dict[str, dict], human_sheets: Sequence[str]) -> SummaryContext:
     scores = summary[summary["statistic"] == "score"]
     fields = config_fields(settings, files)
-    ctx = SummaryContext(
+    return SummaryContext(
         files=files, summary=summary, settings=settings, finetune=finetune, human_sheets=human_sheets,
         scores=scores, by_key=_lookup(scores), models=list(dict.fromkeys(scores["model"])), config_fields=fields,
         swept=swept_fields({c: fields[c] for c in fields if c in set(scores["config"])}),
     )
+
+
+def build_summary(files: Sequence[ScoreFile], summary: pd.DataFrame, settings: ReportSettings,
+                  finetune: dict[str, dict], generated: str, human_sheets: Sequence[str] = (),
+                  evaluation_sets: Sequence[EvaluationSetResults] = ()) -> Document:
+    """The summary document: the six numbered tables (on the training data's own test split), the extra
+    evaluation sets (7) when there are any, plus fine-tuning, notes and provenance."""
+    ctx = _context(files, summary, settings, finetune, human_sheets)
     doc = Document()
     header_section(doc, ctx, generated)
     for section in (overview_section, decoding_section, layers_section, best_config_section, agreement_section,
                     paired_section):
         section(doc, ctx)
+    if evaluation_sets:
+        evaluation_sets_section(doc, ctx, evaluation_sets)
     finetune_section(doc, finetune)
     notes_section(doc, files)
     provenance_section(doc, files, settings, finetune)
@@ -114,10 +135,11 @@ def header_section(doc: Document, ctx: SummaryContext, generated: str) -> None:
     )
 
 
-def overview_section(doc: Document, ctx: SummaryContext) -> None:
+def overview_section(doc: Document, ctx: SummaryContext,
+                     heading: tuple[int, str] = (2, "1. Model overview (default decoding config)")) -> None:
     """(1) Model overview at the default decoding config: one row per model and variant."""
     scores, by_key, models, default = ctx.scores, ctx.by_key, ctx.models, ctx.default
-    doc.heading(2, "1. Model overview (default decoding config)")
+    doc.heading(*heading)
     overview = scores[((scores["config"] == default) | (scores["metric"] == "perplexity")) & scores["layer"].isna()]
     metrics = metric_order(overview["metric"])
     if overview.empty:
@@ -279,10 +301,11 @@ def agreement_section(doc: Document, ctx: SummaryContext) -> None:
         doc.table(Table(["Model", "Metric", "n", "Kendall τ", "Spearman ρ"], rows, ["l", "l", "r", "r", "r"]))
 
 
-def paired_section(doc: Document, ctx: SummaryContext) -> None:
+def paired_section(doc: Document, ctx: SummaryContext,
+                   heading: tuple[int, str] = (2, "6. Fine-tuned vs base (paired differences)")) -> None:
     """(6) Fine-tuned minus base at the default config, rows paired by id."""
     summary, scores, by_key, models, default, ci = ctx.summary, ctx.scores, ctx.by_key, ctx.models, ctx.default, ctx.ci
-    doc.heading(2, "6. Fine-tuned vs base (paired differences)")
+    doc.heading(*heading)
     diffs = summary[(summary["statistic"] == "paired_difference") & summary["layer"].isna()]
     tuned_models = [m for m in models if {"base", "finetuned"} <= set(scores[scores["model"] == m]["variant"])]
     if not tuned_models:
@@ -320,6 +343,46 @@ def paired_section(doc: Document, ctx: SummaryContext) -> None:
         doc.table(Table(["Model", "Metric", "Base", "Fine-tuned", "Fine-tuned − base", "n pairs"], rows,
                         ["l", "l", "r", "r", "r", "r"]))
 
+
+
+def _manifest_counts(manifest: dict | None) -> tuple[str, str, str, str]:
+    """(source, rows evaluated, rows dropped as in the training split, other drops) of a set's manifest."""
+    if not manifest:
+        return "–", "–", "–", "–"
+    source = manifest.get("source") or {}
+    counts = manifest.get("counts") or {}
+    dropped = dict(counts.get("dropped") or {})
+    leaked = dropped.pop("in_training_split", 0)
+    other = ", ".join(f"{reason} {count}" for reason, count in dropped.items()) or "0"
+    if counts.get("beyond_max_rows"):
+        other += f"; beyond max_rows {counts['beyond_max_rows']}"
+    return f"`{source.get('source', '–')}`", str(counts.get("test", "–")), str(leaked), other
+
+
+def evaluation_sets_section(doc: Document, ctx: SummaryContext, evaluation_sets: Sequence[EvaluationSetResults]) -> None:
+    """(7) Every extra evaluation set: what it holds (its manifest), then the model overview and the
+    fine-tuned vs base table on it, as sections 1 and 6 for the training data's own test split."""
+    doc.heading(2, "7. Evaluation sets")
+    doc.paragraph(
+        f"Sections 1-6 are on the training data's own test split (`{ctx.settings.evaluation_set}`). Each set "
+        "below was evaluated whole, after dropping rows whose exact instruction+input is in the training split "
+        "(counted in `results/eval/<set>/manifest.json`). summary.csv has every number, with an "
+        "`evaluation_set` column."
+    )
+    rows = []
+    for results in evaluation_sets:
+        source, n, leaked, other = _manifest_counts(results.manifest)
+        rows.append([Cell(results.name), Cell(source), Cell(n), Cell(leaked), Cell(other)])
+    doc.table(Table(["Set", "Source", "Rows evaluated", "Dropped: in training split", "Dropped: other"], rows,
+                    ["l", "l", "r", "r", "l"]))
+    for results in evaluation_sets:
+        sub = _context(results.files, results.summary, ctx.settings, ctx.finetune, results.human_sheets)
+        overview_section(doc, sub, heading=(3, f"7. {results.name}: model overview (default decoding config)"))
+        paired_section(doc, sub, heading=(3, f"7. {results.name}: fine-tuned vs base (paired differences)"))
+        sheets = [p for p in results.human_sheets if Path(p).name == "sheet.csv"]
+        if sheets and "human" not in set(sub.scores["metric"]):
+            doc.paragraph(f"Human rating sheet of {results.name}: `{sheets[0]}` (filled copies go into "
+                          f"`<scoring.human.ratings_dir>/{results.name}/`).")
 
 
 def _first_n(scores: pd.DataFrame, model: str, variant: str, config: str) -> str:

@@ -54,8 +54,13 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
 
 
-def plot_sweeps(scores: pd.DataFrame, config_fields: dict[str, dict], default: str, out_dir: Path) -> list[Path]:
-    """Per model and swept field: metric vs field value (others at default), base vs fine-tuned, CI bars."""
+def plot_sweeps(scores: pd.DataFrame, config_fields: dict[str, dict], default: str, out_dir: Path,
+                evaluation_set: str | None = None, suffix: str | None = None) -> list[Path]:
+    """Per model and swept field: metric vs field value (others at default), base vs fine-tuned, CI bars.
+
+    evaluation_set: named in each title (when the study has several sets); suffix: added to the file names
+    (`sweep_<model>_<field>__<suffix>.png`), so each extra set's plots sit beside the default set's.
+    """
     plt = _plot_setup()
     written = []
     decoding = scores[scores["kind"].isin(["decoding", "judge", "human"])]
@@ -93,8 +98,11 @@ def plot_sweeps(scores: pd.DataFrame, config_fields: dict[str, dict], default: s
                 ax.set_title(f"{info.label} ({info.scale})", fontsize=9)
                 ax.set_xlabel(field_name)
             axes[0].legend(fontsize=8)
-            fig.suptitle(f"{model}: metrics vs {field_name} (others at default; dotted = default)", fontsize=10)
-            path = out_dir / f"sweep_{_safe(model)}_{_safe(field_name)}.png"
+            on_set = f" on {evaluation_set}" if evaluation_set else ""
+            fig.suptitle(f"{model}{on_set}: metrics vs {field_name} (others at default; dotted = default)",
+                         fontsize=10)
+            ending = f"__{_safe(suffix)}" if suffix else ""
+            path = out_dir / f"sweep_{_safe(model)}_{_safe(field_name)}{ending}.png"
             _save(fig, path)
             plt.close(fig)
             written.append(path)

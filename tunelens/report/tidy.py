@@ -16,8 +16,12 @@ from tunelens.report.comparisons import agreement, best_configs, paired_differen
 from tunelens.report.inputs import ScoreFile, long_rows, tidy_scores
 
 
-def summary_table(files: Sequence[ScoreFile], settings: ReportSettings) -> pd.DataFrame:
+def summary_table(files: Sequence[ScoreFile], settings: ReportSettings,
+                  evaluation_set: str | None = None) -> pd.DataFrame:
     """Every number behind every table, as one tidy long table with columns CSV_COLUMNS.
+
+    evaluation_set: the set the files were scored on (default: settings.evaluation_set, the training
+    data's own test split); every row of the table carries it.
 
     statistic: 'score' (a metric value from a score file), 'paired_difference' (variant
     'finetuned-base'), 'best_config', 'best_minus_default', 'kendall_tau_vs_judge', ... (model 'all'
@@ -29,6 +33,7 @@ def summary_table(files: Sequence[ScoreFile], settings: ReportSettings) -> pd.Da
              best_configs(scores, rows, settings),
              agreement(rows, settings)]
     table = pd.concat([p for p in parts if not p.empty], ignore_index=True)
+    table["evaluation_set"] = settings.evaluation_set if evaluation_set is None else evaluation_set
     return _sort_summary(table, settings)
 
 
@@ -50,7 +55,7 @@ def _sort_summary(table: pd.DataFrame, settings: ReportSettings) -> pd.DataFrame
     table["n"] = pd.array(pd.to_numeric(table["n"], errors="coerce").astype("Float64"), dtype="Int64")
     for column in ("value", "ci_low", "ci_high"):
         table[column] = table[column].astype(float)
-    for column in ("model", "variant", "config", "metric", "statistic", "scale"):
+    for column in ("evaluation_set", "model", "variant", "config", "metric", "statistic", "scale"):
         table[column] = table[column].fillna("").astype(str)
     return table[list(CSV_COLUMNS)]
 
@@ -63,7 +68,8 @@ def write_summary_csv(table: pd.DataFrame, path: str | Path) -> None:
 def read_summary_csv(path: str | Path) -> pd.DataFrame:
     """Read summary.csv back with the dtypes summary_table() produces."""
     path = Path(path)
-    table = pd.read_csv(path, dtype={c: str for c in ("model", "variant", "config", "metric", "statistic", "scale")},
+    table = pd.read_csv(path, dtype={c: str for c in ("evaluation_set", "model", "variant", "config", "metric",
+                                                      "statistic", "scale")},
                         keep_default_na=False, na_values={c: [""] for c in ("layer", "value", "ci_low", "ci_high", "n")})
     missing = [c for c in CSV_COLUMNS if c not in table.columns]
     if missing:
