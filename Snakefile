@@ -28,6 +28,7 @@ include: "rules/report.smk"
 # it, so the run archives each benchmark file it has not seen into benchmarks/history.tsv before its jobs
 # start and when it ends (tunelens.cost): the history keeps what every earlier result cost.
 onstart:
+    check_device_before_jobs()  # device: cuda without CUDA stops here, before any job (rules/common.smk)
     archive_job_costs()
 
 

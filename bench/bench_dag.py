@@ -32,6 +32,10 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+# Planning a study of hub models that are not downloaded here: with the hub off, the DAG build rejects hub ids
+# missing from the local cache (tunelens.preflight), so dry runs of such configs say the hub is on. Nothing is
+# downloaded: no job runs.
+HUB_ON_ENV = {"HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0"}
 
 
 # ----------------------------------------------------------------------------------------- dry runs
@@ -123,10 +127,10 @@ def snakemake(workdir: Path, configfile: Path, *args: str, check: bool = True, e
     return result, seconds
 
 
-def dry_run(workdir: Path, configfile: Path, *args: str, snakefile: Path = REPO / "Snakefile"
-            ) -> tuple[list[PlannedJob], float]:
+def dry_run(workdir: Path, configfile: Path, *args: str, snakefile: Path = REPO / "Snakefile",
+            env: dict | None = None) -> tuple[list[PlannedJob], float]:
     """The jobs Snakemake would run (with `args`, e.g. targets or --forcerun), and the wall time."""
-    result, seconds = snakemake(workdir, configfile, "--dry-run", *args, snakefile=snakefile)
+    result, seconds = snakemake(workdir, configfile, "--dry-run", *args, snakefile=snakefile, env=env)
     return parse_dry_run(result.stdout + result.stderr), seconds
 
 
@@ -136,15 +140,15 @@ def _looks_like_directory(path: str) -> bool:
     return "." not in Path(path).name
 
 
-def fake_finished_study(workdir: Path, configfile: Path, *args: str, snakefile: Path = REPO / "Snakefile"
-                        ) -> list[PlannedJob]:
+def fake_finished_study(workdir: Path, configfile: Path, *args: str, snakefile: Path = REPO / "Snakefile",
+                        env: dict | None = None) -> list[PlannedJob]:
     """Make `workdir` look like a finished run: every output exists and has Snakemake metadata.
 
     Creates each planned output (empty file, or a directory with a marker file), then lets
     `snakemake --touch --forceall` give them DAG-ordered mtimes and record params/code metadata.
     Returns the jobs that were faked.
     """
-    jobs, _ = dry_run(workdir, configfile, *args, snakefile=snakefile)
+    jobs, _ = dry_run(workdir, configfile, *args, snakefile=snakefile, env=env)
     for job in jobs:
         for output in job.outputs:
             path = workdir / output
@@ -155,7 +159,7 @@ def fake_finished_study(workdir: Path, configfile: Path, *args: str, snakefile: 
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text("")
     snakemake(workdir, configfile, "--touch", "--forceall", "--cores", "1", "--quiet", "all", *args,
-              snakefile=snakefile)
+              snakefile=snakefile, env=env)
     return jobs
 
 
@@ -196,10 +200,10 @@ def bench_sweep(n_models: int, n_configs: int, repeat: int, profile_top: int) ->
         times = []
         n_jobs = 0
         for _ in range(repeat):
-            jobs, seconds = dry_run(workdir, configfile)
+            jobs, seconds = dry_run(workdir, configfile, env=HUB_ON_ENV)
             n_jobs = len(jobs)
             times.append(seconds)
-        _, quiet_seconds = snakemake(workdir, configfile, "--dry-run", "--quiet", "all")
+        _, quiet_seconds = snakemake(workdir, configfile, "--dry-run", "--quiet", "all", env=HUB_ON_ENV)
         result = {"models": n_models, "configs": n_configs, "jobs": n_jobs, "dry_run_s": times,
                   "dry_run_quiet_s": quiet_seconds}  # fmt: skip
         if profile_top:
@@ -211,15 +215,15 @@ def bench_noop(configfile: Path, repeat: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="tunelens-bench-noop-") as tmp:
         workdir = Path(tmp)
         started = time.perf_counter()
-        jobs = fake_finished_study(workdir, configfile)
+        jobs = fake_finished_study(workdir, configfile, env=HUB_ON_ENV)
         fake_seconds = time.perf_counter() - started
         dry_times, run_times = [], []
         for _ in range(repeat):
-            planned, seconds = dry_run(workdir, configfile)
+            planned, seconds = dry_run(workdir, configfile, env=HUB_ON_ENV)
             if planned:
                 raise RuntimeError(f"no-op dry run planned {len(planned)} jobs, e.g. {planned[0]}")
             dry_times.append(seconds)
-            result, seconds = snakemake(workdir, configfile, "--cores", "1")
+            result, seconds = snakemake(workdir, configfile, "--cores", "1", env=HUB_ON_ENV)
             if "Nothing to be done" not in result.stdout + result.stderr:
                 raise RuntimeError(f"no-op run did something:\n{result.stderr[-3000:]}")
             run_times.append(seconds)
@@ -245,7 +249,7 @@ def _profile(workdir: Path, configfile: Path, top: int) -> str:
         "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
         "--configfile", str(configfile), "--dry-run", "--quiet", "all",
     ]  # fmt: skip
-    subprocess.run(command, capture_output=True, check=True, cwd=REPO, env={**os.environ, **OFFLINE_ENV})
+    subprocess.run(command, capture_output=True, check=True, cwd=REPO, env={**os.environ, **OFFLINE_ENV, **HUB_ON_ENV})
     import io
     import pstats
 

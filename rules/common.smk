@@ -7,33 +7,71 @@ sys.path.insert(0, workflow.basedir)  # tunelens from this checkout, installed o
 from tunelens.codehash import code_hash
 from tunelens.config import (
     VARIANTS,
+    check_yaml_duplicates,
     load_config,
     load_default_config,
     prepare_job_environment,
 )
+from tunelens.errors import TunelensError
 
 prepare_job_environment(workflow.basedir)
 
-if not workflow.overwrite_configfiles:
-    # No --configfile: the embedded default, with any --config key=value overrides on top.
-    with_defaults = load_default_config(workflow.basedir, overrides=config)
-    config.clear()
-    config.update(with_defaults)
 
-# Validates (schema + semantic checks) and fills defaults; a bad value stops here, before any job.
-STUDY = load_config(config)
+def _load_study():
+    # A key given twice in a config file would silently drop, e.g., a model.
+    files = workflow.overwrite_configfiles or [f"{workflow.basedir}/config.yaml"]
+    for path in files:
+        check_yaml_duplicates(path)
+    if not workflow.overwrite_configfiles:
+        # No --configfile: the embedded default, with any --config key=value overrides on top.
+        with_defaults = load_default_config(workflow.basedir, overrides=config)
+        config.clear()
+        config.update(with_defaults)
+    # Validates (schema + semantic checks) and fills defaults; a bad value stops here, before any job.
+    study = load_config(config)
+    if workflow.is_main_process:
+        # Files, model references, hub cache, CUDA, memory estimates: once, in the main process (jobs
+        # re-parse the workflow; on a cluster their node, not the login node, has the GPU).
+        from tunelens.preflight import preflight
+
+        # CUDA: check_device_before_jobs (onstart), once the executor is known.
+        preflight(study, check_cuda=False)
+        if study.evaluation_sets:
+            # A missing column, or an evaluation set left without rows after the leakage check, stops here
+            # naming the set (hub sets are checked by their `evalset` job; tunelens.data).
+            from tunelens.data import check_evaluation_sets
+
+            check_evaluation_sets(study)
+    return study
+
+
+try:
+    STUDY = _load_study()
+except TunelensError as error:
+    # The message names the key and value (or file and line); a stack trace would only bury it.
+    print(f"tunelens: {type(error).__name__}: {error}", file=sys.stderr)
+    raise SystemExit(1)
+
+
+def check_device_before_jobs():
+    """onstart (Snakefile): a real local run is about to start jobs; device: cuda must find CUDA here.
+
+    Not at parse time: the executor (a cluster's GPU node, or a dry run) is not known then.
+    """
+    if workflow.local_exec and STUDY.config["device"] == "cuda":
+        from tunelens.preflight import cuda_problem
+
+        problem = cuda_problem()
+        if problem:
+            print(f"tunelens: ConfigError: {problem}", file=sys.stderr)
+            raise SystemExit(1)
+
+
 R = "results"
 DATASET = STUDY.dataset_name
 MODELS = STUDY.models
 DECODING = STUDY.decoding
 EVALSETS = STUDY.evaluation_sets
-
-if workflow.is_main_process and EVALSETS:
-    # Before any job: a missing column, or an evaluation set left without rows after the leakage check,
-    # stops here naming the set (hub sets are checked by their `evalset` job; tunelens.data).
-    from tunelens.data import check_evaluation_sets
-
-    check_evaluation_sets(STUDY)
 
 
 def code_version(script):

@@ -22,6 +22,8 @@ rule split:
         source=lookup(dpath="dataset/source", within=config),
         name=DATASET,
         fields=lookup(dpath="dataset/fields", within=config),
+        required_fields=list(STUDY.mapped_fields),
+        on_bad_rows=lookup(dpath="dataset/on_bad_rows", within=config),
         seed=lookup(dpath="seed", within=config),
         test_size=lookup(dpath="dataset/test_size", within=config),
         max_train=lookup(dpath="dataset/max_train", within=config),

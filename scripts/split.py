@@ -9,6 +9,8 @@ split_dataset(
     source=params.source,
     name=params.name,
     fields=params.fields,
+    required_fields=tuple(params.required_fields),
+    on_bad_rows=params.on_bad_rows,
     seed=params.seed,
     test_size=params.test_size,
     max_train=params.max_train,

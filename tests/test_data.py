@@ -143,11 +143,17 @@ def test_every_file_format_gives_the_same_split(tmp_path, suffix):
     assert (tmp_path / "fmt/test.jsonl").read_bytes() == (tmp_path / "ref/test.jsonl").read_bytes()
 
 
-def test_truncated_jsonl_names_the_line(tmp_path):
+def test_malformed_jsonl_line_is_dropped_and_counted_or_an_error_naming_the_line(tmp_path):
     path = tmp_path / "data.jsonl"
-    path.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c", "outp\n')
-    with pytest.raises(DataError, match=r"data.jsonl, line 2"):
-        run_split(tmp_path, str(path))
+    rows = [json.dumps(row) for row in make_rows(20)]
+    rows.insert(3, '{"instruction": "c", "outp')
+    path.write_text("\n".join(rows) + "\n")
+    manifest = run_split(tmp_path, str(path))
+    assert manifest["counts"]["dropped"]["malformed_json_line"] == 1
+    assert manifest["counts"]["dropped_examples"]["malformed_json_line"] == ["line 4"]
+    assert manifest["counts"]["read"] == 21 and manifest["counts"]["usable"] == 20
+    with pytest.raises(DataError, match=r"data.jsonl, line 4: malformed json line"):
+        run_split(tmp_path, str(path), out="strict", on_bad_rows="error")
 
 
 def test_hub_source_fails_clearly_offline(tmp_path, monkeypatch):
@@ -280,3 +286,45 @@ def test_check_evaluation_sets_before_any_job_matches_the_job(tmp_path):
     config["evaluation_sets"] = [{"name": "extra", "source": extra}, {"name": "leaky", "source": all_leaked}]
     with pytest.raises(DataError, match=r"evaluation set 'leaky'.*no usable rows left after the leakage check"):
         check_evaluation_sets(load_config(config))
+
+
+# ----------------------------------------------------------------------------------------- encodings, columns
+def test_utf8_with_bom_is_read_in_every_text_format(tmp_path):
+    rows = make_rows(20)
+    reference = run_split(tmp_path, write_json(tmp_path / "ref.json", rows), out="ref")
+    bom = b"\xef\xbb\xbf"
+    (tmp_path / "bom.json").write_bytes(bom + json.dumps(rows).encode())
+    (tmp_path / "bom.jsonl").write_bytes(bom + "\n".join(json.dumps(r) for r in rows).encode())
+    lines = ["instruction,input,output"] + [f"{r['instruction']},{r['input']},{r['output']}" for r in rows]
+    (tmp_path / "bom.csv").write_bytes(bom + "\r\n".join(lines).encode())  # what Excel's "CSV UTF-8" writes
+    for name in ("bom.json", "bom.jsonl", "bom.csv"):
+        manifest = run_split(tmp_path, str(tmp_path / name), out="out-" + name)
+        assert manifest["counts"]["dropped"] == {}, name
+        assert (tmp_path / ("out-" + name) / "test.jsonl").read_bytes() == (tmp_path / "ref/test.jsonl").read_bytes(), name
+    assert reference["counts"]["usable"] == 20
+
+
+def test_non_utf8_file_names_path_line_and_byte_offset(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    text = "\n".join(json.dumps(r, ensure_ascii=False) for r in make_rows(3)) + '\n{"instruction": "caf\u00e9", "output": "x"}\n'
+    path.write_bytes(text.encode("latin-1"))
+    offset = text.encode("latin-1").index(b"\xe9")
+    with pytest.raises(DataError, match=rf"latin1.jsonl: not UTF-8 at line 4, column 21 \(byte offset {offset}: 0xe9\)"):
+        run_split(tmp_path, str(path))
+
+
+def test_explicitly_mapped_input_column_must_exist(tmp_path):
+    source = write_json(tmp_path / "a.json", [{"instruction": f"t{i}", "output": f"o{i}"} for i in range(20)])
+    with pytest.raises(ConfigError, match=r"dataset.fields.input: column 'context' is not in"):
+        run_split(tmp_path, source, fields={**FIELDS, "input": "context"}, required_fields=("instruction", "output", "input"))
+    # The default mapping of input may find no column: every input is "", and the manifest says so.
+    manifest = run_split(tmp_path, source, out="default")
+    assert manifest["absent_columns"] == {"input": "input"}
+
+
+def test_missing_field_rows_are_counted_or_an_error(tmp_path):
+    rows = make_rows(20) + [{"instruction": "only an instruction", "input": ""}]
+    source = write_json(tmp_path / "a.json", rows)
+    assert run_split(tmp_path, source)["counts"]["dropped"] == {"missing_output": 1}
+    with pytest.raises(DataError, match=r"row 21: missing output"):
+        run_split(tmp_path, source, out="strict", on_bad_rows="error")

@@ -34,6 +34,9 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$
 VARIANTS = ("base", "finetuned")
 RESERVED_MODEL_NAMES = {"bertscore"}
 DECODING_FIELDS = ("top_k", "num_beams", "temperature", "top_p", "repetition_penalty")
+# Tokens of one fine-tune micro-batch (batch_size x max_seq_length): above this, logits alone
+# (tokens x vocabulary x 4 bytes) exceed any GPU's memory for a 32k vocabulary.
+MAX_MICRO_BATCH_TOKENS = 1_048_576
 
 
 # --------------------------------------------------------------------------------------------- jobs
@@ -321,6 +324,13 @@ def _model_spec(name: str, entry: dict, config: dict, finetune_schema: dict) -> 
 
     for error in jsonschema.Draft202012Validator(finetune_schema).iter_errors(merged):
         raise ConfigError(f"{where}.finetune.{_key_path(error.absolute_path)}: {error.message}")
+    tokens = merged["batch_size"] * merged["max_seq_length"]
+    if tokens > MAX_MICRO_BATCH_TOKENS:
+        raise ConfigError(
+            f"{where}.finetune: batch_size {merged['batch_size']} x max_seq_length {merged['max_seq_length']} = "
+            f"{tokens} tokens per micro-batch (over {MAX_MICRO_BATCH_TOKENS}: activations and logits would not fit "
+            "any GPU); lower batch_size and raise gradient_accumulation"
+        )
 
     layer_specs = entry.get("probe_layers") or config["probe"]["layers"]
     spec = ModelSpec(
@@ -425,6 +435,9 @@ class Study:
     decoding: dict[str, DecodingConfig]
     default_decoding: str
     evaluation_sets: dict[str, EvaluationSet] = field(default_factory=dict)
+    # Dataset fields whose column must exist: instruction and output always, input when the config maps it
+    # (mapping a column states that it exists; the default mapping of input may find no column: inputs "").
+    mapped_fields: tuple[str, ...] = ("instruction", "output")
     dataset_kind: str = field(init=False)
 
     def __post_init__(self):
@@ -460,6 +473,8 @@ def load_config(config: dict, *, base_dir: str | Path = ".") -> Study:
     if not isinstance(config, dict) or not config:
         raise ConfigError("the config is empty; pass --configfile or keep config.yaml next to the Snakefile")
     check_removed_keys(config)
+    given_fields = ((config.get("dataset") or {}).get("fields") or {}) if isinstance(config.get("dataset"), dict) else {}
+    mapped_fields = ("instruction", "output") + (("input",) if given_fields.get("input") is not None else ())
     validate_schema(config)
     schema = _load_schema()
     base_dir = Path(base_dir)
@@ -471,6 +486,7 @@ def load_config(config: dict, *, base_dir: str | Path = ".") -> Study:
     if test_size >= 1 and not float(test_size).is_integer():
         raise ConfigError(f"dataset.test_size: {test_size} is neither a fraction below 1 nor a whole count")
 
+    check_case_collisions("models", config["models"])
     reserved = sorted(set(config["models"]) & RESERVED_MODEL_NAMES)
     if reserved:
         raise ConfigError(f"models: name(s) {reserved} are reserved (results/models/bertscore holds the BERTScore model)")
@@ -489,6 +505,7 @@ def load_config(config: dict, *, base_dir: str | Path = ".") -> Study:
             raise ConfigError(f"{where}: name '{decoding_config.name}' is used by two different configs")
         by_name.setdefault(decoding_config.name, decoding_config)
 
+    check_case_collisions("decoding config names", by_name)
     default_name = config["report"]["default_config"] or configs[0].name
     if default_name not in by_name:
         raise ConfigError(f"report.default_config: '{default_name}' is not a decoding config; known: {sorted(by_name)}")
@@ -512,8 +529,50 @@ def load_config(config: dict, *, base_dir: str | Path = ".") -> Study:
             raise ConfigError(f"scoring.bertscore.model: unknown embedded encoder '{key}'; choices: {choices}")
 
     return Study(
-        config=config, models=models, decoding=by_name, default_decoding=default_name, evaluation_sets=evaluation_sets
+        config=config, models=models, decoding=by_name, default_decoding=default_name, evaluation_sets=evaluation_sets,
+        mapped_fields=mapped_fields,
     )
+
+
+def check_case_collisions(where: str, names) -> None:
+    """Names become paths: two that differ only in case are one directory on macOS/Windows filesystems."""
+    seen: dict[str, str] = {}
+    for name in names:
+        other = seen.setdefault(name.lower(), name)
+        if other != name:
+            raise ConfigError(f"{where}: '{other}' and '{name}' differ only in case; they would share result paths "
+                              "on case-insensitive filesystems; rename one")
+
+
+def check_yaml_duplicates(path: str | Path) -> None:
+    """Reject a YAML file with a key given twice in one mapping (YAML loaders keep the last one silently)."""
+    path = Path(path)
+
+    class Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
+        pass
+
+    def construct_mapping(loader, node, deep=False):
+        loader.flatten_mapping(node)
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(
+                    f"{path}, line {key_node.start_mark.line + 1}: duplicate key '{key}' (first at line {seen[key]}); "
+                    "YAML would silently keep only the last one"
+                )
+            seen[key] = key_node.start_mark.line + 1
+        return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+    Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, construct_mapping)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read the config file: {exc}") from None
+    try:
+        yaml.load(text, Loader=Loader)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
 
 
 def load_default_config(workflow_dir: str | Path, overrides: dict | None = None) -> dict:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import logging
 from collections import Counter
@@ -29,8 +30,10 @@ FIELDS = ("instruction", "input", "output")
 
 
 # --------------------------------------------------------------------------------------------- reading
-def read_source(source: str, *, hub_split: str = "train", base_dir: str | Path = ".") -> tuple[list[dict], dict]:
-    """Rows of a dataset source as dicts, plus a description of the source (kind, path, content hash)."""
+def read_source(source: str, *, hub_split: str = "train", base_dir: str | Path = ".",
+                on_bad_rows: str = "count") -> tuple[list[dict], dict, "BadRows"]:
+    """Rows of a dataset source as dicts, a description of the source (kind, path, content hash), and the
+    records that could not be read as rows (malformed lines), by reason."""
     kind = source_kind(source)
     if kind == "embedded":
         from tunelens.demo_data import generate_demo_rows, generate_holdout_rows
@@ -40,44 +43,125 @@ def read_source(source: str, *, hub_split: str = "train", base_dir: str | Path =
             raise ConfigError(f"dataset.source: unknown embedded dataset '{name}'; choices: {sorted(EMBEDDED_DATASETS)}")
         rows = generate_holdout_rows() if name == "demo-holdout" else generate_demo_rows()
         digest = sha256_bytes("\n".join(dumps_row(r) for r in rows).encode())
-        return rows, {"kind": "embedded", "source": source, "sha256": digest}
+        return rows, {"kind": "embedded", "source": source, "sha256": digest}, BadRows(on_bad_rows)
     if kind == "hub":
-        return _read_hub(source, hub_split)
+        rows, info = _read_hub(source, hub_split)
+        return rows, info, BadRows(on_bad_rows)
     path = Path(source).expanduser()
     path = path if path.is_absolute() else Path(base_dir) / path
     if not path.is_file():
         raise DataError(f"dataset file '{path}' does not exist")
-    rows = _read_file(path)
-    return rows, {"kind": "local", "source": str(source), "sha256": sha256_file(path)}
+    bad = BadRows(on_bad_rows, where=str(path))
+    rows = _read_file(path, bad)
+    return rows, {"kind": "local", "source": str(source), "sha256": sha256_file(path)}, bad
 
 
-def _read_file(path: Path) -> list[dict]:
+class BadRows:
+    """Records dropped while reading or cleaning, counted by reason with their first line numbers.
+
+    on_bad_rows 'count' (default) drops and counts; 'error' fails on the first one, naming it.
+    """
+
+    def __init__(self, on_bad_rows: str = "count", where: str = "dataset"):
+        self.mode, self.where = on_bad_rows, where
+        self.counts: Counter = Counter()
+        self.examples: dict[str, list[str]] = {}
+
+    def add(self, reason: str, at: str, detail: str = "") -> None:
+        if self.mode == "error":
+            raise DataError(f"{self.where}, {at}: {reason.replace('_', ' ')}{': ' + detail if detail else ''} "
+                            "(dataset.on_bad_rows is 'error'; 'count' drops such rows and counts them)")
+        self.counts[reason] += 1
+        examples = self.examples.setdefault(reason, [])
+        if len(examples) < 5:
+            examples.append(at)
+
+
+UTF8_BOM = b"\xef\xbb\xbf"
+
+
+def read_text(path: Path) -> str:
+    """A data file as text: UTF-8, with or without a byte-order mark (Excel writes one); anything else fails
+    naming the file, line and byte offset of the first byte that is not UTF-8."""
+    data = Path(path).read_bytes()
+    if data.startswith(UTF8_BOM):
+        data = data[len(UTF8_BOM):]
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise DataError(
+            f"{path}: not UTF-8 at line {line}, column {column} (byte offset {exc.start}: 0x{data[exc.start]:02x}); "
+            "re-save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8, or 'CSV UTF-8' in Excel)"
+        ) from None
+
+
+def _read_file(path: Path, bad: "BadRows | None" = None) -> list[dict]:
+    bad = bad if bad is not None else BadRows()
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        from tunelens.io import read_jsonl
-
-        return read_jsonl(path)
+        rows = []
+        for line_no, line in enumerate(read_text(path).splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                bad.add("malformed_json_line", f"line {line_no}", exc.msg)
+                continue
+            if not isinstance(row, dict):
+                bad.add("not_an_object", f"line {line_no}", f"a JSON {type(row).__name__}")
+                continue
+            rows.append(row)
+        return rows
     if suffix == ".json":
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(read_text(path))
         except json.JSONDecodeError as exc:
-            raise DataError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}); for JSON lines use .jsonl") from None
+            raise DataError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}); for "
+                            "JSON lines use .jsonl (a malformed line there is dropped and counted)") from None
         if isinstance(data, dict) and isinstance(data.get("data"), list):
             data = data["data"]
         if not isinstance(data, list):
             raise DataError(f"{path}: expected a JSON list of objects (or {{'data': [...]}}), got {type(data).__name__}")
+        rows = []
         for index, row in enumerate(data):
             if not isinstance(row, dict):
-                raise DataError(f"{path}: item {index} is a {type(row).__name__}, expected an object")
-        return data
+                bad.add("not_an_object", f"item {index}", f"a JSON {type(row).__name__}")
+                continue
+            rows.append(row)
+        return rows
     if suffix == ".csv":
-        with path.open(encoding="utf-8", newline="") as handle:
-            return list(csv.DictReader(handle))
+        reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
+        rows = []
+        for row in reader:
+            if None in row:  # more cells than header columns
+                bad.add("malformed_csv_row", f"line {reader.line_num}", f"{len(reader.fieldnames or [])} columns "
+                        f"in the header, more in this row")
+                continue
+            rows.append(row)
+        return rows
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 
         return pq.read_table(path).to_pylist()
     raise DataError(f"{path}: unsupported file type '{suffix}'; expected .json, .jsonl, .csv or .parquet")
+
+
+def inspect_file(path: Path) -> tuple[set[str], int]:
+    """(columns, readable rows) of a local data file: what the parse-time checks need."""
+    if not path.is_file():
+        raise DataError(f"file '{path}' does not exist")
+    if path.suffix.lower() == ".parquet":
+        import pyarrow.parquet as pq
+
+        metadata = pq.read_metadata(path)
+        return set(metadata.schema.to_arrow_schema().names), metadata.num_rows
+    rows = _read_file(path)
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    return set().union(*(row.keys() for row in rows[:1000])), len(rows)
 
 
 def _read_hub(dataset_id: str, split: str) -> tuple[list[dict], dict]:
@@ -100,24 +184,29 @@ def row_id(dataset: str, row: dict) -> str:
 
 
 def clean_rows(raw_rows: list[dict], fields: dict, dataset: str, where: str,
-               fields_key: str = "dataset.fields") -> tuple[list[dict], Counter]:
+               fields_key: str = "dataset.fields", *, required_fields: tuple[str, ...] = REQUIRED,
+               bad: BadRows | None = None) -> tuple[list[dict], Counter]:
     """Map source columns to instruction/input/output and drop unusable rows, counting each reason.
 
     `fields_key` is the config key of the mapping, named in the error when a column is missing.
+    `required_fields`: fields whose mapped column must exist (instruction, output, and input when the config
+    maps it). `bad`: what reading already dropped (merged into the returned counts); in its 'error' mode a
+    row that would be dropped fails instead (duplicates are always dropped).
     """
+    bad = bad if bad is not None else BadRows()
     if not raw_rows:
         raise DataError(f"{where}: the dataset has no rows")
     columns = set().union(*(row.keys() for row in raw_rows[:1000]))
     for field in FIELDS:
         column = fields.get(field)
-        if column is not None and column not in columns and field in REQUIRED:
+        if column is not None and column not in columns and field in required_fields:
             raise ConfigError(
                 f"{fields_key}.{field}: column '{column}' is not in {where}; columns found: {sorted(columns)}"
             )
     dropped: Counter = Counter()
     seen: set[tuple[str, str, str]] = set()
     rows = []
-    for raw in raw_rows:
+    for index, raw in enumerate(raw_rows):
         row, reason = {}, None
         for field in FIELDS:
             column = fields.get(field)
@@ -135,7 +224,7 @@ def clean_rows(raw_rows: list[dict], fields: dict, dataset: str, where: str,
                 break
             row[field] = value
         if reason:
-            dropped[reason] += 1
+            bad.add(reason, f"row {index + 1}")
             continue
         key = (row["instruction"], row["input"], row["output"])
         if key in seen:
@@ -143,6 +232,7 @@ def clean_rows(raw_rows: list[dict], fields: dict, dataset: str, where: str,
             continue
         seen.add(key)
         rows.append({"id": row_id(dataset, row), **row})
+    dropped.update(bad.counts)
     if not rows:
         raise DataError(f"{where}: no usable rows ({len(raw_rows)} read; dropped by reason: {dict(dropped)})")
     return rows, dropped
@@ -192,12 +282,21 @@ def split_rows(rows: list[dict], *, seed: int, test_size: float, max_train: int 
     return train, test, stats
 
 
-def split_dataset(*, source: str, name: str, fields: dict, seed: int, test_size: float, max_train: int | None, hub_split: str, train_path: str | Path, test_path: str | Path,
+def split_dataset(*, source: str, name: str, fields: dict, seed: int, test_size: float,
+                  required_fields: tuple[str, ...] = REQUIRED, on_bad_rows: str = "count", max_train: int | None, hub_split: str, train_path: str | Path, test_path: str | Path,
                   manifest_path: str | Path, base_dir: str | Path = ".") -> dict:
     """Read, clean and split a dataset; write train.jsonl, test.jsonl and manifest.json. Returns the manifest."""
-    raw_rows, source_info = read_source(source, hub_split=hub_split, base_dir=base_dir)
-    log.info("read %d rows from %s", len(raw_rows), source)
-    rows, dropped = clean_rows(raw_rows, fields, name, where=f"dataset '{source}'")
+    raw_rows, source_info, bad = read_source(source, hub_split=hub_split, base_dir=base_dir, on_bad_rows=on_bad_rows)
+    n_malformed = sum(bad.counts.values())
+    log.info("read %d rows from %s (%d malformed records dropped)", len(raw_rows), source, n_malformed)
+    bad.where = f"dataset '{source}'"
+    rows, dropped = clean_rows(raw_rows, fields, name, where=f"dataset '{source}'",
+                               required_fields=tuple(required_fields), bad=bad)
+    columns = set().union(*(row.keys() for row in raw_rows[:1000]))
+    absent = sorted(field for field in FIELDS if fields.get(field) is not None and fields[field] not in columns)
+    for field in absent:
+        log.warning("dataset.fields.%s: column '%s' is not in the data (default mapping): every %s is \"\"",
+                    field, fields[field], field)
     train, test, stats = split_rows(rows, seed=seed, test_size=test_size, max_train=max_train)
     write_jsonl_atomic(train_path, train)
     write_jsonl_atomic(test_path, test)
@@ -208,10 +307,13 @@ def split_dataset(*, source: str, name: str, fields: dict, seed: int, test_size:
         "seed": seed,
         "test_size": test_size,
         "max_train": max_train,
+        "on_bad_rows": on_bad_rows,
+        "absent_columns": {field: fields[field] for field in absent},
         "counts": {
-            "read": len(raw_rows),
+            "read": len(raw_rows) + n_malformed,
             "usable": len(rows),
             "dropped": dict(sorted(dropped.items())),
+            "dropped_examples": {reason: bad.examples[reason] for reason in sorted(bad.examples)},
             "train": len(train),
             "test": len(test),
             **stats,
@@ -240,7 +342,7 @@ def training_prompts(train_rows: list[dict]) -> set[tuple[str, str]]:
 
 def evaluation_set_rows(raw_rows: list[dict], *, name: str, fields: dict, train_prompts: set[tuple[str, str]],
                         seed: int, max_rows: int | None, where: str,
-                        fields_key: str) -> tuple[list[dict], dict, list[dict]]:
+                        fields_key: str, bad: BadRows | None = None) -> tuple[list[dict], dict, list[dict]]:
     """Clean an evaluation set and check it against the training split.
 
     Returns (rows, counts, leaked): the test rows (one reference per prompt, in a seeded content-hashed order
@@ -248,7 +350,8 @@ def evaluation_set_rows(raw_rows: list[dict], *, name: str, fields: dict, train_
     (read, usable, dropped by reason, beyond_max_rows, test) and the rows dropped because their exact
     instruction+input is in the training split. Zero rows left is an error naming the set.
     """
-    rows, dropped = clean_rows(raw_rows, fields, name, where=where, fields_key=fields_key)
+    malformed = sum(bad.counts.values()) if bad is not None else 0
+    rows, dropped = clean_rows(raw_rows, fields, name, where=where, fields_key=fields_key, bad=bad)
     groups: dict[tuple[str, str], list[dict]] = {}
     for row in rows:
         groups.setdefault((row["instruction"], row["input"]), []).append(row)
@@ -273,7 +376,7 @@ def evaluation_set_rows(raw_rows: list[dict], *, name: str, fields: dict, train_
         beyond = len(kept) - max_rows
         kept = kept[:max_rows]
     counts = {
-        "read": len(raw_rows),
+        "read": len(raw_rows) + malformed,
         "usable": len(rows),
         "dropped": dict(sorted(dropped.items())),
         "beyond_max_rows": beyond,
@@ -291,11 +394,11 @@ def prepare_evaluation_set(*, name: str, source: str, fields: dict, seed: int, m
     from tunelens.io import read_jsonl
 
     where = f"evaluation set '{name}' ({source})"
-    raw_rows, source_info = read_source(source, hub_split=hub_split, base_dir=base_dir)
+    raw_rows, source_info, bad = read_source(source, hub_split=hub_split, base_dir=base_dir)
     train = read_jsonl(train_path, required=("instruction", "input"))
     rows, counts, leaked = evaluation_set_rows(
         raw_rows, name=name, fields=fields, train_prompts=training_prompts(train), seed=seed, max_rows=max_rows,
-        where=where, fields_key=evaluation_set_fields_key(name),
+        where=where, fields_key=evaluation_set_fields_key(name), bad=bad,
     )
     write_jsonl_atomic(test_path, rows)
     manifest: dict[str, Any] = {
@@ -339,16 +442,17 @@ def check_evaluation_sets(study, base_dir: str | Path = ".") -> dict[str, dict]:
     dataset = study.config["dataset"]
     train_prompts: set[tuple[str, str]] = set()
     if study.dataset_kind != "hub":
-        raw, _ = read_source(dataset["source"], hub_split=dataset["hub_split"], base_dir=base_dir)
-        rows, _ = clean_rows(raw, dataset["fields"], dataset["name"], where=f"dataset '{dataset['source']}'")
+        raw, _, _ = read_source(dataset["source"], hub_split=dataset["hub_split"], base_dir=base_dir)
+        rows, _ = clean_rows(raw, dataset["fields"], dataset["name"], where=f"dataset '{dataset['source']}'",
+                             required_fields=study.mapped_fields)
         train, _, _ = split_rows(rows, seed=study.config["seed"], test_size=dataset["test_size"],
                                  max_train=dataset["max_train"])
         train_prompts = training_prompts(train)
     checked = {}
     for spec in readable:
-        raw, _ = read_source(spec.source, hub_split=spec.hub_split, base_dir=base_dir)
+        raw, _, bad = read_source(spec.source, hub_split=spec.hub_split, base_dir=base_dir)
         _, counts, _ = evaluation_set_rows(
-            raw, name=spec.name, fields=spec.fields, train_prompts=train_prompts, seed=study.config["seed"],
+            raw, bad=bad, name=spec.name, fields=spec.fields, train_prompts=train_prompts, seed=study.config["seed"],
             max_rows=spec.max_rows, where=f"evaluation set '{spec.name}' ({spec.source})",
             fields_key=evaluation_set_fields_key(spec.name),
         )

@@ -1,0 +1,243 @@
+"""Checks of a validated config against this machine and its files, run when the DAG is built (before any job).
+
+tunelens.config.load_config checks the config on its own (types, ranges, references between keys). This
+module checks what needs the outside world, cheaply and without loading a model:
+  - every model reference (models.*.source, scoring.judge.model, scoring.bertscore.model) resolves: an
+    embedded model, a model name, an existing local directory, or a hub id; with the hub off
+    (HF_HUB_OFFLINE=1, the default) a hub id must be in the local hub cache. A reference whose first path
+    component exists locally is taken as a path typo even with the hub on;
+  - the dataset: a hub id in the cache when the hub is off; a local file is read (UTF-8, BOM allowed) to
+    check that every mapped column exists and that test_size leaves rows for training;
+  - other files named by the config (bertscore baseline, vllm_python);
+  - device: cuda on a machine without a usable CUDA device (only for a local, non-dry run: a cluster's
+    login node usually has no GPU);
+  - memory estimates of the keys that scale a job's memory with the data (bootstrap resamples).
+Every problem found is reported at once, each naming its key and value.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Mapping
+
+from tunelens.config import EMBEDDED_PREFIX, HUB_ID, Study, source_kind
+from tunelens.errors import ConfigError, DataError
+
+# Resample matrices of the percentile bootstrap: ~4 float64/int64 arrays of samples x rows (tunelens.statistics).
+BOOTSTRAP_BYTES_PER_CELL = 32
+BOOTSTRAP_MEMORY_LIMIT = 4 * 1024**3  # score jobs ask for 8 GB
+
+
+# --------------------------------------------------------------------------------------------- hub
+def _truthy(value) -> bool:
+    return str(value or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def hub_offline(environ: Mapping[str, str] | None = None) -> bool:
+    environ = os.environ if environ is None else environ
+    return _truthy(environ.get("HF_HUB_OFFLINE"))
+
+
+def _hf_home(environ: Mapping[str, str]) -> Path:
+    if environ.get("HF_HOME"):
+        return Path(environ["HF_HOME"]).expanduser()
+    base = Path(environ["XDG_CACHE_HOME"]).expanduser() if environ.get("XDG_CACHE_HOME") else Path.home() / ".cache"
+    return base / "huggingface"
+
+
+def hub_cache(environ: Mapping[str, str]) -> Path:
+    if environ.get("HF_HUB_CACHE"):
+        return Path(environ["HF_HUB_CACHE"]).expanduser()
+    return _hf_home(environ) / "hub"
+
+
+def datasets_cache(environ: Mapping[str, str]) -> Path:
+    if environ.get("HF_DATASETS_CACHE"):
+        return Path(environ["HF_DATASETS_CACHE"]).expanduser()
+    return _hf_home(environ) / "datasets"
+
+
+def model_in_cache(repo_id: str, environ: Mapping[str, str]) -> bool:
+    """A snapshot of `repo_id` with a config.json in the hub cache (what from_pretrained needs offline)."""
+    snapshots = hub_cache(environ) / f"models--{repo_id.replace('/', '--')}" / "snapshots"
+    return snapshots.is_dir() and any((snapshot / "config.json").exists() for snapshot in snapshots.iterdir())
+
+
+def dataset_in_cache(repo_id: str, environ: Mapping[str, str]) -> bool:
+    snapshots = hub_cache(environ) / f"datasets--{repo_id.replace('/', '--')}" / "snapshots"
+    if snapshots.is_dir() and any(snapshots.iterdir()):
+        return True
+    prepared = datasets_cache(environ)
+    prefix = repo_id.replace("/", "___").lower()
+    return prepared.is_dir() and any(entry.name.lower().startswith(prefix) for entry in prepared.iterdir())
+
+
+def _path_typo(value: str, base_dir: Path) -> str | None:
+    """'mymodels/ckpt' when ./mymodels exists: a path with a typo, not a hub id."""
+    if "/" not in value:
+        return None
+    first = value.split("/", 1)[0]
+    if first and (base_dir / first).exists():
+        return (f"'{first}' exists here, but '{value}' does not (a local path with a typo? relative paths are "
+                f"resolved from {base_dir.resolve()})")
+    return None
+
+
+def check_model_reference(where: str, value: str, *, model_names=(), base_dir: Path, offline: bool,
+                          environ: Mapping[str, str], needs_config: bool = True) -> str | None:
+    """None when `value` resolves, else the problem (with `where` and the value)."""
+    if value in model_names or value.startswith(EMBEDDED_PREFIX):
+        return None
+    path = Path(value).expanduser()
+    path = path if path.is_absolute() else base_dir / path
+    kind = source_kind(value) if not path.exists() else "local"
+    if kind == "local":
+        if not path.is_dir():
+            return f"{where}: '{value}': local model directory does not exist ({path.resolve()})"
+        if needs_config and not (path / "config.json").exists():
+            return f"{where}: '{value}': {path} has no config.json; expected a Hugging Face model directory"
+        return None
+    typo = _path_typo(value, base_dir)
+    if typo:
+        return f"{where}: '{value}': {typo}"
+    if not HUB_ID.match(value):
+        names = f" a model name of `models` ({', '.join(sorted(model_names))})," if model_names else ""
+        return f"{where}: '{value}' is neither{names} an existing directory nor a hub id (org/name)"
+    if offline and not model_in_cache(value, environ):
+        names = f"a model name of `models` ({', '.join(sorted(model_names))}), " if model_names else ""
+        return (f"{where}: '{value}' is not {names}an existing directory, nor a hub model in the offline cache "
+                f"({hub_cache(environ)}); fix the name or path, pre-download it, or allow downloads with "
+                "HF_HUB_OFFLINE=0")
+    return None
+
+
+# --------------------------------------------------------------------------------------------- cuda
+def cuda_device_count() -> int:
+    """CUDA devices usable by this process (driver API through ctypes: no torch import, ~1 ms)."""
+    import ctypes
+
+    for name in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
+        try:
+            lib = ctypes.CDLL(name)
+            break
+        except OSError:
+            continue
+    else:
+        return 0
+    if lib.cuInit(0) != 0:
+        return 0
+    count = ctypes.c_int(0)
+    if lib.cuDeviceGetCount(ctypes.byref(count)) != 0:
+        return 0
+    return count.value
+
+
+def cuda_problem() -> str | None:
+    """The problem with `device: cuda` on this machine, or None when a CUDA device is usable."""
+    if cuda_device_count() > 0:
+        return None
+    return ("device: 'cuda', but this machine has no usable CUDA device (no driver, or CUDA_VISIBLE_DEVICES hides "
+            "them); use device: auto or cpu, or run on a GPU node (a cluster executor checks on the node)")
+
+
+# --------------------------------------------------------------------------------------------- study
+def _dataset_problems(study: Study, base_dir: Path, offline: bool, environ) -> tuple[list[str], int | None]:
+    """Problems of the dataset, and the number of test rows when it can be known."""
+    dataset = study.config["dataset"]
+    source, test_size = dataset["source"], dataset["test_size"]
+    kind = source_kind(source)
+    problems: list[str] = []
+    if kind == "hub":
+        typo = _path_typo(source, base_dir)
+        if typo:
+            problems.append(f"dataset.source: '{source}': {typo}")
+        elif (offline or _truthy(environ.get("HF_DATASETS_OFFLINE"))) and not dataset_in_cache(source, environ):
+            problems.append(
+                f"dataset.source: '{source}' is not an existing file (expected a .json/.jsonl/.csv/.parquet path), "
+                f"nor a hub dataset in the offline caches ({hub_cache(environ)}, {datasets_cache(environ)}); fix "
+                "the path, pre-download it, or allow downloads with HF_DATASETS_OFFLINE=0 HF_HUB_OFFLINE=0"
+            )
+        return problems, int(test_size) if test_size >= 1 else None
+    if kind != "local":
+        return problems, int(test_size) if test_size >= 1 else None
+    from tunelens.data import inspect_file
+
+    path = Path(source).expanduser()
+    path = path if path.is_absolute() else base_dir / path
+    try:
+        columns, n_rows = inspect_file(path)
+    except DataError as exc:
+        return [f"dataset.source: '{source}': {exc}"], None
+    fields = dataset["fields"]
+    for field in study.mapped_fields:
+        column = fields.get(field)
+        if column is not None and column not in columns:
+            problems.append(
+                f"dataset.fields.{field}: column '{column}' is not in '{source}'; columns found: {sorted(columns)}"
+                + (" (set dataset.fields.input: null when the data has no input column)" if field == "input" else "")
+            )
+    n_test = max(1, round(test_size * n_rows)) if test_size < 1 else int(test_size)
+    if n_test >= n_rows:
+        problems.append(
+            f"dataset.test_size: {test_size} asks for {n_test} test rows but '{source}' has only {n_rows} rows; "
+            "nothing would be left for training (use a fraction below 1 or a smaller count)"
+        )
+    return problems, min(n_test, n_rows)
+
+
+def preflight(study: Study, *, base_dir: str | Path = ".", environ: Mapping[str, str] | None = None,
+              check_cuda: bool = True) -> None:
+    """Raise ConfigError listing every problem of `study` that can be known before a job runs."""
+    environ = os.environ if environ is None else environ
+    base_dir = Path(base_dir)
+    config = study.config
+    offline = hub_offline(environ)
+    problems: list[str] = []
+    for name, spec in study.models.items():
+        if spec.source_kind == "hub":
+            problem = check_model_reference(f"models.{name}.source", spec.source, base_dir=base_dir,
+                                            offline=offline, environ=environ)
+            if problem:
+                problems.append(problem)
+
+    judge = config["scoring"]["judge"]
+    if judge["enabled"] and judge["model"]:
+        problem = check_model_reference("scoring.judge.model", judge["model"], model_names=list(study.models),
+                                        base_dir=base_dir, offline=offline, environ=environ)
+        if problem:
+            problems.append(problem)
+    bertscore = config["scoring"]["bertscore"]
+    if "bertscore" in config["scoring"]["metrics"]:
+        problem = check_model_reference("scoring.bertscore.model", bertscore["model"], base_dir=base_dir,
+                                        offline=offline, environ=environ)
+        if problem:
+            problems.append(problem)
+        baseline = bertscore["baseline_path"]
+        if baseline and not (base_dir / Path(baseline).expanduser()).is_file():
+            problems.append(f"scoring.bertscore.baseline_path: '{baseline}': file does not exist")
+    vllm_python = config["generation"]["vllm_python"]
+    if vllm_python and not (base_dir / Path(vllm_python).expanduser()).is_file():
+        problems.append(f"generation.vllm_python: '{vllm_python}': file does not exist")
+
+    dataset_problems, n_test = _dataset_problems(study, base_dir, offline, environ)
+    problems += dataset_problems
+
+    samples = config["scoring"]["bootstrap_samples"]
+    max_rows = config["decoding"]["max_test_rows"]
+    n_eval = min(x for x in (n_test, max_rows) if x is not None) if (n_test or max_rows) else None
+    if n_eval:
+        needed = BOOTSTRAP_BYTES_PER_CELL * samples * n_eval
+        if needed > BOOTSTRAP_MEMORY_LIMIT:
+            problems.append(
+                f"scoring.bootstrap_samples: {samples} resamples of {n_eval} evaluated rows need ~{needed / 1024**3:.0f} "
+                f"GiB in every scoring job (limit {BOOTSTRAP_MEMORY_LIMIT // 1024**3} GiB); lower bootstrap_samples "
+                f"to at most {BOOTSTRAP_MEMORY_LIMIT // (BOOTSTRAP_BYTES_PER_CELL * n_eval)} or decoding.max_test_rows"
+            )
+
+    if check_cuda and config["device"] == "cuda":
+        problem = cuda_problem()
+        if problem:
+            problems.append(problem)
+    if problems:
+        raise ConfigError("the config cannot run here:\n  " + "\n  ".join(problems))
