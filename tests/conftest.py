@@ -33,6 +33,23 @@ def smollm2_tokenizer_dir(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def gemma_tokenizer_dir(tmp_path_factory) -> Path:
+    """Gemma 3's real tokenizer (adds a BOS; 262k vocabulary), from the embedded GGUF package, saved as a
+    plain HF tokenizer dir. Reading it from the GGUF takes ~15 s of CPU: once per session."""
+    from transformers import AutoTokenizer
+
+    from tunelens.models import EMBEDDED_MODELS, _gguf_path
+
+    work = tmp_path_factory.mktemp("gemma_gguf")
+    gguf = _gguf_path("gemma3-270m", EMBEDDED_MODELS["gemma3-270m"], work)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    gguf.unlink()  # 250 MB
+    out = tmp_path_factory.mktemp("gemma_tokenizer")
+    tokenizer.save_pretrained(out)
+    return out
+
+
 def _build_tiny(out: Path, tokenizer_dir: Path, arch: str, num_layers: int, seed: int = 0) -> Path:
     import torch
     from transformers import AutoTokenizer
