@@ -24,6 +24,8 @@ from typing import Any
 
 import yaml
 
+from tunelens.decoding import DecodingConfig, knob_names, schema_properties, sweep_schema_properties
+from tunelens.decoding import check as check_decoding_config
 from tunelens.errors import ConfigError
 from tunelens.sources import DATA_EXTENSIONS, EMBEDDED_DATASETS, EMBEDDED_PREFIX, source_kind  # noqa: F401 (re-exported)
 
@@ -33,7 +35,6 @@ SCHEMA_PATH = PACKAGE_ROOT.parent / "schemas" / "config.schema.yaml"
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
 VARIANTS = ("base", "finetuned")
 RESERVED_MODEL_NAMES = {"bertscore"}
-DECODING_FIELDS = ("top_k", "num_beams", "temperature", "top_p", "repetition_penalty")
 # Tokens of one fine-tune micro-batch (batch_size x max_seq_length): above this, logits alone
 # (tokens x vocabulary x 4 bytes) exceed any GPU's memory for a 32k vocabulary.
 MAX_MICRO_BATCH_TOKENS = 1_048_576
@@ -68,13 +69,17 @@ def _cached_schema() -> dict:
 
 
 def _load_schema() -> dict:
-    """The config schema (a fresh copy: callers may modify it), with what comes from registries filled in:
-    the choices and default of `scoring.metrics` are the registered metrics (tunelens.metrics)."""
+    """The config schema (a fresh copy: callers may modify it), with what comes from code filled in: the
+    decoding parameters (tunelens.decoding) and the choices and default of `scoring.metrics` (the registered
+    metrics, tunelens.metrics)."""
     # Imported by name on purpose: a job's code hash (tunelens.codehash) follows import statements, and the
     # metric code must not become code of every job that loads the config (a BLEU fix would rerun every
     # generation). Only the names reach other jobs, through their params.
     registry = importlib.import_module("tunelens.metrics")
     schema = copy.deepcopy(_cached_schema())
+    # Decoding parameters: type, default and description from tunelens.decoding.DecodingConfig.
+    schema["$defs"]["decoding_config"]["properties"].update(schema_properties())
+    schema["properties"]["decoding"]["properties"]["sweep"]["properties"] = sweep_schema_properties()
     metrics = schema["properties"]["scoring"]["properties"]["metrics"]
     metrics["items"] = {"enum": registry.scored_metric_names()}
     metrics["default"] = registry.default_metric_names()
@@ -136,60 +141,8 @@ def validate_schema(config: dict) -> None:
 
 
 # --------------------------------------------------------------------------------------------- decoding
-def _fmt_number(value: float) -> str:
-    """0.8 -> '0.8', 1 -> '1.0', 0 -> '0.0': floats always carry a decimal point, as users write them."""
-    return repr(float(value))
-
-
-@dataclass(frozen=True)
-class DecodingConfig:
-    """One decoding configuration. temperature 0 means greedy; top_k 0 means off."""
-
-    top_k: int = 50
-    num_beams: int = 1
-    temperature: float = 0.8
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
-    explicit_name: str | None = None
-
-    @property
-    def name(self) -> str:
-        """Canonical name, e.g. 'top_k_50_num_beams_1_temp_0.8' (also the generation file name)."""
-        if self.explicit_name:
-            return self.explicit_name
-        name = f"top_k_{self.top_k}_num_beams_{self.num_beams}_temp_{_fmt_number(self.temperature)}"
-        if self.top_p != 1.0:
-            name += f"_top_p_{_fmt_number(self.top_p)}"
-        if self.repetition_penalty != 1.0:
-            name += f"_rep_{_fmt_number(self.repetition_penalty)}"
-        return name
-
-    @property
-    def is_beam(self) -> bool:
-        return self.num_beams > 1
-
-    @property
-    def is_greedy(self) -> bool:
-        return self.num_beams == 1 and self.temperature == 0.0
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"name": self.name, **{key: getattr(self, key) for key in DECODING_FIELDS}}
-
-    @classmethod
-    def from_dict(cls, values: dict, defaults: dict | None = None) -> "DecodingConfig":
-        merged = {**(defaults or {}), **values}
-        return cls(
-            top_k=int(merged.get("top_k", 50)),
-            num_beams=int(merged.get("num_beams", 1)),
-            temperature=float(merged.get("temperature", 0.8)),
-            top_p=float(merged.get("top_p", 1.0)),
-            repetition_penalty=float(merged.get("repetition_penalty", 1.0)),
-            explicit_name=values.get("name"),
-        )
-
-
 def _expand_decoding(decoding: dict) -> list[DecodingConfig]:
-    defaults = {key: decoding["defaults"][key] for key in DECODING_FIELDS}
+    defaults = {key: decoding["defaults"][key] for key in knob_names()}
     mode = decoding["mode"]
     if mode == "list":
         if not decoding["configs"]:
@@ -207,16 +160,6 @@ def _expand_decoding(decoding: dict) -> list[DecodingConfig]:
         for combo in itertools.product(*(sweep[key] for key in keys)):
             configs.append(DecodingConfig.from_dict(dict(zip(keys, combo)), defaults))
     return configs
-
-
-def check_decoding_config(config: DecodingConfig, beam_mode: str, backends: set[str], where: str) -> None:
-    if config.is_beam and beam_mode == "beam_sample" and "vllm" in backends:
-        raise ConfigError(
-            f"{where}: num_beams={config.num_beams} with decoding.beam_mode 'beam_sample' needs the hf backend; "
-            "vLLM only does deterministic beam search (set decoding.beam_mode: beam_search or generation.backend: hf)"
-        )
-    if config.is_beam and config.temperature == 0.0 and beam_mode == "beam_sample":
-        raise ConfigError(f"{where}: beam_sample with temperature 0 is undefined; use beam_mode: beam_search")
 
 
 # --------------------------------------------------------------------------------------------- layers

@@ -39,14 +39,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from tunelens.config import DecodingConfig
+from tunelens.decoding import BEAM_MODES, DecodingConfig, hf_generation_kwargs, vllm_sampling_kwargs
+from tunelens.decoding import check as check_decoding
 from tunelens.errors import ConfigError, DataError, ModelError, TunelensError
 from tunelens.io import library_versions, read_jsonl, sha256_dir, write_json_atomic, write_jsonl_atomic
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "hf", "vllm")
-BEAM_MODES = ("beam_search", "beam_sample")
 FINISH_REASONS = ("stop", "length", "stop_string")
 SPLIT_FIELDS = ("id", "instruction", "input", "output")
 
@@ -126,9 +126,7 @@ def describe_semantics(decoding_config: DecodingConfig, beam_mode: str, backend:
         if backend == "vllm" and dc.repetition_penalty != 1.0:
             rep = f" repetition_penalty={dc.repetition_penalty} is NOT applied (vLLM beam search has no such option)."
         return f"[{backend}] {text}{rep}"
-    if dc.is_beam:  # beam_sample
-        if dc.temperature == 0.0:
-            raise ConfigError(f"decoding config '{dc.name}': beam_sample with temperature 0 is undefined")
+    if dc.is_beam:  # beam_sample (temperature > 0: tunelens.decoding.check)
         text = (
             f"beam sampling (hf), {dc.num_beams} beams, tokens sampled with temperature={dc.temperature}, "
             f"top_k={dc.top_k or 'off'}, top_p={dc.top_p if dc.top_p < 1 else 'off'}."
@@ -208,6 +206,11 @@ def _row_seed(seed: int, row_id: str) -> int:
 
 
 # --------------------------------------------------------------------------------------------- hf backend
+HF_NEUTRAL = {"min_p": None, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "repetition_penalty": 1.0,
+              "no_repeat_ngram_size": 0, "length_penalty": 1.0}
+VLLM_NEUTRAL = {"min_p": 0.0, "presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0}
+
+
 def hf_generation_config(model, tokenizer, decoding_config: DecodingConfig, settings: GenerationSettings):
     """A transformers GenerationConfig with every decoding parameter set explicitly.
 
@@ -224,20 +227,10 @@ def hf_generation_config(model, tokenizer, decoding_config: DecodingConfig, sett
         eos = tokenizer.eos_token_id
     eos_ids = sorted(set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id})
     return GenerationConfig(
+        # Every warper the config does not set is neutral; the decoding parameters override (tunelens.decoding).
+        **{**HF_NEUTRAL, **hf_generation_kwargs(dc, sample=sample)},
         do_sample=sample,
-        num_beams=dc.num_beams,
         num_return_sequences=1,
-        # Not sampling: neutral values, so no warper changes the argmax/beam scores.
-        temperature=dc.temperature if sample else 1.0,
-        top_k=dc.top_k if sample else 0,
-        top_p=dc.top_p if sample else 1.0,
-        min_p=None,
-        typical_p=1.0,
-        epsilon_cutoff=0.0,
-        eta_cutoff=0.0,
-        repetition_penalty=dc.repetition_penalty,
-        no_repeat_ngram_size=0,
-        length_penalty=1.0,
         early_stopping=True if dc.is_beam else False,
         max_new_tokens=settings.max_new_tokens,
         min_new_tokens=0,
@@ -575,15 +568,8 @@ def vllm_generate(
     greedy = dc.temperature == 0.0
     params = [
         SamplingParams(
+            **{**VLLM_NEUTRAL, **vllm_sampling_kwargs(dc, greedy=greedy)},
             n=1,
-            temperature=0.0 if greedy else dc.temperature,
-            # vLLM: top_k 0 (or -1) = off; set explicitly so transformers' implicit 50 never leaks in.
-            top_k=0 if greedy else dc.top_k,
-            top_p=1.0 if greedy else dc.top_p,
-            min_p=0.0,
-            repetition_penalty=dc.repetition_penalty,
-            presence_penalty=0.0,
-            frequency_penalty=0.0,
             max_tokens=settings.max_new_tokens,
             stop=list(settings.stop) or None,
             include_stop_str_in_output=False,
@@ -781,11 +767,8 @@ def generation_output(
     if adapter_dir is not None and not (Path(adapter_dir) / "adapter_config.json").exists():
         raise ModelError(f"adapter directory '{adapter_dir}' has no adapter_config.json")
     concrete, reason = resolve_backend(backend, device) if engine is None else ("vllm", "engine passed in")
-    if concrete == "vllm" and decoding_config.is_beam and beam_mode == "beam_sample":
-        raise ConfigError(
-            f"decoding config '{decoding_config.name}': beam_mode 'beam_sample' is hf-only; the backend resolved "
-            f"to vllm ({reason}); set generation.backend: hf or decoding.beam_mode: beam_search"
-        )
+    check_decoding(decoding_config, beam_mode, [concrete], f"decoding config '{decoding_config.name}' "
+                   f"(backend {concrete}: {reason})")
     semantics = describe_semantics(decoding_config, beam_mode, concrete)
     log.info("model %s (%s), variant %s, config %s: backend %s (%s)", model_name, model_path, variant,
              decoding_config.name, concrete, reason)

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from tunelens.config import DecodingConfig, resolve_layers
+from tunelens.decoding import check as check_decoding
 from tunelens.errors import ConfigError, DataError, ModelError
 from tunelens.io import library_versions, read_jsonl, write_json_atomic, write_jsonl_atomic
 from tunelens.models import (
@@ -509,7 +510,8 @@ def run_early_exit(
         max_new_tokens=max_new_tokens, stop=tuple(stop), seed=seed, beam_mode=beam_mode, batch_size=batch_size,
         max_prompt_tokens=max_prompt_tokens,
     )
-    semantics = describe_semantics(decoding_config, beam_mode, "hf")  # validates beam_sample + temperature 0
+    check_decoding(decoding_config, beam_mode, ["hf"], f"probe.early_exit.decoding ({decoding_config.name})")
+    semantics = describe_semantics(decoding_config, beam_mode, "hf")
     check_variant(model_name, variant, adapter_dir)
 
     started = time.perf_counter()
