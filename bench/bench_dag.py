@@ -231,6 +231,20 @@ def bench_noop(configfile: Path, repeat: int) -> dict:
                 "dry_run_s": dry_times, "run_s": run_times}  # fmt: skip
 
 
+def bench_load_config(n_models: int, n_configs: int, repeat: int) -> list[float]:
+    """Seconds of tunelens.config.load_config (schema validation, defaults, decoding expansion) per call; the
+    first call includes parsing the schema, which is cached for the process."""
+    from tunelens.config import load_config
+
+    config = sweep_config(n_models, n_configs)
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        load_config(config)
+        times.append(time.perf_counter() - start)
+    return times
+
+
 def bench_startup(repeat: int) -> dict:
     """Floor: `snakemake --version` (interpreter + snakemake import) on this machine."""
     times = []
@@ -268,7 +282,7 @@ def main(argv=None) -> int:
     parser.add_argument("--configs", type=int, default=160, help="decoding configs in the sweep (160 -> ~9,800 jobs)")
     parser.add_argument("--noop-config", type=Path, default=REPO / "configs" / "alpaca-7b.yaml")
     parser.add_argument("--repeat", type=int, default=2)
-    parser.add_argument("--only", choices=["sweep", "noop"])
+    parser.add_argument("--only", choices=["sweep", "noop", "load_config"])
     parser.add_argument("--profile-top", type=int, default=0, help="also cProfile one sweep dry run")
     args = parser.parse_args(argv)
 
@@ -283,6 +297,10 @@ def main(argv=None) -> int:
         print(f"  dry run --quiet all:    {sweep['dry_run_quiet_s']:.1f} s")
         if "profile" in sweep:
             print(sweep["profile"])
+    if args.only in (None, "load_config"):
+        times = bench_load_config(args.models, args.configs, args.repeat)
+        print(f"tunelens.config.load_config of the {args.models} x {args.configs} sweep config: first call "
+              f"{times[0]:.3f} s (schema parsed), then {min(times[1:] or times):.3f} s (min of the rest)")
     if args.only in (None, "noop"):
         noop = bench_noop(args.noop_config.resolve(), args.repeat)
         print(f"no-op rerun of {noop['config']} ({noop['jobs']} jobs, faked in {noop['fake_s']:.1f} s)")

@@ -79,6 +79,15 @@ def bench_text_metrics(args, pairs, results):
         computed[name] = result
         results.append({"what": name, "rows": len(pairs), "seconds": round(seconds, 3),
                         "rows_per_s": round(len(pairs) / seconds, 1), "value": round(result.value, 4)})
+    if args.codebleu_corpus_rows:
+        # What one bootstrap resample would cost without per-row statistics: one corpus calc_codebleu call.
+        from codebleu import calc_codebleu
+
+        n = min(args.codebleu_corpus_rows, len(pairs))
+        _, seconds = timed(calc_codebleu, references[:n], generated[:n], lang="python")
+        results.append({"what": "calc_codebleu, one corpus call", "rows": n, "seconds": round(seconds, 3),
+                        "rows_per_s": round(n / seconds, 1),
+                        "note": f"x 1000 resamples = {1000 * seconds / 60:.1f} min per file"})
     with_stats = [computed[name] for name in ("bleu", "codebleu") if name in computed]
     if with_stats:
         _, seconds = timed(summarise, with_stats, len(pairs), samples=1000, confidence=0.95, seed=1)
@@ -176,6 +185,9 @@ def main() -> None:
     parser.add_argument("--lm-batch", type=int, nargs="+", default=[8])
     parser.add_argument("--metrics", nargs="*", default=["bleu", "rougeL", "codebleu", "exact_match", "length", "bertscore"],
                         help="text metrics to time (none: only perplexity/judge)")
+    parser.add_argument("--codebleu-corpus-rows", type=int, default=0,
+                        help="also time one codebleu.calc_codebleu call on this many rows (a resample's cost "
+                        "without per-row statistics)")
     parser.add_argument("--json")
     args = parser.parse_args()
 
@@ -201,7 +213,7 @@ def main() -> None:
     print(f"machine: {machine}; data: {args.data or 'synthetic'}; rows: {len(pairs)}\n")
     print("| what | rows | seconds | rows/s | note |\n|---|---|---|---|---|")
     for row in results:
-        note = row.get("error") or (f"{row['tokens_per_s']} tok/s" if "tokens_per_s" in row else
+        note = row.get("error") or row.get("note") or (f"{row['tokens_per_s']} tok/s" if "tokens_per_s" in row else
                                     f"value {row['value']}" if "value" in row else "")
         print(f"| {row['what']} | {row.get('rows', '')} | {row.get('seconds', '')} | {row.get('rows_per_s', '')} | {note} |")
     if args.json:
