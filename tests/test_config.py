@@ -267,3 +267,14 @@ def test_evaluation_set_bad_suffix_unknown_embedded_and_bad_name(tmp_path):
                  "evaluation_sets[0].source", "unknown embedded dataset 'nope'")
     expect_error(with_changes(evaluation_sets=[{"name": "a/b", "source": "embedded:demo-holdout"}]),
                  "evaluation_sets[0].name")
+
+
+def test_lora_rank_above_vllm_max_lora_rank_fails_at_load_not_after_training():
+    expect_error(with_changes(finetune__lora_r=128, generation__vllm_max_lora_rank=64),
+                 "models.smollm2", "lora_r=128", "vllm_max_lora_rank=64", "backend: hf")
+    per_model = with_changes(models={"m": {"source": "embedded:smollm2-135m-instruct", "finetune": {"lora_r": 32}}},
+                             generation={"backend": "vllm", "vllm_max_lora_rank": 16})
+    expect_error(per_model, "models.m", "lora_r=32")
+    load_config(with_changes(finetune__lora_r=128, generation__vllm_max_lora_rank=128))
+    load_config(with_changes(finetune__lora_r=128, generation__backend="hf"))  # hf has no such limit
+    load_config(with_changes(finetune__lora_r=128, finetune__enabled=False))  # no adapter at all

@@ -297,6 +297,15 @@ def _model_spec(name: str, entry: dict, config: dict, finetune_schema: dict) -> 
                 f"(the depth of hub model '{source}' is not known offline); set it or use absolute layers"
             )
         spec.probe_layers = sorted(set(int(v) for v in spec.layer_specs))
+    # Cross-stage: the adapter this fine-tune writes must fit the vLLM engine that serves it; checked here,
+    # not after hours of training when the generation job loads it.
+    max_rank = config["generation"]["vllm_max_lora_rank"]
+    if spec.finetuned and spec.generation_backend in ("vllm", "auto") and merged["lora_r"] > max_rank:
+        raise ConfigError(
+            f"{where}: finetune.lora_r={merged['lora_r']} is above generation.vllm_max_lora_rank={max_rank}, and "
+            f"generation.backend is '{spec.generation_backend}' (vLLM would refuse the adapter after training); "
+            "raise generation.vllm_max_lora_rank or set generation.backend: hf"
+        )
     return spec
 
 
