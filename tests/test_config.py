@@ -278,3 +278,25 @@ def test_lora_rank_above_vllm_max_lora_rank_fails_at_load_not_after_training():
     load_config(with_changes(finetune__lora_r=128, generation__vllm_max_lora_rank=128))
     load_config(with_changes(finetune__lora_r=128, generation__backend="hf"))  # hf has no such limit
     load_config(with_changes(finetune__lora_r=128, finetune__enabled=False))  # no adapter at all
+
+
+def test_every_schema_key_has_a_description():
+    from tunelens.config import _load_schema
+
+    missing = []
+
+    def walk(node, path):
+        for key, value in (node.get("properties") or {}).items():
+            where = f"{path}.{key}" if path else key
+            if not isinstance(value, dict) or not value.get("description"):
+                missing.append(where)
+            if isinstance(value, dict):
+                walk(value, where)
+                if isinstance(value.get("items"), dict):
+                    walk(value["items"], where + "[]")
+
+    schema = _load_schema()
+    walk(schema, "")
+    for name, definition in schema["$defs"].items():
+        walk(definition, f"$defs.{name}")
+    assert not missing, f"schema keys without a description: {missing}"
