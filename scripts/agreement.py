@@ -3,7 +3,7 @@
 import logging
 
 from tunelens.jobs import use_job_threads
-from tunelens.generate import agreement
+from tunelens.agreement import agreement
 
 logging.basicConfig(
     filename=snakemake.log[0], level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"

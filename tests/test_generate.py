@@ -24,8 +24,8 @@ from tunelens.generate import (
     generate,
     hf_generate_batched,
     resolve_backend,
-    token_agreement,
 )
+from tunelens.agreement import token_agreement
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 

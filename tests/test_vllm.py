@@ -195,7 +195,8 @@ def test_temperature_zero_is_greedy_and_matches_hf(report):
     data, model_dir, _ = report
     assert texts(data, "greedy") == texts(data, "greedy_other_seed_top_k")
     from tunelens.config import DecodingConfig
-    from tunelens.generate import GenerationSettings, hf_generate_batched, token_agreement
+    from tunelens.agreement import token_agreement
+    from tunelens.generate import GenerationSettings, hf_generate_batched
     from tunelens.models import load_model
 
     model, tokenizer = load_model(model_dir, device="cpu")
