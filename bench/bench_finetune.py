@@ -34,25 +34,32 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
+# name: settings that differ from bench_settings' base (method qlora on CUDA, lora on CPU, all else auto).
 VARIANTS = {
-    # name: (method, liger)
-    "lora": ("lora", False),
-    "lora+liger": ("lora", True),
-    "qlora": ("qlora", False),
-    "qlora+liger": ("qlora", True),
+    "lora": {"method": "lora", "liger": False},
+    "lora+liger": {"method": "lora", "liger": True},
+    "qlora": {"method": "qlora", "liger": False},
+    "qlora+liger": {"method": "qlora", "liger": True},
+    # The pipeline's defaults today (method/liger/checkpointing auto, the CUDA autotuner on).
+    "auto": {},
+    "auto+packing": {"packing": True},
+    # The pipeline's defaults before the autotuner (QLoRA + Liger + gradient checkpointing, as configured).
+    "before": {"method": "qlora", "liger": True, "gradient_checkpointing": True, "autotune": False},
 }
 
 
 def bench_settings(args, variant: str) -> dict:
-    method, liger = VARIANTS[variant]
-    return {
-        "enabled": True, "method": method, "lora_r": args.lora_r, "lora_alpha": 2 * args.lora_r,
+    settings = {
+        "enabled": True, "method": "auto", "lora_r": args.lora_r, "lora_alpha": 2 * args.lora_r,
         "lora_dropout": 0.05, "target_modules": "all-linear", "learning_rate": args.learning_rate,
         "lr_scheduler": "cosine", "warmup_ratio": 0.03, "weight_decay": 0.0, "num_epochs": 1,
         "max_steps": args.steps, "batch_size": args.batch_size, "gradient_accumulation": 1,
         "max_seq_length": args.max_seq_length, "packing": args.packing, "padding_free": False,
-        "gradient_checkpointing": "auto", "liger": liger, "logging_steps": 1, "save_steps": 10**6,
+        "gradient_checkpointing": "auto", "liger": "auto", "logging_steps": 1, "save_steps": 10**6,
+        "autotune": True,
     }
+    settings.update(VARIANTS[variant])
+    return settings
 
 
 def alpaca_to_split_rows(data: Path, rows: int, out: Path) -> Path:
@@ -114,6 +121,8 @@ def run_one(args, variant: str, work: Path) -> dict:
     summary = {
         "variant": variant, "model": str(args.model), "device": metrics["device_name"], "method": metrics["method"],
         "liger": metrics["liger"], "gradient_checkpointing": metrics["gradient_checkpointing"],
+        "micro_batch_size": metrics.get("micro_batch_size"), "autotune": metrics.get("autotune"),
+        "packing": bench_settings(args, variant)["packing"], "tokens": [row.get("tokens") for row in log_rows],
         "batch_size": args.batch_size, "max_seq_length": args.max_seq_length, "steps": metrics["steps"],
         "tokens_per_s_median": round(statistics.median(steady), 1),
         "tokens_per_s_job": metrics["tokens_per_s"],
@@ -138,7 +147,7 @@ def generate_with_adapter(args, adapter_dir: Path, train_jsonl: Path) -> list[di
     from tunelens.prompts import build_prompt
 
     rows = read_jsonl(train_jsonl)[: args.generate]
-    quantized = VARIANTS[args.variants.split(",")[0]][0] == "qlora"
+    quantized = bench_settings(args, args.variants.split(",")[0])["method"] in ("qlora", "auto")
     base, tokenizer = load_model(args.model, device=args.device, load_in_4bit=quantized)
     results = []
     for row in rows:

@@ -733,7 +733,7 @@ def autotune_cuda(trainer, settings: dict, plan: TrainingPlan, checkpoint_dir: P
     dataset = trainer.train_dataset
     lengths = [len(ids) for ids in dataset["input_ids"]]
     longest_first = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    device = torch.device("cuda", torch.cuda.current_device())
+    device = next(trainer.model.parameters()).device
 
     def worst_batch(micro: int) -> dict:
         examples = [dataset[i] for i in longest_first[:micro]]
