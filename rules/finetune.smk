@@ -49,5 +49,6 @@ rule finetune:
         seed=lookup(dpath="seed", within=config),
         device=lookup(dpath="device", within=config),
         checkpoint_dir=finetune_checkpoint_dir,
+        on_bad_rows=lookup(dpath="dataset/on_bad_rows", within=config),
     script:
         "../scripts/finetune.py"

@@ -31,4 +31,5 @@ finetune(
     device=params.device,
     revision=params.revision,
     model_name=snakemake.wildcards.model,
+    on_bad_rows=params.on_bad_rows,
 )

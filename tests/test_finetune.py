@@ -232,13 +232,60 @@ def test_bad_option_fails_clearly(tiny_llama_dir, train_jsonl, tmp_path, overrid
     assert not (tmp_path / "ckpt").exists()
 
 
-def test_prompt_longer_than_max_seq_length_names_the_row(tiny_llama_dir, train_jsonl, tmp_path):
+def test_prompt_longer_than_max_seq_length_is_dropped_and_counted(tiny_llama_dir, train_jsonl, tmp_path):
+    n_rows = len(train_jsonl.read_text().splitlines())
+    run = build_trainer(tiny_llama_dir, train_jsonl, tmp_path / "ckpt", settings(max_seq_length=40), "alpaca",
+                        seed=1, device="cpu")
+    # the three rows with an input have the longest prompts (about 50 tokens): left out, counted, not fatal
+    assert run.stats.dropped_rows == {"prompt_fills_max_seq_length": 3}
+    assert run.stats.rows == n_rows - 3 == len(run.trainer.train_dataset)
+    assert run.stats.truncated_rows > 0  # the others are cut to 40 tokens, also counted
+
+
+def test_prompt_longer_than_max_seq_length_names_the_row_when_bad_rows_are_errors(tiny_llama_dir, train_jsonl,
+                                                                                   tmp_path):
     with pytest.raises(DataError) as error:
         build_trainer(tiny_llama_dir, train_jsonl, tmp_path / "ckpt", settings(max_seq_length=40), "alpaca",
-                      seed=1, device="cpu")
+                      seed=1, device="cpu", on_bad_rows="error")
     message = str(error.value)
-    # the three rows with an input have the longest prompts (about 50 tokens)
     assert "3 row(s)" in message and "line 2 (id 't-1'" in message and "max_seq_length=40" in message
+    assert "on_bad_rows" in message
+
+
+@pytest.mark.parametrize("losses, fragment", [
+    ([2.3, 2.1, float("nan")], "loss is nan at step 3"),
+    ([2.3, float("inf")], "loss is inf at step 2"),
+    ([2.3, 3.0, 9.5], "loss rose from 2.3 (step 1) to 9.5 (step 3)"),
+    ([(12.7, 0.8), (10.8, 0.0), (10.8, 0.0)], "gradient norm is 0 from step 2 on, with the loss stuck at 10.8"),
+    ([(2.3, 0.8), (2.2, float("nan"))], "gradient norm is nan at step 2"),
+])
+def test_divergence_is_an_error(losses, fragment):
+    from tunelens.finetune import DivergenceError, check_divergence
+
+    rows = [{"step": i + 1, "loss": loss[0], "grad_norm": loss[1]} if isinstance(loss, tuple)
+            else {"step": i + 1, "loss": loss} for i, loss in enumerate(losses)]
+    with pytest.raises(DivergenceError) as error:
+        check_divergence(rows, {"learning_rate": 1e9}, "tiny")
+    assert fragment in str(error.value) and "learning_rate (1000000000.0)" in str(error.value)
+
+
+def test_noisy_or_converged_loss_is_not_divergence():
+    from tunelens.finetune import check_divergence
+
+    check_divergence([{"step": 1, "loss": 2.3}, {"step": 2, "loss": 2.6}, {"step": 3, "loss": 2.4}], {}, "m")
+    check_divergence([{"step": 1, "loss": 0.05}, {"step": 2, "loss": 0.3}], {}, "m")  # 6x, but a 0.25 rise
+    check_divergence([{"step": 1, "loss": 2.0, "grad_norm": 0.0}, {"step": 2, "loss": 1.9, "grad_norm": 0.4}], {}, "m")
+
+
+def test_learning_rate_1e9_fails_the_finetune_and_writes_no_adapter(sharp_llama_dir, train_jsonl, tmp_path):
+    from tunelens.finetune import DivergenceError
+
+    paths = outputs(tmp_path)
+    with pytest.raises(DivergenceError, match="fine-tune of 'tiny' diverged"):
+        finetune(sharp_llama_dir, train_jsonl, settings=settings(max_steps=6, learning_rate=1e9, logging_steps=1,
+                                                                  save_steps=100),
+                 prompt_format="alpaca", seed=7, device="cpu", model_name="tiny", **paths)
+    assert not paths["metrics_json"].exists() and not (paths["adapter_dir"] / "adapter_model.safetensors").exists()
 
 
 def test_bad_train_row_names_file_and_line(tiny_llama_dir, tmp_path):

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from tunelens.errors import ConfigError, DataError, ModelError
+from tunelens.errors import ConfigError, DataError, ModelError, TunelensError
 from tunelens.io import library_versions, read_jsonl, sha256_dir, sha256_file, write_json_atomic, write_jsonl_atomic
 
 log = logging.getLogger(__name__)
@@ -292,37 +292,50 @@ class DataStats:
     completion_tokens: int  # loss-bearing tokens per epoch, before truncation
     max_row_tokens: int
     truncated_rows: int  # rows longer than max_seq_length (their start is kept)
+    dropped_rows: dict = field(default_factory=dict)  # reason -> rows left out of training
 
 
 def tokenize_examples(rows: list[dict], examples: list[dict], tokenizer, max_seq_length: int,
-                      train_jsonl) -> tuple[list[dict], DataStats]:
+                      train_jsonl, on_bad_rows: str = "count") -> tuple[list[dict], DataStats]:
     """Token ids and completion masks (1 = response token, trained) in TRL's tokenized format.
 
     Tokenizing here rather than in TRL keeps training on exactly the ids generation sees: TRL's own
     tokenization adds special tokens (a second BOS for some tokenizers). The response starts where the
     ids of the prompt and of prompt + response diverge, as in TRL (a merge across the boundary moves it).
-    Fails on rows whose prompt alone fills max_seq_length: they would carry no loss.
+    Rows whose prompt alone fills max_seq_length would carry no loss: they are dropped and counted
+    (reason prompt_fills_max_seq_length). With on_bad_rows 'error' (dataset.on_bad_rows), they and truncated
+    rows fail instead, naming them.
     """
-    tokenized, too_long = [], []
-    prompt_tokens = completion_tokens = max_row = truncated = 0
+    tokenized, too_long, cut = [], [], []
+    prompt_tokens = completion_tokens = max_row = 0
     for line_no, (row, example) in enumerate(zip(rows, examples), start=1):
         prompt_ids = encode_text(example["prompt"], tokenizer)
         ids = encode_text(example["prompt"] + example["completion"], tokenizer)
         n_prompt = next((i for i, (a, b) in enumerate(zip(prompt_ids, ids)) if a != b), min(len(prompt_ids), len(ids)))
+        if n_prompt >= max_seq_length:
+            too_long.append(f"line {line_no} (id {row['id']!r}, {n_prompt} prompt tokens)")
+            continue
         tokenized.append({"input_ids": ids, "completion_mask": [0] * n_prompt + [1] * (len(ids) - n_prompt)})
         prompt_tokens += n_prompt
         completion_tokens += len(ids) - n_prompt
         max_row = max(max_row, len(ids))
-        truncated += len(ids) > max_seq_length
-        if n_prompt >= max_seq_length:
-            too_long.append(f"line {line_no} (id {row['id']!r}, {n_prompt} prompt tokens)")
+        if len(ids) > max_seq_length:
+            cut.append(f"line {line_no} (id {row['id']!r}, {len(ids)} tokens)")
+    if on_bad_rows == "error" and (too_long or cut):
+        which = (f"{len(too_long)} row(s) have a prompt of at least finetune.max_seq_length={max_seq_length} "
+                 f"tokens, leaving no response token to train on: {', '.join(too_long[:5])}" if too_long else
+                 f"{len(cut)} row(s) are longer than finetune.max_seq_length={max_seq_length} tokens and would be "
+                 f"truncated: {', '.join(cut[:5])}")
+        raise DataError(f"{train_jsonl}: {which}; dataset.on_bad_rows is 'error' (raise max_seq_length, or "
+                        "'count' drops/truncates such rows and counts them)")
     if too_long:
-        raise DataError(
-            f"{train_jsonl}: {len(too_long)} row(s) have a prompt of at least finetune.max_seq_length="
-            f"{max_seq_length} tokens, leaving no response token to train on: {', '.join(too_long[:5])}"
-            f"{' ...' if len(too_long) > 5 else ''}; raise max_seq_length or drop these rows"
-        )
-    return tokenized, DataStats(len(rows), prompt_tokens, completion_tokens, max_row, truncated)
+        log.warning("%s: %d row(s) dropped: their prompt leaves no response token within max_seq_length=%d: %s%s",
+                    train_jsonl, len(too_long), max_seq_length, ", ".join(too_long[:5]), " ..." if len(too_long) > 5 else "")
+    if not tokenized:
+        raise DataError(f"{train_jsonl}: every row's prompt fills finetune.max_seq_length={max_seq_length} tokens; "
+                        "nothing left to train on (raise max_seq_length)")
+    dropped = {"prompt_fills_max_seq_length": len(too_long)} if too_long else {}
+    return tokenized, DataStats(len(tokenized), prompt_tokens, completion_tokens, max_row, len(cut), dropped)
 
 
 # --------------------------------------------------------------------------------------------- checkpoints
@@ -586,6 +599,7 @@ def build_trainer(
     device: str = "auto",
     revision: str | None = None,
     callbacks: Sequence = (),
+    on_bad_rows: str = "count",
 ) -> PreparedRun:
     """Validate everything cheap first (settings, device, target modules, data), then load the model and
     build the SFTTrainer. Nothing is trained and nothing but `checkpoint_dir` is written."""
@@ -602,7 +616,8 @@ def build_trainer(
     tokenizer = load_tokenizer(model_path, revision)
     rows = load_train_rows(train_jsonl)
     examples = training_examples(rows, prompt_format, tokenizer)
-    tokenized, stats = tokenize_examples(rows, examples, tokenizer, settings["max_seq_length"], train_jsonl)
+    tokenized, stats = tokenize_examples(rows, examples, tokenizer, settings["max_seq_length"], train_jsonl,
+                                         on_bad_rows)
     if stats.truncated_rows:
         log.warning("%d of %d rows are longer than max_seq_length=%d tokens and are truncated (end cut)",
                     stats.truncated_rows, stats.rows, settings["max_seq_length"])
@@ -802,6 +817,50 @@ def autotune_cuda(trainer, settings: dict, plan: TrainingPlan, checkpoint_dir: P
 
 
 # --------------------------------------------------------------------------------------------- outputs
+class DivergenceError(TunelensError):
+    """Training diverged: the adapter would be garbage, and its scores would look like real results."""
+
+
+# A last logged loss above this multiple of the first (and this much higher) is divergence, not noise.
+DIVERGENCE_FACTOR = 2.0
+DIVERGENCE_MIN_RISE = 0.5
+
+
+def check_divergence(rows: list[dict], settings: dict, name: str, model=None) -> None:
+    """Fail when training blew up: a logged loss or gradient norm is not finite, the gradient vanished
+    for good (a collapsed model: every logged step after the first has gradient norm 0), the last loss
+    ends far above the first, or (given `model`) a trained parameter is not finite."""
+    import math
+
+    lr = settings.get("learning_rate")
+    for row in rows:
+        for key in ("loss", "grad_norm"):
+            if key in row and not math.isfinite(float(row[key])):
+                raise DivergenceError(
+                    f"fine-tune of '{name}' diverged: {key.replace('grad_norm', 'gradient norm')} is {row[key]} at "
+                    f"step {row['step']} (first logged loss {rows[0]['loss']}); lower finetune.learning_rate ({lr}) "
+                    "or check the data"
+                )
+    later = rows[1:]
+    if later and all(row.get("grad_norm") == 0.0 for row in later):
+        raise DivergenceError(
+            f"fine-tune of '{name}' diverged: the gradient norm is 0 from step {later[0]['step']} on, with the loss "
+            f"stuck at {float(later[-1]['loss']):.4g} (the model collapsed, e.g. to a uniform prediction); lower "
+            f"finetune.learning_rate ({lr})"
+        )
+    if model is not None:
+        for param_name, param in model.named_parameters():
+            if param.requires_grad and not bool(param.detach().isfinite().all()):
+                raise DivergenceError(f"fine-tune of '{name}' diverged: trained parameter {param_name} holds "
+                                      f"non-finite values; lower finetune.learning_rate ({lr})")
+    first, last = float(rows[0]["loss"]), float(rows[-1]["loss"])
+    if len(rows) > 1 and last > DIVERGENCE_FACTOR * first and last - first > DIVERGENCE_MIN_RISE:
+        raise DivergenceError(
+            f"fine-tune of '{name}' diverged: loss rose from {first:.4g} (step {rows[0]['step']}) to {last:.4g} "
+            f"(step {rows[-1]['step']}), more than {DIVERGENCE_FACTOR:g}x; lower finetune.learning_rate ({lr})"
+        )
+
+
 def train_log_rows(log_history: list[dict]) -> list[dict]:
     """The training rows of the trainer's log history (the final summary row has no 'loss')."""
     rows = []
@@ -899,6 +958,7 @@ def finetune(
     revision: str | None = None,
     model_name: str | None = None,
     callbacks: Sequence = (),
+    on_bad_rows: str = "count",
 ) -> dict:
     """Fine-tune a LoRA adapter on `train_jsonl` and write the stage's outputs. Returns the metrics dict.
 
@@ -914,7 +974,7 @@ def finetune(
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     run = build_trainer(model_path, train_jsonl, checkpoint_dir, settings, prompt_format, seed, device,
-                        revision, callbacks)
+                        revision, callbacks, on_bad_rows=on_bad_rows)
     trainer, plan = run.trainer, run.plan
     if run.resume_from is not None:
         log.info("resuming from %s", run.resume_from)
@@ -926,6 +986,7 @@ def finetune(
     rows = train_log_rows(trainer.state.log_history)
     if not rows:
         raise DataError(f"{train_jsonl}: training logged no loss (no optimizer step ran?)")
+    check_divergence(rows, settings, model_name or str(model_path), trainer.model)
     trainable, total = trainer.model.get_nb_trainable_parameters()
     steps_this_job = run.log_callback.steps_run
     tokens_this_job = sum(row.get("tokens", 0) for row in rows if row["step"] > run.log_callback.start_step)
@@ -966,6 +1027,8 @@ def finetune(
         "train_prompt_tokens_per_epoch": run.stats.prompt_tokens,
         "train_response_tokens_per_epoch": run.stats.completion_tokens,
         "truncated_rows": run.stats.truncated_rows,
+        # rows left out of training, by reason (dataset.on_bad_rows: error turns them into a failure)
+        "dropped_rows": dict(run.stats.dropped_rows),
         "trainable_params": int(trainable),
         "total_params": int(total),
         "trainable_percent": round(100.0 * trainable / total, 4),
