@@ -594,6 +594,7 @@ def report_inputs(wildcards):
         "finetune": all_finetune_metrics(),
         "human_sheet": [path for path in human if path.endswith(".csv")],
         "lens": all_lens_files(),
+        "split_manifest": [SPLIT["manifest"]],
         # evaluation sets (results/eval/<set>/...): the same kinds of files, per set
         "eval_manifests": all_evalset_files("manifest"),
         "eval_scores": all_evalset_files("scores"),

@@ -1,13 +1,9 @@
 """Rule generation_agreement: the same greedy prompts through hf and vllm, token-level agreement report."""
 
-import logging
-
-from tunelens.jobs import use_job_threads
+from tunelens.jobs import job_log, use_job_threads
 from tunelens.agreement import agreement
 
-logging.basicConfig(
-    filename=snakemake.log[0], level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-)
+job_log(snakemake.log[0])  # errors and tracebacks go to the rule's log too
 use_job_threads(snakemake.threads)
 params = snakemake.params
 agreement(

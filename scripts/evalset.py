@@ -1,9 +1,9 @@
 """Snakemake entry point of rule `evalset` (see tunelens.data.prepare_evaluation_set)."""
-import logging
 
+from tunelens.jobs import job_log
 from tunelens.data import prepare_evaluation_set
 
-logging.basicConfig(filename=snakemake.log[0], level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+job_log(snakemake.log[0])  # errors and tracebacks go to the rule's log too
 settings = snakemake.params.evalset
 prepare_evaluation_set(
     name=snakemake.wildcards.evalset,

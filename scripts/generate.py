@@ -1,13 +1,9 @@
 """Rule generate: one (model, variant, decoding config) -> generation .jsonl + .meta.json."""
 
-import logging
-
-from tunelens.jobs import use_job_threads
+from tunelens.jobs import job_log, use_job_threads
 from tunelens.generate import generate
 
-logging.basicConfig(
-    filename=snakemake.log[0], level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-)
+job_log(snakemake.log[0])  # errors and tracebacks go to the rule's log too
 use_job_threads(snakemake.threads)
 params = snakemake.params
 settings = dict(params.settings)

@@ -1,9 +1,9 @@
 """Snakemake entry point of rule `human_score` (see tunelens.human.human_scores)."""
-import logging
 
+from tunelens.jobs import job_log
 from tunelens.human import human_scores
 
-logging.basicConfig(filename=snakemake.log[0], level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+job_log(snakemake.log[0])  # errors and tracebacks go to the rule's log too
 params = snakemake.params
 human_scores(
     snakemake.input.ratings,

@@ -1,9 +1,9 @@
 """Snakemake entry point of rule `human_sheet` (see tunelens.human.write_human_sheet)."""
-import logging
 
+from tunelens.jobs import job_log
 from tunelens.human import write_human_sheet
 
-logging.basicConfig(filename=snakemake.log[0], level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+job_log(snakemake.log[0])  # errors and tracebacks go to the rule's log too
 params = snakemake.params
 write_human_sheet(
     {tuple(group): path for group, path in zip(params.groups, snakemake.input.generations)},

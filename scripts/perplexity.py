@@ -1,10 +1,9 @@
 """Snakemake entry point of rule `perplexity` (see tunelens.perplexity.reference_perplexity)."""
-import logging
 
-from tunelens.jobs import use_job_threads
+from tunelens.jobs import job_log, use_job_threads
 from tunelens.perplexity import reference_perplexity
 
-logging.basicConfig(filename=snakemake.log[0], level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+job_log(snakemake.log[0])  # errors and tracebacks go to the rule's log too
 use_job_threads(snakemake.threads)
 params = snakemake.params
 reference_perplexity(

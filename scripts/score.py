@@ -1,10 +1,9 @@
 """Snakemake entry point of rules `score` and `score_early_exit` (see tunelens.score.score_generation_file)."""
-import logging
 
-from tunelens.jobs import use_job_threads
+from tunelens.jobs import job_log, use_job_threads
 from tunelens.score import score_generation_file
 
-logging.basicConfig(filename=snakemake.log[0], level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+job_log(snakemake.log[0])  # errors and tracebacks go to the rule's log too
 use_job_threads(snakemake.threads, torch=False)
 params = snakemake.params
 score_generation_file(

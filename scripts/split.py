@@ -1,9 +1,9 @@
 """Snakemake entry point of rule `split` (see tunelens.data.split_dataset)."""
-import logging
 
+from tunelens.jobs import job_log
 from tunelens.data import split_dataset
 
-logging.basicConfig(filename=snakemake.log[0], level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+job_log(snakemake.log[0])  # errors and tracebacks go to the rule's log too
 params = snakemake.params
 split_dataset(
     source=params.source,

@@ -255,6 +255,11 @@ def _model_spec(name: str, entry: dict, config: dict, finetune_schema: dict) -> 
         num_layers = num_layers or _local_num_layers(path)
     elif not HUB_ID.match(source):
         raise ConfigError(f"{where}.source: '{source}' is neither an embedded model, an existing path nor a hub id")
+    elif "/" in source and Path(source.split("/", 1)[0]).exists():
+        raise ConfigError(
+            f"{where}.source: '{source}': '{source.split('/', 1)[0]}' exists here, but '{source}' does not (a local "
+            f"path with a typo? relative paths are resolved from {Path.cwd()})"
+        )
 
     overrides = entry.get("finetune") or {}
     unknown = sorted(set(overrides) - set(finetune_schema["properties"]))

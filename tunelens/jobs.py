@@ -41,3 +41,28 @@ def use_job_threads(threads: int, *, torch: bool = True) -> int:
     used = _torch.get_num_threads()
     log.info("job threads: %d (torch threads: %d)", threads, used)
     return used
+
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def job_log(log_path: str) -> None:
+    """Send this job's logging, Python warnings and, if it fails, its error with the full traceback to the
+    rule's own log file (`log:`), so "check log file(s)" finds the cause there, not only the last INFO line.
+
+    The traceback still goes to stderr too (Snakemake's console and the cluster's job output).
+    """
+    import sys
+
+    logging.basicConfig(filename=log_path, level=logging.INFO, format=LOG_FORMAT, force=True)
+    logging.captureWarnings(True)
+    previous = sys.excepthook
+
+    def log_then_raise(kind, error, traceback):
+        if not issubclass(kind, KeyboardInterrupt):
+            logging.getLogger("tunelens.job").error("job failed: %s: %s", kind.__name__, error,
+                                                    exc_info=(kind, error, traceback))
+            logging.shutdown()
+        previous(kind, error, traceback)
+
+    sys.excepthook = log_then_raise

@@ -209,6 +209,9 @@ def score_generation_file(
         "config": config or (meta.get("decoding_config") or {}).get("name"),
         "layer": layer,
         "n": n,
+        # answers with no text (after stop strings): a variant where every answer is empty is flagged in the
+        # report, so its scores of 0 are not read as real results
+        "empty_generations": sum(not str(row.get("generated", "")).strip() for row in rows),
         "metrics": summarise(results, n, samples=samples, confidence=confidence, seed=seed),
         "skipped": skipped,
         "bootstrap": bootstrap_settings(samples, confidence, seed),

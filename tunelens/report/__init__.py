@@ -62,12 +62,14 @@ def write_report(*, score_files: Sequence[str | Path] = (), perplexity_files: Se
                  finetune_metrics_files: Sequence[str | Path] = (), summary_md: str | Path,
                  summary_csv: str | Path, summary_html: str | Path, plots_dir: str | Path,
                  settings: ReportSettings, now: _dt.datetime | None = None,
-                 evaluation_sets: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
+                 evaluation_sets: Mapping[str, Mapping[str, Any]] | None = None,
+                 split_manifest: str | Path | None = None) -> dict[str, Any]:
     """Build every report output from score files. Returns {'rows': n csv rows, 'plots': [paths]}.
 
     The named file lists are the training data's own test split (the default set). `evaluation_sets`:
     set name -> {"scores", "perplexity", "judge", "human", "human_sheet": [paths], "manifest": path} for each
     extra set (results/eval/<name>/), in study order.
+    `split_manifest`: the split's manifest.json (rows dropped by reason, shown under "Data checks").
     `now` (UTC) only sets the `Generated:` line; everything else depends on the inputs alone.
     """
     files = load_score_files({"decoding": score_files, "perplexity": perplexity_files, "judge": judge_files,
@@ -83,7 +85,8 @@ def write_report(*, score_files: Sequence[str | Path] = (), perplexity_files: Se
     write_summary_csv(pd.concat([summary, *(results.summary for results in extra)], ignore_index=True), summary_csv)
     generated = (now or _dt.datetime.now(_dt.timezone.utc)).strftime("%Y-%m-%d %H:%M:%S UTC")
     document = build_summary(files, summary, settings, finetune, generated,
-                             human_sheets=[str(p) for p in human_sheet_files], evaluation_sets=extra)
+                             human_sheets=[str(p) for p in human_sheet_files], evaluation_sets=extra,
+                             split_manifest=read_json(split_manifest) if split_manifest else None)
     write_text_atomic(summary_md, document.to_markdown())
     write_text_atomic(summary_html, document.to_html("tunelens summary"))
 

@@ -106,12 +106,13 @@ def _context(files: Sequence[ScoreFile], summary: pd.DataFrame, settings: Report
 
 def build_summary(files: Sequence[ScoreFile], summary: pd.DataFrame, settings: ReportSettings,
                   finetune: dict[str, dict], generated: str, human_sheets: Sequence[str] = (),
-                  evaluation_sets: Sequence[EvaluationSetResults] = ()) -> Document:
+                  evaluation_sets: Sequence[EvaluationSetResults] = (), split_manifest: dict | None = None) -> Document:
     """The summary document: the six numbered tables (on the training data's own test split), the extra
     evaluation sets (7) when there are any, plus fine-tuning, notes and provenance."""
     ctx = _context(files, summary, settings, finetune, human_sheets)
     doc = Document()
     header_section(doc, ctx, generated)
+    data_checks_section(doc, files, finetune, split_manifest)
     for section in (overview_section, decoding_section, layers_section, best_config_section, agreement_section,
                     paired_section):
         section(doc, ctx)
@@ -121,6 +122,62 @@ def build_summary(files: Sequence[ScoreFile], summary: pd.DataFrame, settings: R
     notes_section(doc, files)
     provenance_section(doc, files, settings, finetune)
     return doc
+
+
+def empty_variants(files: Sequence[ScoreFile]) -> dict[tuple[str, str], int]:
+    """(model, variant) -> decoding configs, for variants whose answers are all empty in every decoding config."""
+    by_variant: dict[tuple[str, str], list[ScoreFile]] = {}
+    for score in files:
+        if score.kind == "decoding":
+            by_variant.setdefault((score.model, score.variant), []).append(score)
+    return {
+        key: len(scores) for key, scores in by_variant.items()
+        if all(s.empty_generations is not None and s.n and s.empty_generations >= s.n for s in scores)
+    }
+
+
+def _reason_counts(counts: dict | None) -> str:
+    return ", ".join(f"{reason.replace('_', ' ')} {n}" for reason, n in sorted((counts or {}).items())) or "none"
+
+
+def data_checks_section(doc: Document, files: Sequence[ScoreFile], finetune: dict[str, dict],
+                        split_manifest: dict | None) -> None:
+    """Warnings first (variants with only empty answers), then every row the stages left out, by reason."""
+    warnings = [
+        f"**{model} / {variant}: every answer is empty** in all {n} decoding config(s): its scores measure "
+        "nothing (a collapsed fine-tune? check its loss and the generation log)"
+        for (model, variant), n in empty_variants(files).items()
+    ]
+    partly = [f"{s.model} / {s.variant} / {s.config}: {s.empty_generations} of {s.n} answers empty" for s in files
+              if s.kind == "decoding" and s.empty_generations and s.n and s.empty_generations < s.n]
+    items = []
+    if split_manifest:
+        counts = split_manifest.get("counts") or {}
+        examples = counts.get("dropped_examples") or {}
+        dropped = counts.get("dropped") or {}
+        detail = _reason_counts(dropped)
+        if examples:
+            detail += " (first: " + "; ".join(f"{r.replace('_', ' ')} at {', '.join(at)}" for r, at in
+                                               sorted(examples.items())) + ")"
+        items.append(f"split: {counts.get('read', '?')} records read, {counts.get('usable', '?')} usable, "
+                     f"{counts.get('train', '?')} train / {counts.get('test', '?')} test; dropped: {detail}")
+        for field, column in (split_manifest.get("absent_columns") or {}).items():
+            items.append(f"split: column '{column}' (dataset.fields.{field}) is not in the data: every {field} is empty")
+    for model, record in finetune.items():
+        metrics = record.get("metrics") or {}
+        if "train_rows" in metrics:
+            items.append(f"fine-tune {model}: {metrics['train_rows']} rows trained; dropped: "
+                         f"{_reason_counts(metrics.get('dropped_rows'))}; truncated to max_seq_length: "
+                         f"{metrics.get('truncated_rows', 0)}")
+    if not (warnings or partly or items):
+        return
+    doc.heading(2, "Data checks")
+    if warnings:
+        doc.bullets(warnings)
+    if items or partly:
+        doc.paragraph("Rows left out or cut, by reason (`dataset.on_bad_rows: error` turns them into failures):"
+                      if items else "Answers:")
+        doc.bullets(items + partly)
 
 
 def header_section(doc: Document, ctx: SummaryContext, generated: str) -> None:

@@ -47,6 +47,7 @@ class ScoreFile:
     source: dict | None
     versions: dict
     rows: pd.DataFrame | None = None  # columns: id, then one per metric
+    empty_generations: int | None = None  # answers with no text (generation score files)
 
 
 def rows_path_candidates(path: Path) -> list[Path]:
@@ -142,6 +143,7 @@ def load_score_file(path: str | Path, kind: str) -> ScoreFile:
         skipped=dict(data.get("skipped") or {}),
         source=data.get("source"),
         versions=dict(data.get("versions") or {}),
+        empty_generations=data.get("empty_generations"),
     )
     for candidate in rows_path_candidates(path):
         if candidate.exists():
