@@ -439,6 +439,7 @@ def load_config(config: dict, *, base_dir: str | Path = ".") -> Study:
     dataset = config["dataset"]
     _check_data_source(dataset["source"], "dataset.source", base_dir)
     evaluation_sets = _evaluation_sets(config, base_dir)
+    check_case_collisions("evaluation_sets names", evaluation_sets)
     test_size = dataset["test_size"]
     if test_size >= 1 and not float(test_size).is_integer():
         raise ConfigError(f"dataset.test_size: {test_size} is neither a fraction below 1 nor a whole count")

@@ -101,20 +101,15 @@ def _read_file(path: Path, bad: "BadRows | None" = None) -> list[dict]:
     bad = bad if bad is not None else BadRows()
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        rows = []
+        parsed = []
         for line_no, line in enumerate(read_text(path).splitlines(), start=1):
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                parsed.append((f"line {line_no}", json.loads(line)))
             except json.JSONDecodeError as exc:
                 bad.add("malformed_json_line", f"line {line_no}", exc.msg)
-                continue
-            if not isinstance(row, dict):
-                bad.add("not_an_object", f"line {line_no}", f"a JSON {type(row).__name__}")
-                continue
-            rows.append(row)
-        return rows
+        return _objects(parsed, bad)
     if suffix == ".json":
         try:
             data = json.loads(read_text(path))
@@ -125,13 +120,7 @@ def _read_file(path: Path, bad: "BadRows | None" = None) -> list[dict]:
             data = data["data"]
         if not isinstance(data, list):
             raise DataError(f"{path}: expected a JSON list of objects (or {{'data': [...]}}), got {type(data).__name__}")
-        rows = []
-        for index, row in enumerate(data):
-            if not isinstance(row, dict):
-                bad.add("not_an_object", f"item {index}", f"a JSON {type(row).__name__}")
-                continue
-            rows.append(row)
-        return rows
+        return _objects(((f"item {index}", row) for index, row in enumerate(data)), bad)
     if suffix == ".csv":
         reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
         rows = []
@@ -147,6 +136,17 @@ def _read_file(path: Path, bad: "BadRows | None" = None) -> list[dict]:
 
         return pq.read_table(path).to_pylist()
     raise DataError(f"{path}: unsupported file type '{suffix}'; expected .json, .jsonl, .csv or .parquet")
+
+
+def _objects(items, bad: BadRows) -> list[dict]:
+    """The JSON objects among (where, value) pairs; anything else is dropped as not_an_object."""
+    rows = []
+    for where, value in items:
+        if isinstance(value, dict):
+            rows.append(value)
+        else:
+            bad.add("not_an_object", where, f"a JSON {type(value).__name__}")
+    return rows
 
 
 def inspect_file(path: Path) -> tuple[set[str], int]:

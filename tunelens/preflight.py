@@ -142,6 +142,17 @@ def cuda_problem() -> str | None:
 
 
 # --------------------------------------------------------------------------------------------- study
+def _hub_dataset_problem(where: str, source: str, base_dir: Path, offline: bool, environ) -> str | None:
+    typo = _path_typo(source, base_dir)
+    if typo:
+        return f"{where}: '{source}': {typo}"
+    if (offline or _truthy(environ.get("HF_DATASETS_OFFLINE"))) and not dataset_in_cache(source, environ):
+        return (f"{where}: '{source}' is not an existing file (expected a .json/.jsonl/.csv/.parquet path), "
+                f"nor a hub dataset in the offline caches ({hub_cache(environ)}, {datasets_cache(environ)}); fix "
+                "the path, pre-download it, or allow downloads with HF_DATASETS_OFFLINE=0 HF_HUB_OFFLINE=0")
+    return None
+
+
 def _dataset_problems(study: Study, base_dir: Path, offline: bool, environ) -> tuple[list[str], int | None]:
     """Problems of the dataset, and the number of test rows when it can be known."""
     dataset = study.config["dataset"]
@@ -149,16 +160,8 @@ def _dataset_problems(study: Study, base_dir: Path, offline: bool, environ) -> t
     kind = source_kind(source)
     problems: list[str] = []
     if kind == "hub":
-        typo = _path_typo(source, base_dir)
-        if typo:
-            problems.append(f"dataset.source: '{source}': {typo}")
-        elif (offline or _truthy(environ.get("HF_DATASETS_OFFLINE"))) and not dataset_in_cache(source, environ):
-            problems.append(
-                f"dataset.source: '{source}' is not an existing file (expected a .json/.jsonl/.csv/.parquet path), "
-                f"nor a hub dataset in the offline caches ({hub_cache(environ)}, {datasets_cache(environ)}); fix "
-                "the path, pre-download it, or allow downloads with HF_DATASETS_OFFLINE=0 HF_HUB_OFFLINE=0"
-            )
-        return problems, int(test_size) if test_size >= 1 else None
+        problem = _hub_dataset_problem("dataset.source", source, base_dir, offline, environ)
+        return [problem] if problem else [], int(test_size) if test_size >= 1 else None
     if kind != "local":
         return problems, int(test_size) if test_size >= 1 else None
     from tunelens.data import inspect_file
@@ -222,6 +225,12 @@ def preflight(study: Study, *, base_dir: str | Path = ".", environ: Mapping[str,
 
     dataset_problems, n_test = _dataset_problems(study, base_dir, offline, environ)
     problems += dataset_problems
+    for name, spec in study.evaluation_sets.items():
+        if spec.source_kind == "hub":
+            problem = _hub_dataset_problem(f"evaluation_sets[name={name}].source", spec.source, base_dir, offline,
+                                           environ)
+            if problem:
+                problems.append(problem)
 
     samples = config["scoring"]["bootstrap_samples"]
     max_rows = config["decoding"]["max_test_rows"]
