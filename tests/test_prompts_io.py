@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from tunelens.errors import ConfigError
@@ -62,3 +64,43 @@ def test_adapter_hash_ignores_snakemake_timestamp(tmp_path):
     assert sha256_dir(tmp_path) == before
     (tmp_path / "adapter_model.safetensors").write_bytes(b"other weights")
     assert sha256_dir(tmp_path) != before
+
+
+def test_atomic_directory_replaces_only_on_success(tmp_path):
+    from tunelens.io import atomic_directory
+
+    target = tmp_path / "out" / "adapter"
+    with atomic_directory(target) as staging:
+        (staging / "a.txt").write_text("first")
+        assert not target.exists()  # nothing visible until the block ends
+    assert (target / "a.txt").read_text() == "first"
+    with pytest.raises(RuntimeError):
+        with atomic_directory(target) as staging:
+            (staging / "a.txt").write_text("half")
+            raise RuntimeError("killed")
+    assert (target / "a.txt").read_text() == "first"  # the old directory stays, the staging one is gone
+    assert sorted(p.name for p in target.parent.iterdir()) == ["adapter"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (target.stat().st_mode & 0o777) == 0o777 & ~umask  # not mkdtemp's private 0700
+    assert ((target / "a.txt").stat().st_mode & 0o777) == 0o666 & ~umask
+
+
+def test_save_figure_atomic_writes_a_readable_png(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from tunelens.io import save_figure_atomic
+
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    save_figure_atomic(fig, tmp_path / "plots" / "p.png", metadata={"Software": None})
+    plt.close(fig)
+    path = tmp_path / "plots" / "p.png"
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in path.parent.iterdir()] == ["p.png"]  # no temp file left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (path.stat().st_mode & 0o777) == 0o666 & ~umask

@@ -24,10 +24,10 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from tunelens.errors import DataError
-from tunelens.io import library_versions, read_jsonl, write_json_atomic, write_text_atomic
+from tunelens.io import read_jsonl, write_json_atomic, write_text_atomic
 from tunelens.metrics import MetricResult
 from tunelens.prompts import user_message
-from tunelens.score import bootstrap_settings, read_generations, summarise, write_rows_csv
+from tunelens.score import read_generations, score_record, write_rows_csv
 
 log = logging.getLogger(__name__)
 
@@ -200,15 +200,12 @@ def human_scores(
         result = MetricResult("human", values, float(values.mean()),
                               details={"instructions": RATING_INSTRUCTIONS, "raters_per_item": float(np.mean([len(per_item[i]) for i in items]))})
         n = len(items)
-        summary = {
-            "model": group[0], "variant": group[1], "config": group[2], "layer": None, "n": n,
-            "metrics": summarise([result], n, samples=samples, confidence=confidence, seed=seed),
-            "skipped": {},
-            "bootstrap": bootstrap_settings(samples, confidence, seed),
-            "source": {"rating_files": [str(p) for p in rating_files], "key": str(key_csv),
-                       "sheet": str(sheet_csv) if sheet_csv is not None else None},
-            "versions": library_versions(),
-        }
+        summary = score_record(
+            model=group[0], variant=group[1], config=group[2], layer=None, results=[result], n=n,
+            samples=samples, confidence=confidence, seed=seed,
+            source={"rating_files": [str(p) for p in rating_files], "key": str(key_csv),
+                    "sheet": str(sheet_csv) if sheet_csv is not None else None},
+        )
         write_rows_csv(rows_path, [key[item]["id"] for item in items],
                        {"human": values, "raters": [float(len(per_item[i])) for i in items]},
                        extra={"item": items})

@@ -1,4 +1,5 @@
-"""Small I/O helpers shared by every stage: atomic writes, JSON lines, hashing, provenance."""
+"""Small I/O helpers shared by every stage: atomic writes (files, figures, directories), JSON lines, hashing,
+provenance."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import importlib.metadata
 import json
 import os
 import platform
+import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -40,6 +43,43 @@ def _atomic_write(path: Path, write) -> None:
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_figure_atomic(fig, path: str | Path, **savefig_kwargs) -> None:
+    """Save a matplotlib figure as PNG through a temp file beside `path`, then rename: a killed job leaves
+    no plot behind, and the file is readable like any result (mkstemp alone would make it 0600)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png", **savefig_kwargs)
+        os.chmod(tmp, 0o666 & ~_UMASK)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def atomic_directory(path: str | Path) -> Iterator[Path]:
+    """Build a directory in a staging directory beside `path` (yielded); when the block ends without an
+    error, the staging directory replaces `path` by a rename, so an interrupted job never leaves a
+    half-written directory. On an error the staging directory is removed and `path` is left as it was.
+    Permissions follow the umask (mkdtemp would make the directory private)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    try:
+        yield staging
+        for item in [staging, *staging.rglob("*")]:
+            item.chmod((0o777 if item.is_dir() else 0o666) & ~_UMASK)
+        if path.exists():
+            shutil.rmtree(path)
+        staging.rename(path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
         raise
 
 

@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 
 from tunelens.errors import DataError, ModelError
-from tunelens.io import library_versions, read_jsonl, write_json_atomic
+from tunelens.io import read_jsonl, write_json_atomic
 from tunelens.metrics import MetricResult
 from tunelens.prompts import user_message
-from tunelens.score import bootstrap_settings, read_generation_meta, read_generations, summarise, write_rows_csv
+from tunelens.score import read_generation_meta, read_generations, score_record, write_rows_csv
 
 log = logging.getLogger(__name__)
 
@@ -143,24 +143,17 @@ def judge_generation_file(
                  "definition": "(argmax rating over tokens '1'..'5' - 1) / 4"},
     )
     n = len(rows)
-    summary = {
-        "model": model or (meta.get("model") or {}).get("name"),
-        "variant": variant or meta.get("variant"),
-        "config": config or (meta.get("decoding_config") or {}).get("name"),
-        "layer": None,
-        "n": n,
-        "metrics": summarise([result], n, samples=samples, confidence=confidence, seed=seed),
-        "skipped": {},
-        "bootstrap": bootstrap_settings(samples, confidence, seed),
-        "judge": {
+    summary = score_record(
+        model=model or (meta.get("model") or {}).get("name"), variant=variant or meta.get("variant"),
+        config=config or (meta.get("decoding_config") or {}).get("name"), layer=None, results=[result], n=n,
+        samples=samples, confidence=confidence, seed=seed, source=meta,
+        judge={
             "model": judge_model, "path": str(judge_path), "rubric_version": RUBRIC_VERSION, "rubric": RUBRIC,
             "load_time_s": round(load_time, 3), "judge_time_s": round(judge_time, 3),
             "rating_counts": {str(r): int((ratings == r).sum()) for r in RATINGS},
         },
-        "generation_file": str(generation_file),
-        "source": meta,
-        "versions": library_versions(),
-    }
+        generation_file=str(generation_file),
+    )
     log.info("judge %s on %s: %.3f (0-1) over %d rows in %.1f s", judge_model, generation_file, result.value, n,
              judge_time)
     write_rows_csv(rows_csv, [row["id"] for row in rows],

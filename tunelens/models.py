@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelens.errors import ModelError
+from tunelens.io import atomic_directory
 
 log = logging.getLogger(__name__)
 
@@ -89,10 +90,8 @@ def materialize_embedded(name: str, output_dir: str | Path) -> Path:
         raise ModelError(f"unknown embedded model '{name}'; choices: {sorted(EMBEDDED_MODELS)}")
     entry = EMBEDDED_MODELS[name]
     output_dir = Path(output_dir)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}."))
     started = time.perf_counter()
-    try:
+    with atomic_directory(output_dir) as staging:
         if "subdir" in entry:
             shutil.copytree(_module_dir(entry) / entry["subdir"], staging, dirs_exist_ok=True)
         else:
@@ -116,15 +115,6 @@ def materialize_embedded(name: str, output_dir: str | Path) -> Path:
             "materialize_seconds": round(time.perf_counter() - started, 1),
         }
         (staging / SOURCE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
-        # mkdtemp/mkstemp create private files; a shared cluster filesystem needs them readable.
-        for path in [staging, *staging.rglob("*")]:
-            path.chmod(0o755 if path.is_dir() else 0o644)
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        staging.rename(output_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return output_dir
 
 

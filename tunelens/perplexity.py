@@ -18,9 +18,9 @@ from typing import Sequence
 import numpy as np
 
 from tunelens.errors import DataError
-from tunelens.io import library_versions, read_jsonl, sha256_dir, write_json_atomic
+from tunelens.io import read_jsonl, sha256_dir, write_json_atomic
 from tunelens.metrics import MetricResult
-from tunelens.score import bootstrap_settings, summarise, write_rows_csv
+from tunelens.score import score_record, write_rows_csv
 
 log = logging.getLogger(__name__)
 
@@ -144,16 +144,10 @@ def reference_perplexity(
     log.info("%s/%s: perplexity %.4g over %d rows (%d tokens) in %.1f s", model_name, variant, result.value,
              len(rows), int(nll_stats[:, 1].sum()), score_time)
     param = next(model.parameters())
-    summary = {
-        "model": model_name,
-        "variant": variant,
-        "config": None,
-        "layer": None,
-        "n": len(rows),
-        "metrics": summarise([result], len(rows), samples=samples, confidence=confidence, seed=seed),
-        "skipped": {},
-        "bootstrap": bootstrap_settings(samples, confidence, seed),
-        "source": {
+    summary = score_record(
+        model=model_name, variant=variant, config=None, layer=None, results=[result], n=len(rows),
+        samples=samples, confidence=confidence, seed=seed,
+        source={
             "model": {"name": model_name, "source": model_source or str(model_path), "path": str(model_path)},
             "variant": variant,
             "adapter": {"dir": str(adapter_dir), "sha256": sha256_dir(adapter_dir)} if adapter_dir else None,
@@ -167,8 +161,7 @@ def reference_perplexity(
             "score_time_s": round(score_time, 3),
             "rows_per_s": round(len(rows) / score_time, 3) if score_time > 0 else None,
         },
-        "versions": library_versions(),
-    }
+    )
     write_rows_csv(rows_csv, [row["id"] for row in rows],
                    {"perplexity": result.per_row, "nll": nll_stats[:, 0], "tokens": nll_stats[:, 1]})
     write_json_atomic(output_json, summary)

@@ -33,7 +33,7 @@ from typing import Any, Iterator, Sequence
 from tunelens.config import DecodingConfig, resolve_layers
 from tunelens.decoding import check as check_decoding
 from tunelens.errors import ConfigError, DataError, ModelError
-from tunelens.io import library_versions, read_jsonl, write_json_atomic, write_jsonl_atomic
+from tunelens.io import library_versions, read_jsonl, save_figure_atomic, write_json_atomic, write_jsonl_atomic
 from tunelens.models import (
     decoder_layers,
     final_norm,
@@ -311,7 +311,7 @@ def plot_lens_heatmap(lens: dict, path: str | Path) -> None:
     fig.colorbar(image, ax=axes[:, 0].tolist(), label="top-1 probability", shrink=0.8)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # missing glyphs for some tokens are expected
-        _save_figure(fig, path)
+        save_figure_atomic(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -342,22 +342,8 @@ def plot_lens_entropy(lens: dict, path: str | Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(f"Logit lens by layer: {lens['model']['name']} ({lens['variant']})", fontsize=10)
-    _save_figure(fig, path)
+    save_figure_atomic(fig, path, dpi=120)
     plt.close(fig)
-
-
-def _save_figure(fig, path: str | Path) -> None:
-    """Save through a temp name in the same directory, then rename (a killed job leaves no plot)."""
-    import os
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------------------------- stage entry points

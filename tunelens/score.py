@@ -107,6 +107,26 @@ def summarise(
     return out
 
 
+def score_record(*, model: str | None, variant: str | None, config: str | None, layer: int | None,
+                 results: Sequence[MetricResult], n: int, samples: int, confidence: float, seed: int,
+                 source: dict | None, skipped: dict | None = None, empty_generations: int | None = None,
+                 **extra) -> dict:
+    """A score file (format: docs/ARCHITECTURE.md, "Score files"), the one builder every stage uses:
+    who/what was scored, each metric with its bootstrap CI, skipped metrics, the bootstrap settings, then
+    the stage's own keys (`extra`), the source and the library versions. `empty_generations` (answers with
+    no text) is recorded for scored generation files."""
+    counts = {"n": n} if empty_generations is None else {"n": n, "empty_generations": empty_generations}
+    return {
+        "model": model, "variant": variant, "config": config, "layer": layer, **counts,
+        "metrics": summarise(results, n, samples=samples, confidence=confidence, seed=seed),
+        "skipped": dict(skipped or {}),
+        "bootstrap": bootstrap_settings(samples, confidence, seed),
+        **extra,
+        "source": source,
+        "versions": library_versions(),
+    }
+
+
 def bootstrap_settings(samples: int, confidence: float, seed: int) -> dict:
     return {"samples": samples, "confidence": confidence, "seed": seed, "method": BOOTSTRAP_METHOD}
 
@@ -203,23 +223,15 @@ def score_generation_file(
     check_metric_names(metrics)
     results, skipped, seconds = score_rows(rows, metrics, context)
     n = len(rows)
-    summary = {
-        "model": model or (meta.get("model") or {}).get("name"),
-        "variant": variant or meta.get("variant"),
-        "config": config or (meta.get("decoding_config") or {}).get("name"),
-        "layer": layer,
-        "n": n,
+    summary = score_record(
+        model=model or (meta.get("model") or {}).get("name"), variant=variant or meta.get("variant"),
+        config=config or (meta.get("decoding_config") or {}).get("name"), layer=layer, results=results, n=n,
+        samples=samples, confidence=confidence, seed=seed, skipped=skipped, source=meta,
+        generation_file=str(generation_file), metric_time_s=seconds,
         # answers with no text (after stop strings): a variant where every answer is empty is flagged in the
         # report, so its scores of 0 are not read as real results
-        "empty_generations": sum(not str(row.get("generated", "")).strip() for row in rows),
-        "metrics": summarise(results, n, samples=samples, confidence=confidence, seed=seed),
-        "skipped": skipped,
-        "bootstrap": bootstrap_settings(samples, confidence, seed),
-        "generation_file": str(generation_file),
-        "metric_time_s": seconds,
-        "source": meta,
-        "versions": library_versions(),
-    }
+        empty_generations=sum(not str(row.get("generated", "")).strip() for row in rows),
+    )
     write_rows_csv(rows_csv, [row["id"] for row in rows], {r.name: r.per_row for r in results})
     write_json_atomic(scores_json, summary)
     return summary

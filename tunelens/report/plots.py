@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from tunelens.io import save_figure_atomic
 from tunelens.report.common import metric_info, metric_order, variants
 from tunelens.report.document import swept_fields
 
@@ -23,11 +24,8 @@ def _plot_setup():
 
 
 def _save(fig, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
     # No software/date metadata: the same data gives the same PNG bytes.
-    fig.savefig(tmp, dpi=110, metadata={"Software": None})
-    tmp.replace(path)
+    save_figure_atomic(fig, path, dpi=110, metadata={"Software": None})
 
 
 # Variants drawn differently, so a fine-tuned line lying on the base line stays visible.
