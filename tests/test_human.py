@@ -17,18 +17,22 @@ GROUPS = [("smol", "base", "cfg_a"), ("smol", "finetuned", "cfg_a"), ("gemma", "
 N_ROWS = 6
 
 
-def build(tmp_path: Path, sample_size=4, seed=9):
+def known_answers(g: int, i: int) -> str:
+    """Group g answers rows i < 2g correctly: known fractions to recover."""
+    return f"answer {i}" if i < 2 * g else f"wrong {i}"
+
+
+def build(tmp_path: Path, sample_size=4, seed=9, groups=GROUPS, answers=known_answers):
+    """A test split, one generation file per group (answers(g, i): group g's answer to row i), the sheet."""
     test_rows = [{"id": f"demo-{i}", "instruction": f"Task {i}", "input": "", "output": f"answer {i}"}
                  for i in range(N_ROWS)]
     tmp_path.mkdir(parents=True, exist_ok=True)
     test_file = tmp_path / "test.jsonl"
     test_file.write_text("".join(json.dumps(row) + "\n" for row in test_rows))
     files = {}
-    for g, group in enumerate(GROUPS):
+    for g, group in enumerate(groups):
         path = tmp_path / f"{'__'.join(group)}.jsonl"
-        rows = [{"id": f"demo-{i}", "prompt": f"P{i}", "reference": f"answer {i}",
-                 # Group g answers rows i < 2g correctly: known fractions to recover.
-                 "generated": f"answer {i}" if i < 2 * g else f"wrong {i}",
+        rows = [{"id": f"demo-{i}", "prompt": f"P{i}", "reference": f"answer {i}", "generated": answers(g, i),
                  "num_generated_tokens": 2, "finish_reason": "stop"} for i in range(N_ROWS)]
         path.write_text("".join(json.dumps(row) + "\n" for row in rows))
         files[group] = path
@@ -145,23 +149,9 @@ def test_sheet_without_correct_column_and_unrated_group(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------- stable items
-def build_groups(tmp_path: Path, groups, answers=lambda g, i: f"answer {i}" if i < 2 * g else f"wrong {i}",
-                 sample_size=N_ROWS):
-    """Like build(), for any list of groups; answers(g, i) is group g's answer to row i."""
-    test_rows = [{"id": f"demo-{i}", "instruction": f"Task {i}", "input": "", "output": f"answer {i}"}
-                 for i in range(N_ROWS)]
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    test_file = tmp_path / "test.jsonl"
-    test_file.write_text("".join(json.dumps(row) + "\n" for row in test_rows))
-    files = {}
-    for g, group in enumerate(groups):
-        path = tmp_path / f"{'__'.join(group)}.jsonl"
-        rows = [{"id": f"demo-{i}", "prompt": f"P{i}", "reference": f"answer {i}", "generated": answers(g, i),
-                 "num_generated_tokens": 2, "finish_reason": "stop"} for i in range(N_ROWS)]
-        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-        files[group] = path
-    sheet, key = tmp_path / "human/sheet.csv", tmp_path / "human/key.csv"
-    write_human_sheet(files, test_file, sheet, key, sample_size=sample_size, seed=9)
+def build_groups(tmp_path: Path, groups, answers=known_answers):
+    """build() with every row sampled, for any list of groups."""
+    sheet, key, _ = build(tmp_path, sample_size=N_ROWS, groups=groups, answers=answers)
     return sheet, key
 
 
