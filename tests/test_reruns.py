@@ -93,6 +93,29 @@ def test_package_templates_count_as_code():
     assert not [name for name in codehash.code_closure(REPO / "scripts" / "generate.py") if name.endswith(".j2")]
 
 
+def test_disk_cache_skips_parsing_unchanged_files_and_is_optional(tmp_path, monkeypatch):
+    script = REPO / "scripts" / "score.py"
+    monkeypatch.setattr(codehash, "CACHE_FILE", tmp_path / "cache.json")
+    monkeypatch.setattr(codehash, "_disk_cache", None)
+    for clear in (codehash.code_hash.cache_clear, codehash._parsed.cache_clear):
+        clear()
+    first = codehash.code_hash(script)
+    assert (tmp_path / "cache.json").exists()
+    # a new process (fresh in-memory caches) reads the cache: no file is parsed again
+    monkeypatch.setattr(codehash, "_disk_cache", None)
+    codehash.code_hash.cache_clear()
+    codehash._parsed.cache_clear()
+    monkeypatch.setattr(codehash.ast, "parse", lambda *a, **k: (_ for _ in ()).throw(AssertionError("parsed")))
+    assert codehash.code_hash(script) == first
+    monkeypatch.undo()
+    # an unwritable cache location changes nothing
+    monkeypatch.setattr(codehash, "CACHE_FILE", Path("/proc/no/such/dir/cache.json"))
+    monkeypatch.setattr(codehash, "_disk_cache", None)
+    codehash.code_hash.cache_clear()
+    codehash._parsed.cache_clear()
+    assert codehash.code_hash(script) == first
+
+
 def test_hashing_every_script_is_fast():
     codehash.code_hash.cache_clear()
     codehash._parsed.cache_clear()

@@ -18,6 +18,9 @@ from __future__ import annotations
 import ast
 import functools
 import hashlib
+import json
+import os
+import sys
 from pathlib import Path
 
 PACKAGE = "tunelens"
@@ -83,13 +86,60 @@ def _imported_modules(tree: ast.AST, package: str | None) -> set[str]:
     return modules
 
 
+# Parsing is most of the cost (~0.1-0.5 s for the package on a busy 2-core machine, on every snakemake call
+# and in every job), so results are kept on disk by the sha256 of the file's bytes: an unchanged file is
+# read and hashed, not parsed. The cache is only a shortcut; a missing or unwritable one changes nothing.
+CACHE_FILE = PACKAGE_DIR / "__pycache__" / "codehash-cache.json"
+CACHE_MAX_ENTRIES = 2000  # past this, only the entries this process used are kept (old file versions go)
+_disk_cache: dict | None = None
+_disk_cache_dirty = False
+_used_keys: set[str] = set()
+
+
+def _cache() -> dict:
+    global _disk_cache
+    if _disk_cache is None:
+        try:
+            _disk_cache = json.loads(CACHE_FILE.read_text())
+        except (OSError, ValueError):
+            _disk_cache = {}
+    return _disk_cache
+
+
+def _save_cache() -> None:
+    global _disk_cache_dirty
+    if not _disk_cache_dirty:
+        return
+    global _disk_cache
+    if len(_disk_cache) > CACHE_MAX_ENTRIES:
+        _disk_cache = {key: value for key, value in _disk_cache.items() if key in _used_keys}
+    try:
+        CACHE_FILE.parent.mkdir(exist_ok=True)
+        tmp = CACHE_FILE.with_name(f"{CACHE_FILE.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(_disk_cache))
+        os.replace(tmp, CACHE_FILE)
+        _disk_cache_dirty = False
+    except OSError:
+        pass
+
+
 @functools.lru_cache(maxsize=None)
 def _parsed(path: Path, package: str | None) -> tuple[str, frozenset[str]]:
-    """(normalised AST dump, tunelens modules it imports) of one file, parsed once per process."""
-    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    """(digest of the normalised AST, tunelens modules it imports) of one file."""
+    global _disk_cache_dirty
+    source = path.read_bytes()
+    key = f"{hashlib.sha256(source).hexdigest()}:{package}:{sys.version_info[0]}.{sys.version_info[1]}"
+    _used_keys.add(key)
+    cached = _cache().get(key)
+    if cached is not None:
+        return cached[0], frozenset(cached[1])
+    tree = ast.parse(source, filename=str(path))
     imports = frozenset(_imported_modules(tree, package))
     _strip_docstrings(tree)
-    return ast.dump(tree, annotate_fields=False, include_attributes=False), imports
+    digest = hashlib.sha256(ast.dump(tree, annotate_fields=False, include_attributes=False).encode()).hexdigest()
+    _cache()[key] = [digest, sorted(imports)]
+    _disk_cache_dirty = True
+    return digest, imports
 
 
 @functools.lru_cache(maxsize=None)
@@ -103,8 +153,8 @@ def _package_data(directory: Path) -> tuple[tuple[str, str], ...]:
 
 
 def code_closure(script: str | Path) -> dict[str, str]:
-    """{name: normalised AST} of `script` and every tunelens module it runs (transitively), plus the
-    data files (templates) that sit in the directory of each package it imports."""
+    """{name: digest of the normalised AST} of `script` and every tunelens module it runs (transitively),
+    plus the data files (templates) that sit in the directory of each package it imports."""
     script = Path(script).resolve()
     dump, pending = _parsed(script, None)
     closure = {"<script>": dump}
@@ -129,6 +179,7 @@ def code_hash(script: str | Path) -> str:
     digest = hashlib.sha256()
     for name, dump in sorted(code_closure(script).items()):
         digest.update(name.encode() + b"\0" + dump.encode() + b"\0")
+    _save_cache()
     return digest.hexdigest()[:16]
 
 
