@@ -28,13 +28,9 @@ sys.path.insert(0, str(REPO_ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+from tunelens.agreement import _completions_in_subprocess  # noqa: E402
 from tunelens.config import DecodingConfig  # noqa: E402
-from tunelens.generate import (  # noqa: E402
-    GenerationSettings,
-    _completions_in_subprocess,
-    hf_generate_batched,
-    load_prompt_rows,
-)
+from tunelens.generate import GenerationSettings, hf_generate_batched, load_prompt_rows  # noqa: E402
 
 SHAPES = {
     # Llama-2-7B's shape (the study's model); random weights, so every row runs to max_new_tokens.
