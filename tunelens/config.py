@@ -1,7 +1,7 @@
 """Load and validate a tunelens config, and derive what the DAG needs from it.
 
-The JSON schema (schemas/config.schema.yaml) checks types and fills defaults through
-snakemake.utils.validate; this module adds what a schema cannot say (model references, layers vs
+The JSON schema (schemas/config.schema.yaml, loaded and applied by tunelens.schema) checks types and fills
+defaults; this module adds what a schema cannot say (model references, layers vs
 model depth, decoding combinations, files that must exist) and builds typed views of the config:
 `ModelSpec` per model and `DecodingConfig` per decoding config, each with a canonical name.
 
@@ -11,8 +11,6 @@ Kept free of torch/transformers imports: Snakemake imports it on every invocatio
 from __future__ import annotations
 
 import copy
-import functools
-import importlib
 import itertools
 import json
 import math
@@ -20,17 +18,16 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import yaml
 
-from tunelens.decoding import DecodingConfig, knob_names, schema_properties, sweep_schema_properties
+from tunelens.decoding import DecodingConfig, knob_names
 from tunelens.decoding import check as check_decoding_config
 from tunelens.errors import ConfigError
-from tunelens.sources import DATA_EXTENSIONS, EMBEDDED_DATASETS, EMBEDDED_PREFIX, source_kind  # noqa: F401 (re-exported)
+# re-exported: callers and tests import the schema helpers from here
+from tunelens.schema import SCHEMA_PATH, _key_path, _load_schema, schema_errors, validate_schema  # noqa: F401
+from tunelens.sources import DATA_EXTENSIONS, EMBEDDED_DATASETS, EMBEDDED_PREFIX, source_kind  # noqa: F401
 
-PACKAGE_ROOT = Path(__file__).resolve().parent
-SCHEMA_PATH = PACKAGE_ROOT.parent / "schemas" / "config.schema.yaml"
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
 VARIANTS = ("base", "finetuned")
@@ -56,88 +53,6 @@ def prepare_job_environment(workflow_dir: str) -> None:
         os.environ.setdefault(variable, "1")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-# --------------------------------------------------------------------------------------------- schema
-@functools.lru_cache(maxsize=1)
-def _cached_schema() -> dict:
-    # Parsed once per process: pure-Python YAML took ~0.5 s per parse of this schema, and every
-    # Snakemake invocation (and every job, which re-parses the workflow) used to parse it 4 times.
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-    with SCHEMA_PATH.open(encoding="utf-8") as handle:
-        return yaml.load(handle, Loader=loader)
-
-
-def _load_schema() -> dict:
-    """The config schema (a fresh copy: callers may modify it), with what comes from code filled in: the
-    decoding parameters (tunelens.decoding) and the choices and default of `scoring.metrics` (the registered
-    metrics, tunelens.metrics)."""
-    # Imported by name on purpose: a job's code hash (tunelens.codehash) follows import statements, and the
-    # metric code must not become code of every job that loads the config (a BLEU fix would rerun every
-    # generation). Only the names reach other jobs, through their params.
-    registry = importlib.import_module("tunelens.metrics")
-    schema = copy.deepcopy(_cached_schema())
-    # Decoding parameters: type, default and description from tunelens.decoding.DecodingConfig.
-    schema["$defs"]["decoding_config"]["properties"].update(schema_properties())
-    schema["properties"]["decoding"]["properties"]["sweep"]["properties"] = sweep_schema_properties()
-    metrics = schema["properties"]["scoring"]["properties"]["metrics"]
-    metrics["items"] = {"enum": registry.scored_metric_names()}
-    metrics["default"] = registry.default_metric_names()
-    return schema
-
-
-def _fill_defaults(config: dict, schema: dict) -> None:
-    """Fill schema defaults into `config` in place, as snakemake.utils.validate(set_default=True) does."""
-    import jsonschema
-
-    base = jsonschema.Draft202012Validator
-    validate_properties = base.VALIDATORS["properties"]
-
-    def set_defaults(validator, properties, instance, subschema):
-        if isinstance(instance, dict):
-            for name, property_schema in properties.items():
-                if "default" in property_schema:
-                    # a copy: the schema is cached, its default objects must never end up in a config
-                    instance.setdefault(name, copy.deepcopy(property_schema["default"]))
-        yield from validate_properties(validator, properties, instance, subschema)
-
-    jsonschema.validators.extend(base, {"properties": set_defaults})(schema).validate(config)
-
-
-def _key_path(parts) -> str:
-    out = ""
-    for part in parts:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out or "<config root>"
-
-
-def schema_errors(config: dict) -> list[str]:
-    """Readable schema violations: 'key.path: message'. Empty when the config is valid."""
-    import jsonschema
-
-    validator = jsonschema.Draft202012Validator(_load_schema())
-    messages = []
-    for error in sorted(validator.iter_errors(config), key=lambda e: list(map(str, e.absolute_path))):
-        where = _key_path(error.absolute_path)
-        if error.validator == "additionalProperties":
-            allowed = sorted(error.schema.get("properties", {}))
-            extra = sorted(set(error.instance) - set(allowed)) if isinstance(error.instance, dict) else []
-            messages.append(f"{where}: unknown key(s) {extra}; allowed: {allowed}")
-        else:
-            messages.append(f"{where}: {error.message}")
-    return messages
-
-
-def validate_schema(config: dict) -> None:
-    """Check `config` against the schema and fill defaults in place (as snakemake.utils.validate does)."""
-    errors = schema_errors(config)
-    if errors:
-        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
-    schema = _load_schema()
-    _fill_defaults(config, schema)
-    # Defaults of objects that are present get filled; nested objects given as `default: {}` only get
-    # their own defaults on a second pass.
-    _fill_defaults(config, schema)
 
 
 # --------------------------------------------------------------------------------------------- decoding

@@ -1,0 +1,101 @@
+"""The config schema: schemas/config.schema.yaml, with the parts that come from code filled in, validation
+with readable errors, and default filling (as snakemake.utils.validate(set_default=True) does).
+
+Filled in at load time (one source each): the decoding parameters (tunelens.decoding.DecodingConfig) and the
+choices and default of `scoring.metrics` (the metric registry, tunelens.metrics).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import importlib
+from pathlib import Path
+
+import yaml
+
+from tunelens.decoding import schema_properties, sweep_schema_properties
+from tunelens.errors import ConfigError
+
+SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schemas" / "config.schema.yaml"
+
+
+@functools.lru_cache(maxsize=1)
+def _cached_schema() -> dict:
+    # Parsed once per process: pure-Python YAML took ~0.5 s per parse of this schema, and every
+    # Snakemake invocation (and every job, which re-parses the workflow) used to parse it 4 times.
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    with SCHEMA_PATH.open(encoding="utf-8") as handle:
+        return yaml.load(handle, Loader=loader)
+
+
+def _load_schema() -> dict:
+    """The config schema (a fresh copy: callers may modify it), with what comes from code filled in: the
+    decoding parameters (tunelens.decoding) and the choices and default of `scoring.metrics` (the registered
+    metrics, tunelens.metrics)."""
+    # Imported by name on purpose: a job's code hash (tunelens.codehash) follows import statements, and the
+    # metric code must not become code of every job that loads the config (a BLEU fix would rerun every
+    # generation). Only the names reach other jobs, through their params.
+    registry = importlib.import_module("tunelens.metrics")
+    schema = copy.deepcopy(_cached_schema())
+    # Decoding parameters: type, default and description from tunelens.decoding.DecodingConfig.
+    schema["$defs"]["decoding_config"]["properties"].update(schema_properties())
+    schema["properties"]["decoding"]["properties"]["sweep"]["properties"] = sweep_schema_properties()
+    metrics = schema["properties"]["scoring"]["properties"]["metrics"]
+    metrics["items"] = {"enum": registry.scored_metric_names()}
+    metrics["default"] = registry.default_metric_names()
+    return schema
+
+
+def _fill_defaults(config: dict, schema: dict) -> None:
+    """Fill schema defaults into `config` in place, as snakemake.utils.validate(set_default=True) does."""
+    import jsonschema
+
+    base = jsonschema.Draft202012Validator
+    validate_properties = base.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, subschema):
+        if isinstance(instance, dict):
+            for name, property_schema in properties.items():
+                if "default" in property_schema:
+                    # a copy: the schema is cached, its default objects must never end up in a config
+                    instance.setdefault(name, copy.deepcopy(property_schema["default"]))
+        yield from validate_properties(validator, properties, instance, subschema)
+
+    jsonschema.validators.extend(base, {"properties": set_defaults})(schema).validate(config)
+
+
+def _key_path(parts) -> str:
+    out = ""
+    for part in parts:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "<config root>"
+
+
+def schema_errors(config: dict) -> list[str]:
+    """Readable schema violations: 'key.path: message'. Empty when the config is valid."""
+    import jsonschema
+
+    validator = jsonschema.Draft202012Validator(_load_schema())
+    messages = []
+    for error in sorted(validator.iter_errors(config), key=lambda e: list(map(str, e.absolute_path))):
+        where = _key_path(error.absolute_path)
+        if error.validator == "additionalProperties":
+            allowed = sorted(error.schema.get("properties", {}))
+            extra = sorted(set(error.instance) - set(allowed)) if isinstance(error.instance, dict) else []
+            messages.append(f"{where}: unknown key(s) {extra}; allowed: {allowed}")
+        else:
+            messages.append(f"{where}: {error.message}")
+    return messages
+
+
+def validate_schema(config: dict) -> None:
+    """Check `config` against the schema and fill defaults in place (as snakemake.utils.validate does)."""
+    errors = schema_errors(config)
+    if errors:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+    schema = _load_schema()
+    _fill_defaults(config, schema)
+    # Defaults of objects that are present get filled; nested objects given as `default: {}` only get
+    # their own defaults on a second pass.
+    _fill_defaults(config, schema)
