@@ -14,6 +14,7 @@ The package, in the order data flows through it:
   comparisons  paired differences, best configs, agreement (bootstrap: tunelens.statistics)
   tidy         summary.csv (every number behind every table)
   document     summary.md / summary.html, one function per section
+  provenance   closing sections: fine-tuning records, skipped metrics, provenance
   tables       Document, Markdown (pandas + tabulate) and HTML (summary.html.j2) rendering, number formats
   plots        PNG plots
   common       ReportSettings, fixed orders, metric display info
@@ -36,11 +37,12 @@ from tunelens.report.common import (
     CSV_COLUMNS, DATE_PREFIX, DIFF_VARIANT, POOLED, MetricInfo, ReportSettings, metric_info, metric_order,
 )
 from tunelens.report.comparisons import agreement, best_configs, paired_differences
-from tunelens.report.document import EvaluationSetResults, build_summary, config_fields, provenance, swept_fields
+from tunelens.report.document import EvaluationSetResults, build_summary, config_fields, swept_fields
 from tunelens.report.inputs import (
     ScoreFile, load_finetune_records, load_score_file, load_score_files, long_rows, read_rows_csv, tidy_scores,
 )
 from tunelens.report.plots import plot_layers, plot_loss, plot_sweeps
+from tunelens.report.provenance import provenance
 from tunelens.report.tables import Cell, Document, Table, format_estimate, format_number, mark_best
 from tunelens.report.tidy import read_summary_csv, summary_table, write_summary_csv
 
