@@ -249,3 +249,22 @@ def test_removed_max_test_key_is_rejected_with_its_replacement():
     config["dataset"]["max_test"] = 50
     with pytest.raises(ConfigError, match=r"dataset\.max_test: 50: .*decoding\.max_test_rows"):
         load_config(config)
+
+
+def test_every_script_rule_carries_its_code_hash():
+    """A new rule without the param would rerun on nothing but its outputs: Snakemake's code trigger is off."""
+    import re
+
+    rules = []
+    for path in sorted((REPO / "rules").glob("*.smk")):
+        for block in re.split(r"(?m)^(?=rule )", path.read_text()):
+            script = re.search(r'"\.\./scripts/(\w+\.py)"', block)
+            if block.startswith("rule ") and script:
+                name = block.split()[1].rstrip(":")
+                rules.append(name)
+                assert f'code=code_version("{script.group(1)}")' in block, f"rule {name} ({path.name})"
+    assert len(rules) >= 15
+    for profile in (REPO / "profiles").glob("*/config.yaml"):
+        triggers = yaml.safe_load(profile.read_text()).get("rerun-triggers")
+        assert triggers is None or "code" not in triggers, profile
+    assert "code" not in yaml.safe_load((REPO / "profiles/default/config.yaml").read_text())["rerun-triggers"]
