@@ -52,7 +52,7 @@ def bench_settings(args, variant: str) -> dict:
     settings = {
         "enabled": True, "method": "auto", "lora_r": args.lora_r, "lora_alpha": 2 * args.lora_r,
         "lora_dropout": 0.05, "target_modules": "all-linear", "learning_rate": args.learning_rate,
-        "lr_scheduler": "cosine", "warmup_ratio": 0.03, "weight_decay": 0.0, "num_epochs": 1,
+        "lr_scheduler": args.lr_scheduler, "warmup_ratio": args.warmup_ratio, "weight_decay": 0.0, "num_epochs": 1,
         "max_steps": args.steps, "batch_size": args.batch_size, "gradient_accumulation": 1,
         "max_seq_length": args.max_seq_length, "packing": args.packing, "padding_free": False,
         "gradient_checkpointing": "auto", "liger": "auto", "logging_steps": 1, "save_steps": 10**6,
@@ -195,6 +195,8 @@ def main() -> None:
     parser.add_argument("--packing", action="store_true")
     parser.add_argument("--lora-r", type=int, default=16)
     parser.add_argument("--learning-rate", type=float, default=2e-4)
+    parser.add_argument("--lr-scheduler", default="cosine")
+    parser.add_argument("--warmup-ratio", type=float, default=0.03)
     parser.add_argument("--prompt-format", default="alpaca")
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--device", default="auto")

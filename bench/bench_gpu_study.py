@@ -68,17 +68,26 @@ def part_finetune(args) -> dict:
     started = time.perf_counter()
     out = Path(args.work) / "plain.json"
     proc = subprocess.run([sys.executable, args.plain_script, "--model", str(MODEL_DIR), "--data", str(DATA_FILE),
-                           *common, "--out", str(out)], capture_output=True, text=True)
+                           *common, "--out", str(out)], capture_output=True, text=True) if args.plain_script else None
+    if proc is None:
+        return _tunelens_variants(args)
     if proc.returncode == 0 and out.exists():
         results["plain"] = json.loads(out.read_text()) | {"wall_s": round(time.perf_counter() - started, 1)}
     else:
         results["plain"] = {"failed": proc.stderr[-3000:]}
     print("plain:", {k: v for k, v in results["plain"].items() if k != "steps"}, flush=True)
+    return results | _tunelens_variants(args)
+
+
+def _tunelens_variants(args) -> dict:
+    results = {}
     out = Path(args.work) / "tunelens.json"
     proc = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "bench_finetune.py"), "--model", str(MODEL_DIR),
                            "--data", str(DATA_FILE), "--rows", str(args.rows), "--batch-size", "8",
                            "--steps", str(args.steps), "--max-seq-length", "512", "--seed", "1234",
-                           "--variants", args.variants, "--out", str(out)], text=True)
+                           "--variants", args.variants, "--learning-rate", str(args.learning_rate),
+                           "--lr-scheduler", args.lr_scheduler, "--warmup-ratio", str(args.warmup_ratio),
+                           "--out", str(out)], text=True)
     for summary in json.loads(out.read_text()) if out.exists() else []:
         results[summary["variant"]] = summary
     return results
@@ -90,7 +99,8 @@ def part_generate(args) -> dict:
     one prompt at a time for each decoding config on a few rows (the recipe users start from)."""
     import torch
 
-    from tunelens.config import DECODING_FIELDS, DecodingConfig, _expand_decoding
+    from tunelens.config import _expand_decoding
+    from tunelens.decoding import DecodingConfig, knob_names
     from tunelens.generate import GenerationSettings, hf_generate_batched
     from tunelens.models import load_model
     from tunelens.prompts import build_prompt
@@ -126,7 +136,7 @@ def part_generate(args) -> dict:
 
     # One prompt at a time, per decoding config of the preset, on the first loop_rows test-sized prompts.
     preset = yaml.safe_load(PRESET.read_text())["decoding"]
-    defaults = {field: getattr(DecodingConfig(), field) for field in DECODING_FIELDS} | preset["defaults"]
+    defaults = {field: getattr(DecodingConfig(), field) for field in knob_names()} | preset["defaults"]
     configs = _expand_decoding({"defaults": defaults, "mode": preset["mode"], "configs": [], "sweep": preset["sweep"]})
     loop = {}
     for config in configs:
@@ -234,6 +244,8 @@ def table(paths: list[Path]) -> str:
         lines += ["", "| fine-tune variant | tok/s (median step) | vs plain | peak MiB | micro x accum | ckpt | loss first -> last |",
                   "|---|---|---|---|---|---|---|"]
         for name, s in ft.items():
+            if not isinstance(s, dict):
+                continue
             if "failed" in s:
                 lines.append(f"| {name} | FAILED | | | | | |")
                 continue
@@ -242,6 +254,15 @@ def table(paths: list[Path]) -> str:
             lines.append(f"| {name} | {tps:.0f} | {tps / plain:.2f}x | {s.get('peak_mib', 0):.0f} | {micro} x {8 // micro} | "
                          f"{s.get('gradient_checkpointing')} | {s['first_loss']:.3f} -> {s['final_loss']:.3f} |"
                          if plain else f"| {name} | {tps:.0f} | | | | | |")
+        plain_losses = [row["loss"] for row in ft.get("plain", {}).get("steps", [])]
+        for name, s in ft.items():
+            if isinstance(s, dict) and s.get("losses") and plain_losses and not s.get("packing"):
+                n = min(len(plain_losses), len(s["losses"]))
+                diff = statistics.mean(abs(a - b) for a, b in zip(plain_losses[:n], s["losses"][:n]))
+                wiggle = statistics.mean(abs(a - b) for a, b in zip(plain_losses[1:n], plain_losses[: n - 1]))
+                lines.append(f"\nLoss per token, {name} vs plain over {n} steps (same rows and order): mean |difference| "
+                             f"{diff:.4f} nats; plain's own step-to-step change {wiggle:.4f}; final {s['losses'][n - 1]:.4f} "
+                             f"vs {plain_losses[n - 1]:.4f}.")
     if "generate" in parts:
         gen = parts["generate"]
         best = max(v["tokens_per_s"] for k, v in gen["batch"].items() if k != "auto")
@@ -268,6 +289,9 @@ def main() -> None:
     parser.add_argument("--variants", default="before,auto,auto+packing")
     parser.add_argument("--rows", type=int, default=256, help="fine-tuning rows")
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--learning-rate", type=float, default=2e-4)
+    parser.add_argument("--lr-scheduler", default="cosine")
+    parser.add_argument("--warmup-ratio", type=float, default=0.03)
     parser.add_argument("--gen-rows", type=int, default=256)
     parser.add_argument("--study-rows", type=int, default=36, help="rows per decoding config (the preset's test set)")
     parser.add_argument("--loop-rows", type=int, default=2, help="rows per config for the one-at-a-time loop")

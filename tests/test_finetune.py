@@ -453,3 +453,84 @@ def test_packed_rows_separated_under_eager_attention(sharp_llama_dir, train_json
     eager = AutoModelForCausalLM.from_pretrained(sharp_llama_dir, attn_implementation="eager").eval()
     assert "eager" in separate_packed_rows(eager)
     assert _packed_vs_alone(eager, batch) < 1e-4
+
+
+# ------------------------------------------------------------------------------------------ autotune
+from tunelens.finetune import _probe as REAL_PROBE  # noqa: E402
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """A pretend 20 GiB-free GPU for the autotuner on CPU: peak memory per probe is 4 GiB a row without
+    checkpointing and 1 GiB a row with it; checkpointing-off steps are the faster ones."""
+    import torch
+
+    import tunelens.finetune as ft
+
+    probes = []
+
+    def probe(trainer, batch, repeats=3):
+        checkpointing = getattr(trainer.args, ft._checkpointing_key(trainer.args))
+        rows = int(batch["input_ids"].shape[0])
+        probes.append((checkpointing, rows))
+        seconds = rows * (0.013 if checkpointing else 0.01)
+        return seconds, rows * (1 if checkpointing else 4) * 2**30
+
+    monkeypatch.setattr(ft, "_probe", probe)
+    for name, value in {"mem_get_info": lambda *a: (20 * 2**30, 80 * 2**30), "memory_reserved": lambda *a: 0,
+                        "get_rng_state_all": lambda: [], "set_rng_state_all": lambda state: None,
+                        "empty_cache": lambda: None}.items():
+        monkeypatch.setattr(torch.cuda, name, value)
+    return probes
+
+
+def test_autotune_keeps_rows_per_step_and_picks_the_fastest_that_fits(tiny_llama_dir, train_jsonl, tmp_path, fake_gpu):
+    """8 rows per step: without checkpointing 8 rows need 32 GiB (over the ~18 GiB budget), 4 rows 16 GiB fit
+    and beat checkpointing; the trainer then runs micro-batches of 4 with 2 accumulation steps."""
+    from tunelens.finetune import AUTOTUNE_FILE, autotune_cuda
+
+    config = settings(batch_size=4, gradient_accumulation=2)
+    run = build_trainer(tiny_llama_dir, train_jsonl, tmp_path / "ckpt", config, "alpaca", seed=1, device="cpu")
+    choice = autotune_cuda(run.trainer, config, run.plan, tmp_path / "ckpt")
+    assert (choice["micro_batch_size"], choice["gradient_checkpointing"]) == (4, False)
+    args = run.trainer.args
+    assert (args.per_device_train_batch_size, args.gradient_accumulation_steps, run.trainer._train_batch_size) == (4, 2, 4)
+    assert args.per_device_train_batch_size * args.gradient_accumulation_steps == 8  # the configured step
+    assert not run.trainer.model.is_gradient_checkpointing
+    assert [t["fits"] for t in choice["trials"] if not t["gradient_checkpointing"]] == [False, True]
+    assert fake_gpu[:2] == [(False, 8), (False, 4)]  # the largest micro-batch is measured first
+    # A resumed run reuses the recorded choice without measuring again.
+    assert (tmp_path / "ckpt" / AUTOTUNE_FILE).exists()
+    fake_gpu.clear()
+    again = build_trainer(tiny_llama_dir, train_jsonl, tmp_path / "ckpt", config, "alpaca", seed=1, device="cpu")
+    assert autotune_cuda(again.trainer, config, again.plan, tmp_path / "ckpt")["micro_batch_size"] == 4
+    assert fake_gpu == []
+
+
+def test_autotune_respects_explicit_checkpointing(tiny_llama_dir, train_jsonl, tmp_path, fake_gpu):
+    from tunelens.finetune import autotune_cuda
+
+    config = settings(batch_size=8, gradient_checkpointing=True)
+    run = build_trainer(tiny_llama_dir, train_jsonl, tmp_path / "ckpt", config, "alpaca", seed=1, device="cpu")
+    choice = autotune_cuda(run.trainer, config, run.plan, tmp_path / "ckpt")
+    assert choice["gradient_checkpointing"] is True and choice["micro_batch_size"] == 8
+    assert all(checkpointing for checkpointing, _ in fake_gpu)
+
+
+def test_autotune_does_not_change_the_training(tiny_llama_dir, train_jsonl, tmp_path, fake_gpu):
+    """Probing runs forward+backward without an optimizer step and restores the random state: the same
+    batch gives the same loss after the autotuner ran as before."""
+    import torch
+
+    import tunelens.finetune as ft
+
+    config = settings(batch_size=4, lora_dropout=0.1)
+    run = build_trainer(tiny_llama_dir, train_jsonl, tmp_path / "ckpt", config, "alpaca", seed=1, device="cpu")
+    batch = next(iter(run.trainer.get_train_dataloader()))
+    weights = {k: v.clone() for k, v in run.trainer.model.named_parameters() if v.requires_grad}
+    torch.manual_seed(5)
+    before = run.trainer.model.train()(**batch).loss.item()
+    ft._probe = REAL_PROBE  # the real forward+backward (monkeypatch restores the fake after the test)
+    torch.manual_seed(5)
+    ft.autotune_cuda(run.trainer, config, run.plan, tmp_path / "ckpt")
+    after = run.trainer.model.train()(**batch).loss.item()
+    assert after == before
+    assert all(torch.equal(v, weights[k]) for k, v in run.trainer.model.named_parameters() if v.requires_grad)

@@ -704,20 +704,24 @@ def _probe(trainer, batch: dict, repeats: int = 3) -> tuple[float, int]:
 
     model = trainer.model
     model.train()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    on_cuda = next(model.parameters()).is_cuda
+    sync = torch.cuda.synchronize if on_cuda else (lambda: None)
+    sync()
+    if on_cuda:
+        torch.cuda.reset_peak_memory_stats()
     times = []
     try:
         for _ in range(repeats):
             start = time.perf_counter()
             loss = model(**batch).loss
             loss.backward()
-            torch.cuda.synchronize()
+            sync()
             times.append(time.perf_counter() - start)
             del loss
     finally:
         model.zero_grad(set_to_none=True)
-    return statistics.median(times[1:] if len(times) > 1 else times), torch.cuda.max_memory_allocated()
+    peak = torch.cuda.max_memory_allocated() if on_cuda else 0
+    return statistics.median(times[1:] if len(times) > 1 else times), peak
 
 
 def autotune_cuda(trainer, settings: dict, plan: TrainingPlan, checkpoint_dir: Path) -> dict:
@@ -761,7 +765,7 @@ def autotune_cuda(trainer, settings: dict, plan: TrainingPlan, checkpoint_dir: P
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     optimizer_bytes = 3 * 4 * trainable
     budget = 0.9 * (free + torch.cuda.memory_reserved()) - optimizer_bytes
-    rng = (torch.get_rng_state(), torch.cuda.get_rng_state_all())
+    rng = (torch.get_rng_state(), torch.cuda.get_rng_state_all())  # dropout draws from both
     was_training = trainer.model.training
     trials = []
     try:
