@@ -136,6 +136,18 @@ def model_spec(wildcards):
     return MODELS[wildcards.model]
 
 
+def model_field(name):
+    """A param function giving one field of the `{model}` wildcard's ModelSpec (tunelens.config), e.g.
+    model_field("prompt_format"); the one accessor factory, so no stage copies its own.
+    """
+
+    def get(wildcards):
+        return getattr(MODELS[wildcards.model], name)
+
+    get.__name__ = f"model_{name}"
+    return get
+
+
 def model_input(wildcards):
     """The materialised directory of an embedded model (a job input), or nothing for hub/local sources."""
     spec = model_spec(wildcards)
@@ -243,10 +255,6 @@ def generation_settings(wildcards):
     }
 
 
-def generation_backend(wildcards):
-    return model_spec(wildcards).generation_backend
-
-
 def vllm_options(wildcards):
     generation = config["generation"]
     return {
@@ -255,21 +263,8 @@ def vllm_options(wildcards):
     }
 
 
-def model_source(wildcards):
-    return model_spec(wildcards).source
-
-
-def model_prompt_format(wildcards):
-    return model_spec(wildcards).prompt_format
-
-
 # finetune (rules/finetune.smk) ---------------------------------------------------------
 FINETUNED_MODELS = [name for name, spec in MODELS.items() if spec.finetuned]
-
-
-def finetune_settings(wildcards):
-    """The model's finetune section: top-level keys with its per-model overrides merged (config.py)."""
-    return MODELS[wildcards.model].finetune
 
 
 def finetune_checkpoint_dir(wildcards):
@@ -277,33 +272,10 @@ def finetune_checkpoint_dir(wildcards):
     return f"{R}/checkpoints/{wildcards.model}"
 
 
-def model_revision(wildcards):
-    return model_spec(wildcards).revision
-
-
 # probe (rules/probe.smk) ---------------------------------------------------------------
 def probe_config(key):
     """A `probe.<key>` setting (a rule param, so changing it reruns the probe)."""
     return lookup(dpath=f"probe/{key}", within=config)
-
-
-def probe_model_source(wildcards):
-    """The model's configured source string (recorded in the probe outputs' metadata)."""
-    return model_spec(wildcards).source
-
-
-def probe_prompt_format(wildcards):
-    return model_spec(wildcards).prompt_format
-
-
-def probe_layer_specs(wildcards):
-    """The layer specs as configured (absolute or fractions); re-resolved against the loaded model."""
-    return model_spec(wildcards).layer_specs
-
-
-def planned_probe_layers(wildcards):
-    """The 1-based layers resolved from the depth known before loading (None when unknown)."""
-    return model_spec(wildcards).probe_layers
 
 
 def early_exit_layer(wildcards):
@@ -374,14 +346,6 @@ def score_gpus(wildcards):
     ):
         return 0
     return STUDY.config["scoring"]["bertscore"]["gpus"]
-
-
-def score_model_source(wildcards):
-    return MODELS[wildcards.model].source
-
-
-def score_prompt_format(wildcards):
-    return MODELS[wildcards.model].prompt_format
 
 
 def judge_model_name(wildcards):

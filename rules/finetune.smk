@@ -43,9 +43,9 @@ rule finetune:
     params:
         code=code_version("finetune.py"),
         model_path=model_path,
-        revision=model_revision,
-        prompt_format=model_prompt_format,
-        settings=finetune_settings,
+        revision=model_field("revision"),
+        prompt_format=model_field("prompt_format"),
+        settings=model_field("finetune"),
         seed=lookup(dpath="seed", within=config),
         device=lookup(dpath="device", within=config),
         checkpoint_dir=finetune_checkpoint_dir,

@@ -32,11 +32,11 @@ rule generate:
     params:
         code=code_version("generate.py"),
         model_path=model_path,
-        model_source=model_source,
-        prompt_format=model_prompt_format,
+        model_source=model_field("source"),
+        prompt_format=model_field("prompt_format"),
         decoding=decoding_params,
         settings=generation_settings,
-        backend=generation_backend,
+        backend=model_field("generation_backend"),
         vllm=vllm_options,
         seed=lookup(dpath="seed", within=config),
         device=lookup(dpath="device", within=config),
@@ -73,7 +73,7 @@ rule generation_agreement:
     params:
         code=code_version("agreement.py"),
         model_path=model_path,
-        prompt_format=model_prompt_format,
+        prompt_format=model_field("prompt_format"),
         rows=lookup(dpath="generation/agreement_rows", within=config),
         max_new_tokens=lookup(
             dpath="generation/agreement_max_new_tokens", within=config

@@ -103,9 +103,9 @@ rule perplexity:
         cpus_per_task=model_resource("cpus"),
     params:
         code=code_version("perplexity.py"),
-        source=score_model_source,
+        source=model_field("source"),
         model_path=model_path,
-        prompt_format=score_prompt_format,
+        prompt_format=model_field("prompt_format"),
         batch_size=scoring_config("perplexity_batch_size"),
         max_rows=lookup(dpath="decoding/max_test_rows", within=config),
         samples=scoring_config("bootstrap_samples"),
