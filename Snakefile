@@ -32,12 +32,15 @@ onstart:
     archive_job_costs()
 
 
+# Generation servers (tunelens/genserver.py) end with the run, their engine processes included.
 onsuccess:
     archive_job_costs()
+    stop_generation_servers()
 
 
 onerror:
     archive_job_costs()
+    stop_generation_servers()
 
 
 rule all:

@@ -255,6 +255,26 @@ def generation_settings(wildcards):
     }
 
 
+def stop_generation_servers():
+    """Stop this run's generation servers on this host (Snakefile onsuccess/onerror; main process only:
+    on SLURM a server lives inside its allocation and ends with it)."""
+    if workflow.is_main_process:
+        from tunelens.genserver import stop_servers
+
+        stopped = stop_servers()
+        if stopped:
+            print(f"stopped {stopped} generation server(s)")
+
+
+def generation_conda_env(wildcards):
+    """--sdm conda: backend vllm generates in envs/vllm.yaml (vLLM pins its own torch), others in
+    envs/torch.yaml. Without conda, a job without vLLM reaches generation.vllm_python instead.
+    """
+    if model_spec(wildcards).generation_backend == "vllm":
+        return "../envs/vllm.yaml"
+    return "../envs/torch.yaml"
+
+
 def vllm_options(wildcards):
     generation = config["generation"]
     return {

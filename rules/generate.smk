@@ -22,7 +22,7 @@ rule generate:
     benchmark:
         "benchmarks/generate/{model}/{variant}/{config}.tsv"
     conda:
-        "../envs/torch.yaml"
+        generation_conda_env
     threads: model_threads
     resources:
         gpu=model_gpus,

@@ -1,16 +1,28 @@
-"""Rule generate: one (model, variant, decoding config) -> generation .jsonl + .meta.json."""
+"""Rule generate: one (model, variant, decoding config) -> generation .jsonl + .meta.json.
 
+The generation itself runs in the model's generation server, in this process, or (backend vllm without
+vLLM here) under generation.vllm_python: tunelens.genserver.run_generation_job decides. Those settings
+are read from the config here, not rule params: where a job runs must not change (or rerun) its output.
+This script imports no torch: with a server running, the job is a thin client.
+"""
+
+from pathlib import Path
+
+from tunelens.genserver import run_generation_job
 from tunelens.jobs import job_log, use_job_threads
-from tunelens.generate import generate
 
 job_log(snakemake.log[0])  # errors and tracebacks go to the rule's log too
-use_job_threads(snakemake.threads)
+use_job_threads(snakemake.threads, torch=False)  # the OpenMP variables; a server started here inherits them
 params = snakemake.params
 settings = dict(params.settings)
-generate(
-    snakemake.input.test,
-    snakemake.output.generations,
-    snakemake.output.meta,
+generation = snakemake.config["generation"]
+vllm_python = generation.get("vllm_python")
+if vllm_python is None:  # the CPU venv `make vllm-venv` builds, when there is one
+    default = Path(snakemake.scriptdir).parent / ".venv-vllm" / "bin" / "python"
+    vllm_python = str(default) if default.exists() else None
+runtime_min = getattr(snakemake.resources, "runtime", None)
+job = dict(
+    test_file=snakemake.input.test,
     model_name=snakemake.wildcards.model,
     model_path=params.model_path,
     model_source=params.model_source,
@@ -29,4 +41,15 @@ generate(
     device=params.device,
     gpus=snakemake.resources.gpu,
     vllm_options=params.vllm,
+)
+run_generation_job(
+    job,
+    snakemake.output.generations,
+    snakemake.output.meta,
+    vllm_python=vllm_python,
+    server=generation["server"],
+    threads=snakemake.threads,
+    start_timeout_s=generation["server_start_timeout_s"],
+    idle_timeout_s=generation["server_idle_timeout_s"],
+    request_timeout_s=runtime_min * 60 if isinstance(runtime_min, (int, float)) and runtime_min > 0 else 24 * 3600,
 )

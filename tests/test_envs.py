@@ -63,10 +63,25 @@ def env_requirements(env: dict, where: str) -> tuple[dict[str, Requirement], str
     return requirements, python
 
 
+# envs/vllm.yaml is the vLLM generation env: vLLM is in no pyproject.toml extra (it pins its own torch,
+# which the project's torch pin excludes), so that env pins it exactly itself and lets vLLM choose torch.
+OWN_PINS = {"vllm.yaml": {"vllm"}}
+LEFT_TO_VLLM = {"torch", "transformers", "tokenizers"}
+
+
 def pin_mismatches(env_file_name: str, env: dict, project: dict[str, Requirement]) -> list[str]:
     """Every way the env disagrees with pyproject.toml, as readable messages (empty when it agrees)."""
     requirements, _ = env_requirements(env, env_file_name)
     problems = []
+    own = OWN_PINS.get(env_file_name, set())
+    for name in sorted(own):
+        requirement = requirements.pop(name, None)
+        if requirement is None:
+            problems.append(f"{env_file_name}: '{name}' is missing")
+        elif len(requirement.specifier) != 1 or next(iter(requirement.specifier)).operator != "==":
+            problems.append(f"{env_file_name}: '{requirement}' is not an exact pin (name==version)")
+    if own:
+        problems += [f"{env_file_name}: '{name}' is vLLM's to pin" for name in sorted(LEFT_TO_VLLM & set(requirements))]
     for name, requirement in sorted(requirements.items()):
         if name not in project:
             problems.append(f"{env_file_name}: '{requirement.name}' is not a dependency in pyproject.toml")
@@ -132,4 +147,17 @@ def test_checker_reads_conda_pins():
     env = {"dependencies": ["torch=2.11.0"]}
     assert pin_mismatches("x.yaml", env, PROJECT) == [
         "x.yaml: 'torch==2.11.0' but pyproject.toml has 'torch==2.13.0'"
+    ]
+
+
+def test_checker_vllm_env_pins_vllm_itself_and_leaves_torch_to_it():
+    env = {"dependencies": ["python=3.11", {"pip": ["vllm==0.33.0", "numpy"]}]}
+    assert pin_mismatches("vllm.yaml", env, PROJECT) == []
+    env = {"dependencies": [{"pip": ["vllm>=0.30", "torch==2.13.0"]}]}
+    assert pin_mismatches("vllm.yaml", env, PROJECT) == [
+        "vllm.yaml: 'vllm>=0.30' is not an exact pin (name==version)",
+        "vllm.yaml: 'torch' is vLLM's to pin",
+    ]
+    assert pin_mismatches("vllm.yaml", {"dependencies": [{"pip": ["numpy"]}]}, PROJECT) == [
+        "vllm.yaml: 'vllm' is missing"
     ]

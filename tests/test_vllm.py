@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -436,3 +438,100 @@ def test_over_long_prompt_is_a_clear_error(report):
     assert "generation.max_prompt_tokens=20" in data["too_long_error"]
     assert data["too_long_exists"] is False
 
+
+
+# --------------------------------------------------------------------------------------------- the DAG
+# The generate jobs of a study with backend vllm, run by Snakemake from the project's venv (which has no
+# vLLM): the jobs reach .venv-vllm through generation.vllm_python, share one generation server per model
+# (one engine, LoRA per request), and a forced in-process rerun of one job writes the same bytes.
+DAG_ROWS = [
+    {"instruction": f"Item {i}: {text}", "input": extra, "output": answer}
+    for i, (text, extra, answer) in enumerate(
+        [("Name a colour.", "", "Blue."), ("Add the numbers.", "2 and 3", "5"), ("Say hello.", "", "Hello."),
+         ("Name a fruit.", "", "Apple."), ("Count to three.", "", "1 2 3"), ("Name an animal.", "", "Cat."),
+         ("Reverse the word.", "abc", "cba"), ("Name a month.", "", "May.")]
+    )
+]  # fmt: skip
+DAG_CONFIGS = [{"name": "greedy", "temperature": 0.0}, {"name": "sampled", "temperature": 1.0, "top_k": 0}]
+
+
+def _snakemake(workdir: Path, *args: str, timeout: int = 1500) -> subprocess.CompletedProcess:
+    snakemake = Path(sys.executable).parent / "snakemake"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "VLLM_CACHE_ROOT": str(workdir / "vllm_cache"), "VLLM_CPU_OMP_THREADS_BIND": "0-1"}
+    return subprocess.run([str(snakemake), "--snakefile", str(REPO_ROOT / "Snakefile"), "--directory", str(workdir),
+                           *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_dag_generate_jobs_with_vllm(vllm_model, tmp_path):
+    import yaml
+
+    ready, why = _vllm_venv_ready()
+    if not ready:
+        pytest.skip(why)
+    model_dir, adapter_dir = vllm_model
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in DAG_ROWS))
+    config = {
+        "seed": 3, "device": "cpu",
+        "dataset": {"name": "d", "source": str(data), "test_size": 3},
+        "models": {"tiny": {"source": str(model_dir), "generation_backend": "vllm"}},
+        "decoding": {"mode": "list", "configs": DAG_CONFIGS, "max_new_tokens": 8},
+        "generation": {"vllm_python": str(VLLM_PYTHON), "vllm_max_lora_rank": 8},
+        "finetune": {"lora_r": 8},  # the fixture adapter's rank
+        "probe": {"enabled": False},
+    }  # fmt: skip
+    configfile = tmp_path / "config.yaml"
+    configfile.write_text(yaml.safe_dump(config))
+    base = ["--configfile", str(configfile), "--cores", "2"]
+    split = _snakemake(workdir, *base, "results/data/d/test.jsonl")
+    assert split.returncode == 0, split.stderr[-4000:]
+    # The fine-tune is not what this test is about: its adapter is the fixture's random LoRA (rank 8).
+    finetune = workdir / "results" / "finetune" / "tiny"
+    shutil.copytree(adapter_dir, finetune / "adapter")
+    for name in ("train_log.jsonl", "metrics.json", "loss.png"):
+        (finetune / name).write_text("")
+    for path in [*(finetune / "adapter").rglob("*"), finetune / "adapter"]:
+        os.utime(path)  # newer than the split, as a real fine-tune's outputs would be
+    targets = [f"results/generations/tiny/{variant}/{c['name']}.jsonl" for variant in ("base", "finetuned")
+               for c in DAG_CONFIGS]  # fmt: skip
+    planned = _snakemake(workdir, *base, "--dry-run", *targets)
+    assert planned.returncode == 0, planned.stderr[-4000:]
+    assert re.findall(r"^rule (\w+):", planned.stdout, re.M) == ["generate"] * 4, planned.stdout[-3000:]
+
+    result = _snakemake(workdir, *base, *targets)
+    assert result.returncode == 0, result.stderr[-6000:]
+    metas = {t: json.loads((workdir / t.replace(".jsonl", ".meta.json")).read_text()) for t in targets}
+    assert {m["backend"] for m in metas.values()} == {"vllm"}  # never a silent hf fallback
+    assert {m["versions"].get("vllm-cpu", "")[:4] for m in metas.values()} == {"0.32"}
+    assert {m["execution"]["mode"] for m in metas.values()} == {"server"}
+    # Engine builds in this run: one, by the first job; the other three (LoRA included) reuse it.
+    assert sum(m["execution"]["loaded"] for m in metas.values()) == 1
+    assert len({m["execution"]["server_pid"] for m in metas.values()}) == 1
+    server_logs = list((workdir / ".tunelens" / "servers").rglob("*.log"))
+    assert sum(path.read_text().count("building vllm engine") for path in server_logs) == 1
+    texts = {t: [json.loads(line)["generated"] for line in (workdir / t).read_text().splitlines()] for t in targets}
+    assert all(len(rows) == 3 for rows in texts.values())
+    assert texts[targets[2]] != texts[targets[0]], "the fine-tuned variant generated what the base did"
+    assert metas[targets[2]]["adapter"]["sha256"] and metas[targets[0]]["adapter"] is None
+    # The run's end stopped the server and its engine processes.
+    from tunelens import genserver
+
+    assert genserver.marked_processes(genserver.server_mark(genserver.server_dir(workdir / ".tunelens" / "servers"),
+                                                            "")) == []  # fmt: skip
+
+    # The same job without the server (its own engine, built without LoRA) writes the same bytes.
+    sampled_base = targets[1]
+    served = (workdir / sampled_base).read_bytes()
+    no_server = tmp_path / "no-server.yaml"
+    no_server.write_text(yaml.safe_dump({"generation": {"server": False}}))
+    rerun = _snakemake(workdir, sampled_base, "--configfile", str(configfile), str(no_server), "--cores", "2",
+                       "--forcerun", sampled_base)  # fmt: skip
+    assert re.findall(r"Finished jobid: \d+ \(Rule: (\w+)\)", rerun.stderr) == ["generate"], rerun.stderr[-3000:]
+    assert rerun.returncode == 0, rerun.stderr[-6000:]
+    meta = json.loads((workdir / sampled_base.replace(".jsonl", ".meta.json")).read_text())
+    assert meta["execution"]["mode"] == "subprocess"
+    assert (workdir / sampled_base).read_bytes() == served
+    assert genserver.marked_processes("once-") == []  # the one-shot worker's engine processes were reaped

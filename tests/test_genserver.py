@@ -1,0 +1,141 @@
+"""The generation server (tunelens/genserver.py) with the hf backend and a tiny model.
+
+Each test runs real generate jobs through `run_generation_job`, the function scripts/generate.py calls, in a
+run folder of its own, and ends by stopping that folder's servers and checking that no process of them is
+left (vLLM through the server: tests/test_vllm.py::test_dag_generate_jobs_with_vllm).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+
+from tunelens import genserver
+from tunelens.errors import DataError
+
+ROWS = [
+    {"id": f"g-{i}", "instruction": text, "input": "", "output": answer}
+    for i, (text, answer) in enumerate(
+        [("Name a colour.", "Blue."), ("Add 2 and 3.", "5"), ("Say hello.", "Hello."), ("Name a fruit.", "Apple.")]
+    )
+]
+CONFIGS = {"greedy": {"temperature": 0.0}, "sampled": {"temperature": 1.0, "top_k": 0}}
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_llama_dir, tmp_path_factory):
+    """(model dir, random LoRA adapter dir, test file)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    work = tmp_path_factory.mktemp("genserver")
+    torch.manual_seed(1)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(model, lora).save_pretrained(work / "adapter")
+    test_file = work / "test.jsonl"
+    test_file.write_text("".join(json.dumps(row) + "\n" for row in ROWS))
+    return tiny_llama_dir, work / "adapter", test_file
+
+
+def make_job(tiny, variant="base", config="greedy", **overrides):
+    model_dir, adapter_dir, test_file = tiny
+    job = dict(test_file=str(test_file), model_name="tiny", model_path=str(model_dir), variant=variant,
+               adapter_dir=str(adapter_dir) if variant == "finetuned" else None, decoding_config=CONFIGS[config],
+               max_new_tokens=6, seed=7, backend="hf", device="cpu")
+    job.update(overrides)
+    return job
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    """A run folder for servers; afterwards every server of it is stopped and none of its processes remain."""
+    base = tmp_path / "servers"
+    yield base
+    genserver.stop_servers(base)
+    assert genserver.marked_processes(genserver.server_mark(genserver.server_dir(base), "")) == []
+
+
+def run(tiny, out, name, *, base, server=True, **kwargs):
+    job = make_job(tiny, **kwargs)
+    meta = genserver.run_generation_job(job, out / f"{name}.jsonl", server=server, base=base, start_timeout_s=180)
+    return meta, (out / f"{name}.jsonl").read_bytes()
+
+
+def test_server_output_is_byte_identical_and_loads_once_per_adapter(tiny, run_dir, tmp_path):
+    jobs = [(variant, config) for variant in ("base", "finetuned") for config in CONFIGS]
+    served = {job: run(tiny, tmp_path, f"s-{job}", base=run_dir, variant=job[0], config=job[1]) for job in jobs}
+    alone = {job: run(tiny, tmp_path, f"a-{job}", base=run_dir, server=False, variant=job[0], config=job[1])
+             for job in jobs}  # fmt: skip
+    for job in jobs:
+        assert served[job][1] == alone[job][1], f"{job}: rows differ between server and in-process generation"
+        assert len(served[job][1].splitlines()) == len(ROWS)
+    executions = [served[job][0]["execution"] for job in jobs]
+    assert {e["mode"] for e in executions} == {"server"}
+    assert len({e["server_pid"] for e in executions}) == 1
+    # One load for the base model, one for base + adapter; the other two requests reuse them.
+    assert [e["loaded"] for e in executions] == [True, False, True, False]
+    assert [served[job][0]["load_time_s"] > 0 for job in jobs] == [True, False, True, False]
+    assert {alone[job][0]["execution"]["mode"] for job in jobs} == {"in-process"}
+    # Same sidecar apart from timings and how it ran.
+    varying = {"execution", "load_time_s", "generation_time_s", "tokens_per_s"}
+    for job in jobs:
+        same = {k: v for k, v in served[job][0].items() if k not in varying}
+        assert same == {k: v for k, v in alone[job][0].items() if k not in varying}
+
+
+def test_server_killed_during_a_request_falls_back_to_identical_in_process_output(tiny, run_dir, tmp_path, monkeypatch):
+    expected_meta, expected = run(tiny, tmp_path, "expected", base=run_dir, server=False, config="sampled")
+    monkeypatch.setenv(genserver.FAULT_ENV, "exit-during-request")  # inherited by the server it starts
+    meta, got = run(tiny, tmp_path, "crashed", base=run_dir, config="sampled")
+    assert meta["execution"]["mode"] == "in-process"
+    assert got == expected
+    assert list(genserver.server_dir(run_dir).glob("*.json")) == []  # the dead server's record is gone
+
+
+def test_server_that_cannot_start_falls_back(tiny, run_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv(genserver.FAULT_ENV, "exit-at-start")
+    started = time.monotonic()
+    meta, got = run(tiny, tmp_path, "fallback", base=run_dir)
+    assert meta["execution"]["mode"] == "in-process"
+    assert time.monotonic() - started < 170  # not the start timeout: the exit is noticed at once
+    assert got == run(tiny, tmp_path, "direct", base=run_dir, server=False)[1]
+
+
+def test_a_jobs_own_error_is_raised_as_is_and_the_server_stays(tiny, run_dir, tmp_path):
+    meta, _ = run(tiny, tmp_path, "first", base=run_dir)
+    with pytest.raises(DataError, match=r"line 1 \(id g-0\): prompt has \d+ tokens.*max_prompt_tokens=3"):
+        run(tiny, tmp_path, "too_long", base=run_dir, max_prompt_tokens=3)
+    assert not (tmp_path / "too_long.jsonl").exists() and not (tmp_path / "too_long.meta.json").exists()
+    again, _ = run(tiny, tmp_path, "again", base=run_dir, config="sampled")
+    assert again["execution"]["server_pid"] == meta["execution"]["server_pid"] and not again["execution"]["loaded"]
+
+
+def test_concurrent_jobs_start_one_server(tiny, run_dir, tmp_path):
+    metas = {}
+
+    def job(name, config):
+        metas[name] = run(tiny, tmp_path, name, base=run_dir, config=config)[0]
+
+    threads = [threading.Thread(target=job, args=(name, name)) for name in CONFIGS]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=600)
+    assert len({meta["execution"]["server_pid"] for meta in metas.values()}) == 1
+    assert sorted(meta["execution"]["loaded"] for meta in metas.values()) == [False, True]
+
+
+def test_idle_server_exits_by_itself(tiny, run_dir, tmp_path):
+    job = make_job(tiny)
+    meta = genserver.run_generation_job(job, tmp_path / "x.jsonl", base=run_dir, idle_timeout_s=2, start_timeout_s=180)
+    mark = genserver.server_mark(genserver.server_dir(run_dir), "")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and genserver.marked_processes(mark):
+        time.sleep(0.5)
+    assert genserver.marked_processes(mark) == [], f"server {meta['execution']['server_pid']} still running"
+    assert list(genserver.server_dir(run_dir).glob("*.json")) == []

@@ -1,0 +1,630 @@
+"""Where a generate job runs: a per-model generation server, in this process, or in the vLLM Python.
+
+Every generate job used to start Python, import torch/transformers and load its model (or build a vLLM
+engine: 35-55 s on CPU) for one decoding config. Snakemake keeps one job and one output file per
+(model, variant, decoding config) -- that is what makes partial reruns exact -- so the jobs stay, but
+they become thin clients of a generation server:
+
+    run_generation_job(job, python=..., server=True)     # what scripts/generate.py calls
+
+  1. The job connects to the server for its key (Python, tunelens code, host, SLURM allocation, visible
+     GPUs, model, backend, device, seed, vLLM options) through a Unix socket under the run-local
+     `.tunelens/servers/<host>/`. If there is none, the first job starts one (`python -m
+     tunelens.genserver serve`, its own session, so it outlives the job) under a file lock, so two jobs
+     never start two servers for one key.
+  2. The server keeps the model loaded: hf keeps (model, tokenizer) per adapter; vLLM keeps ONE engine
+     built with LoRA enabled, serving base and fine-tuned requests (LoRA is chosen per request) and every
+     decoding config. Requests run one at a time, each exactly as `tunelens.generate.generation_output`
+     runs in a job, so the rows are byte-identical to in-process generation (tests/test_genserver.py).
+  3. The server answers with (meta, rows); the job writes the files atomically. A server never writes an
+     output, so a server that crashes or is killed cannot leave a wrong or partial output.
+  4. Anything that goes wrong on the server side (it cannot start within start_timeout_s, dies, answers
+     nonsense, exceeds request_timeout_s) makes the job stop that server and generate itself: in this
+     process, or for `backend: vllm` when vLLM is not importable here, in a one-shot `python -m
+     tunelens.genserver once` under the vLLM Python. Errors in the job's own input (TunelensError: an
+     over-long prompt, a bad adapter) are raised as they are, with no retry.
+  5. A server exits after idle_timeout_s without requests; the Snakefile's onsuccess/onerror stop every
+     server of the run (`stop_servers`), and the server's whole process group (vLLM's EngineCore and
+     workers included) is killed. On SLURM the allocation's end kills it too.
+
+Every meta file records how its rows were produced under `execution` (mode, server pid, whether this
+request loaded the model or built the engine, and the load time it paid).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+SERVER_DIR_ENV = "TUNELENS_SERVER_DIR"
+# Fault injection for tests/test_genserver.py only: the server exits hard inside a generate request.
+FAULT_ENV = "TUNELENS_GENSERVER_FAULT"
+IN_SERVER_ENV = "TUNELENS_IN_GENERATION_SERVER"
+DEFAULT_SERVER_DIR = Path(".tunelens") / "servers"
+MAX_SOCKET_PATH = 100  # sun_path holds 108 bytes on Linux
+_HEADER = struct.Struct(">Q")
+
+
+class ServerUnavailable(Exception):
+    """The server could not serve this request (not started, died, timed out, internal error)."""
+
+
+# --------------------------------------------------------------------------------------------- framing
+def send_frame(sock: socket.socket, obj: Any) -> None:
+    data = json.dumps(obj).encode("utf-8")
+    sock.sendall(_HEADER.pack(len(data)) + data)
+
+
+def _recv_exact(sock: socket.socket, n: int, deadline: float, alive) -> bytes:
+    chunks, got = [], 0
+    while got < n:
+        if time.monotonic() > deadline:
+            raise ServerUnavailable("timed out waiting for the server's answer")
+        try:
+            chunk = sock.recv(min(n - got, 1 << 20))
+        except socket.timeout:
+            if not alive():
+                raise ServerUnavailable("the server process died during the request") from None
+            continue
+        except OSError as exc:
+            raise ServerUnavailable(f"connection to the server failed: {exc}") from None
+        if not chunk:
+            raise ServerUnavailable("the server closed the connection before answering in full")
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
+def recv_frame(sock: socket.socket, timeout_s: float, alive=lambda: True) -> Any:
+    """One length-prefixed JSON frame; a short or broken frame is ServerUnavailable, never a partial object."""
+    deadline = time.monotonic() + timeout_s
+    (length,) = _HEADER.unpack(_recv_exact(sock, _HEADER.size, deadline, alive))
+    try:
+        return json.loads(_recv_exact(sock, length, deadline, alive).decode("utf-8"))
+    except ValueError as exc:
+        raise ServerUnavailable(f"the server's answer is not valid JSON: {exc}") from None
+
+
+# --------------------------------------------------------------------------------------------- keys and paths
+def _code_digest() -> str:
+    """sha256 of tunelens' own sources: a server started by older code is never reused."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(__file__).resolve().parent.glob("*.py")):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def server_key(job: dict, python: str) -> str:
+    """What must be equal for two jobs to share a server: everything that shapes the loaded model/engine."""
+    fields = {
+        "python": os.path.realpath(python) if os.path.exists(python) else python,
+        "code": _code_digest(),
+        "host": socket.gethostname(),
+        # Per allocation and GPU set: a server started by one SLURM job must not serve another's GPUs.
+        "slurm_job": os.environ.get("SLURM_JOB_ID"),
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "threads": os.environ.get("OMP_NUM_THREADS"),  # CPU numerics follow the thread count
+        "model_path": str(job["model_path"]),
+        "backend": job.get("backend", "auto"),
+        "device": job.get("device", "auto"),
+        "gpus": job.get("gpus", 1),
+        "seed": job.get("seed"),
+        "vllm_options": job.get("vllm_options"),
+    }
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def server_dir(base: str | Path | None = None) -> Path:
+    """The run-local folder of this host's servers: $TUNELENS_SERVER_DIR or .tunelens/servers, per host."""
+    root = Path(base or os.environ.get(SERVER_DIR_ENV) or DEFAULT_SERVER_DIR).absolute()
+    return root / socket.gethostname()
+
+
+def _socket_path(folder: Path, key: str) -> str:
+    path = str(folder / f"{key}.sock")
+    if len(path.encode()) <= MAX_SOCKET_PATH:
+        return path
+    # Too long for sun_path: a private folder under the temp dir, named after the run folder.
+    short = Path(tempfile.gettempdir()) / f"tunelens-{os.getuid()}"
+    short.mkdir(mode=0o700, exist_ok=True)
+    return str(short / f"{hashlib.sha256(str(folder).encode()).hexdigest()[:10]}-{key}.sock")
+
+
+def _read_info(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _is_our_server(pid: int, key: str) -> bool:
+    """The pid is alive and is a tunelens generation server for `key` (not a recycled pid)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return b"tunelens.genserver" in cmdline and key.encode() in cmdline
+
+
+def _connect(path: str, timeout_s: float = 5.0) -> socket.socket | None:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout_s)
+    try:
+        sock.connect(path)
+    except OSError:
+        sock.close()
+        return None
+    return sock
+
+
+# --------------------------------------------------------------------------------------------- stopping
+MARKER_ENV = "TUNELENS_GENSERVER_MARK"  # set in a server's (or one-shot worker's) environment; inherited
+
+
+def marked_processes(mark: str | None = None) -> list[int]:
+    """PIDs (of this user) whose environment marker starts with `mark`: a server and every process it
+    started (vLLM's EngineCore and workers), found even after the server itself died. None: any marker."""
+    prefix = f"{MARKER_ENV}={mark or ''}".encode()
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            entries = environ.read_bytes().split(b"\0")
+            state = (environ.parent / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        pid = int(environ.parent.name)
+        if pid == os.getpid() or state == "Z":
+            continue
+        if any(entry.startswith(prefix) for entry in entries):
+            found.append(pid)
+    return found
+
+
+def server_mark(folder: Path, key: str) -> str:
+    """The marker of one server: its run folder's digest (stop_servers finds a run's strays by it) + key."""
+    return f"{hashlib.sha256(str(folder).encode()).hexdigest()[:12]}-{key}"
+
+
+def kill_marked(mark: str, grace_s: float = 10.0) -> None:
+    """SIGTERM every process whose marker starts with `mark`, then SIGKILL whatever is left after `grace_s` (by PID)."""
+    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+        pids = marked_processes(mark)
+        if not pids:
+            return
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline and marked_processes(mark):
+            time.sleep(0.1)
+
+
+def stop_server(info_file: Path, *, graceful_s: float = 20.0) -> None:
+    """Stop one server: ask it to exit (it shuts its engine down), then kill its process group."""
+    info = _read_info(info_file)
+    if info is None:
+        info_file.unlink(missing_ok=True)
+        return
+    pid, key = int(info["pid"]), info["key"]
+    if _is_our_server(pid, key):
+        sock = _connect(info["socket"])
+        if sock is not None:
+            with contextlib.suppress(OSError, ServerUnavailable):
+                send_frame(sock, {"op": "stop"})
+                recv_frame(sock, 5.0)
+            sock.close()
+            deadline = time.monotonic() + graceful_s
+            while time.monotonic() < deadline and _is_our_server(pid, key):
+                time.sleep(0.1)
+    # Whatever is left of it (engine processes; the server itself if it did not exit).
+    kill_marked(server_mark(info_file.parent, key))
+    info_file.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        if Path(info["socket"]).is_socket():
+            os.unlink(info["socket"])
+
+
+def stop_servers(base: str | Path | None = None, *, except_key: str | None = None) -> int:
+    """Stop every generation server of this run on this host (the Snakefile calls it when the run ends).
+    Returns how many were found."""
+    folder = server_dir(base)
+    if not folder.is_dir():
+        return 0
+    found = 0
+    for info_file in sorted(folder.glob("*.json")):
+        if except_key and info_file.stem == except_key:
+            continue
+        found += 1
+        stop_server(info_file)
+    if except_key is None:
+        kill_marked(server_mark(folder, ""))  # strays of servers that died before recording themselves
+    return found
+
+
+# --------------------------------------------------------------------------------------------- client
+def _start_server(python: str, folder: Path, key: str, idle_timeout_s: float) -> subprocess.Popen:
+    log_file = folder / f"{key}.log"
+    cmd = [python, "-m", "tunelens.genserver", "serve", "--dir", str(folder), "--key", key,
+           "--socket", _socket_path(folder, key), "--idle-timeout", str(idle_timeout_s)]
+    log.info("starting generation server: %s (log %s)", " ".join(cmd), log_file)
+    with open(log_file, "ab") as out:
+        return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True, close_fds=True,
+                                env={**os.environ, MARKER_ENV: server_mark(folder, key)})
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path, timeout_s: float):
+    with open(path, "a") as handle:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise ServerUnavailable(f"timed out after {timeout_s:.0f} s waiting for the lock {path}") from None
+                time.sleep(0.2)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _server_connection(python: str, folder: Path, key: str, *, start_timeout_s: float,
+                       idle_timeout_s: float) -> tuple[socket.socket, int]:
+    """A connection to the live server for `key`, starting it if needed; (socket, server pid)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    info_file = folder / f"{key}.json"
+    with _file_lock(folder / f"{key}.lock", start_timeout_s):
+        info = _read_info(info_file)
+        if info and _is_our_server(int(info["pid"]), key):
+            sock = _connect(info["socket"])
+            if sock is not None:
+                return sock, int(info["pid"])
+            stop_server(info_file)  # alive but not accepting: wedged
+        elif info:
+            stop_server(info_file)  # stale record of a dead server
+        proc = _start_server(python, folder, key, idle_timeout_s)
+        deadline = time.monotonic() + start_timeout_s
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise ServerUnavailable(f"the generation server exited at start (code {proc.returncode}); "
+                                        f"see {folder / (key + '.log')}")
+            info = _read_info(info_file)
+            if info and int(info["pid"]) == proc.pid:
+                sock = _connect(info["socket"])
+                if sock is not None:
+                    return sock, proc.pid
+            time.sleep(0.1)
+        kill_marked(server_mark(folder, key), grace_s=2.0)
+        info_file.unlink(missing_ok=True)
+        raise ServerUnavailable(f"the generation server did not start within {start_timeout_s:.0f} s")
+
+
+def generate_via_server(job: dict, *, python: str, base: str | Path | None = None, start_timeout_s: float = 120.0,
+                        request_timeout_s: float = 24 * 3600.0, idle_timeout_s: float = 120.0) -> tuple[dict, list]:
+    """(meta, rows) for `job` from the server for its key. Raises the job's own TunelensError as is, and
+    ServerUnavailable (after stopping that server) when the server cannot serve it."""
+    from tunelens import errors
+
+    folder = server_dir(base)
+    key = server_key(job, python)
+    sock, pid = _server_connection(python, folder, key, start_timeout_s=start_timeout_s, idle_timeout_s=idle_timeout_s)
+    try:
+        sock.settimeout(5.0)
+        try:
+            send_frame(sock, {"op": "generate", "job": job})
+        except OSError as exc:
+            raise ServerUnavailable(f"could not send the request: {exc}") from None
+        answer = recv_frame(sock, request_timeout_s, alive=lambda: _is_our_server(pid, key))
+    except ServerUnavailable:
+        stop_server(folder / f"{key}.json")
+        raise
+    finally:
+        sock.close()
+    if answer.get("ok"):
+        meta, rows = answer["meta"], answer["rows"]
+        if not isinstance(rows, list) or len(rows) != meta.get("n_rows"):
+            stop_server(folder / f"{key}.json")
+            raise ServerUnavailable("the server's answer is inconsistent (row count differs from its meta)")
+        return meta, rows
+    error_class = getattr(errors, answer.get("error_type", ""), None)
+    if isinstance(error_class, type) and issubclass(error_class, errors.TunelensError):
+        raise error_class(answer["message"])
+    stop_server(folder / f"{key}.json")
+    raise ServerUnavailable(f"the server failed internally: {answer.get('message')}")
+
+
+def _run_once_in(python: str, job: dict, timeout_s: float) -> tuple[dict, list]:
+    """The job in a one-shot `python -m tunelens.genserver once` (e.g. the vLLM venv), own session; its
+    leftover processes (vLLM engine) are killed by process group when it ends."""
+    from tunelens import errors
+
+    with tempfile.TemporaryDirectory(prefix="tunelens-once-") as workdir:
+        request, answer_file = Path(workdir) / "job.json", Path(workdir) / "answer.json"
+        request.write_text(json.dumps(job))
+        cmd = [python, "-m", "tunelens.genserver", "once", str(request), str(answer_file)]
+        log.info("running %s", " ".join(cmd))
+        mark = f"once-{os.getpid()}-{time.time_ns()}"
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, start_new_session=True,
+                                env={**os.environ, MARKER_ENV: mark})
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            raise errors.ModelError(f"{' '.join(cmd)} did not finish within {timeout_s:.0f} s") from None
+        finally:
+            kill_marked(mark, grace_s=5.0)  # the engine processes it leaves behind
+            proc.wait()
+        answer = _read_info(answer_file)
+        if answer is None:
+            raise errors.ModelError(f"{' '.join(cmd)} failed (exit {proc.returncode}) without an answer")
+    if answer.get("ok"):
+        return answer["meta"], answer["rows"]
+    error_class = getattr(errors, answer.get("error_type", ""), None)
+    if isinstance(error_class, type) and issubclass(error_class, errors.TunelensError):
+        raise error_class(answer["message"])
+    raise errors.ModelError(f"generation under {python} failed: {answer.get('message')}")
+
+
+def job_python(backend: str, vllm_python: str | None) -> str:
+    """The Python a job's generation runs in: this one, or for `backend: vllm` when vLLM is not
+    importable here, `vllm_python`. Never falls back to hf: without either, the error says how to get vLLM."""
+    from tunelens.generate import _require_vllm, vllm_importable
+
+    if backend != "vllm" or vllm_importable():
+        return sys.executable
+    if vllm_python:
+        if not Path(vllm_python).exists():
+            from tunelens.errors import ConfigError
+
+            raise ConfigError(f"generation.vllm_python: '{vllm_python}' does not exist (build it with `make vllm-venv`)")
+        return vllm_python
+    _require_vllm()  # raises, naming how to install vLLM or switch to hf
+    raise AssertionError("unreachable")
+
+
+def run_generation_job(job: dict, output_file: str | Path, meta_file: str | Path | None = None, *,
+                       vllm_python: str | None = None, server: bool = True, base: str | Path | None = None,
+                       threads: int | None = None, start_timeout_s: float = 120.0,
+                       request_timeout_s: float = 24 * 3600.0, idle_timeout_s: float = 120.0) -> dict:
+    """Run one generate job (`job` = keyword arguments of tunelens.generate.generation_output) and write
+    its two files. Through the model's generation server when `server`, else (or when the server cannot
+    serve it) in this process or a one-shot process under the vLLM Python. `threads`: the job's CPU
+    threads, given to torch when it generates in this process (a server or subprocess reads them from
+    the OpenMP variables it inherits). Returns the meta."""
+    from tunelens.generate import generation_output, write_generation
+
+    python = job_python(job.get("backend", "auto"), vllm_python)
+    meta = rows = None
+    if server:
+        started = time.perf_counter()
+        try:
+            meta, rows = generate_via_server(job, python=python, base=base, start_timeout_s=start_timeout_s,
+                                             request_timeout_s=request_timeout_s, idle_timeout_s=idle_timeout_s)
+            meta["execution"]["client_wait_s"] = round(time.perf_counter() - started, 3)
+        except ServerUnavailable as exc:
+            log.warning("generation server unavailable (%s); generating without it", exc)
+    if meta is None:
+        started = time.perf_counter()
+        if python == sys.executable:
+            if threads:
+                from tunelens.jobs import use_job_threads
+
+                use_job_threads(threads)
+            meta, rows = generation_output(**job)
+            mode = "in-process"
+        else:
+            meta, rows = _run_once_in(python, job, request_timeout_s)
+            mode = "subprocess"
+        meta["execution"] = {"mode": mode, "python": python, "loaded": True,
+                             "client_wait_s": round(time.perf_counter() - started, 3)}
+    write_generation(output_file, meta_file, meta, rows)
+    return meta
+
+
+# --------------------------------------------------------------------------------------------- server
+class _Server:
+    """One model's loaded state: a vLLM engine (LoRA enabled) or hf models per adapter; one request at a time."""
+
+    def __init__(self, key: str, idle_timeout_s: float):
+        self.key = key
+        self.idle_timeout_s = idle_timeout_s
+        self.lock = threading.Lock()
+        self.engine = None
+        self.hf_models: dict = {}  # adapter_dir (or None) -> (model, tokenizer)
+        self.active = 0
+        self.last_activity = time.monotonic()
+        self.stopping = False
+        self.requests = 0
+
+    def generate(self, job: dict) -> tuple[dict, list]:
+        from tunelens.generate import build_vllm_engine, generation_output, resolve_backend
+
+        concrete, _ = resolve_backend(job.get("backend", "auto"), job.get("device", "auto"))
+        loaded, load_time = False, 0.0
+        kwargs = dict(job)
+        if concrete == "vllm":
+            if self.engine is None:
+                started = time.perf_counter()
+                options = dict(job.get("vllm_options") or {})
+                # LoRA always on: one engine serves the base and the fine-tuned variant (per request).
+                self.engine = build_vllm_engine(
+                    job["model_path"], enable_lora=True, tensor_parallel_size=job.get("gpus") or 1,
+                    seed=job.get("seed", 1234), device=job.get("device", "auto"), **options,
+                )
+                loaded, load_time = True, time.perf_counter() - started
+            kwargs["engine"] = self.engine
+        else:
+            from tunelens.models import load_model
+
+            adapter = job.get("adapter_dir")
+            if adapter not in self.hf_models:
+                if adapter is not None and not (Path(adapter) / "adapter_config.json").exists():
+                    from tunelens.errors import ModelError
+
+                    raise ModelError(f"adapter directory '{adapter}' has no adapter_config.json")
+                while len(self.hf_models) >= 2:  # base + one adapter at most
+                    self.hf_models.pop(next(iter(self.hf_models)))
+                started = time.perf_counter()
+                self.hf_models[adapter] = load_model(job["model_path"], adapter_dir=adapter,
+                                                     device=job.get("device", "auto"))
+                loaded, load_time = True, time.perf_counter() - started
+            kwargs["hf_model"] = self.hf_models[adapter]
+        if os.environ.get(FAULT_ENV) == "exit-during-request":
+            os._exit(17)
+        meta, rows = generation_output(**kwargs)
+        if concrete == "vllm":
+            # What the job would have recorded in-process (an engine passed in is reported as such).
+            meta["backend_reason"] = resolve_backend(job.get("backend", "auto"), job.get("device", "auto"))[1]
+        meta["load_time_s"] = round(load_time, 3)
+        self.requests += 1
+        meta["execution"] = {"mode": "server", "python": sys.executable, "server_pid": os.getpid(),
+                             "loaded": loaded, "request": self.requests}
+        return meta, rows
+
+    def handle(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                conn.settimeout(30.0)
+                request = recv_frame(conn, 30.0)
+            except ServerUnavailable:
+                return
+            op = request.get("op")
+            if op == "stop":
+                self.stopping = True
+                answer: dict = {"ok": True}
+            elif op == "ping":
+                answer = {"ok": True, "pid": os.getpid(), "requests": self.requests}
+            elif op == "generate":
+                with self.lock:
+                    try:
+                        meta, rows = self.generate(request["job"])
+                        answer = {"ok": True, "meta": meta, "rows": rows}
+                    except Exception as exc:  # reported to the client: its error or a reason to fall back
+                        log.error("request failed:\n%s", traceback.format_exc())
+                        answer = {"ok": False, "error_type": type(exc).__name__, "message": str(exc)}
+                    self.last_activity = time.monotonic()
+            else:
+                answer = {"ok": False, "error_type": "internal", "message": f"unknown op {op!r}"}
+            with contextlib.suppress(OSError):
+                conn.settimeout(60.0)
+                send_frame(conn, answer)
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.shutdown()
+            self.engine = None
+        self.hf_models.clear()
+
+
+def serve(folder: Path, key: str, socket_path: str, idle_timeout_s: float) -> None:
+    os.environ[IN_SERVER_ENV] = "1"
+    if os.environ.get(FAULT_ENV) == "exit-at-start":
+        os._exit(18)
+    state = _Server(key, idle_timeout_s)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(socket_path)  # the client holds the start lock and found no live server on it
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(socket_path)
+    os.chmod(socket_path, 0o600)
+    listener.listen(64)
+    listener.settimeout(0.5)
+    info_file = folder / f"{key}.json"
+    tmp = info_file.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"pid": os.getpid(), "key": key, "socket": socket_path, "python": sys.executable,
+                               "started": time.time()}))
+    os.replace(tmp, info_file)
+    log.info("generation server %s listening on %s (idle timeout %.0f s)", key, socket_path, idle_timeout_s)
+    signal.signal(signal.SIGTERM, lambda *_: setattr(state, "stopping", True))
+    threads: list[threading.Thread] = []
+    try:
+        while True:
+            threads = [t for t in threads if t.is_alive()]
+            busy = bool(threads) or state.lock.locked()
+            if state.stopping and not busy:
+                break
+            if not busy and time.monotonic() - state.last_activity > idle_timeout_s:
+                log.info("idle for %.0f s: exiting", idle_timeout_s)
+                break
+            try:
+                conn, _ = listener.accept()
+            except socket.timeout:
+                continue
+            state.last_activity = time.monotonic()
+            thread = threading.Thread(target=state.handle, args=(conn,), daemon=True)
+            thread.start()
+            threads.append(thread)
+    finally:
+        listener.close()
+        with contextlib.suppress(OSError):
+            os.unlink(socket_path)
+        info = _read_info(info_file)
+        if info and int(info["pid"]) == os.getpid():
+            info_file.unlink(missing_ok=True)
+        state.close()
+        log.info("generation server %s stopped after %d requests", key, state.requests)
+
+
+def once(request_file: str, answer_file: str) -> int:
+    """Run one job from a JSON file and write {"ok", "meta", "rows"} or the error (the vLLM venv's worker)."""
+    from tunelens.generate import generation_output
+
+    job = json.loads(Path(request_file).read_text())
+    try:
+        meta, rows = generation_output(**job)
+        answer = {"ok": True, "meta": meta, "rows": rows}
+    except Exception as exc:
+        log.error("generation failed:\n%s", traceback.format_exc())
+        answer = {"ok": False, "error_type": type(exc).__name__, "message": str(exc)}
+    Path(answer_file).write_text(json.dumps(answer))
+    return 0 if answer["ok"] else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m tunelens.genserver")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("serve", help="(internal) a generation server; started on demand by generate jobs")
+    run.add_argument("--dir", required=True)
+    run.add_argument("--key", required=True)
+    run.add_argument("--socket", required=True)
+    run.add_argument("--idle-timeout", type=float, default=120.0)
+    one = sub.add_parser("once", help="(internal) run one generate job from a JSON file")
+    one.add_argument("request")
+    one.add_argument("answer")
+    stop = sub.add_parser("stop", help="stop every generation server of a run folder on this host")
+    stop.add_argument("--dir", default=None, help=f"run folder (default ${SERVER_DIR_ENV} or {DEFAULT_SERVER_DIR})")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "serve":
+        serve(Path(args.dir), args.key, args.socket, args.idle_timeout)
+        return 0
+    if args.command == "once":
+        return once(args.request, args.answer)
+    print(f"stopped {stop_servers(args.dir)} generation server(s)")
+    return 0
+
+
+if __name__ == "__main__":
+    # vLLM spawns engine processes that re-import __main__: everything runs under this guard.
+    sys.exit(main())
