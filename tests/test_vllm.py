@@ -391,6 +391,7 @@ def test_generation_agreement_rule_runs_through_snakemake(vllm_model, tmp_path):
         "seed": 3, "device": "cpu",
         "dataset": {"name": "d", "source": str(data), "test_size": 3},
         "models": {"tiny": {"source": str(model_dir), "prompt_format": "alpaca"}},
+        "finetune": {"lora_r": 8, "lora_alpha": 16},  # the fixture adapter's, within vllm_max_lora_rank
         "generation": {"vllm_python": str(VLLM_PYTHON), "vllm_max_lora_rank": 8, "agreement_rows": 3,
                        "agreement_max_new_tokens": MAX_NEW_TOKENS},
         "probe": {"enabled": False},
