@@ -32,22 +32,21 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-import os
 import re
 import resource
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 from tunelens.errors import ConfigError, DataError, ModelError, TunelensError
-from tunelens.io import library_versions, read_jsonl, sha256_dir, sha256_file, write_json_atomic, write_jsonl_atomic
+from tunelens.io import (
+    atomic_directory, library_versions, read_jsonl, save_figure_atomic, sha256_dir, sha256_file, write_json_atomic,
+    write_jsonl_atomic,
+)
 
 log = logging.getLogger(__name__)
-_UMASK = os.umask(0)  # read once: os.umask can only be read by setting it
-os.umask(_UMASK)
 
 TRAIN_ROW_KEYS = ("id", "instruction", "input", "output")
 # Written into the checkpoint directory: checkpoints are resumed only by a run with the same fingerprint.
@@ -896,16 +895,8 @@ def plot_loss(rows: list[dict], png_path: str | Path, title: str) -> None:
                    linestyle="--", linewidth=1, label="learning rate")
         ax_lr.set_ylabel("learning rate")
     fig.tight_layout()
-    png_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=png_path.parent, prefix=f".{png_path.name}.", suffix=".tmp")
-    os.close(fd)
     try:
-        fig.savefig(tmp, format="png")
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; results are read by other cluster users
-        os.replace(tmp, png_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        save_figure_atomic(fig, png_path)
     finally:
         plt.close(fig)
 
@@ -933,18 +924,9 @@ def _model_source(model_path: str) -> dict:
 
 def _save_adapter(model, adapter_dir: Path, record: dict) -> None:
     """Save the adapter into a staging dir beside `adapter_dir`, then rename it into place."""
-    adapter_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=adapter_dir.parent, prefix=f".{adapter_dir.name}."))
-    try:
+    with atomic_directory(adapter_dir) as staging:
         model.save_pretrained(str(staging))
         write_json_atomic(staging / ADAPTER_RECORD, record)
-        os.chmod(staging, 0o777 & ~_UMASK)  # mkdtemp makes 0700
-        if adapter_dir.exists():
-            shutil.rmtree(adapter_dir)
-        staging.rename(adapter_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def finetune(
