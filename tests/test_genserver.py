@@ -139,3 +139,18 @@ def test_idle_server_exits_by_itself(tiny, run_dir, tmp_path):
         time.sleep(0.5)
     assert genserver.marked_processes(mark) == [], f"server {meta['execution']['server_pid']} still running"
     assert list(genserver.server_dir(run_dir).glob("*.json")) == []
+
+
+def test_a_model_load_on_the_gpu_stops_the_runs_idle_servers(tiny, run_dir, tmp_path, monkeypatch):
+    # What tunelens.models.load_model and the fine-tune call on CUDA (simulated: the call itself).
+    monkeypatch.setenv(genserver.SERVER_DIR_ENV, str(run_dir))
+    meta = genserver.run_generation_job(make_job(tiny), tmp_path / "x.jsonl", start_timeout_s=180)
+    assert meta["execution"]["mode"] == "server"
+    mark = genserver.server_mark(genserver.server_dir(run_dir), "")
+    assert genserver.marked_processes(mark) != []
+    monkeypatch.setenv(genserver.IN_SERVER_ENV, "1")  # inside a server (its own loads): nothing stops
+    genserver.release_gpu_for_this_job()
+    assert genserver.marked_processes(mark) != []
+    monkeypatch.delenv(genserver.IN_SERVER_ENV)
+    genserver.release_gpu_for_this_job()
+    assert genserver.marked_processes(mark) == []

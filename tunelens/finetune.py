@@ -464,6 +464,10 @@ def _load_base_model(model_path: str, plan: TrainingPlan, revision: str | None):
     import torch
     from transformers import AutoModelForCausalLM
 
+    if plan.device == "cuda":
+        from tunelens.genserver import release_gpu_for_this_job
+
+        release_gpu_for_this_job()  # an idle generation server must not hold the GPU memory training needs
     dtype = getattr(torch, plan.compute_dtype)
     kwargs: dict[str, Any] = {"dtype": dtype, "revision": revision}
     if plan.method == "qlora":

@@ -242,6 +242,18 @@ def stop_server(info_file: Path, *, graceful_s: float = 20.0) -> None:
             os.unlink(info["socket"])
 
 
+def release_gpu_for_this_job() -> None:
+    """Before a job outside the servers loads a model on a GPU: stop this run's idle generation servers on
+    this host, so their models/engines (vLLM takes most of the GPU's memory) do not make it run out of
+    memory. Called by tunelens.models.load_model and the fine-tune on CUDA; cheap when there are none."""
+    if os.environ.get(IN_SERVER_ENV):
+        return
+    folder = server_dir()
+    if folder.is_dir() and any(folder.glob("*.json")):
+        log.info("stopping this run's generation servers before loading a model on the GPU")
+        stop_servers()
+
+
 def stop_servers(base: str | Path | None = None, *, except_key: str | None = None) -> int:
     """Stop every generation server of this run on this host (the Snakefile calls it when the run ends).
     Returns how many were found."""
@@ -290,7 +302,7 @@ def _file_lock(path: Path, timeout_s: float):
 
 
 def _server_connection(python: str, folder: Path, key: str, *, start_timeout_s: float,
-                       idle_timeout_s: float) -> tuple[socket.socket, int]:
+                       idle_timeout_s: float, gpu: bool) -> tuple[socket.socket, int]:
     """A connection to the live server for `key`, starting it if needed; (socket, server pid)."""
     folder.mkdir(parents=True, exist_ok=True)
     info_file = folder / f"{key}.json"
@@ -303,6 +315,8 @@ def _server_connection(python: str, folder: Path, key: str, *, start_timeout_s: 
             stop_server(info_file)  # alive but not accepting: wedged
         elif info:
             stop_server(info_file)  # stale record of a dead server
+        if gpu:  # one model at a time on the GPU: another model's idle server would take its memory
+            stop_servers(folder.parent, except_key=key)
         proc = _start_server(python, folder, key, idle_timeout_s)
         deadline = time.monotonic() + start_timeout_s
         while time.monotonic() < deadline:
@@ -328,7 +342,8 @@ def generate_via_server(job: dict, *, python: str, base: str | Path | None = Non
 
     folder = server_dir(base)
     key = server_key(job, python)
-    sock, pid = _server_connection(python, folder, key, start_timeout_s=start_timeout_s, idle_timeout_s=idle_timeout_s)
+    sock, pid = _server_connection(python, folder, key, start_timeout_s=start_timeout_s, idle_timeout_s=idle_timeout_s,
+                                   gpu=job.get("device", "auto") != "cpu")
     try:
         sock.settimeout(5.0)
         try:
@@ -426,6 +441,8 @@ def run_generation_job(job: dict, output_file: str | Path, meta_file: str | Path
     if meta is None:
         started = time.perf_counter()
         if python == sys.executable:
+            if job.get("device", "auto") != "cpu":
+                stop_servers(base)  # a failed server must not keep GPU memory from this job
             if threads:
                 from tunelens.jobs import use_job_threads
 

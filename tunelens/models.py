@@ -166,6 +166,10 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     device = pick_device(device)
+    if device == "cuda":
+        from tunelens.genserver import release_gpu_for_this_job
+
+        release_gpu_for_this_job()
     torch_dtype = pick_dtype(device, dtype)
     kwargs: dict[str, Any] = {"dtype": torch_dtype, "revision": revision}
     if load_in_4bit:
