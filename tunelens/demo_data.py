@@ -127,14 +127,19 @@ FAMILIES = (_arithmetic, _word_problem, _string_task, _element, _conversion, _so
 
 def generate_demo_rows(n_rows: int = 400, seed: int = 20261123) -> list[dict]:
     """`n_rows` distinct rows (instruction, input, output), the same on every machine for a given seed."""
+    return _distinct_rows(FAMILIES, n_rows, seed, "demo generator")
+
+
+def _distinct_rows(families, n_rows: int, seed: int, what: str) -> list[dict]:
+    """`n_rows` rows with distinct (instruction, input), drawing from the families in turn."""
     rng = random.Random(seed)
     rows, seen = [], set()
     attempts = 0
     while len(rows) < n_rows:
         attempts += 1
         if attempts > n_rows * 50:
-            raise RuntimeError(f"demo generator could not find {n_rows} distinct rows")
-        row = FAMILIES[attempts % len(FAMILIES)](rng)  # families with few distinct rows run out; others fill in
+            raise RuntimeError(f"{what} could not find {n_rows} distinct rows")
+        row = families[attempts % len(families)](rng)  # families with few distinct rows run out; others fill in
         key = (row["instruction"], row["input"])
         if key in seen:
             continue
@@ -170,17 +175,4 @@ HOLDOUT_FAMILIES = (_division, _first_letter, _element_from_symbol)
 
 def generate_holdout_rows(n_rows: int = 12, seed: int = 20261130) -> list[dict]:
     """`n_rows` distinct rows of task families that `generate_demo_rows` never produces."""
-    rng = random.Random(seed)
-    rows, seen = [], set()
-    attempts = 0
-    while len(rows) < n_rows:
-        attempts += 1
-        if attempts > n_rows * 50:
-            raise RuntimeError(f"held-out demo generator could not find {n_rows} distinct rows")
-        row = HOLDOUT_FAMILIES[attempts % len(HOLDOUT_FAMILIES)](rng)
-        key = (row["instruction"], row["input"])
-        if key in seen:
-            continue
-        seen.add(key)
-        rows.append(row)
-    return rows
+    return _distinct_rows(HOLDOUT_FAMILIES, n_rows, seed, "held-out demo generator")

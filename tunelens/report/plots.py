@@ -23,9 +23,11 @@ def _plot_setup():
     return plt
 
 
-def _save(fig, path: Path) -> None:
-    # No software/date metadata: the same data gives the same PNG bytes.
+def _save(plt, fig, path: Path) -> Path:
+    """Write and close the figure; no software/date metadata, so the same data gives the same PNG bytes."""
     save_figure_atomic(fig, path, dpi=110, metadata={"Software": None})
+    plt.close(fig)
+    return path
 
 
 # Variants drawn differently, so a fine-tuned line lying on the base line stays visible.
@@ -100,10 +102,7 @@ def plot_sweeps(scores: pd.DataFrame, config_fields: dict[str, dict], default: s
             fig.suptitle(f"{model}{on_set}: metrics vs {field_name} (others at default; dotted = default)",
                          fontsize=10)
             ending = f"__{_safe(suffix)}" if suffix else ""
-            path = out_dir / f"sweep_{_safe(model)}_{_safe(field_name)}{ending}.png"
-            _save(fig, path)
-            plt.close(fig)
-            written.append(path)
+            written.append(_save(plt, fig, out_dir / f"sweep_{_safe(model)}_{_safe(field_name)}{ending}.png"))
     return written
 
 
@@ -128,10 +127,7 @@ def plot_layers(scores: pd.DataFrame, out_dir: Path) -> list[Path]:
             ax.set_xlabel("exit layer")
         axes[0].legend(fontsize=8)
         fig.suptitle(f"{model}: early exit, metric vs layer", fontsize=10)
-        path = out_dir / f"layers_{_safe(model)}.png"
-        _save(fig, path)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(plt, fig, out_dir / f"layers_{_safe(model)}.png"))
     return written
 
 
@@ -159,8 +155,5 @@ def plot_loss(finetune: dict[str, dict], out_dir: Path) -> list[Path]:
         ax_lr.set_xlabel("step")
         ax_lr.set_ylabel("learning rate")
         fig.suptitle(f"{model}: fine-tuning", fontsize=10)
-        path = out_dir / f"loss_{_safe(model)}.png"
-        _save(fig, path)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(plt, fig, out_dir / f"loss_{_safe(model)}.png"))
     return written
