@@ -221,6 +221,8 @@ def test_alpaca_preset_is_the_study_design():
     assert len(study.decoding) == 13
     assert set(study.models) == {"llama2-7b", "mistral-7b", "phi-2"}
     assert all(spec.probe_layers == [8, 16, 24, 32] for spec in study.models.values())
+    humaneval = study.evaluation_sets["humaneval"]
+    assert (humaneval.source_kind, humaneval.kind, humaneval.hub_split) == ("hub", "code", "test")
 
 
 # ----------------------------------------------------------------------------------------- evaluation sets
