@@ -104,6 +104,14 @@ def dataset_file_input(wildcards):
     return [source] if STUDY.dataset_kind == "local" else []
 
 
+HUB_DATASET_DIR = f"{R}/hub/datasets/{DATASET}"
+
+
+def hub_dataset_input(wildcards):
+    """A hub dataset's download (rule download_dataset); nothing for local and embedded sources."""
+    return [HUB_DATASET_DIR] if STUDY.dataset_kind == "hub" else []
+
+
 SPLIT = {
     "train": f"{R}/data/{DATASET}/train.jsonl",
     "test": f"{R}/data/{DATASET}/test.jsonl",
@@ -148,16 +156,48 @@ def model_field(name):
     return get
 
 
+HUB_MODELS = [name for name, spec in MODELS.items() if spec.source_kind == "hub"]
+
+
+def model_dir(spec):
+    """The directory a job loads: embedded -> materialised, hub -> downloaded, local -> as configured."""
+    if spec.source_kind == "embedded":
+        return f"{R}/models/{spec.name}"
+    if spec.source_kind == "hub":
+        return f"{R}/hub/models/{spec.name}"
+    return spec.source
+
+
 def model_input(wildcards):
-    """The materialised directory of an embedded model (a job input), or nothing for hub/local sources."""
+    """The materialised or downloaded directory of an embedded or hub model (a job input); nothing for local."""
     spec = model_spec(wildcards)
-    return [f"{R}/models/{spec.name}"] if spec.source_kind == "embedded" else []
+    return [] if spec.source_kind == "local" else [model_dir(spec)]
 
 
 def model_path(wildcards):
-    """What load_model() gets: the materialised dir, a local dir, or a hub id."""
-    spec = model_spec(wildcards)
-    return f"{R}/models/{spec.name}" if spec.source_kind == "embedded" else spec.source
+    """What load_model() gets: always a local directory (hub models load their download, offline)."""
+    return model_dir(model_spec(wildcards))
+
+
+def check_hub_sources():
+    """Stop a run (not a dry run) before any job when a hub source can be neither downloaded nor copied from
+    the cache: the hub is off and nothing is cached. The message names the model or dataset.
+    """
+    from tunelens.errors import ConfigError
+    from tunelens.hub import missing_offline
+
+    sources = {
+        f"models.{name}": (MODELS[name].source, MODELS[name].revision, "model")
+        for name in HUB_MODELS
+    }
+    if STUDY.dataset_kind == "hub":
+        dataset = STUDY.config["dataset"]
+        sources["dataset"] = (dataset["source"], dataset["revision"], "dataset")
+    where = {f"models.{name}": f"{R}/hub/models/{name}" for name in HUB_MODELS}
+    where["dataset"] = HUB_DATASET_DIR
+    problems = missing_offline(sources, where.get)
+    if problems:
+        raise ConfigError("\n".join(problems))
 
 
 def adapter_input(wildcards):
@@ -373,10 +413,12 @@ def judge_model_name(wildcards):
 
 
 def judge_model_input(wildcards):
-    """The judge's materialised directory when it is an embedded model of `models`."""
+    """The judge's materialised or downloaded directory when it is an embedded or hub model of `models`."""
     name = judge_model_name(wildcards)
-    if name in MODELS and MODELS[name].source_kind == "embedded":
-        return [f"{R}/models/{name}"]
+    if name in MODELS:
+        from types import SimpleNamespace
+
+        return model_input(SimpleNamespace(model=name))
     return []
 
 

@@ -4,6 +4,7 @@
 rule split:
     input:
         dataset_file_input,
+        hub_dataset=hub_dataset_input,
     output:
         train=SPLIT["train"],
         test=SPLIT["test"],
@@ -56,3 +57,23 @@ rule evalset:
         seed=lookup(dpath="seed", within=config),
     script:
         "../scripts/evalset.py"
+
+
+# A hub dataset is downloaded once, on the submitting host (network), before the split reads it offline.
+localrules:
+    download_dataset,
+
+
+rule download_dataset:
+    output:
+        directory(HUB_DATASET_DIR),
+    log:
+        f"logs/download_dataset/{DATASET}.log",
+    benchmark:
+        f"benchmarks/download_dataset/{DATASET}.tsv"
+    params:
+        hub_id=lookup(dpath="dataset/source", within=config),
+        revision=lookup(dpath="dataset/revision", within=config),
+        repo_type="dataset",
+    script:
+        "../scripts/download.py"

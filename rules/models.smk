@@ -37,3 +37,28 @@ rule materialize_bertscore_model:
         embedded=bertscore_embedded_name,
     script:
         "../scripts/materialize_model.py"
+
+
+# Hub models are downloaded once into results/hub/models/<model>/ on the submitting host (localrules: a
+# cluster's GPU nodes may have no network), revision pinned and recorded (tunelens.hub); every model job
+# then loads that directory offline. With the hub off and nothing cached, the run stops before any job
+# (Snakefile onstart -> check_hub_sources).
+localrules:
+    download_model,
+
+
+rule download_model:
+    output:
+        directory(f"{R}/hub/models/{{model}}"),
+    log:
+        "logs/download_model/{model}.log",
+    benchmark:
+        "benchmarks/download_model/{model}.tsv"
+    wildcard_constraints:
+        model=_alternation(HUB_MODELS) or "(?!)",
+    params:
+        hub_id=model_field("source"),
+        revision=model_field("revision"),
+        repo_type="model",
+    script:
+        "../scripts/download.py"

@@ -15,6 +15,7 @@ split_dataset(
     test_size=params.test_size,
     max_train=params.max_train,
     hub_split=params.hub_split,
+    hub_dir=snakemake.input.hub_dataset[0] if snakemake.input.hub_dataset else None,
     train_path=snakemake.output.train,
     test_path=snakemake.output.test,
     manifest_path=snakemake.output.manifest,

@@ -31,9 +31,10 @@ FIELDS = ("instruction", "input", "output")
 
 # --------------------------------------------------------------------------------------------- reading
 def read_source(source: str, *, hub_split: str = "train", base_dir: str | Path = ".",
-                on_bad_rows: str = "count") -> tuple[list[dict], dict, "BadRows"]:
+                on_bad_rows: str = "count", hub_dir: str | Path | None = None) -> tuple[list[dict], dict, "BadRows"]:
     """Rows of a dataset source as dicts, a description of the source (kind, path, content hash), and the
-    records that could not be read as rows (malformed lines), by reason."""
+    records that could not be read as rows (malformed lines), by reason. A hub dataset is read from
+    `hub_dir`, its download by rule download_dataset (tunelens.hub), when given."""
     kind = source_kind(source)
     if kind == "embedded":
         from tunelens.demo_data import generate_demo_rows, generate_holdout_rows
@@ -45,7 +46,7 @@ def read_source(source: str, *, hub_split: str = "train", base_dir: str | Path =
         digest = sha256_bytes("\n".join(dumps_row(r) for r in rows).encode())
         return rows, {"kind": "embedded", "source": source, "sha256": digest}, BadRows(on_bad_rows)
     if kind == "hub":
-        rows, info = _read_hub(source, hub_split)
+        rows, info = _read_hub(source, hub_split, hub_dir)
         return rows, info, BadRows(on_bad_rows)
     path = Path(source).expanduser()
     path = path if path.is_absolute() else Path(base_dir) / path
@@ -164,17 +165,23 @@ def inspect_file(path: Path) -> tuple[set[str], int]:
     return set().union(*(row.keys() for row in rows[:1000])), len(rows)
 
 
-def _read_hub(dataset_id: str, split: str) -> tuple[list[dict], dict]:
+def _read_hub(dataset_id: str, split: str, hub_dir: str | Path | None = None) -> tuple[list[dict], dict]:
     import datasets
 
+    from tunelens.hub import source_record
+
     try:
-        dataset = datasets.load_dataset(dataset_id, split=split)
+        dataset = datasets.load_dataset(str(hub_dir) if hub_dir else dataset_id, split=split)
     except Exception as exc:  # datasets raises many types (ConnectionError, FileNotFoundError, ValueError...)
         raise DataError(
             f"cannot load hub dataset '{dataset_id}' (split '{split}'): {type(exc).__name__}: {exc}. "
             "Offline? Pre-download it into HF_HOME or point dataset.source at a local file."
         ) from None
-    return dataset.to_list(), {"kind": "hub", "source": dataset_id, "split": split, "fingerprint": dataset._fingerprint}
+    info = {"kind": "hub", "source": dataset_id, "split": split, "fingerprint": dataset._fingerprint}
+    record = source_record(hub_dir) if hub_dir else None
+    if record:
+        info.update(revision=record["revision"], downloaded_to=str(hub_dir))
+    return dataset.to_list(), info
 
 
 # --------------------------------------------------------------------------------------------- cleaning
@@ -284,9 +291,10 @@ def split_rows(rows: list[dict], *, seed: int, test_size: float, max_train: int 
 
 def split_dataset(*, source: str, name: str, fields: dict, seed: int, test_size: float,
                   required_fields: tuple[str, ...] = REQUIRED, on_bad_rows: str = "count", max_train: int | None, hub_split: str, train_path: str | Path, test_path: str | Path,
-                  manifest_path: str | Path, base_dir: str | Path = ".") -> dict:
+                  manifest_path: str | Path, base_dir: str | Path = ".", hub_dir: str | Path | None = None) -> dict:
     """Read, clean and split a dataset; write train.jsonl, test.jsonl and manifest.json. Returns the manifest."""
-    raw_rows, source_info, bad = read_source(source, hub_split=hub_split, base_dir=base_dir, on_bad_rows=on_bad_rows)
+    raw_rows, source_info, bad = read_source(source, hub_split=hub_split, base_dir=base_dir, on_bad_rows=on_bad_rows,
+                                             hub_dir=hub_dir)
     n_malformed = sum(bad.counts.values())
     log.info("read %d rows from %s (%d malformed records dropped)", len(raw_rows), source, n_malformed)
     bad.where = f"dataset '{source}'"

@@ -41,6 +41,7 @@ from typing import Any, Sequence
 from tunelens.decoding import BEAM_MODES, DecodingConfig, hf_generation_kwargs, vllm_sampling_kwargs
 from tunelens.decoding import check as check_decoding
 from tunelens.errors import ConfigError, DataError, ModelError
+from tunelens.hub import hub_revision
 from tunelens.io import library_versions, read_jsonl, sha256_dir, write_json_atomic, write_jsonl_atomic
 
 log = logging.getLogger(__name__)
@@ -783,7 +784,8 @@ def generation_output(
     meta = {
         "backend": concrete,
         "backend_reason": reason,
-        "model": {"name": model_name, "source": model_source or str(model_path), "path": str(model_path)},
+        "model": {"name": model_name, "source": model_source or str(model_path), "path": str(model_path),
+                  "revision": hub_revision(model_path)},
         "variant": variant,
         "adapter": adapter_record(adapter_dir),
         "decoding_config": decoding_config.as_dict(),

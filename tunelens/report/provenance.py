@@ -68,7 +68,9 @@ def provenance(files: Sequence[ScoreFile], settings: ReportSettings,
         key = (score.model, score.variant)
         entry = models.setdefault(key, {"source": set(), "adapter": set(), "backend": set()})
         if model.get("source"):
-            entry["source"].add(str(model["source"]))
+            # a hub model's download names the commit it holds (tunelens.hub)
+            revision = f"@{model['revision']}" if model.get("revision") else ""
+            entry["source"].add(f"{model['source']}{revision}")
         if adapter.get("sha256"):
             entry["adapter"].add(str(adapter["sha256"]))
         if source.get("backend"):

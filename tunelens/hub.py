@@ -1,0 +1,134 @@
+"""Hub models and datasets, fetched once into a local directory before any GPU job.
+
+Rules `download_model` / `download_dataset` (localrules: they run on the submitting host, which has
+network on a cluster) write `results/hub/{models,datasets}/<name>/`: the repository's files at one commit,
+plus `tunelens_source.json` recording the hub id, the revision asked for and the commit it resolved to.
+Every job then loads that directory as a local path, offline. A configured `revision` pins the commit;
+without one the commit of the first download is recorded, and kept until the directory is deleted.
+
+With the hub off (HF_HUB_OFFLINE=1, the default) a repository already in the Hugging Face cache
+(HF_HOME / HF_HUB_CACHE) is copied from there; one that is not stops the run before any job
+(`missing_offline`), naming the model.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from tunelens.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+SOURCE_RECORD = "tunelens_source.json"
+REPO_TYPES = ("model", "dataset")
+
+
+def hub_offline() -> bool:
+    """True when huggingface_hub would not reach the hub (HF_HUB_OFFLINE set to a true value)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def cached_snapshot(repo_id: str, revision: str | None = None, repo_type: str = "model") -> Path | None:
+    """The local snapshot of repo_id@revision in the Hugging Face cache, or None when it is not cached."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, repo_type=repo_type, local_files_only=True))
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
+        return None
+
+
+def missing_offline(sources: dict[str, tuple[str, str | None, str]], download_dir) -> list[str]:
+    """Error lines for hub sources that a run cannot fetch: the hub is off, the source's download directory
+    does not exist and the Hugging Face cache lacks it. `sources`: what (e.g. "models.llama") ->
+    (hub id, revision, repo type); `download_dir(what)` -> its directory. Empty when the hub is on."""
+    if not hub_offline():
+        return []
+    problems = []
+    for what, (repo_id, revision, repo_type) in sources.items():
+        if (Path(download_dir(what)) / SOURCE_RECORD).exists():
+            continue
+        if cached_snapshot(repo_id, revision, repo_type) is None:
+            at = f"@{revision}" if revision else ""
+            problems.append(
+                f"{what}: {repo_type} '{repo_id}{at}' is not downloaded ({download_dir(what)}) and not in the "
+                f"Hugging Face cache, and the hub is off (HF_HUB_OFFLINE=1). Allow the download with "
+                f"`export HF_HUB_OFFLINE=0 HF_DATASETS_OFFLINE=0 TRANSFORMERS_OFFLINE=0`, or fill HF_HOME first."
+            )
+    return problems
+
+
+def _resolve_commit(repo_id: str, revision: str | None, repo_type: str) -> str:
+    from huggingface_hub import HfApi
+
+    info = HfApi().repo_info(repo_id, revision=revision, repo_type=repo_type)
+    return info.sha
+
+
+def download(repo_id: str, output_dir: str | Path, *, revision: str | None = None, repo_type: str = "model") -> dict:
+    """Fetch repo_id at `revision` (a commit, tag or branch; None = default branch) into output_dir.
+
+    The directory appears atomically, with tunelens_source.json naming the commit. Returns that record.
+    """
+    if repo_type not in REPO_TYPES:
+        raise ValueError(f"repo_type '{repo_type}'; expected one of {REPO_TYPES}")
+    from huggingface_hub import snapshot_download
+
+    output_dir = Path(output_dir)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}."))
+    try:
+        if hub_offline():
+            snapshot = cached_snapshot(repo_id, revision, repo_type)
+            if snapshot is None:
+                raise ModelError(
+                    f"{repo_type} '{repo_id}' (revision {revision or 'default'}) is not in the Hugging Face cache "
+                    "and the hub is off (HF_HUB_OFFLINE=1)"
+                )
+            # The snapshot folder of the cache is named after the commit it holds.
+            commit, origin = snapshot.name, "cache"
+            shutil.copytree(snapshot, staging, symlinks=False, dirs_exist_ok=True)
+        else:
+            commit, origin = _resolve_commit(repo_id, revision, repo_type), "hub"
+            snapshot_download(repo_id, revision=commit, repo_type=repo_type, local_dir=staging)
+            shutil.rmtree(staging / ".cache", ignore_errors=True)  # huggingface_hub's download bookkeeping
+        record = {
+            "hub_id": repo_id,
+            "repo_type": repo_type,
+            "requested_revision": revision,
+            "revision": commit,
+            "from": origin,
+            "downloaded_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        }
+        (staging / SOURCE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+        for path in [staging, *staging.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        if output_dir.exists():
+            shutil.rmtree(output_dir)
+        staging.rename(output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    log.info("%s %s: revision %s from the %s -> %s", repo_type, repo_id, commit, origin, output_dir)
+    return record
+
+
+def source_record(path: str | Path) -> dict | None:
+    """The tunelens_source.json of a downloaded (or materialised) model directory, if any."""
+    record = Path(path) / SOURCE_RECORD
+    if not record.is_file():
+        return None
+    return json.loads(record.read_text(encoding="utf-8"))
+
+
+def hub_revision(path: str | Path) -> str | None:
+    """The hub commit a downloaded model directory holds (None for embedded and local models)."""
+    record = source_record(path) if Path(path).is_dir() else None
+    return record.get("revision") if record and "hub_id" in record else None
