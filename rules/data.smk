@@ -71,6 +71,8 @@ rule download_dataset:
         f"logs/download_dataset/{DATASET}.log",
     benchmark:
         f"benchmarks/download_dataset/{DATASET}.tsv"
+    conda:
+        "../envs/core.yaml"
     params:
         hub_id=lookup(dpath="dataset/source", within=config),
         revision=lookup(dpath="dataset/revision", within=config),

@@ -56,6 +56,8 @@ rule download_model:
         "benchmarks/download_model/{model}.tsv"
     wildcard_constraints:
         model=_alternation(HUB_MODELS) or "(?!)",
+    conda:
+        "../envs/core.yaml"
     params:
         hub_id=model_field("source"),
         revision=model_field("revision"),
