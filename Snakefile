@@ -30,7 +30,6 @@ include: "rules/report.smk"
 onstart:
     check_device_before_jobs()  # device: cuda without CUDA stops here, before any job (rules/common.smk)
     archive_job_costs()
-    check_hub_sources()
 
 
 # Generation servers (tunelens/genserver.py) end with the run, their engine processes included.

@@ -35,7 +35,12 @@ def _load_study():
         from tunelens.preflight import preflight
 
         # CUDA: check_device_before_jobs (onstart), once the executor is known.
-        preflight(study, check_cuda=False)
+        # Hub models/datasets already downloaded into results/hub/ need neither the hub nor its cache.
+        from tunelens.hub import downloaded_sources
+
+        preflight(
+            study, check_cuda=False, downloaded=downloaded_sources(study, "results")
+        )
         if study.evaluation_sets:
             # A missing column, or an evaluation set left without rows after the leakage check, stops here
             # naming the set (hub sets are checked by their `evalset` job; tunelens.data).
@@ -177,27 +182,6 @@ def model_input(wildcards):
 def model_path(wildcards):
     """What load_model() gets: always a local directory (hub models load their download, offline)."""
     return model_dir(model_spec(wildcards))
-
-
-def check_hub_sources():
-    """Stop a run (not a dry run) before any job when a hub source can be neither downloaded nor copied from
-    the cache: the hub is off and nothing is cached. The message names the model or dataset.
-    """
-    from tunelens.errors import ConfigError
-    from tunelens.hub import missing_offline
-
-    sources = {
-        f"models.{name}": (MODELS[name].source, MODELS[name].revision, "model")
-        for name in HUB_MODELS
-    }
-    if STUDY.dataset_kind == "hub":
-        dataset = STUDY.config["dataset"]
-        sources["dataset"] = (dataset["source"], dataset["revision"], "dataset")
-    where = {f"models.{name}": f"{R}/hub/models/{name}" for name in HUB_MODELS}
-    where["dataset"] = HUB_DATASET_DIR
-    problems = missing_offline(sources, where.get)
-    if problems:
-        raise ConfigError("\n".join(problems))
 
 
 def adapter_input(wildcards):

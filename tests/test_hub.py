@@ -53,12 +53,27 @@ def test_offline_download_copies_the_cached_commit_and_records_it(tmp_path, tiny
     with pytest.raises(Exception, match="org/absent"):
         hub.download("org/absent", tmp_path / "out" / "absent")
     assert not (tmp_path / "out" / "absent").exists()
-    # what the run checks before any job: named, and only the one that is missing
-    sources = {"models.tiny": ("org/tiny", None, "model"), "models.absent": ("org/absent", None, "model")}
-    problems = hub.missing_offline(sources, lambda what: tmp_path / "nowhere" / what)
-    assert len(problems) == 1 and problems[0].startswith("models.absent: model 'org/absent'")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-    assert hub.missing_offline(sources, lambda what: tmp_path / "nowhere" / what) == []
+
+
+def test_preflight_accepts_a_download_without_hub_or_cache(tmp_path, monkeypatch):
+    """A model already in results/hub/ needs neither the hub nor the cache; one that is not is named."""
+    from tunelens.config import load_config
+    from tunelens.errors import ConfigError
+    from tunelens.preflight import preflight
+
+    study = load_config(yaml.safe_load(_study(tmp_path).read_text()))
+    environ = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "empty"), "HF_HOME": str(tmp_path / "home")}
+    with pytest.raises(ConfigError) as error:
+        preflight(study, environ=environ, check_cuda=False)
+    assert "models.tiny.source: 'org/tiny-llama'" in str(error.value) and "dataset.source" in str(error.value)
+    results = tmp_path / "results"
+    assert hub.downloaded_sources(study, results) == frozenset()
+    for directory in (hub.model_download_dir(results, "tiny"), hub.dataset_download_dir(results, "hubdata")):
+        directory.mkdir(parents=True)
+        (directory / hub.SOURCE_RECORD).write_text("{}")
+    downloaded = hub.downloaded_sources(study, results)
+    assert downloaded == {"models.tiny", "dataset"}
+    preflight(study, environ=environ, check_cuda=False, downloaded=downloaded)
 
 
 def test_online_download_pins_the_resolved_commit(tmp_path, monkeypatch):
@@ -113,8 +128,8 @@ def test_hub_off_and_nothing_cached_stops_before_any_job(tmp_path):
     result = _snakemake(tmp_path, tmp_path / "empty-cache", "results/perplexity/tiny/base.json")
     assert result.returncode != 0
     output = result.stdout + result.stderr
-    assert "models.tiny: model 'org/tiny-llama' is not downloaded" in output
-    assert "dataset: dataset 'org/demo-data' is not downloaded" in output
+    assert "models.tiny.source: 'org/tiny-llama' is not an existing directory, nor a hub model in the offline cache" in output
+    assert "dataset.source: 'org/demo-data'" in output
     assert not (tmp_path / "work" / "results").exists() and not (tmp_path / "work" / "logs").exists()
 
 
@@ -143,3 +158,6 @@ def test_hub_model_and_dataset_are_fetched_once_and_jobs_load_the_download(tmp_p
     # fetched once: a second run plans nothing, the download included
     again = _snakemake(tmp_path, cache, generation, "results/perplexity/tiny/base.json")
     assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
+    # the cache emptied (a GPU node without HF_HOME): the downloads are enough
+    again = _snakemake(tmp_path, tmp_path / "empty-cache", generation, "results/perplexity/tiny/base.json")
+    assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr, again.stderr[-2000:]

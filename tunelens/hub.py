@@ -7,8 +7,8 @@ Every job then loads that directory as a local path, offline. A configured `revi
 without one the commit of the first download is recorded, and kept until the directory is deleted.
 
 With the hub off (HF_HUB_OFFLINE=1, the default) a repository already in the Hugging Face cache
-(HF_HOME / HF_HUB_CACHE) is copied from there; one that is not stops the run before any job
-(`missing_offline`), naming the model.
+(HF_HOME / HF_HUB_CACHE) is copied from there; one that is neither downloaded nor cached stops the run
+before any job, naming the model (tunelens.preflight, told which downloads exist by `downloaded_sources`).
 """
 
 from __future__ import annotations
@@ -31,7 +31,9 @@ REPO_TYPES = ("model", "dataset")
 
 def hub_offline() -> bool:
     """True when huggingface_hub would not reach the hub (HF_HUB_OFFLINE set to a true value)."""
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    from tunelens.preflight import hub_offline as offline
+
+    return offline()
 
 
 def cached_snapshot(repo_id: str, revision: str | None = None, repo_type: str = "model") -> Path | None:
@@ -45,24 +47,21 @@ def cached_snapshot(repo_id: str, revision: str | None = None, repo_type: str = 
         return None
 
 
-def missing_offline(sources: dict[str, tuple[str, str | None, str]], download_dir) -> list[str]:
-    """Error lines for hub sources that a run cannot fetch: the hub is off, the source's download directory
-    does not exist and the Hugging Face cache lacks it. `sources`: what (e.g. "models.llama") ->
-    (hub id, revision, repo type); `download_dir(what)` -> its directory. Empty when the hub is on."""
-    if not hub_offline():
-        return []
-    problems = []
-    for what, (repo_id, revision, repo_type) in sources.items():
-        if (Path(download_dir(what)) / SOURCE_RECORD).exists():
-            continue
-        if cached_snapshot(repo_id, revision, repo_type) is None:
-            at = f"@{revision}" if revision else ""
-            problems.append(
-                f"{what}: {repo_type} '{repo_id}{at}' is not downloaded ({download_dir(what)}) and not in the "
-                f"Hugging Face cache, and the hub is off (HF_HUB_OFFLINE=1). Allow the download with "
-                f"`export HF_HUB_OFFLINE=0 HF_DATASETS_OFFLINE=0 TRANSFORMERS_OFFLINE=0`, or fill HF_HOME first."
-            )
-    return problems
+def model_download_dir(results: str | Path, model: str) -> Path:
+    return Path(results) / "hub" / "models" / model
+
+
+def dataset_download_dir(results: str | Path, dataset: str) -> Path:
+    return Path(results) / "hub" / "datasets" / dataset
+
+
+def downloaded_sources(study, results: str | Path = "results") -> frozenset[str]:
+    """"models.<name>" / "dataset" of `study` whose hub download is complete (its record written last)."""
+    done = {f"models.{name}" for name, spec in study.models.items()
+            if spec.source_kind == "hub" and (model_download_dir(results, name) / SOURCE_RECORD).is_file()}
+    if (dataset_download_dir(results, study.dataset_name) / SOURCE_RECORD).is_file():
+        done.add("dataset")
+    return frozenset(done)
 
 
 def _resolve_commit(repo_id: str, revision: str | None, repo_type: str) -> str:

@@ -153,12 +153,15 @@ def _hub_dataset_problem(where: str, source: str, base_dir: Path, offline: bool,
     return None
 
 
-def _dataset_problems(study: Study, base_dir: Path, offline: bool, environ) -> tuple[list[str], int | None]:
+def _dataset_problems(study: Study, base_dir: Path, offline: bool, environ,
+                      downloaded: bool = False) -> tuple[list[str], int | None]:
     """Problems of the dataset, and the number of test rows when it can be known."""
     dataset = study.config["dataset"]
     source, test_size = dataset["source"], dataset["test_size"]
     kind = source_kind(source)
     problems: list[str] = []
+    if kind == "hub" and downloaded:
+        return problems, int(test_size) if test_size >= 1 else None
     if kind == "hub":
         problem = _hub_dataset_problem("dataset.source", source, base_dir, offline, environ)
         return [problem] if problem else [], int(test_size) if test_size >= 1 else None
@@ -190,15 +193,19 @@ def _dataset_problems(study: Study, base_dir: Path, offline: bool, environ) -> t
 
 
 def preflight(study: Study, *, base_dir: str | Path = ".", environ: Mapping[str, str] | None = None,
-              check_cuda: bool = True) -> None:
-    """Raise ConfigError listing every problem of `study` that can be known before a job runs."""
+              check_cuda: bool = True, downloaded: frozenset[str] = frozenset()) -> None:
+    """Raise ConfigError listing every problem of `study` that can be known before a job runs.
+
+    `downloaded`: "models.<name>" / "dataset" whose hub download already exists (rules download_model /
+    download_dataset, tunelens.hub.downloaded_sources): jobs load it, so neither the hub nor its cache is needed.
+    """
     environ = os.environ if environ is None else environ
     base_dir = Path(base_dir)
     config = study.config
     offline = hub_offline(environ)
     problems: list[str] = []
     for name, spec in study.models.items():
-        if spec.source_kind == "hub":
+        if spec.source_kind == "hub" and f"models.{name}" not in downloaded:
             problem = check_model_reference(f"models.{name}.source", spec.source, base_dir=base_dir,
                                             offline=offline, environ=environ)
             if problem:
@@ -223,7 +230,7 @@ def preflight(study: Study, *, base_dir: str | Path = ".", environ: Mapping[str,
     if vllm_python and not (base_dir / Path(vllm_python).expanduser()).is_file():
         problems.append(f"generation.vllm_python: '{vllm_python}': file does not exist")
 
-    dataset_problems, n_test = _dataset_problems(study, base_dir, offline, environ)
+    dataset_problems, n_test = _dataset_problems(study, base_dir, offline, environ, "dataset" in downloaded)
     problems += dataset_problems
     for name, spec in study.evaluation_sets.items():
         if spec.source_kind == "hub":
