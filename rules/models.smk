@@ -42,7 +42,7 @@ rule materialize_bertscore_model:
 # Hub models are downloaded once into results/hub/models/<model>/ on the submitting host (localrules: a
 # cluster's GPU nodes may have no network), revision pinned and recorded (tunelens.hub); every model job
 # then loads that directory offline. With the hub off and nothing cached, the run stops before any job
-# (Snakefile onstart -> check_hub_sources).
+# (tunelens.preflight, when the DAG is built).
 localrules:
     download_model,
 
