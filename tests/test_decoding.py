@@ -27,14 +27,10 @@ import pytest
 from tunelens.config import DecodingConfig
 from tunelens.generate import GenerationSettings, generate, hf_generate_batched
 
+from test_generate import ROWS  # the generation tests' three prompts
+
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-ROWS = [
-    {"id": "d-1", "instruction": "Name a colour.", "input": "", "output": "Blue."},
-    {"id": "d-2", "instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
-    {"id": "d-3", "instruction": "Write a Python function that returns the square of x.", "input": "",
-     "output": "def f(x):\n    return x * x"},
-]
 MAX_NEW_TOKENS = 10
 GREEDY = {"top_k": 0, "num_beams": 1, "temperature": 0.0}
 
