@@ -467,9 +467,7 @@ def _snakemake(workdir: Path, *args: str, timeout: int = 1500) -> subprocess.Com
 def test_dag_generate_jobs_with_vllm(vllm_model, tmp_path):
     import yaml
 
-    ready, why = _vllm_venv_ready()
-    if not ready:
-        pytest.skip(why)
+    require_vllm_venv()
     model_dir, adapter_dir = vllm_model
     workdir = tmp_path / "work"
     workdir.mkdir()
