@@ -171,9 +171,9 @@ def vllm_model(tmp_path_factory, smollm2_tokenizer_dir):
 
 
 @pytest.fixture(scope="module")
-def report(vllm_model, tmp_path_factory):
-    require_vllm_venv()
-    model_dir, adapter_dir = vllm_model
+def report(request, tmp_path_factory):
+    require_vllm_venv()  # before the model fixture is built: a skip (or a CI failure) costs nothing
+    model_dir, adapter_dir = request.getfixturevalue("vllm_model")
     work = tmp_path_factory.mktemp("vllm_run")
     test_file = work / "test.jsonl"
     test_file.write_text("".join(json.dumps(row) + "\n" for row in ROWS))
