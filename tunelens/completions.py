@@ -1,0 +1,176 @@
+"""What every generation backend shares: the settings of a generation job, a completion, the prompt rows,
+stop-string cutting, per-row seeds and the decoding-semantics text of the sidecar (tunelens.generate).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from tunelens.decoding import BEAM_MODES, DecodingConfig
+from tunelens.errors import ConfigError, DataError
+from tunelens.io import read_jsonl
+
+log = logging.getLogger(__name__)
+
+
+BACKENDS = ("auto", "hf", "vllm")
+FINISH_REASONS = ("stop", "length", "stop_string")
+SPLIT_FIELDS = ("id", "instruction", "input", "output")
+
+
+# --------------------------------------------------------------------------------------------- settings
+@dataclass(frozen=True)
+class GenerationSettings:
+    """Everything besides the decoding config that changes what a generation job produces.
+
+    max_new_tokens: cap on generated tokens per row; stop: strings that end an answer (cut before them);
+    seed: sampling seed; beam_mode: see module docstring; batch_size: prompts per forward batch (hf), or
+    "auto": on CUDA the largest length-sorted batches whose KV cache fits the free GPU memory (a batch that
+    still runs out of memory is split, no row lost), on CPU 16 — changes sampled outputs only through the
+    random stream, never greedy/beam outputs (the batches used are recorded in the sidecar);
+    max_prompt_tokens: a longer prompt is an error naming its row (never silently truncated).
+    """
+
+    max_new_tokens: int = 128
+    stop: tuple[str, ...] = ()
+    seed: int = 1234
+    beam_mode: str = "beam_search"
+    batch_size: int | str = "auto"
+    max_prompt_tokens: int = 1024
+
+    def as_meta(self) -> dict:
+        """The fields every generation sidecar records (JSON types)."""
+        return {"seed": self.seed, "max_new_tokens": self.max_new_tokens, "stop": list(self.stop),
+                "beam_mode": self.beam_mode, "batch_size": self.batch_size,
+                "max_prompt_tokens": self.max_prompt_tokens}
+
+    def __post_init__(self):
+        if self.beam_mode not in BEAM_MODES:
+            raise ConfigError(f"decoding.beam_mode: '{self.beam_mode}' is unknown; choices: {BEAM_MODES}")
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"decoding.max_new_tokens: {self.max_new_tokens}; expected >= 1")
+        if self.batch_size != "auto" and not (isinstance(self.batch_size, int) and self.batch_size >= 1):
+            raise ConfigError(f"generation.batch_size: {self.batch_size!r}; expected 'auto' or an integer >= 1")
+        if any(not s for s in self.stop):
+            raise ConfigError("decoding.stop: contains an empty string; every stop string needs >= 1 character")
+        object.__setattr__(self, "stop", tuple(self.stop))
+
+
+@dataclass
+class Completion:
+    """One generated answer. `token_ids` are the model's generated ids (EOS/stop tokens included)."""
+
+    text: str
+    num_generated_tokens: int
+    finish_reason: str
+    token_ids: list[int] = field(default_factory=list)
+
+
+def as_decoding_config(value: DecodingConfig | dict) -> DecodingConfig:
+    """Accept a DecodingConfig or its `as_dict()` form (what the Snakemake rule passes as params)."""
+    if isinstance(value, DecodingConfig):
+        return value
+    config = DecodingConfig.from_dict({k: v for k, v in value.items() if k != "name"})
+    name = value.get("name")
+    if name and name != config.name:  # an explicit name from list mode
+        config = DecodingConfig.from_dict(dict(value))
+    return config
+
+
+def describe_semantics(decoding_config: DecodingConfig, beam_mode: str, backend: str) -> str:
+    """One paragraph saying how this config's parameters were applied (goes into the meta file)."""
+    dc = decoding_config
+    rep = (
+        f" repetition_penalty={dc.repetition_penalty} applied to prompt and output tokens."
+        if dc.repetition_penalty != 1.0
+        else " No repetition penalty."
+    )
+    if dc.is_beam and beam_mode == "beam_search":
+        text = (
+            f"deterministic beam search, {dc.num_beams} beams, best beam returned; temperature={dc.temperature}, "
+            f"top_k={dc.top_k}, top_p={dc.top_p} are ignored (no sampling)."
+        )
+        if backend == "vllm" and dc.repetition_penalty != 1.0:
+            rep = f" repetition_penalty={dc.repetition_penalty} is NOT applied (vLLM beam search has no such option)."
+        return f"[{backend}] {text}{rep}"
+    if dc.is_beam:  # beam_sample (temperature > 0: tunelens.decoding.check)
+        text = (
+            f"beam sampling (hf), {dc.num_beams} beams, tokens sampled with temperature={dc.temperature}, "
+            f"top_k={dc.top_k or 'off'}, top_p={dc.top_p if dc.top_p < 1 else 'off'}."
+        )
+        return f"[{backend}] {text}{rep}"
+    if dc.temperature == 0.0:
+        return (
+            f"[{backend}] greedy decoding (temperature 0): argmax at every step; top_k={dc.top_k} and "
+            f"top_p={dc.top_p} are not applied.{rep}"
+        )
+    return (
+        f"[{backend}] multinomial sampling: logits / temperature={dc.temperature}, then top_k="
+        f"{dc.top_k if dc.top_k else 'off (0)'}, then top_p={dc.top_p if dc.top_p < 1 else 'off (1.0)'}; "
+        f"seeded.{rep}"
+    )
+
+
+# --------------------------------------------------------------------------------------------- prompts
+@dataclass
+class PromptRow:
+    id: str
+    prompt: str
+    reference: str
+    num_prompt_tokens: int
+
+
+def load_prompt_rows(
+    test_file: str | Path,
+    prompt_format: str,
+    tokenizer,
+    *,
+    max_prompt_tokens: int,
+    max_rows: int | None = None,
+) -> list[PromptRow]:
+    """Read split rows and build their prompts; fail before any generation on an empty or over-long prompt.
+
+    The error names the file, the 1-based line, the row id and the limit.
+    """
+    from tunelens.prompts import build_prompt
+
+    rows = read_jsonl(test_file, required=SPLIT_FIELDS)
+    if max_rows is not None:
+        rows = rows[:max_rows]
+    if not rows:
+        raise DataError(f"{test_file}: no rows to generate for")
+    out = []
+    for line_no, row in enumerate(rows, start=1):
+        if not str(row["instruction"]).strip() and not str(row["input"]).strip():
+            raise DataError(
+                f"{test_file}, line {line_no} (id {row['id']}): empty prompt: 'instruction' and 'input' are both "
+                "empty; remove the row or fill its instruction"
+            )
+        prompt = build_prompt(row, prompt_format, tokenizer)
+        num_tokens = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        if num_tokens > max_prompt_tokens:
+            raise DataError(
+                f"{test_file}, line {line_no} (id {row['id']}): prompt has {num_tokens} tokens, more than "
+                f"generation.max_prompt_tokens={max_prompt_tokens}; shorten the row or raise the limit "
+                "(prompts are never truncated silently)"
+            )
+        out.append(PromptRow(row["id"], prompt, row["output"], num_tokens))
+    return out
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+    """Cut `text` before the earliest stop string; (text, whether one was found)."""
+    positions = [text.find(s) for s in stop if s in text]
+    if not positions:
+        return text, False
+    return text[: min(positions)], True
+
+
+def _row_seed(seed: int, row_id: str) -> int:
+    """Per-row sampling seed (vLLM): independent of row order and batch composition."""
+    digest = hashlib.sha256(f"{seed}\x1f{row_id}".encode()).hexdigest()
+    return int(digest[:8], 16) & 0x7FFFFFFF
