@@ -154,3 +154,27 @@ def test_a_model_load_on_the_gpu_stops_the_runs_idle_servers(tiny, run_dir, tmp_
     monkeypatch.delenv(genserver.IN_SERVER_ENV)
     genserver.release_gpu_for_this_job()
     assert genserver.marked_processes(mark) == []
+
+
+def test_a_load_that_fits_beside_the_server_keeps_it(tiny, run_dir, tmp_path, monkeypatch):
+    """On a GPU with room for both (an H200 holds several 7B models), a probe or perplexity job's load does
+    not stop the generation server: stopping it would only make the next generate job load the model again."""
+    import torch
+
+    monkeypatch.setenv(genserver.SERVER_DIR_ENV, str(run_dir))
+    meta = genserver.run_generation_job(make_job(tiny), tmp_path / "x.jsonl", start_timeout_s=180)
+    assert meta["execution"]["mode"] == "server"
+    mark = genserver.server_mark(genserver.server_dir(run_dir), "")
+    model_dir = tiny[0]
+    needed = genserver.gpu_bytes_to_load(model_dir, 2)
+    from safetensors.torch import load_file
+
+    parameters = sum(tensor.numel() for tensor in load_file(str(model_dir / "model.safetensors")).values())
+    assert needed == int(1.25 * parameters * 2) + 2 * 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (needed + 1, 10 * needed))
+    genserver.release_gpu_for_this_job(needed)
+    assert genserver.marked_processes(mark) != []  # room for both: kept
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (needed - 1, 10 * needed))
+    genserver.release_gpu_for_this_job(needed)
+    assert genserver.marked_processes(mark) == []  # not enough room: stopped
+    assert genserver.gpu_bytes_to_load("org/hub-id") is None

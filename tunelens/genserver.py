@@ -242,16 +242,51 @@ def stop_server(info_file: Path, *, graceful_s: float = 20.0) -> None:
             os.unlink(info["socket"])
 
 
-def release_gpu_for_this_job() -> None:
-    """Before a job outside the servers loads a model on a GPU: stop this run's idle generation servers on
-    this host, so their models/engines (vLLM takes most of the GPU's memory) do not make it run out of
-    memory. Called by tunelens.models.load_model and the fine-tune on CUDA; cheap when there are none."""
+def release_gpu_for_this_job(needed_bytes: int | None = None) -> None:
+    """Before a job outside the servers loads a model on a GPU: stop this run's generation servers on this
+    host when their models/engines (vLLM takes most of the GPU's memory) would leave too little for the job.
+    `needed_bytes` is what the job is about to load (weights plus headroom); when the GPU has that much free,
+    the servers stay: a 7B server and a probe job fit side by side on a large GPU, and stopping the server
+    there only makes the next generate job load the model again. Unknown (None): always stop. Called by
+    tunelens.models.load_model and the fine-tune on CUDA; cheap when there are none."""
     if os.environ.get(IN_SERVER_ENV):
         return
     folder = server_dir()
-    if folder.is_dir() and any(folder.glob("*.json")):
-        log.info("stopping this run's generation servers before loading a model on the GPU")
-        stop_servers()
+    if not (folder.is_dir() and any(folder.glob("*.json"))):
+        return
+    if needed_bytes is not None:
+        import torch
+
+        free, _ = torch.cuda.mem_get_info()
+        if free >= needed_bytes:
+            log.info("generation servers kept: %.1f GiB free on the GPU, this job needs about %.1f GiB",
+                     free / 2**30, needed_bytes / 2**30)
+            return
+    log.info("stopping this run's generation servers before loading a model on the GPU")
+    stop_servers()
+
+
+def gpu_bytes_to_load(path: str | Path, dtype_bytes: int = 2) -> int | None:
+    """About what loading the model at `path` takes on the GPU in `dtype_bytes`-wide weights, with headroom
+    for activations and the allocator: 1.25 x the weights + 2 GiB. None when `path` is not a local directory
+    (a hub id: its size is unknown here)."""
+    path = Path(path)
+    if not path.is_dir():
+        return None
+    parameters = 0
+    for index in path.glob("*.safetensors"):
+        with index.open("rb") as handle:  # safetensors header: 8-byte length, then JSON with each tensor's shape
+            length = struct.unpack("<Q", handle.read(8))[0]
+            header = json.loads(handle.read(length))
+        for name, entry in header.items():
+            if name != "__metadata__":
+                count = 1
+                for dim in entry["shape"]:
+                    count *= dim
+                parameters += count
+    if not parameters:
+        return None
+    return int(1.25 * parameters * dtype_bytes) + 2 * 2**30
 
 
 def stop_servers(base: str | Path | None = None, *, except_key: str | None = None) -> int:

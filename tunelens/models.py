@@ -166,11 +166,11 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     device = pick_device(device)
-    if device == "cuda":
-        from tunelens.genserver import release_gpu_for_this_job
-
-        release_gpu_for_this_job()
     torch_dtype = pick_dtype(device, dtype)
+    if device == "cuda":
+        from tunelens.genserver import gpu_bytes_to_load, release_gpu_for_this_job
+
+        release_gpu_for_this_job(gpu_bytes_to_load(path_or_id, 1 if load_in_4bit else torch_dtype.itemsize))
     kwargs: dict[str, Any] = {"dtype": torch_dtype, "revision": revision}
     if load_in_4bit:
         if device != "cuda":
