@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -155,7 +156,8 @@ def part_dag(args) -> dict:
     """Run the preset through Snakemake; per-job wall time and peak memory from the benchmark files, and
     each job's compute time from its outputs."""
     command = ["snakemake", "--cores", "all", "--configfile", str(PRESET), "--rerun-incomplete", "--keep-going",
-               "--resources", f"gpus={args.concurrent_gpu_jobs}", "--scheduler", "greedy", *args.snakemake_args]
+               "--resources", f"gpus={args.concurrent_gpu_jobs}", "--scheduler", "greedy",
+               *shlex.split(args.snakemake_args)]
     started = time.perf_counter()
     proc = subprocess.run(["timeout", "-s", "INT", str(args.dag_timeout), *command], cwd=REPO_ROOT, text=True,
                           capture_output=True)
@@ -298,8 +300,8 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--concurrent-gpu-jobs", type=int, default=2, help="GPU jobs Snakemake runs at once")
     parser.add_argument("--dag-timeout", type=int, default=480)
-    parser.add_argument("--snakemake-args", nargs="*", default=[],
-                        help="passed on to snakemake, e.g. --omit-from finetune (the base model's jobs only)")
+    parser.add_argument("--snakemake-args", default="",
+                        help="passed on to snakemake, e.g. --snakemake-args='--omit-from finetune' (base model only)")
     parser.add_argument("--work", default="/tmp/bench_gpu_study")
     parser.add_argument("--device", default="cuda", help="cpu only to try the script itself")
     parser.add_argument("--out", type=Path)
