@@ -644,3 +644,26 @@ def archive_job_costs():
         from tunelens.cost import archive_benchmarks
 
         archive_benchmarks("benchmarks")
+
+
+def report_job_gpus():
+    """Rule -> model -> GPUs its jobs ask for ("*": every model), for the report's GPU-hours
+    (tunelens.report.costs counts them only where the study ran on CUDA)."""
+    from types import SimpleNamespace
+
+    model_rules = [
+        "finetune",
+        "generate",
+        "generation_agreement",
+        "perplexity",
+        "judge",
+    ]
+    model_rules += ["logit_lens", "early_exit"]
+    model_rules += ["generate_evalset", "perplexity_evalset", "judge_evalset"]
+    gpus = {
+        rule_name: {name: model_gpus(SimpleNamespace(model=name)) for name in MODELS}
+        for rule_name in model_rules
+    }
+    for rule_name in ("score", "score_early_exit", "score_evalset"):
+        gpus[rule_name] = {"*": score_gpus(None)}
+    return gpus

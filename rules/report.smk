@@ -51,5 +51,8 @@ rule report:
         config_hash=report_config_hash(),
         evaluation_set=DATASET,
         evaluation_sets=list(EVALSETS),
+        benchmarks_dir="benchmarks",
+        job_gpus=report_job_gpus(),
+        device=lookup(dpath="device", within=config),
     script:
         "../scripts/report.py"

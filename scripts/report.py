@@ -44,4 +44,7 @@ write_report(
     ),
     evaluation_sets=evaluation_set_inputs(params.evaluation_sets, inputs),
     split_manifest=(inputs.get("split_manifest") or [None])[0],
+    benchmarks_dir=params.benchmarks_dir,
+    job_gpus=params.job_gpus,
+    device=params.device,
 )

@@ -85,3 +85,12 @@ def test_alpaca_file_with_bom_malformed_lines_and_long_rows_completes_and_counts
     assert f"fine-tune tiny: {metrics['train_rows']} rows trained; dropped: prompt fills max seq length {long_in_train}" \
         in checks
     assert f"truncated to max_seq_length: {metrics['truncated_rows']}" in checks
+
+    # the compute-cost section (tunelens.report.costs) is the benchmark files' numbers
+    from tunelens.cost import read_benchmark
+
+    cost = summary.split("## Compute cost", 1)[1].split("\n## ", 1)[0]
+    finetune_row = next(line for line in cost.splitlines() if line.startswith("| finetune "))
+    wall = read_benchmark(tmp_path / "benchmarks/finetune/tiny.tsv")[0]["s"]
+    assert finetune_row.split("|")[3].strip() == f"{wall:,.1f}"
+    assert "no job held a GPU" in cost

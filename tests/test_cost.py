@@ -9,6 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
+import pytest
+
 from tunelens.cost import archive_benchmarks, read_benchmark, read_history
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -74,3 +77,71 @@ def test_a_rerun_keeps_the_earlier_cost_in_the_history(tmp_path):
     assert len(rows) == 2, rows
     assert rows[0]["sha256"] != rows[1]["sha256"]
     assert all(row["wildcards"] == "demo" for row in rows)
+
+
+# ----------------------------------------------------------------------------------------- the report section
+sys.path.insert(0, str(Path(__file__).parent))
+from test_report import build_study, run, section, table_rows  # noqa: E402
+
+
+def _bench_study(bench: Path) -> None:
+    """Benchmark files of a small study: (path, wall s, max_rss MB, cpu s)."""
+    jobs = [
+        ("split/demo.tsv", 2.0, 150.0, 1.5),
+        ("finetune/smol.tsv", 100.0, 2000.0, 180.0),
+        ("finetune/gemma.tsv", 300.0, 3000.0, 500.0),
+        ("generate/smol/base/c1.tsv", 20.0, 900.0, 30.0),
+        ("generate/smol/finetuned/c1.tsv", 22.0, 950.0, 33.0),
+        ("generate/gemma/base/c1.tsv", 40.0, 1500.0, 60.0),
+        ("score/smol/base/c1.tsv", 7.0, 800.0, 6.0),
+        ("report/report.tsv", 9.0, 400.0, 8.0),  # the previous report: not part of the study's cost
+    ]
+    for path, wall, rss, cpu in jobs:
+        target = bench / path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(HEADER + f"{wall}\t0:00:01\t{rss}\t1\t1\t1\t1\t1\t0.9\t{cpu}\n")
+
+
+def test_cost_section_and_csv_match_the_benchmark_files(tmp_path):
+    root = tmp_path
+    files = build_study(root)
+    _bench_study(root / "benchmarks")
+    archive_benchmarks(root / "benchmarks")
+    job_gpus = {"finetune": {"smol": 1, "gemma": 2}, "generate": {"smol": 1, "gemma": 1}, "score": {"*": 0}}
+    paths = run(root, files, benchmarks_dir=root / "benchmarks", job_gpus=job_gpus, device="cuda")
+    text = section(paths["summary_md"].read_text(), "Compute cost")
+    tables = [table_rows(block) for block in text.split("\n\n") if block.startswith("| ")]
+    by_stage = {row[0]: row[1:] for row in tables[0][1:]}
+    assert by_stage["finetune"] == ["2", "400.0", "680.0", "3,000", f"{(100 + 600) / 3600:.3f}"]
+    assert by_stage["generate"] == ["3", "82.0", "123.0", "1,500", f"{82 / 3600:.3f}"]
+    assert by_stage["split"] == ["1", "2.0", "1.5", "150", "0.000"]
+    assert "report" not in by_stage
+    assert by_stage["**all**"][:4] == ["7", "491.0", "810.5", "3,000"]
+    by_model = {row[0]: row[1:] for row in tables[1][1:]}
+    assert by_model["gemma"] == ["2", "340.0", "560.0", "3,000", f"{(600 + 40) / 3600:.3f}"]
+    assert by_model["smol"][:2] == ["4", "149.0"] and by_model["shared"][:2] == ["1", "2.0"]
+    assert "history.tsv" in text
+    csv = pd.read_csv(paths["summary_csv"], keep_default_na=False)
+    cost = csv[csv["statistic"] == "compute_cost"]
+    value = lambda model, config, metric: float(  # noqa: E731
+        cost[(cost.model == model) & (cost.config == config) & (cost.metric == metric)]["value"].iloc[0])
+    assert value("all", "finetune", "wall_s") == 400.0 and value("all", "finetune", "cpu_time_s") == 680.0
+    assert value("gemma", "all", "gpu_hours") == pytest.approx(640 / 3600)
+    assert value("all", "all", "max_rss_mb") == 3000.0 and value("all", "all", "jobs") == 7
+    assert value("shared", "all", "wall_s") == 2.0
+
+
+def test_gpu_hours_only_where_a_job_held_a_gpu(tmp_path):
+    root = tmp_path
+    files = build_study(root)  # generation sources carry no CUDA device: a CPU run
+    _bench_study(root / "benchmarks")
+    job_gpus = {"finetune": {"smol": 1, "gemma": 2}, "generate": {"smol": 1, "gemma": 1}}
+    for device in ("auto", "cpu"):
+        paths = run(root, files, out=device, benchmarks_dir=root / "benchmarks", job_gpus=job_gpus, device=device)
+        text = section(paths["summary_md"].read_text(), "Compute cost")
+        assert "GPU-hours" not in text.split("\n\n", 2)[2] and "no job held a GPU" in text
+        csv = pd.read_csv(paths["summary_csv"], keep_default_na=False)
+        gpu = csv[(csv["statistic"] == "compute_cost") & (csv["metric"] == "gpu_hours")]
+        assert (gpu["value"].astype(float) == 0).all()
+    paths = run(root, files, out="none", benchmarks_dir=root / "nowhere")
+    assert "No benchmark files" in section(paths["summary_md"].read_text(), "Compute cost")

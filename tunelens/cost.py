@@ -15,6 +15,7 @@ import hashlib
 import io
 import os
 from pathlib import Path
+from typing import Mapping, Sequence
 
 from tunelens.errors import DataError
 
@@ -137,3 +138,63 @@ def read_history(bench_dir: str | Path = BENCHMARK_DIR) -> list[dict]:
         rows = list(csv.DictReader(handle, delimiter="\t"))
     keep_text = set(HISTORY_KEYS) | {"h:m:s"}
     return [{key: (value if key in keep_text else _number(value)) for key, value in row.items()} for row in rows]
+
+
+# --------------------------------------------------------------------------------------------- study totals
+COST_METRICS = {  # summary.csv metric -> (benchmark column, scale)
+    "jobs": (None, "count"),
+    "wall_s": ("s", "seconds"),
+    "cpu_time_s": ("cpu_time", "seconds"),
+    "max_rss_mb": ("max_rss", "MB (peak of one job)"),
+    "gpu_hours": (None, "GPU-hours"),
+}
+
+
+def job_costs(bench_dir: str | Path = BENCHMARK_DIR, *, models: Sequence[str] = (),
+              job_gpus: Mapping[str, Mapping[str, int]] | None = None, exclude: Sequence[str] = ("report",)) -> list[dict]:
+    """One record per job benchmark file under bench_dir (the current results; not the history).
+
+    model: the first component of the job's wildcards when it is one of `models`, else "" (jobs shared by the
+    study: split, BERTScore model, human sheets). wall `s` and `cpu_time` are summed over repeats, `max_rss`
+    is their maximum. gpus: GPUs the job held, from job_gpus[rule][model] (or [rule]["*"]), 0 when absent.
+    """
+    models = set(models)
+    records = []
+    for path in benchmark_files(bench_dir):
+        rule, wildcards = rule_and_wildcards(path, bench_dir)
+        if rule in exclude:
+            continue
+        rows = read_benchmark(path)
+        parts = Path(wildcards).parts
+        model = next((part for part in parts if part in models), "")
+        gpus_of_rule = (job_gpus or {}).get(rule, {})
+        gpus = int(gpus_of_rule.get(model, gpus_of_rule.get("*", 0)) or 0)
+        wall = sum(row["s"] or 0.0 for row in rows)
+        cpu = [row.get("cpu_time") for row in rows if isinstance(row.get("cpu_time"), float)]
+        rss = [row.get("max_rss") for row in rows if isinstance(row.get("max_rss"), float)]
+        records.append({
+            "rule": rule, "wildcards": wildcards, "model": model, "file": path.as_posix(),
+            "wall_s": wall, "cpu_time_s": sum(cpu) if cpu else None, "max_rss_mb": max(rss) if rss else None,
+            "gpus": gpus, "gpu_hours": wall * gpus / 3600.0,
+        })
+    return records
+
+
+def summarise_costs(records: Sequence[dict], by: str) -> dict[str, dict]:
+    """Totals per `by` ("rule" or "model"), in first-seen order, plus "all": jobs, wall, CPU time and GPU-hours
+    summed, peak memory the largest of one job. CPU time / peak memory are None when no job measured them."""
+    groups: dict[str, list[dict]] = {}
+    for record in records:
+        groups.setdefault(record[by], []).append(record)
+    groups["all"] = list(records)
+
+    def total(group, key):
+        values = [r[key] for r in group if r[key] is not None]
+        return sum(values) if values else None
+
+    out = {}
+    for name, group in groups.items():
+        rss = [r["max_rss_mb"] for r in group if r["max_rss_mb"] is not None]
+        out[name] = {"jobs": len(group), "wall_s": total(group, "wall_s"), "cpu_time_s": total(group, "cpu_time_s"),
+                     "max_rss_mb": max(rss) if rss else None, "gpu_hours": total(group, "gpu_hours")}
+    return out

@@ -37,6 +37,7 @@ from tunelens.report.common import (
     CSV_COLUMNS, DATE_PREFIX, DIFF_VARIANT, POOLED, MetricInfo, ReportSettings, metric_info, metric_order,
 )
 from tunelens.report.comparisons import agreement, best_configs, paired_differences
+from tunelens.report.costs import cost_rows, cost_section, study_costs
 from tunelens.report.document import EvaluationSetResults, build_summary, config_fields, swept_fields
 from tunelens.report.inputs import (
     ScoreFile, load_finetune_records, load_score_file, load_score_files, long_rows, read_rows_csv, tidy_scores,
@@ -65,7 +66,8 @@ def write_report(*, score_files: Sequence[str | Path] = (), perplexity_files: Se
                  summary_csv: str | Path, summary_html: str | Path, plots_dir: str | Path,
                  settings: ReportSettings, now: _dt.datetime | None = None,
                  evaluation_sets: Mapping[str, Mapping[str, Any]] | None = None,
-                 split_manifest: str | Path | None = None) -> dict[str, Any]:
+                 split_manifest: str | Path | None = None, benchmarks_dir: str | Path | None = None,
+                 job_gpus: Mapping[str, Mapping[str, int]] | None = None, device: str = "auto") -> dict[str, Any]:
     """Build every report output from score files. Returns {'rows': n csv rows, 'plots': [paths]}.
 
     The named file lists are the training data's own test split (the default set). `evaluation_sets`:
@@ -73,6 +75,8 @@ def write_report(*, score_files: Sequence[str | Path] = (), perplexity_files: Se
     extra set (results/eval/<name>/), in study order.
     `split_manifest`: the split's manifest.json (rows dropped by reason, shown under "Data checks").
     `now` (UTC) only sets the `Generated:` line; everything else depends on the inputs alone.
+    `benchmarks_dir`: the jobs' benchmark files, for the compute-cost section and its summary.csv rows
+    (tunelens.report.costs; `job_gpus` rule -> model -> GPUs asked for, `device` the study's device).
     """
     files = load_score_files({"decoding": score_files, "perplexity": perplexity_files, "judge": judge_files,
                               "human": human_files, "early_exit": early_exit_files})
@@ -84,11 +88,17 @@ def write_report(*, score_files: Sequence[str | Path] = (), perplexity_files: Se
     finetune = load_finetune_records(finetune_metrics_files)
     summary = summary_table(files, settings)
     extra = [_evaluation_set_results(name, inputs, settings) for name, inputs in (evaluation_sets or {}).items()]
-    write_summary_csv(pd.concat([summary, *(results.summary for results in extra)], ignore_index=True), summary_csv)
+    costs = study_costs(files, bench_dir=benchmarks_dir, job_gpus=job_gpus, device=device) if benchmarks_dir else None
+    parts = [summary, *(results.summary for results in extra)]
+    if costs:
+        parts.append(cost_rows(costs, settings.evaluation_set))
+    write_summary_csv(pd.concat(parts, ignore_index=True), summary_csv)
     generated = (now or _dt.datetime.now(_dt.timezone.utc)).strftime("%Y-%m-%d %H:%M:%S UTC")
     document = build_summary(files, summary, settings, finetune, generated,
                              human_sheets=[str(p) for p in human_sheet_files], evaluation_sets=extra,
                              split_manifest=read_json(split_manifest) if split_manifest else None)
+    if benchmarks_dir:
+        cost_section(document, costs, benchmarks_dir)
     write_text_atomic(summary_md, document.to_markdown())
     write_text_atomic(summary_html, document.to_html("tunelens summary"))
 
