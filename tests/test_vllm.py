@@ -5,6 +5,8 @@ Building a vLLM engine costs 35 s to several minutes on a 2-core machine, so ONE
 enabled) and runs every check through `tunelens.generate.generate(..., engine=...)`, writing the outputs
 to a JSON report; the tests below assert on that report. The worker runs in its own process session, and
 whatever it leaves behind (vLLM's EngineCore / Worker processes) is killed by process group when it ends.
+Two more engines are built by the Snakemake tests at the end (rule generation_agreement, and the DAG's
+generate jobs through the generation server): the module takes ~7 min on a busy 2-core machine.
 
 The tiny model here has head_dim 32: vLLM's CPU attention supports 32, 64, 80, ... but not the 16 of
 conftest's tiny models. Its directory carries a generation_config.json with repetition_penalty 2 and sampling
