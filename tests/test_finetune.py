@@ -456,14 +456,14 @@ def test_packed_rows_separated_under_eager_attention(sharp_llama_dir, train_json
 
 
 # ------------------------------------------------------------------------------------------ autotune
-from tunelens.finetune import _probe as REAL_PROBE  # noqa: E402
+from tunelens.training.speed import _probe as REAL_PROBE  # noqa: E402
 @pytest.fixture
 def fake_gpu(monkeypatch):
     """A pretend 20 GiB-free GPU for the autotuner on CPU: peak memory per probe is 4 GiB a row without
     checkpointing and 1 GiB a row with it; checkpointing-off steps are the faster ones."""
     import torch
 
-    import tunelens.finetune as ft
+    import tunelens.training.speed as ft
 
     probes = []
 
@@ -520,7 +520,7 @@ def test_autotune_does_not_change_the_training(tiny_llama_dir, train_jsonl, tmp_
     batch gives the same loss after the autotuner ran as before."""
     import torch
 
-    import tunelens.finetune as ft
+    import tunelens.training.speed as speed
 
     config = settings(batch_size=4, lora_dropout=0.1)
     run = build_trainer(tiny_llama_dir, train_jsonl, tmp_path / "ckpt", config, "alpaca", seed=1, device="cpu")
@@ -528,9 +528,9 @@ def test_autotune_does_not_change_the_training(tiny_llama_dir, train_jsonl, tmp_
     weights = {k: v.clone() for k, v in run.trainer.model.named_parameters() if v.requires_grad}
     torch.manual_seed(5)
     before = run.trainer.model.train()(**batch).loss.item()
-    ft._probe = REAL_PROBE  # the real forward+backward (monkeypatch restores the fake after the test)
+    speed._probe = REAL_PROBE  # the real forward+backward (monkeypatch restores the fake after the test)
     torch.manual_seed(5)
-    ft.autotune_cuda(run.trainer, config, run.plan, tmp_path / "ckpt")
+    speed.autotune_cuda(run.trainer, config, run.plan, tmp_path / "ckpt")
     after = run.trainer.model.train()(**batch).loss.item()
     assert after == before
     assert all(torch.equal(v, weights[k]) for k, v in run.trainer.model.named_parameters() if v.requires_grad)

@@ -1,0 +1,6 @@
+"""The fine-tuning stage's parts; the job itself is tunelens.finetune.finetune().
+
+- plan.py   settings keys, the resolved TrainingPlan (method, dtype, checkpointing, Liger) and target modules;
+- data.py   training rows, prompt-completion examples, tokenization with completion masks;
+- speed.py  how the GPU is used: packed rows kept apart (block-diagonal mask), the CUDA autotuner.
+"""
