@@ -96,7 +96,7 @@ def _alternation(names):
 wildcard_constraints:
     model=_alternation(MODELS),
     variant="|".join(VARIANTS),
-    config=_alternation(DECODING),
+    decoding=_alternation(DECODING),
     layer=r"\d+",
     dataset=re.escape(DATASET),
     evalset=_alternation(EVALSETS) or "(?!)",
@@ -257,7 +257,7 @@ def score_file(model, variant, config_name):
 
 
 def decoding_params(wildcards):
-    return DECODING[wildcards.config].as_dict()
+    return DECODING[wildcards.decoding].as_dict()
 
 
 def probe_layers(model):

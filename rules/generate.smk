@@ -10,17 +10,21 @@ rule generate:
         adapter=adapter_input,
     output:
         generations=report(
-            f"{R}/generations/{{model}}/{{variant}}/{{config}}.jsonl",
+            f"{R}/generations/{{model}}/{{variant}}/{{decoding}}.jsonl",
             caption="../report/generate.rst",
             category="Generations",
             subcategory="{model}",
-            labels={"model": "{model}", "variant": "{variant}", "config": "{config}"},
+            labels={
+                "model": "{model}",
+                "variant": "{variant}",
+                "decoding": "{decoding}",
+            },
         ),
-        meta=f"{R}/generations/{{model}}/{{variant}}/{{config}}.meta.json",
+        meta=f"{R}/generations/{{model}}/{{variant}}/{{decoding}}.meta.json",
     log:
-        "logs/generate/{model}/{variant}/{config}.log",
+        "logs/generate/{model}/{variant}/{decoding}.log",
     benchmark:
-        "benchmarks/generate/{model}/{variant}/{config}.tsv"
+        "benchmarks/generate/{model}/{variant}/{decoding}.tsv"
     conda:
         generation_conda_env
     threads: model_threads
@@ -94,19 +98,19 @@ use rule generate as generate_evalset with:
         adapter=adapter_input,
     output:
         generations=report(
-            f"{EVAL}/generations/{{model}}/{{variant}}/{{config}}.jsonl",
+            f"{EVAL}/generations/{{model}}/{{variant}}/{{decoding}}.jsonl",
             caption="../report/generate.rst",
             category="Generations",
             subcategory="{model}",
             labels={
                 "model": "{model}",
                 "variant": "{variant}",
-                "config": "{config}",
+                "decoding": "{decoding}",
                 "evaluation set": "{evalset}",
             },
         ),
-        meta=f"{EVAL}/generations/{{model}}/{{variant}}/{{config}}.meta.json",
+        meta=f"{EVAL}/generations/{{model}}/{{variant}}/{{decoding}}.meta.json",
     log:
-        "logs/generate_evalset/{evalset}/{model}/{variant}/{config}.log",
+        "logs/generate_evalset/{evalset}/{model}/{variant}/{decoding}.log",
     benchmark:
-        "benchmarks/generate_evalset/{evalset}/{model}/{variant}/{config}.tsv"
+        "benchmarks/generate_evalset/{evalset}/{model}/{variant}/{decoding}.tsv"

@@ -5,22 +5,26 @@
 
 rule score:
     input:
-        generations=f"{R}/generations/{{model}}/{{variant}}/{{config}}.jsonl",
-        meta=f"{R}/generations/{{model}}/{{variant}}/{{config}}.meta.json",
+        generations=f"{R}/generations/{{model}}/{{variant}}/{{decoding}}.jsonl",
+        meta=f"{R}/generations/{{model}}/{{variant}}/{{decoding}}.meta.json",
         bertscore_model=bertscore_model_input,
     output:
         scores=report(
-            f"{R}/scores/{{model}}/{{variant}}/{{config}}.json",
+            f"{R}/scores/{{model}}/{{variant}}/{{decoding}}.json",
             caption="../report/score.rst",
             category="Scores",
             subcategory="{model}",
-            labels={"model": "{model}", "variant": "{variant}", "config": "{config}"},
+            labels={
+                "model": "{model}",
+                "variant": "{variant}",
+                "decoding": "{decoding}",
+            },
         ),
-        rows=f"{R}/scores/{{model}}/{{variant}}/{{config}}.rows.csv",
+        rows=f"{R}/scores/{{model}}/{{variant}}/{{decoding}}.rows.csv",
     log:
-        "logs/score/{model}/{variant}/{config}.log",
+        "logs/score/{model}/{variant}/{decoding}.log",
     benchmark:
-        "benchmarks/score/{model}/{variant}/{config}.tsv"
+        "benchmarks/score/{model}/{variant}/{decoding}.tsv"
     conda:
         "../envs/torch.yaml"
     threads: SCORE_THREADS
@@ -118,17 +122,17 @@ rule perplexity:
 
 rule judge:
     input:
-        generations=f"{R}/generations/{{model}}/{{variant}}/{{config}}.jsonl",
-        meta=f"{R}/generations/{{model}}/{{variant}}/{{config}}.meta.json",
+        generations=f"{R}/generations/{{model}}/{{variant}}/{{decoding}}.jsonl",
+        meta=f"{R}/generations/{{model}}/{{variant}}/{{decoding}}.meta.json",
         test=SPLIT["test"],
         judge_model=judge_model_input,
     output:
-        scores=f"{R}/judge/{{model}}/{{variant}}/{{config}}.json",
-        rows=f"{R}/judge/{{model}}/{{variant}}/{{config}}.rows.csv",
+        scores=f"{R}/judge/{{model}}/{{variant}}/{{decoding}}.json",
+        rows=f"{R}/judge/{{model}}/{{variant}}/{{decoding}}.rows.csv",
     log:
-        "logs/judge/{model}/{variant}/{config}.log",
+        "logs/judge/{model}/{variant}/{decoding}.log",
     benchmark:
-        "benchmarks/judge/{model}/{variant}/{config}.tsv"
+        "benchmarks/judge/{model}/{variant}/{decoding}.tsv"
     conda:
         "../envs/torch.yaml"
     threads: model_threads
@@ -210,27 +214,27 @@ rule human_score:
 # The jobs above on each evaluation set's rows; score_context gives the set's own kind (CodeBLEU or not).
 use rule score as score_evalset with:
     input:
-        generations=f"{EVAL}/generations/{{model}}/{{variant}}/{{config}}.jsonl",
-        meta=f"{EVAL}/generations/{{model}}/{{variant}}/{{config}}.meta.json",
+        generations=f"{EVAL}/generations/{{model}}/{{variant}}/{{decoding}}.jsonl",
+        meta=f"{EVAL}/generations/{{model}}/{{variant}}/{{decoding}}.meta.json",
         bertscore_model=bertscore_model_input,
     output:
         scores=report(
-            f"{EVAL}/scores/{{model}}/{{variant}}/{{config}}.json",
+            f"{EVAL}/scores/{{model}}/{{variant}}/{{decoding}}.json",
             caption="../report/score.rst",
             category="Scores",
             subcategory="{model}",
             labels={
                 "model": "{model}",
                 "variant": "{variant}",
-                "config": "{config}",
+                "decoding": "{decoding}",
                 "evaluation set": "{evalset}",
             },
         ),
-        rows=f"{EVAL}/scores/{{model}}/{{variant}}/{{config}}.rows.csv",
+        rows=f"{EVAL}/scores/{{model}}/{{variant}}/{{decoding}}.rows.csv",
     log:
-        "logs/score_evalset/{evalset}/{model}/{variant}/{config}.log",
+        "logs/score_evalset/{evalset}/{model}/{variant}/{decoding}.log",
     benchmark:
-        "benchmarks/score_evalset/{evalset}/{model}/{variant}/{config}.tsv"
+        "benchmarks/score_evalset/{evalset}/{model}/{variant}/{decoding}.tsv"
 
 
 use rule perplexity as perplexity_evalset with:
@@ -260,17 +264,17 @@ use rule perplexity as perplexity_evalset with:
 
 use rule judge as judge_evalset with:
     input:
-        generations=f"{EVAL}/generations/{{model}}/{{variant}}/{{config}}.jsonl",
-        meta=f"{EVAL}/generations/{{model}}/{{variant}}/{{config}}.meta.json",
+        generations=f"{EVAL}/generations/{{model}}/{{variant}}/{{decoding}}.jsonl",
+        meta=f"{EVAL}/generations/{{model}}/{{variant}}/{{decoding}}.meta.json",
         test=f"{EVAL}/test.jsonl",
         judge_model=judge_model_input,
     output:
-        scores=f"{EVAL}/judge/{{model}}/{{variant}}/{{config}}.json",
-        rows=f"{EVAL}/judge/{{model}}/{{variant}}/{{config}}.rows.csv",
+        scores=f"{EVAL}/judge/{{model}}/{{variant}}/{{decoding}}.json",
+        rows=f"{EVAL}/judge/{{model}}/{{variant}}/{{decoding}}.rows.csv",
     log:
-        "logs/judge_evalset/{evalset}/{model}/{variant}/{config}.log",
+        "logs/judge_evalset/{evalset}/{model}/{variant}/{decoding}.log",
     benchmark:
-        "benchmarks/judge_evalset/{evalset}/{model}/{variant}/{config}.tsv"
+        "benchmarks/judge_evalset/{evalset}/{model}/{variant}/{decoding}.tsv"
 
 
 # One blind sheet per evaluation set; its filled sheets go into scoring.human.ratings_dir/<evalset>/.

@@ -16,7 +16,7 @@ judge_generation_file(
     judge_path=params.judge_path,
     model=snakemake.wildcards.model,
     variant=snakemake.wildcards.variant,
-    config=snakemake.wildcards.config,
+    config=snakemake.wildcards.decoding,
     batch_size=params.batch_size,
     device=params.device,
     samples=params.samples,

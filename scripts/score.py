@@ -18,6 +18,6 @@ score_generation_file(
     seed=params.seed,
     model=snakemake.wildcards.model,
     variant=snakemake.wildcards.variant,
-    config=snakemake.wildcards.get("config"),
+    config=snakemake.wildcards.get("decoding"),
     layer=params.layer,
 )

@@ -323,8 +323,8 @@ def variant_jobs(config: dict, model: str, variant: str, decoding_configs) -> se
     `decoding_configs`, perplexity, logit lens, early exit per probe layer and its scores."""
     jobs = {job("perplexity", model=model, variant=variant), job("logit_lens", model=model, variant=variant)}
     for name in decoding_configs:
-        jobs |= {job("generate", model=model, variant=variant, config=name),
-                 job("score", model=model, variant=variant, config=name)}  # fmt: skip
+        jobs |= {job("generate", model=model, variant=variant, decoding=name),
+                 job("score", model=model, variant=variant, decoding=name)}  # fmt: skip
     for layer in probe_layers_of(config, model):
         jobs |= {job("early_exit", model=model, variant=variant, layer=str(layer)),
                  job("score_early_exit", model=model, variant=variant, layer=str(layer))}  # fmt: skip
@@ -390,8 +390,8 @@ def test_one_model_by_target_path_runs_only_its_upstream(tmp_path):
         job("materialize_bertscore_model"),
         job("materialize_model", model="gemma3"),
         job("finetune", model="gemma3"),
-        job("generate", model="gemma3", variant="finetuned", config="greedy"),
-        job("score", model="gemma3", variant="finetuned", config="greedy"),
+        job("generate", model="gemma3", variant="finetuned", decoding="greedy"),
+        job("score", model="gemma3", variant="finetuned", decoding="greedy"),
     }
 
 
@@ -408,8 +408,8 @@ def test_changing_one_named_decoding_config_reruns_its_generations_scores_and_ag
     expected = set(AGGREGATES)
     for model in PARTIAL_CONFIG["models"]:
         for variant in ("base", "finetuned"):
-            expected |= {job("generate", model=model, variant=variant, config="greedy"),
-                         job("score", model=model, variant=variant, config="greedy")}  # fmt: skip
+            expected |= {job("generate", model=model, variant=variant, decoding="greedy"),
+                         job("score", model=model, variant=variant, decoding="greedy")}  # fmt: skip
     assert planned(finished_study, config) == expected
 
 
@@ -420,8 +420,8 @@ def test_adding_an_unnamed_decoding_config_runs_only_it_and_the_aggregates(finis
     expected = set(AGGREGATES)
     for model in PARTIAL_CONFIG["models"]:
         for variant in ("base", "finetuned"):
-            expected |= {job("generate", model=model, variant=variant, config=new),
-                         job("score", model=model, variant=variant, config=new)}  # fmt: skip
+            expected |= {job("generate", model=model, variant=variant, decoding=new),
+                         job("score", model=model, variant=variant, decoding=new)}  # fmt: skip
     assert planned(finished_study, config) == expected
 
 
@@ -462,8 +462,8 @@ def evalset_jobs(config: dict, evalset: str) -> set:
         for variant in ("base", "finetuned"):
             jobs.add(job("perplexity_evalset", evalset=evalset, model=model, variant=variant))
             for name in names:
-                jobs |= {job("generate_evalset", evalset=evalset, model=model, variant=variant, config=name),
-                         job("score_evalset", evalset=evalset, model=model, variant=variant, config=name)}  # fmt: skip
+                jobs |= {job("generate_evalset", evalset=evalset, model=model, variant=variant, decoding=name),
+                         job("score_evalset", evalset=evalset, model=model, variant=variant, decoding=name)}  # fmt: skip
     return jobs
 
 

@@ -46,8 +46,8 @@ def per_variant(rule: str, **extra) -> set:
     return {job(rule, model="smollm2", variant=variant, **extra) for variant in VARIANTS}
 
 
-GENERATE = per_variant("generate", config="greedy")
-SCORE = per_variant("score", config="greedy")
+GENERATE = per_variant("generate", decoding="greedy")
+SCORE = per_variant("score", decoding="greedy")
 PERPLEXITY = per_variant("perplexity")
 EARLY_EXIT = per_variant("early_exit", layer=LAYER)
 SCORE_EARLY_EXIT = per_variant("score_early_exit", layer=LAYER)

@@ -1,7 +1,7 @@
 """Generation stage: run one decoding config over the test prompts and write a generation file.
 
     generate(test_file, output_file, model_name=..., model_path=..., decoding_config=..., ...)
-      -> results/generations/{model}/{variant}/{config}.jsonl  + {config}.meta.json
+      -> results/generations/{model}/{variant}/{decoding}.jsonl  + {decoding}.meta.json
 
 Backends
   hf    transformers `generate`, batched with left padding, prompts sorted by token length (less padding),

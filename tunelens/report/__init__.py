@@ -81,7 +81,7 @@ def write_report(*, score_files: Sequence[str | Path] = (), perplexity_files: Se
     files = load_score_files({"decoding": score_files, "perplexity": perplexity_files, "judge": judge_files,
                               "human": human_files, "early_exit": early_exit_files})
     if not files:
-        raise DataError("report: no score files given; expected results/scores/{model}/{variant}/{config}.json")
+        raise DataError("report: no score files given; expected results/scores/{model}/{variant}/{decoding}.json")
     if settings.default_config not in settings.decoding_configs:
         raise DataError(f"report.default_config: '{settings.default_config}' is not among the decoding configs "
                         f"{list(settings.decoding_configs)}")
@@ -126,7 +126,7 @@ def _evaluation_set_results(name: str, inputs: Mapping[str, Any], settings: Repo
                               "judge": inputs.get("judge") or (), "human": inputs.get("human") or ()})
     if not files:
         raise DataError(f"report: evaluation set '{name}' has no score files; expected "
-                        f"results/eval/{name}/scores/{{model}}/{{variant}}/{{config}}.json")
+                        f"results/eval/{name}/scores/{{model}}/{{variant}}/{{decoding}}.json")
     manifest = read_json(inputs["manifest"]) if inputs.get("manifest") else None
     return EvaluationSetResults(name=name, files=files, summary=summary_table(files, settings, evaluation_set=name),
                                 manifest=manifest, human_sheets=[str(p) for p in inputs.get("human_sheet") or ()])

@@ -1,10 +1,10 @@
 """Report inputs: score files of every kind, their per-row tables and the fine-tune records.
 
 Inputs are only the files other stages write (formats in docs/ARCHITECTURE.md):
-- decoding score files  `scores/{model}/{variant}/{config}.json` (+ `{config}.rows.csv`)
+- decoding score files  `scores/{model}/{variant}/{decoding}.json` (+ `{decoding}.rows.csv`)
 - perplexity files      `perplexity/{model}/{variant}.json` (+ `{variant}.rows.csv`)
-- judge files           `judge/{model}/{variant}/{config}.json` (+ `.rows.csv`)
-- human scores          `human/scores/{model}/{variant}/{config}.json` (+ `.rows.csv`), once sheets are rated
+- judge files           `judge/{model}/{variant}/{decoding}.json` (+ `.rows.csv`)
+- human scores          `human/scores/{model}/{variant}/{decoding}.json` (+ `.rows.csv`), once sheets are rated
 - early-exit scores     `probe/{model}/{variant}/early_exit/layer_{layer}.scores.json` (+ rows)
 - fine-tune records     `finetune/{model}/metrics.json` (+ sibling `train_log.jsonl`)
 
