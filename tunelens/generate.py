@@ -255,45 +255,17 @@ def write_generation(output_file: str | Path, meta_file: str | Path | None, meta
              meta["generation_time_s"], meta["load_time_s"], output_file)
 
 
-def generate(
-    test_file: str | Path,
-    output_file: str | Path,
-    meta_file: str | Path | None = None,
-    *,
-    model_name: str,
-    model_path: str | Path,
-    model_source: str | None = None,
-    variant: str = "base",
-    adapter_dir: str | Path | None = None,
-    prompt_format: str = "alpaca",
-    decoding_config: DecodingConfig | dict,
-    max_new_tokens: int = 128,
-    stop: Sequence[str] = (),
-    seed: int = 1234,
-    beam_mode: str = "beam_search",
-    backend: str = "auto",
-    batch_size: int | str = "auto",
-    max_prompt_tokens: int = 1024,
-    max_test_rows: int | None = None,
-    device: str = "auto",
-    gpus: int = 1,
-    vllm_options: dict | None = None,
-    engine: VllmEngine | None = None,
-) -> dict:
+def generate(test_file: str | Path, output_file: str | Path, meta_file: str | Path | None = None,
+             **options) -> dict:
     """Generate for every test row under one decoding config; write the rows and the `.meta.json` sidecar.
 
-    Output rows (ARCHITECTURE.md): id, prompt, reference, generated, num_generated_tokens, finish_reason,
-    in test-file order. Both files are written atomically (temp file + rename), the meta first, so a killed
-    job leaves no complete-looking generation file. Returns the meta dict.
+    `options` are generation_output's keyword arguments (model_name, model_path, decoding_config, ...; the
+    one signature of a generation job). Output rows (ARCHITECTURE.md): id, prompt, reference, generated,
+    num_generated_tokens, finish_reason, in test-file order. Both files are written atomically (temp file +
+    rename), the meta first, so a killed job leaves no complete-looking generation file. Returns the meta dict.
     `gpus` is the job's GPU count: vLLM's tensor_parallel_size. Times are seconds, tokens_per_s is
     generated tokens per second of generation time (load excluded).
     """
-    meta, rows = generation_output(
-        test_file, model_name=model_name, model_path=model_path, model_source=model_source,
-        variant=variant, adapter_dir=adapter_dir, prompt_format=prompt_format, decoding_config=decoding_config,
-        max_new_tokens=max_new_tokens, stop=stop, seed=seed, beam_mode=beam_mode, backend=backend,
-        batch_size=batch_size, max_prompt_tokens=max_prompt_tokens, max_test_rows=max_test_rows, device=device,
-        gpus=gpus, vllm_options=vllm_options, engine=engine,
-    )
+    meta, rows = generation_output(test_file, **options)
     write_generation(output_file, meta_file, meta, rows)
     return meta
