@@ -102,6 +102,47 @@ wildcard_constraints:
     evalset=_alternation(EVALSETS) or "(?!)",
 
 
+# ----------------------------------------------------------------------------------------- paths
+# Output kind -> path under a results root: R, or EVAL for an evaluation set. The one place a per-run path
+# is spelled; rules (out), input functions and the report's input discovery (out_path) read it.
+OUTPUTS = {
+    "generation": "generations/{model}/{variant}/{decoding}.jsonl",
+    "generation_meta": "generations/{model}/{variant}/{decoding}.meta.json",
+    "scores": "scores/{model}/{variant}/{decoding}.json",
+    "score_rows": "scores/{model}/{variant}/{decoding}.rows.csv",
+    "judge": "judge/{model}/{variant}/{decoding}.json",
+    "judge_rows": "judge/{model}/{variant}/{decoding}.rows.csv",
+    "perplexity": "perplexity/{model}/{variant}.json",
+    "perplexity_rows": "perplexity/{model}/{variant}.rows.csv",
+    "lens": "probe/{model}/{variant}/lens.json",
+    "early_exit": "probe/{model}/{variant}/early_exit/layer_{layer}.jsonl",
+    "early_exit_meta": "probe/{model}/{variant}/early_exit/layer_{layer}.meta.json",
+    "early_exit_scores": "probe/{model}/{variant}/early_exit/layer_{layer}.scores.json",
+    "early_exit_rows": "probe/{model}/{variant}/early_exit/layer_{layer}.rows.csv",
+    "adapter": "finetune/{model}/adapter",
+    "finetune_metrics": "finetune/{model}/metrics.json",
+    "human_sheet": "human/sheet.csv",
+    "human_key": "human/key.csv",
+    "train_log": "finetune/{model}/train_log.jsonl",
+    "loss_plot": "finetune/{model}/loss.png",
+    "lens_heatmap": "probe/{model}/{variant}/lens_heatmap.png",
+    "lens_entropy": "probe/{model}/{variant}/lens_entropy.png",
+    "agreement": "agreement/{model}/{variant}.json",
+    "model_dir": "models/{model}",
+    "hub_model_dir": "hub/models/{model}",
+}
+
+
+def out(kind, root=R):
+    """A rule's path pattern of an output kind; wildcards stay in braces ({model}, {variant}, ...)."""
+    return f"{root}/{OUTPUTS[kind]}"
+
+
+def out_path(kind, root=R, **wildcards):
+    """One concrete path of an output kind (root EVAL needs evalset=...)."""
+    return out(kind, root).format(**wildcards)
+
+
 # ----------------------------------------------------------------------------------------- data
 def dataset_file_input(wildcards):
     """A local dataset file is an input (editing it reruns the split); hub and embedded sources are params."""
@@ -167,9 +208,9 @@ HUB_MODELS = [name for name, spec in MODELS.items() if spec.source_kind == "hub"
 def model_dir(spec):
     """The directory a job loads: embedded -> materialised, hub -> downloaded, local -> as configured."""
     if spec.source_kind == "embedded":
-        return f"{R}/models/{spec.name}"
+        return out_path("model_dir", model=spec.name)
     if spec.source_kind == "hub":
-        return f"{R}/hub/models/{spec.name}"
+        return out_path("hub_model_dir", model=spec.name)
     return spec.source
 
 
@@ -187,7 +228,7 @@ def model_path(wildcards):
 def adapter_input(wildcards):
     """The LoRA adapter for the finetuned variant; nothing for base."""
     return (
-        [f"{R}/finetune/{wildcards.model}/adapter"]
+        [out_path("adapter", model=wildcards.model)]
         if wildcards.variant == "finetuned"
         else []
     )
@@ -249,11 +290,11 @@ def variants(model):
 
 
 def generation_file(model, variant, config_name):
-    return f"{R}/generations/{model}/{variant}/{config_name}.jsonl"
+    return out_path("generation", model=model, variant=variant, decoding=config_name)
 
 
 def score_file(model, variant, config_name):
-    return f"{R}/scores/{model}/{variant}/{config_name}.json"
+    return out_path("scores", model=model, variant=variant, decoding=config_name)
 
 
 def decoding_params(wildcards):
@@ -478,7 +519,14 @@ def all_score_files():
 
 
 def evalset_generation_file(evalset, model, variant, config_name):
-    return eval_path(evalset, f"generations/{model}/{variant}/{config_name}.jsonl")
+    return out_path(
+        "generation",
+        EVAL,
+        evalset=evalset,
+        model=model,
+        variant=variant,
+        decoding=config_name,
+    )
 
 
 def all_evalset_files(kind):
@@ -495,15 +543,21 @@ def all_evalset_files(kind):
             files.append(eval_path(evalset, "manifest.json"))
         elif kind == "scores":
             files += [
-                eval_path(evalset, f"scores/{m}/{v}/{c}.json") for m, v, c in groups
+                out_path(
+                    "scores", EVAL, evalset=evalset, model=m, variant=v, decoding=c
+                )
+                for m, v, c in groups
             ]
         elif kind == "judge" and STUDY.config["scoring"]["judge"]["enabled"]:
             files += [
-                eval_path(evalset, f"judge/{m}/{v}/{c}.json") for m, v, c in groups
+                out_path("judge", EVAL, evalset=evalset, model=m, variant=v, decoding=c)
+                for m, v, c in groups
             ]
         elif kind == "perplexity" and STUDY.config["scoring"]["perplexity"]:
             files += [
-                eval_path(evalset, f"perplexity/{model}/{variant}.json")
+                out_path(
+                    "perplexity", EVAL, evalset=evalset, model=model, variant=variant
+                )
                 for model in MODELS
                 for variant in variants(model)
             ]
@@ -518,7 +572,7 @@ def all_perplexity_files():
     if not STUDY.config["scoring"]["perplexity"]:
         return []
     return [
-        f"{R}/perplexity/{model}/{variant}.json"
+        out_path("perplexity", model=model, variant=variant)
         for model in MODELS
         for variant in variants(model)
     ]
@@ -528,7 +582,7 @@ def all_judge_files():
     if not STUDY.config["scoring"]["judge"]["enabled"]:
         return []
     return [
-        f"{R}/judge/{model}/{variant}/{name}.json"
+        out_path("judge", model=model, variant=variant, decoding=name)
         for model in MODELS
         for variant in variants(model)
         for name in DECODING
@@ -539,7 +593,7 @@ def all_lens_files():
     if not STUDY.config["probe"]["enabled"]:
         return []
     return [
-        f"{R}/probe/{model}/{variant}/lens.json"
+        out_path("lens", model=model, variant=variant)
         for model in MODELS
         for variant in variants(model)
     ]
@@ -552,7 +606,7 @@ def all_early_exit_score_files():
     ):
         return []
     return [
-        f"{R}/probe/{model}/{variant}/early_exit/layer_{layer}.scores.json"
+        out_path("early_exit_scores", model=model, variant=variant, layer=layer)
         for model in MODELS
         for variant in variants(model)
         for layer in probe_layers(model)
@@ -561,7 +615,7 @@ def all_early_exit_score_files():
 
 def all_finetune_metrics():
     return [
-        f"{R}/finetune/{model}/metrics.json"
+        out_path("finetune_metrics", model=model)
         for model, spec in MODELS.items()
         if spec.finetuned
     ]

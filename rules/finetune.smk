@@ -9,17 +9,17 @@ rule finetune:
         train=SPLIT["train"],
         model=model_input,
     output:
-        adapter=directory(f"{R}/finetune/{{model}}/adapter"),
-        train_log=f"{R}/finetune/{{model}}/train_log.jsonl",
+        adapter=directory(out("adapter")),
+        train_log=out("train_log"),
         metrics=report(
-            f"{R}/finetune/{{model}}/metrics.json",
+            out("finetune_metrics"),
             caption="../report/finetune_metrics.rst",
             category="Fine-tuning",
             subcategory="{model}",
             labels={"model": "{model}", "file": "metrics.json"},
         ),
         loss_png=report(
-            f"{R}/finetune/{{model}}/loss.png",
+            out("loss_plot"),
             caption="../report/finetune_loss.rst",
             category="Fine-tuning",
             subcategory="{model}",

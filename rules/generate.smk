@@ -10,7 +10,7 @@ rule generate:
         adapter=adapter_input,
     output:
         generations=report(
-            f"{R}/generations/{{model}}/{{variant}}/{{decoding}}.jsonl",
+            out("generation"),
             caption="../report/generate.rst",
             category="Generations",
             subcategory="{model}",
@@ -20,7 +20,7 @@ rule generate:
                 "decoding": "{decoding}",
             },
         ),
-        meta=f"{R}/generations/{{model}}/{{variant}}/{{decoding}}.meta.json",
+        meta=out("generation_meta"),
     log:
         "logs/generate/{model}/{variant}/{decoding}.log",
     benchmark:
@@ -56,7 +56,7 @@ rule generation_agreement:
         adapter=adapter_input,
     output:
         report(
-            f"{R}/agreement/{{model}}/{{variant}}.json",
+            out("agreement"),
             caption="../report/generate_agreement.rst",
             category="Generations",
             subcategory="{model}",
@@ -98,7 +98,7 @@ use rule generate as generate_evalset with:
         adapter=adapter_input,
     output:
         generations=report(
-            f"{EVAL}/generations/{{model}}/{{variant}}/{{decoding}}.jsonl",
+            out("generation", EVAL),
             caption="../report/generate.rst",
             category="Generations",
             subcategory="{model}",
@@ -109,7 +109,7 @@ use rule generate as generate_evalset with:
                 "evaluation set": "{evalset}",
             },
         ),
-        meta=f"{EVAL}/generations/{{model}}/{{variant}}/{{decoding}}.meta.json",
+        meta=out("generation_meta", EVAL),
     log:
         "logs/generate_evalset/{evalset}/{model}/{variant}/{decoding}.log",
     benchmark:

@@ -3,7 +3,7 @@
 
 rule materialize_model:
     output:
-        directory(f"{R}/models/{{model}}"),
+        directory(out("model_dir")),
     log:
         "logs/materialize_model/{model}.log",
     benchmark:
@@ -49,7 +49,7 @@ localrules:
 
 rule download_model:
     output:
-        directory(f"{R}/hub/models/{{model}}"),
+        directory(out("hub_model_dir")),
     log:
         "logs/download_model/{model}.log",
     benchmark:

@@ -8,16 +8,16 @@ rule logit_lens:
         model=model_input,
         adapter=adapter_input,
     output:
-        lens=f"{R}/probe/{{model}}/{{variant}}/lens.json",
+        lens=out("lens"),
         heatmap=report(
-            f"{R}/probe/{{model}}/{{variant}}/lens_heatmap.png",
+            out("lens_heatmap"),
             caption="../report/probe_lens_heatmap.rst",
             category="Layer probe",
             subcategory="{model}",
             labels={"model": "{model}", "variant": "{variant}", "plot": "top tokens"},
         ),
         entropy=report(
-            f"{R}/probe/{{model}}/{{variant}}/lens_entropy.png",
+            out("lens_entropy"),
             caption="../report/probe_lens_entropy.rst",
             category="Layer probe",
             subcategory="{model}",
@@ -63,8 +63,8 @@ rule early_exit:
         model=model_input,
         adapter=adapter_input,
     output:
-        generations=f"{R}/probe/{{model}}/{{variant}}/early_exit/layer_{{layer}}.jsonl",
-        meta=f"{R}/probe/{{model}}/{{variant}}/early_exit/layer_{{layer}}.meta.json",
+        generations=out("early_exit"),
+        meta=out("early_exit_meta"),
     log:
         "logs/early_exit/{model}/{variant}/layer_{layer}.log",
     benchmark:

@@ -5,12 +5,12 @@
 
 rule score:
     input:
-        generations=f"{R}/generations/{{model}}/{{variant}}/{{decoding}}.jsonl",
-        meta=f"{R}/generations/{{model}}/{{variant}}/{{decoding}}.meta.json",
+        generations=out("generation"),
+        meta=out("generation_meta"),
         bertscore_model=bertscore_model_input,
     output:
         scores=report(
-            f"{R}/scores/{{model}}/{{variant}}/{{decoding}}.json",
+            out("scores"),
             caption="../report/score.rst",
             category="Scores",
             subcategory="{model}",
@@ -20,7 +20,7 @@ rule score:
                 "decoding": "{decoding}",
             },
         ),
-        rows=f"{R}/scores/{{model}}/{{variant}}/{{decoding}}.rows.csv",
+        rows=out("score_rows"),
     log:
         "logs/score/{model}/{variant}/{decoding}.log",
     benchmark:
@@ -46,12 +46,12 @@ rule score:
 
 rule score_early_exit:
     input:
-        generations=f"{R}/probe/{{model}}/{{variant}}/early_exit/layer_{{layer}}.jsonl",
-        meta=f"{R}/probe/{{model}}/{{variant}}/early_exit/layer_{{layer}}.meta.json",
+        generations=out("early_exit"),
+        meta=out("early_exit_meta"),
         bertscore_model=bertscore_model_input,
     output:
-        scores=f"{R}/probe/{{model}}/{{variant}}/early_exit/layer_{{layer}}.scores.json",
-        rows=f"{R}/probe/{{model}}/{{variant}}/early_exit/layer_{{layer}}.rows.csv",
+        scores=out("early_exit_scores"),
+        rows=out("early_exit_rows"),
     log:
         "logs/score_early_exit/{model}/{variant}/layer_{layer}.log",
     benchmark:
@@ -82,7 +82,7 @@ rule perplexity:
         adapter=adapter_input,
     output:
         scores=report(
-            f"{R}/perplexity/{{model}}/{{variant}}.json",
+            out("perplexity"),
             caption="../report/score_perplexity.rst",
             category="Scores",
             subcategory="{model}",
@@ -92,7 +92,7 @@ rule perplexity:
                 "metric": "perplexity",
             },
         ),
-        rows=f"{R}/perplexity/{{model}}/{{variant}}.rows.csv",
+        rows=out("perplexity_rows"),
     log:
         "logs/perplexity/{model}/{variant}.log",
     benchmark:
@@ -122,13 +122,13 @@ rule perplexity:
 
 rule judge:
     input:
-        generations=f"{R}/generations/{{model}}/{{variant}}/{{decoding}}.jsonl",
-        meta=f"{R}/generations/{{model}}/{{variant}}/{{decoding}}.meta.json",
+        generations=out("generation"),
+        meta=out("generation_meta"),
         test=SPLIT["test"],
         judge_model=judge_model_input,
     output:
-        scores=f"{R}/judge/{{model}}/{{variant}}/{{decoding}}.json",
-        rows=f"{R}/judge/{{model}}/{{variant}}/{{decoding}}.rows.csv",
+        scores=out("judge"),
+        rows=out("judge_rows"),
     log:
         "logs/judge/{model}/{variant}/{decoding}.log",
     benchmark:
@@ -160,11 +160,11 @@ rule human_sheet:
         test=SPLIT["test"],
     output:
         sheet=report(
-            f"{R}/human/sheet.csv",
+            out("human_sheet"),
             caption="../report/score_human_sheet.rst",
             category="Human rating",
         ),
-        key=f"{R}/human/key.csv",
+        key=out("human_key"),
     log:
         "logs/human_sheet/human_sheet.log",
     benchmark:
@@ -186,8 +186,8 @@ rule human_sheet:
 rule human_score:
     input:
         ratings=human_rating_files(),
-        sheet=f"{R}/human/sheet.csv",
-        key=f"{R}/human/key.csv",
+        sheet=out("human_sheet"),
+        key=out("human_key"),
     output:
         scores=human_score_outputs("json"),
         rows=human_score_outputs("rows"),
@@ -214,12 +214,12 @@ rule human_score:
 # The jobs above on each evaluation set's rows; score_context gives the set's own kind (CodeBLEU or not).
 use rule score as score_evalset with:
     input:
-        generations=f"{EVAL}/generations/{{model}}/{{variant}}/{{decoding}}.jsonl",
-        meta=f"{EVAL}/generations/{{model}}/{{variant}}/{{decoding}}.meta.json",
+        generations=out("generation", EVAL),
+        meta=out("generation_meta", EVAL),
         bertscore_model=bertscore_model_input,
     output:
         scores=report(
-            f"{EVAL}/scores/{{model}}/{{variant}}/{{decoding}}.json",
+            out("scores", EVAL),
             caption="../report/score.rst",
             category="Scores",
             subcategory="{model}",
@@ -230,7 +230,7 @@ use rule score as score_evalset with:
                 "evaluation set": "{evalset}",
             },
         ),
-        rows=f"{EVAL}/scores/{{model}}/{{variant}}/{{decoding}}.rows.csv",
+        rows=out("score_rows", EVAL),
     log:
         "logs/score_evalset/{evalset}/{model}/{variant}/{decoding}.log",
     benchmark:
@@ -244,7 +244,7 @@ use rule perplexity as perplexity_evalset with:
         adapter=adapter_input,
     output:
         scores=report(
-            f"{EVAL}/perplexity/{{model}}/{{variant}}.json",
+            out("perplexity", EVAL),
             caption="../report/score_perplexity.rst",
             category="Scores",
             subcategory="{model}",
@@ -255,7 +255,7 @@ use rule perplexity as perplexity_evalset with:
                 "evaluation set": "{evalset}",
             },
         ),
-        rows=f"{EVAL}/perplexity/{{model}}/{{variant}}.rows.csv",
+        rows=out("perplexity_rows", EVAL),
     log:
         "logs/perplexity_evalset/{evalset}/{model}/{variant}.log",
     benchmark:
@@ -264,13 +264,13 @@ use rule perplexity as perplexity_evalset with:
 
 use rule judge as judge_evalset with:
     input:
-        generations=f"{EVAL}/generations/{{model}}/{{variant}}/{{decoding}}.jsonl",
-        meta=f"{EVAL}/generations/{{model}}/{{variant}}/{{decoding}}.meta.json",
+        generations=out("generation", EVAL),
+        meta=out("generation_meta", EVAL),
         test=f"{EVAL}/test.jsonl",
         judge_model=judge_model_input,
     output:
-        scores=f"{EVAL}/judge/{{model}}/{{variant}}/{{decoding}}.json",
-        rows=f"{EVAL}/judge/{{model}}/{{variant}}/{{decoding}}.rows.csv",
+        scores=out("judge", EVAL),
+        rows=out("judge_rows", EVAL),
     log:
         "logs/judge_evalset/{evalset}/{model}/{variant}/{decoding}.log",
     benchmark:
@@ -284,12 +284,12 @@ use rule human_sheet as human_sheet_evalset with:
         test=f"{EVAL}/test.jsonl",
     output:
         sheet=report(
-            f"{EVAL}/human/sheet.csv",
+            out("human_sheet", EVAL),
             caption="../report/score_human_sheet.rst",
             category="Human rating",
             labels={"evaluation set": "{evalset}"},
         ),
-        key=f"{EVAL}/human/key.csv",
+        key=out("human_key", EVAL),
     log:
         "logs/human_sheet_evalset/{evalset}.log",
     benchmark:
@@ -299,8 +299,8 @@ use rule human_sheet as human_sheet_evalset with:
 use rule human_score as human_score_evalset with:
     input:
         ratings=evalset_human_rating_files,
-        sheet=f"{EVAL}/human/sheet.csv",
-        key=f"{EVAL}/human/key.csv",
+        sheet=out("human_sheet", EVAL),
+        key=out("human_key", EVAL),
     output:
         scores=human_score_outputs("json", EVAL),
         rows=human_score_outputs("rows", EVAL),
