@@ -16,12 +16,11 @@ from __future__ import annotations
 import datetime
 import json
 import logging
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from tunelens.errors import ModelError
+from tunelens.io import atomic_directory
 
 log = logging.getLogger(__name__)
 
@@ -81,9 +80,7 @@ def download(repo_id: str, output_dir: str | Path, *, revision: str | None = Non
     from huggingface_hub import snapshot_download
 
     output_dir = Path(output_dir)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}."))
-    try:
+    with atomic_directory(output_dir) as staging:
         if hub_offline():
             snapshot = cached_snapshot(repo_id, revision, repo_type)
             if snapshot is None:
@@ -107,14 +104,6 @@ def download(repo_id: str, output_dir: str | Path, *, revision: str | None = Non
             "downloaded_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }
         (staging / SOURCE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
-        for path in [staging, *staging.rglob("*")]:
-            path.chmod(0o755 if path.is_dir() else 0o644)
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        staging.rename(output_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     log.info("%s %s: revision %s from the %s -> %s", repo_type, repo_id, commit, origin, output_dir)
     return record
 
