@@ -324,7 +324,7 @@ def stop_generation_servers():
     """Stop this run's generation servers on this host (Snakefile onsuccess/onerror; main process only:
     on SLURM a server lives inside its allocation and ends with it)."""
     if workflow.is_main_process:
-        from tunelens.genserver import stop_servers
+        from tunelens.servers import stop_servers
 
         stopped = stop_servers()
         if stopped:

@@ -103,3 +103,16 @@ def tiny_model_factory(tmp_path_factory, smollm2_tokenizer_dir):
 def tiny_llama_dir(tiny_model_factory) -> Path:
     """A 4-layer random Llama with SmolLM2's tokenizer and chat template."""
     return tiny_model_factory("llama", 4)
+
+
+def gpu_study_standins(root: Path) -> Path:
+    """What bench/bench_gpu_study.py writes for configs/gpu-study.yaml, as stand-ins under `root`: a 32-layer
+    model config (no weights: parse-time checks and dry runs load none) and 100 Alpaca-format rows."""
+    import json
+
+    model = root / "gpu-study" / "llama2-7b-random"
+    model.mkdir(parents=True, exist_ok=True)
+    (model / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 32}))
+    (root / "gpu-study" / "code_alpaca.json").write_text(json.dumps(
+        [{"instruction": f"Write code number {i}.", "input": "", "output": f"print({i})"} for i in range(100)]))
+    return root

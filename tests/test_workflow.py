@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import gpu_study_standins
 
 ROOT = Path(__file__).resolve().parent.parent
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
@@ -35,15 +36,7 @@ def test_every_preset_builds_a_dag(preset, tmp_path):
     # models are not downloaded here: with the hub off their ids are rejected (test below), so the dry run
     # says the hub is on (nothing is downloaded: no job runs).
     if preset.endswith("gpu-study.yaml"):
-        # The GPU study reads what bench/bench_gpu_study.py writes beside the checkout: a 7B-shaped model dir
-        # and an Alpaca-format file. A config and 100 rows stand in for them (a dry run loads no weights).
-        import json
-
-        (tmp_path / "gpu-study" / "llama2-7b-random").mkdir(parents=True)
-        (tmp_path / "gpu-study" / "llama2-7b-random" / "config.json").write_text(
-            json.dumps({"model_type": "llama", "num_hidden_layers": 32}))
-        (tmp_path / "gpu-study" / "code_alpaca.json").write_text(json.dumps(
-            [{"instruction": f"Write code number {i}.", "input": "", "output": f"print({i})"} for i in range(100)]))
+        gpu_study_standins(tmp_path)  # what bench/bench_gpu_study.py writes beside the checkout
     result = run([*SNAKEMAKE, "-n", "--quiet", "rules", "--configfile", str(ROOT / preset),
                   "--snakefile", str(ROOT / "Snakefile"), "--directory", str(tmp_path)],
                  env={"HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0"})

@@ -192,7 +192,7 @@ def _load_base_model(model_path: str, plan: TrainingPlan, revision: str | None):
     from transformers import AutoModelForCausalLM
 
     if plan.device == "cuda":
-        from tunelens.genserver import release_gpu_for_this_job
+        from tunelens.servers import release_gpu_for_this_job
 
         release_gpu_for_this_job()  # an idle generation server must not hold the GPU memory training needs
     dtype = getattr(torch, plan.compute_dtype)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -28,11 +29,16 @@ SOURCE_RECORD = "tunelens_source.json"
 REPO_TYPES = ("model", "dataset")
 
 
-def hub_offline() -> bool:
-    """True when huggingface_hub would not reach the hub (HF_HUB_OFFLINE set to a true value)."""
-    from tunelens.preflight import hub_offline as offline
+def truthy(value) -> bool:
+    """An environment flag's value as huggingface_hub reads it ("1", "true", "yes", "on")."""
+    return str(value or "").strip().lower() in ("1", "true", "yes", "on")
 
-    return offline()
+
+def hub_offline(environ=None) -> bool:
+    """True when huggingface_hub would not reach the hub (HF_HUB_OFFLINE set to a true value). Here rather than
+    in tunelens.preflight so that jobs importing this module do not pull the config checks into their code hash."""
+    environ = os.environ if environ is None else environ
+    return truthy(environ.get("HF_HUB_OFFLINE"))
 
 
 def cached_snapshot(repo_id: str, revision: str | None = None, repo_type: str = "model") -> Path | None:

@@ -168,7 +168,7 @@ def load_model(
     device = pick_device(device)
     torch_dtype = pick_dtype(device, dtype)
     if device == "cuda":
-        from tunelens.genserver import gpu_bytes_to_load, release_gpu_for_this_job
+        from tunelens.servers import gpu_bytes_to_load, release_gpu_for_this_job
 
         release_gpu_for_this_job(gpu_bytes_to_load(path_or_id, 1 if load_in_4bit else torch_dtype.itemsize))
     kwargs: dict[str, Any] = {"dtype": torch_dtype, "revision": revision}

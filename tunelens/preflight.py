@@ -23,6 +23,7 @@ from typing import Mapping
 
 from tunelens.config import EMBEDDED_PREFIX, HUB_ID, Study, source_kind
 from tunelens.errors import ConfigError, DataError
+from tunelens.hub import hub_offline, truthy as _truthy  # noqa: F401 (hub_offline: callers import it here)
 
 # Resample matrices of the percentile bootstrap: ~4 float64/int64 arrays of samples x rows (tunelens.statistics).
 BOOTSTRAP_BYTES_PER_CELL = 32
@@ -30,15 +31,6 @@ BOOTSTRAP_MEMORY_LIMIT = 4 * 1024**3  # score jobs ask for 8 GB
 
 
 # --------------------------------------------------------------------------------------------- hub
-def _truthy(value) -> bool:
-    return str(value or "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def hub_offline(environ: Mapping[str, str] | None = None) -> bool:
-    environ = os.environ if environ is None else environ
-    return _truthy(environ.get("HF_HUB_OFFLINE"))
-
-
 def _hf_home(environ: Mapping[str, str]) -> Path:
     if environ.get("HF_HOME"):
         return Path(environ["HF_HOME"]).expanduser()
