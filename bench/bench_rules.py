@@ -9,6 +9,7 @@ source as the report's compute-cost section.
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -17,7 +18,9 @@ from tunelens.cost import job_costs, summarise_costs  # noqa: E402
 
 
 def main() -> None:
-    workdir = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(".")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("workdir", nargs="?", type=Path, default=Path("."), help="a run's directory (holds benchmarks/)")
+    workdir = parser.parse_args().workdir
     records = job_costs(workdir / "benchmarks", exclude=())
     if not records:
         raise SystemExit(f"no benchmark files under {workdir / 'benchmarks'}")

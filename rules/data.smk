@@ -77,5 +77,6 @@ rule download_dataset:
         hub_id=lookup(dpath="dataset/source", within=config),
         revision=lookup(dpath="dataset/revision", within=config),
         repo_type="dataset",
+        code=code_version("download.py"),
     script:
         "../scripts/download.py"

@@ -62,5 +62,6 @@ rule download_model:
         hub_id=model_field("source"),
         revision=model_field("revision"),
         repo_type="model",
+        code=code_version("download.py"),
     script:
         "../scripts/download.py"

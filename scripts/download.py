@@ -1,8 +1,8 @@
 """Snakemake entry point of rules `download_model` and `download_dataset` (see tunelens.hub.download)."""
-import logging
 
 from tunelens.hub import download
+from tunelens.jobs import job_log
 
-logging.basicConfig(filename=snakemake.log[0], level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+job_log(snakemake.log[0])  # errors and tracebacks go to the rule's log too
 params = snakemake.params
 download(params.hub_id, snakemake.output[0], revision=params.revision, repo_type=params.repo_type)

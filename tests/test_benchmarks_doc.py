@@ -23,7 +23,7 @@ def printed_commands(text: str) -> list[list[str]]:
     joined = re.sub(r"\\\n\s*", " ", text)
     commands = []
     for line in joined.splitlines():
-        for match in re.finditer(r"(?:^|`|\s)((?:\S*python\S*)\s+bench/bench_\w+\.py[^`#\n]*)", line):
+        for match in re.finditer(r"(?:^|`|\s)((?:[^\s`]*python[^\s`]*)\s+bench/bench_\w+\.py[^`#\n]*)", line):
             words = shlex.split(match.group(1))
             while words and "=" in words[0] and not words[0].startswith("-"):
                 words.pop(0)
