@@ -21,7 +21,9 @@ HEADER = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load
 def _rule_blocks():
     for smk in sorted((ROOT / "rules").glob("*.smk")):
         text = smk.read_text()
-        starts = [(m.start(), m.group(1)) for m in re.finditer(r"^rule (\w+):", text, re.M)]
+        # `use rule X as Y with:` (the evaluation-set rules) overrides log and benchmark: checked as rule Y
+        starts = [(m.start(), m.group(1) or m.group(2))
+                  for m in re.finditer(r"^(?:rule (\w+)|use rule \w+ as (\w+) with):", text, re.M)]
         for index, (start, name) in enumerate(starts):
             end = starts[index + 1][0] if index + 1 < len(starts) else len(text)
             yield name, text[start:end]
