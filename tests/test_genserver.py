@@ -178,3 +178,32 @@ def test_a_load_that_fits_beside_the_server_keeps_it(tiny, run_dir, tmp_path, mo
     genserver.release_gpu_for_this_job(needed)
     assert genserver.marked_processes(mark) == []  # not enough room: stopped
     assert genserver.gpu_bytes_to_load("org/hub-id") is None
+
+
+def test_server_ends_with_the_snakemake_process_that_ran_its_jobs(tiny, run_dir, tmp_path):
+    """A Snakemake killed without its onsuccess/onerror (SIGKILL, a cluster allocation's end) leaves no server:
+    the server watches the Snakemake process above its first client. Here a stand-in named `snakemake` runs
+    one client job and exits; the server (idle timeout 1 h) must go at once."""
+    import os
+    import subprocess
+    import sys
+
+    client = ("import json, sys\nfrom tunelens import genserver\n"
+              "meta = genserver.run_generation_job(json.loads(sys.argv[1]), sys.argv[2], base=sys.argv[3],\n"
+              "                                    idle_timeout_s=3600, start_timeout_s=180)\n"
+              "assert meta['execution']['mode'] == 'server', meta['execution']\n")
+    fake = tmp_path / "snakemake"
+    fake.write_text(f"#!{sys.executable}\nimport subprocess, sys\n"
+                    f"sys.exit(subprocess.run([sys.executable, '-c', {client!r}, *sys.argv[1:]]).returncode)\n")
+    fake.chmod(0o755)
+    repo = str(genserver.Path(genserver.__file__).resolve().parents[1])
+    result = subprocess.run([str(fake), json.dumps(make_job(tiny)), str(tmp_path / "x.jsonl"), str(run_dir)],
+                            env={**os.environ, "PYTHONPATH": repo}, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    mark = genserver.server_mark(genserver.server_dir(run_dir), "")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and genserver.marked_processes(mark):
+        time.sleep(0.5)
+    assert genserver.marked_processes(mark) == []
+    log_text = "".join(path.read_text() for path in genserver.server_dir(run_dir).glob("*.log"))
+    assert "that ran its jobs is gone: exiting" in log_text

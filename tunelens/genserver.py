@@ -89,10 +89,44 @@ def server_key(job: dict, python: str) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _start_time(pid: int) -> str | None:
+    """A process's start time (clock ticks since boot), to tell it from a later process with its pid."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def snakemake_ancestor() -> str | None:
+    """'pid:starttime' of the nearest ancestor process that is Snakemake (the process that runs this job:
+    the main one locally, the one inside the allocation on a cluster), or None (not run by Snakemake)."""
+    pid = os.getppid()
+    while pid > 1:
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            return None
+        if any(Path(a.decode(errors="replace")).name == "snakemake" for a in argv[:2]) or argv[1:3] == [b"-m", b"snakemake"]:
+            return f"{pid}:{_start_time(pid)}"
+        pid = parent
+    return None
+
+
+def _watched_alive(watch: str | None) -> bool:
+    if not watch:
+        return True
+    pid, started = watch.split(":", 1)
+    return _start_time(int(pid)) == started
+
+
 def _start_server(python: str, folder: Path, key: str, idle_timeout_s: float) -> subprocess.Popen:
     log_file = folder / f"{key}.log"
     cmd = [python, "-m", "tunelens.genserver", "serve", "--dir", str(folder), "--key", key,
            "--socket", _socket_path(folder, key), "--idle-timeout", str(idle_timeout_s)]
+    watch = snakemake_ancestor()
+    if watch:  # the server ends with the Snakemake process that runs its jobs, however that one ends
+        cmd += ["--watch", watch]
     log.info("starting generation server: %s (log %s)", " ".join(cmd), log_file)
     with open(log_file, "ab") as out:
         return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
@@ -370,7 +404,7 @@ class _Server:
         self.hf_models.clear()
 
 
-def serve(folder: Path, key: str, socket_path: str, idle_timeout_s: float) -> None:
+def serve(folder: Path, key: str, socket_path: str, idle_timeout_s: float, watch: str | None = None) -> None:
     os.environ[IN_SERVER_ENV] = "1"
     if os.environ.get(FAULT_ENV) == "exit-at-start":
         os._exit(18)
@@ -398,6 +432,9 @@ def serve(folder: Path, key: str, socket_path: str, idle_timeout_s: float) -> No
                 break
             if not busy and time.monotonic() - state.last_activity > idle_timeout_s:
                 log.info("idle for %.0f s: exiting", idle_timeout_s)
+                break
+            if not busy and not _watched_alive(watch):
+                log.info("the Snakemake process %s that ran its jobs is gone: exiting", watch)
                 break
             try:
                 conn, _ = listener.accept()
@@ -443,6 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--key", required=True)
     run.add_argument("--socket", required=True)
     run.add_argument("--idle-timeout", type=float, default=120.0)
+    run.add_argument("--watch", default=None, help="pid:starttime of the Snakemake process; exit when it is gone")
     one = sub.add_parser("once", help="(internal) run one generate job from a JSON file")
     one.add_argument("request")
     one.add_argument("answer")
@@ -451,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "serve":
-        serve(Path(args.dir), args.key, args.socket, args.idle_timeout)
+        serve(Path(args.dir), args.key, args.socket, args.idle_timeout, args.watch)
         return 0
     if args.command == "once":
         return once(args.request, args.answer)
