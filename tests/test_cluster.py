@@ -243,7 +243,7 @@ def run_study(workdir: Path, *args: str):
 
 def comparable_results(workdir: Path) -> dict[str, object]:
     """What must not depend on where jobs ran: generated text, metric values, the summary table.
-    (.meta.json files and plots hold timings and paths, so they are not compared.)"""
+    (.meta.json files, plots and summary.csv's compute-cost rows hold timings and paths, so they are not compared.)"""
     results = workdir / "results"
     comparable = {}
     for path in sorted(results.rglob("*")):
@@ -255,7 +255,8 @@ def comparable_results(workdir: Path) -> dict[str, object]:
             if "metrics" in data:
                 comparable[relative] = data["metrics"]
         elif relative == "summary.csv":
-            comparable[relative] = path.read_text()
+            # The compute-cost rows measure where and how fast the jobs ran: everything else must match.
+            comparable[relative] = [line for line in path.read_text().splitlines() if ",compute_cost," not in line]
     return comparable
 
 
