@@ -31,17 +31,15 @@ from __future__ import annotations
 
 import json
 import logging
-import resource
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from tunelens.errors import ConfigError, DataError, ModelError, TunelensError
+from tunelens.errors import ConfigError, DataError, ModelError
 from tunelens.io import (
-    atomic_directory, library_versions, save_figure_atomic, sha256_dir, sha256_file, write_json_atomic,
-    write_jsonl_atomic,
+    atomic_directory, library_versions, sha256_dir, sha256_file, write_json_atomic, write_jsonl_atomic,
 )
 # The stage's parts (tunelens/training/), re-exported: callers and tests import them from here.
 from tunelens.training.data import (  # noqa: F401
@@ -50,6 +48,10 @@ from tunelens.training.data import (  # noqa: F401
 from tunelens.training.plan import (  # noqa: F401
     AUTOTUNE_FILE, LIGER_MIN_VOCAB, SETTING_DEFAULTS, SETTING_KEYS, TrainingPlan, _meta_model, check_settings,
     check_target_modules, linear_module_names, resolve_plan,
+)
+from tunelens.training.outputs import (  # noqa: F401
+    DIVERGENCE_FACTOR, DIVERGENCE_MIN_RISE, LOG_KEYS, DivergenceError, _model_source, _peak_memory, check_divergence,
+    plot_loss, train_log_rows,
 )
 from tunelens.training.speed import (  # noqa: F401
     VARLEN_ATTENTION, _probe, autotune_cuda, packed_attention_mask, separate_packed_rows,
@@ -60,8 +62,6 @@ log = logging.getLogger(__name__)
 # Written into the checkpoint directory: checkpoints are resumed only by a run with the same fingerprint.
 RUN_FINGERPRINT_FILE = "tunelens_run.json"
 ADAPTER_RECORD = "tunelens_adapter.json"
-# What a train_log.jsonl row holds, in this order (missing values are left out of the row).
-LOG_KEYS = ("step", "epoch", "loss", "learning_rate", "grad_norm", "tokens", "tokens_per_s", "mean_token_accuracy")
 
 
 # --------------------------------------------------------------------------------------------- checkpoints
@@ -348,108 +348,6 @@ def build_trainer(
 
 
 # --------------------------------------------------------------------------------------------- outputs
-class DivergenceError(TunelensError):
-    """Training diverged: the adapter would be garbage, and its scores would look like real results."""
-
-
-# A last logged loss above this multiple of the first (and this much higher) is divergence, not noise.
-DIVERGENCE_FACTOR = 2.0
-DIVERGENCE_MIN_RISE = 0.5
-
-
-def check_divergence(rows: list[dict], settings: dict, name: str, model=None) -> None:
-    """Fail when training blew up: a logged loss or gradient norm is not finite, the gradient vanished
-    for good (a collapsed model: every logged step after the first has gradient norm 0), the last loss
-    ends far above the first, or (given `model`) a trained parameter is not finite."""
-    import math
-
-    lr = settings.get("learning_rate")
-    for row in rows:
-        for key in ("loss", "grad_norm"):
-            if key in row and not math.isfinite(float(row[key])):
-                raise DivergenceError(
-                    f"fine-tune of '{name}' diverged: {key.replace('grad_norm', 'gradient norm')} is {row[key]} at "
-                    f"step {row['step']} (first logged loss {rows[0]['loss']}); lower finetune.learning_rate ({lr}) "
-                    "or check the data"
-                )
-    later = rows[1:]
-    if later and all(row.get("grad_norm") == 0.0 for row in later):
-        raise DivergenceError(
-            f"fine-tune of '{name}' diverged: the gradient norm is 0 from step {later[0]['step']} on, with the loss "
-            f"stuck at {float(later[-1]['loss']):.4g} (the model collapsed, e.g. to a uniform prediction); lower "
-            f"finetune.learning_rate ({lr})"
-        )
-    if model is not None:
-        for param_name, param in model.named_parameters():
-            if param.requires_grad and not bool(param.detach().isfinite().all()):
-                raise DivergenceError(f"fine-tune of '{name}' diverged: trained parameter {param_name} holds "
-                                      f"non-finite values; lower finetune.learning_rate ({lr})")
-    first, last = float(rows[0]["loss"]), float(rows[-1]["loss"])
-    if len(rows) > 1 and last > DIVERGENCE_FACTOR * first and last - first > DIVERGENCE_MIN_RISE:
-        raise DivergenceError(
-            f"fine-tune of '{name}' diverged: loss rose from {first:.4g} (step {rows[0]['step']}) to {last:.4g} "
-            f"(step {rows[-1]['step']}), more than {DIVERGENCE_FACTOR:g}x; lower finetune.learning_rate ({lr})"
-        )
-
-
-def train_log_rows(log_history: list[dict]) -> list[dict]:
-    """The training rows of the trainer's log history (the final summary row has no 'loss')."""
-    rows = []
-    for entry in log_history:
-        if "loss" not in entry:
-            continue
-        rows.append({key: entry[key] for key in LOG_KEYS if key in entry})
-    return rows
-
-
-def plot_loss(rows: list[dict], png_path: str | Path, title: str) -> None:
-    """Loss (nats per response token) and learning rate against optimizer step, written atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    png_path = Path(png_path)
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
-    steps = [row["step"] for row in rows]
-    ax.plot(steps, [row["loss"] for row in rows], marker="o", markersize=3, color="tab:blue", label="train loss")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (mean cross-entropy per response token, nats)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    if any("learning_rate" in row for row in rows):
-        ax_lr = ax.twinx()
-        ax_lr.plot(steps, [row.get("learning_rate", float("nan")) for row in rows], color="tab:gray",
-                   linestyle="--", linewidth=1, label="learning rate")
-        ax_lr.set_ylabel("learning rate")
-    fig.tight_layout()
-    try:
-        save_figure_atomic(fig, png_path)
-    finally:
-        plt.close(fig)
-
-
-def _peak_memory() -> dict:
-    import torch
-
-    peak = {"cpu_max_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        peak["cuda_max_allocated_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-        peak["cuda_max_reserved_mib"] = round(torch.cuda.max_memory_reserved() / 2**20, 1)
-    return peak
-
-
-def _model_source(model_path: str) -> dict:
-    """What the base model is: its path plus the materialisation record of embedded models."""
-    from tunelens.models import SOURCE_RECORD
-
-    source: dict[str, Any] = {"path": str(model_path)}
-    record = Path(model_path) / SOURCE_RECORD
-    if record.exists():
-        source["record"] = json.loads(record.read_text(encoding="utf-8"))
-    return source
-
-
 def _save_adapter(model, adapter_dir: Path, record: dict) -> None:
     """Save the adapter into a staging dir beside `adapter_dir`, then rename it into place."""
     with atomic_directory(adapter_dir) as staging:
