@@ -82,8 +82,8 @@ def auto_token_budget(model) -> tuple[int, int] | None:
     # Memory the allocator holds but no tensor uses is free to this process too.
     free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     vocab = model.config.get_text_config().vocab_size
-    # Per token of batch, the step's logits and the warpers' copies are per row, not per token; they are
-    # charged as 16 bytes x vocab per row below, in plan_batches.
+    # The step's logits and the warpers' sorted copies grow with rows (and beams), not with tokens: plan_batches
+    # charges each row 16 bytes x vocab of them, converted to KV-cache tokens.
     return int(KV_MEMORY_SHARE * free / kv_bytes_per_token(model)), 16 * vocab
 
 
