@@ -272,6 +272,13 @@ def model_threads(wildcards):
     return MODELS[wildcards.model].resources["cpus"]
 
 
+# The critical path of a study is model -> fine-tune -> the fine-tuned variant's jobs, and a fine-tune is its
+# longest job. Snakemake starts ready jobs in priority order, so the model's download or materialisation
+# and its fine-tune go before the base variant's jobs that are ready as soon as the model is: the
+# fine-tunes then start at once, side by side, instead of after the base jobs (BENCHMARKS.md, issue 13).
+CRITICAL_PATH_PRIORITY = 10
+
+
 # Score jobs are short and spend most of their time starting up; one thread each lets two run side by
 # side (and matches the profiles' default cpus_per_task of 1).
 SCORE_THREADS = 1

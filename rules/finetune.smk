@@ -32,6 +32,7 @@ rule finetune:
     wildcard_constraints:
         model=_alternation([name for name, spec in MODELS.items() if spec.finetuned])
         or "(?!)",
+    priority: CRITICAL_PATH_PRIORITY
     conda:
         "../envs/torch.yaml"
     threads: model_threads

@@ -8,6 +8,7 @@ rule materialize_model:
         "logs/materialize_model/{model}.log",
     benchmark:
         "benchmarks/materialize_model/{model}.tsv"
+    priority: CRITICAL_PATH_PRIORITY
     conda:
         "../envs/torch.yaml"
     resources:
@@ -56,6 +57,7 @@ rule download_model:
         "benchmarks/download_model/{model}.tsv"
     wildcard_constraints:
         model=_alternation(HUB_MODELS) or "(?!)",
+    priority: CRITICAL_PATH_PRIORITY
     conda:
         "../envs/core.yaml"
     params:

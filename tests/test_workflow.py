@@ -103,3 +103,25 @@ def test_bad_evaluation_set_stops_before_any_job(tmp_path):
         for fragment in fragments:
             assert fragment in output, f"{case}: {fragment!r} not in {output[-2000:]}"
         assert not (workdir / "results").exists(), case
+
+
+def test_the_critical_path_goes_first(tmp_path):
+    """Materialising a model and fine-tuning it outrank every other job (rules/common.smk,
+    CRITICAL_PATH_PRIORITY): on 2 cores the two fine-tunes then start as soon as their models exist, instead of
+    waiting behind the base variant's probe and scoring jobs (issue 13)."""
+    import re
+
+    result = run([*SNAKEMAKE, "-n", "--snakefile", str(ROOT / "Snakefile"), "--directory", str(tmp_path),
+                  "--configfile", str(ROOT / "config.yaml")])
+    assert result.returncode == 0, result.stdout + result.stderr
+    priorities: dict[str, set[int]] = {}
+    for block in re.split(r"\n(?=rule \w+:)", result.stdout):
+        rule = re.match(r"rule (\w+):", block)
+        if rule:
+            priority = re.search(r"^\s+priority: (\d+)", block, re.M)
+            priorities.setdefault(rule.group(1), set()).add(int(priority.group(1)) if priority else 0)
+    critical = {"materialize_model", "finetune"}
+    assert critical < set(priorities), priorities
+    top = min(min(priorities[rule]) for rule in critical)
+    assert top > 0
+    assert all(max(levels) < top for rule, levels in priorities.items() if rule not in critical), priorities
