@@ -272,6 +272,25 @@ def model_threads(wildcards):
     return MODELS[wildcards.model].resources["cpus"]
 
 
+# On one machine (--cores, no --jobs) a model's generation server (tunelens/genserver.py) runs one request at a
+# time, so two of its generate or early_exit jobs side by side leave a core idle while one waits on the other.
+# A resource per model with a limit of 1 makes Snakemake run another model's job or a scoring job beside it
+# instead. A cluster job has its own allocation and server: no limit there, and none without servers.
+def _server_slot(name):
+    def slot(wildcards):
+        return int(wildcards.model == name)
+
+    slot.__name__ = f"genserver_{name}"
+    return slot
+
+
+SERVER_SLOTS = {}
+if STUDY.config["generation"]["server"] and workflow.nodes is None:
+    for _name in MODELS:
+        SERVER_SLOTS[f"genserver_{_name}"] = _server_slot(_name)
+        workflow.register_resource(f"genserver_{_name}", 1)
+
+
 # The critical path of a study is model -> fine-tune -> the fine-tuned variant's jobs, and a fine-tune is its
 # longest job. Snakemake starts ready jobs in priority order, so the model's download or materialisation
 # and its fine-tune go before the base variant's jobs that are ready as soon as the model is: the
@@ -348,11 +367,9 @@ def generation_conda_env(wildcards):
 
 
 def vllm_options(wildcards):
-    generation = config["generation"]
-    return {
-        "max_lora_rank": generation["vllm_max_lora_rank"],
-        "gpu_memory_utilization": generation["vllm_gpu_memory_utilization"],
-    }
+    from tunelens.config import generation_server_fields
+
+    return generation_server_fields(config, wildcards.model)["vllm_options"]
 
 
 # finetune (rules/finetune.smk) ---------------------------------------------------------

@@ -1,20 +1,28 @@
-"""Snakemake entry point of rule `early_exit` (see tunelens.probe.run_early_exit)."""
+"""Rule `early_exit`: one (model, variant, layer) -> early-exit generation rows + .meta.json.
 
+The work (tunelens.probe.early_exit_output) runs in the model's generation server when it can serve it
+(tunelens.genserver.run_early_exit_job: one model load for every layer, both variants and the generate jobs),
+else in this process. The server's key fields (generation backend, vLLM options) and the server settings are
+read from the config here, not rule params: where a job runs must not change (or rerun) its output. This
+script imports no torch: with a server running, the job is a thin client.
+"""
+
+from tunelens.config import generation_server_fields
+from tunelens.genserver import run_early_exit_job
 from tunelens.jobs import job_log, use_job_threads
-from tunelens.probe import run_early_exit
 
 job_log(snakemake.log[0])  # errors and tracebacks go to the rule's log too
-use_job_threads(snakemake.threads)
+use_job_threads(snakemake.threads, torch=False)  # the OpenMP variables; a server started here inherits them
 params = snakemake.params
-run_early_exit(
+generation = snakemake.config["generation"]
+runtime_min = getattr(snakemake.resources, "runtime", None)
+job = dict(
     model_name=snakemake.wildcards.model,
     source=params.source,
     model_path=params.model_path,
     adapter_dir=snakemake.input.adapter[0] if snakemake.input.adapter else None,
     variant=snakemake.wildcards.variant,
     test_path=snakemake.input.test,
-    output_jsonl=snakemake.output.generations,
-    output_meta=snakemake.output.meta,
     layer=params.layer,
     layer_specs=params.layer_specs,
     expected_layers=params.planned_layers,
@@ -28,4 +36,17 @@ run_early_exit(
     max_prompt_tokens=params.max_prompt_tokens,
     seed=params.seed,
     device=params.device,
+    # What the model's generate jobs key their server with, so both kinds of job share one server.
+    **generation_server_fields(snakemake.config, snakemake.wildcards.model),
+    gpus=snakemake.resources.gpu,
+)
+run_early_exit_job(
+    job,
+    snakemake.output.generations,
+    snakemake.output.meta,
+    server=generation["server"],
+    threads=snakemake.threads,
+    start_timeout_s=generation["server_start_timeout_s"],
+    idle_timeout_s=generation["server_idle_timeout_s"],
+    request_timeout_s=runtime_min * 60 if isinstance(runtime_min, (int, float)) and runtime_min > 0 else 24 * 3600,
 )

@@ -207,3 +207,58 @@ def test_server_ends_with_the_snakemake_process_that_ran_its_jobs(tiny, run_dir,
     assert genserver.marked_processes(mark) == []
     log_text = "".join(path.read_text() for path in genserver.server_dir(run_dir).glob("*.log"))
     assert "that ran its jobs is gone: exiting" in log_text
+
+
+def make_early_exit_job(tiny, variant="base", layer=2, **overrides):
+    model_dir, adapter_dir, test_file = tiny
+    job = dict(model_name="tiny", source=str(model_dir), model_path=str(model_dir),
+               adapter_dir=str(adapter_dir) if variant == "finetuned" else None, variant=variant,
+               test_path=str(test_file), layer=layer, layer_specs=[2, 4], expected_layers=[2, 4],
+               prompt_format="chat", decoding={"temperature": 0.0}, max_new_tokens=6, seed=7, device="cpu",
+               backend="hf", gpus=1, vllm_options=None)  # fmt: skip
+    job.update(overrides)
+    return job
+
+
+def test_early_exit_jobs_share_the_generation_server_with_byte_identical_output(tiny, run_dir, tmp_path):
+    """Early-exit jobs are requests to the model's generation server (scripts/early_exit.py): every layer and
+    both variants reuse the model that the generate jobs loaded, and the files are the bytes that
+    tunelens.probe.run_early_exit writes in a job of its own."""
+    from tunelens.probe import run_early_exit
+
+    run(tiny, tmp_path, "gen-base", base=run_dir)  # the generate job that starts the server, loads base
+    jobs = [(variant, layer) for variant in ("base", "finetuned") for layer in (2, 4)]
+    served = {}
+    for variant, layer in jobs:
+        name = f"ee-{variant}-{layer}"
+        meta = genserver.run_early_exit_job(make_early_exit_job(tiny, variant, layer), tmp_path / f"{name}.jsonl",
+                                            tmp_path / f"{name}.meta.json", base=run_dir, start_timeout_s=180)
+        served[(variant, layer)] = meta
+        job = {k: v for k, v in make_early_exit_job(tiny, variant, layer).items()
+               if k not in ("backend", "gpus", "vllm_options")}  # fmt: skip
+        alone = run_early_exit(**job, output_jsonl=tmp_path / f"{name}.alone.jsonl",
+                               output_meta=tmp_path / f"{name}.alone.meta.json")
+        assert (tmp_path / f"{name}.jsonl").read_bytes() == (tmp_path / f"{name}.alone.jsonl").read_bytes(), name
+        varying = {"execution", "load_time_s", "generation_time_s", "tokens_per_s"}
+        assert {k: v for k, v in meta.items() if k not in varying} == {
+            k: v for k, v in alone.items() if k not in varying}
+        written = json.loads((tmp_path / f"{name}.meta.json").read_text())
+        assert written["execution"] == meta["execution"] and written["layer"] == layer
+    executions = [served[job]["execution"] for job in jobs]
+    assert {e["mode"] for e in executions} == {"server"}
+    # One server for the generate and the early-exit jobs; base was loaded by the generate job, the adapter
+    # by the first fine-tuned early-exit job, and nothing else loads.
+    assert len({e["server_pid"] for e in executions}) == 1
+    assert [e["loaded"] for e in executions] == [False, False, True, False]
+    # The next generate job still gets the whole model (the early exit truncated it only inside its request).
+    served_gen, served_bytes = run(tiny, tmp_path, "gen-base-after", base=run_dir)
+    _, alone_bytes = run(tiny, tmp_path, "gen-base-alone", base=run_dir, server=False)
+    assert served_gen["execution"]["mode"] == "server" and served_bytes == alone_bytes
+
+
+def test_early_exit_of_a_vllm_model_runs_in_the_job(tiny, run_dir, tmp_path):
+    """A model generated with vLLM: its server holds an engine, not the hf model, so the job runs itself."""
+    meta = genserver.run_early_exit_job(make_early_exit_job(tiny, backend="vllm"), tmp_path / "ee.jsonl",
+                                        tmp_path / "ee.meta.json", base=run_dir, start_timeout_s=180)
+    assert meta["execution"]["mode"] == "in-process"
+    assert list(genserver.server_dir(run_dir).glob("*.json")) == []

@@ -3,6 +3,7 @@ running side by side on a small machine never use more threads than it has cores
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -77,3 +78,39 @@ def test_two_model_jobs_on_two_cores_never_take_two_threads_each(tmp_path, tiny_
         start, end = _interval(tmp_path / bench)
         # the 2-thread job shares the 2 cores with no other job (1 s slack for file times)
         assert end <= wide[0] + 1 or start >= wide[1] - 1, (bench, (start, end), wide)
+
+
+def test_a_models_server_jobs_never_run_side_by_side_on_one_machine(tmp_path, tiny_llama_dir):
+    """--cores 2, one model: its generate and early_exit jobs all go to one generation server, which serves
+    one request at a time, so Snakemake runs them one after the other (resource genserver_<model> = 1,
+    rules/common.smk) and never leaves a core idle behind a waiting client. A job without the server (logit
+    lens) may still run beside them."""
+    config = {
+        "seed": 1, "device": "cpu",
+        "dataset": {"name": "demo", "source": "embedded:demo", "test_size": 4, "max_train": 16},
+        "models": {"tiny": {"source": str(tiny_llama_dir), "prompt_format": "chat", "num_layers": 4,
+                            "resources": {"gpus": 0, "mem_mb": 1000, "runtime": 10, "cpus": 1}}},
+        "finetune": {"enabled": False},
+        "decoding": {"sweep": {"temperature": [0.0, 0.7]}, "max_new_tokens": 4},
+        "probe": {"layers": [2, 4], "lens_new_tokens": 1, "lens_test_prompts": 1,
+                  "early_exit": {"max_new_tokens": 4}},
+    }  # fmt: skip
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(config))
+    temps = ("0.0", "0.7")
+    server_jobs = [f"generations/tiny/base/top_k_50_num_beams_1_temp_{t}" for t in temps] + [
+        f"probe/tiny/base/early_exit/layer_{layer}" for layer in (2, 4)]
+    targets = [f"results/{job}.jsonl" for job in server_jobs] + ["results/probe/tiny/base/lens.json"]
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", *targets, "--cores", "2", "--snakefile", str(ROOT / "Snakefile"),
+         "--directory", str(tmp_path), "--configfile", str(tmp_path / "study.yaml")],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    benches = [f"benchmarks/generate/tiny/base/top_k_50_num_beams_1_temp_{t}.tsv" for t in temps] + [
+        f"benchmarks/early_exit/tiny/base/layer_{layer}.tsv" for layer in (2, 4)]
+    intervals = sorted(_interval(tmp_path / bench) for bench in benches)
+    for (_, end), (start, _) in zip(intervals, intervals[1:]):
+        assert start >= end - 1, intervals  # 1 s slack for file times
+    metas = [json.loads((tmp_path / f"results/{job}.meta.json").read_text()) for job in server_jobs]
+    assert {meta["execution"]["mode"] for meta in metas} == {"server"}
+    assert len({meta["execution"]["server_pid"] for meta in metas}) == 1

@@ -148,6 +148,18 @@ def _local_num_layers(path: Path) -> int | None:
     return None
 
 
+def generation_server_fields(config: dict, model: str) -> dict:
+    """The config's part of a model's generation-server key (tunelens.genserver.server_key): its generation
+    backend and the vLLM engine options. Generate jobs pass them as params; early_exit jobs read them here
+    from the config, so they key the same server (one model load) without rerunning when they change."""
+    generation = config["generation"]
+    return {
+        "backend": config["models"][model].get("generation_backend") or generation["backend"],
+        "vllm_options": {"max_lora_rank": generation["vllm_max_lora_rank"],
+                         "gpu_memory_utilization": generation["vllm_gpu_memory_utilization"]},
+    }
+
+
 def _model_spec(name: str, entry: dict, config: dict, finetune_schema: dict) -> ModelSpec:
     from tunelens.models import EMBEDDED_MODELS  # light module-level registry, no torch import
 
@@ -206,7 +218,7 @@ def _model_spec(name: str, entry: dict, config: dict, finetune_schema: dict) -> 
         finetune=merged,
         resources=dict(entry["resources"]),
         layer_specs=list(layer_specs),
-        generation_backend=entry.get("generation_backend") or config["generation"]["backend"],
+        generation_backend=generation_server_fields(config, name)["backend"],
     )
     if num_layers:
         spec.probe_layers = resolve_layers(spec.layer_specs, num_layers, name)

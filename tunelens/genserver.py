@@ -207,6 +207,8 @@ def generate_via_server(job: dict, *, python: str, base: str | Path | None = Non
         raise
     finally:
         sock.close()
+    if answer.get("declined"):  # a request this server does not serve (early exit beside a vLLM engine)
+        raise ServerUnavailable(f"the server declined: {answer.get('message')}")
     if answer.get("ok"):
         meta, rows = answer["meta"], answer["rows"]
         if not isinstance(rows, list) or len(rows) != meta.get("n_rows"):
@@ -309,7 +311,52 @@ def run_generation_job(job: dict, output_file: str | Path, meta_file: str | Path
     return meta
 
 
+def run_early_exit_job(job: dict, output_file: str | Path, meta_file: str | Path, *, server: bool = True,
+                       base: str | Path | None = None, threads: int | None = None, start_timeout_s: float = 120.0,
+                       request_timeout_s: float = 24 * 3600.0, idle_timeout_s: float = 120.0) -> dict:
+    """Run one early_exit job and write its two files (meta first). `job` = keyword arguments of
+    tunelens.probe.early_exit_output plus what keys the model's generation server (backend, gpus,
+    vllm_options, as its generate jobs give them): with `server`, the job is a request to that server, which
+    keeps the model loaded across the probe layers, both variants and the generate jobs, instead of each job
+    importing torch and loading the model. The rows are the same bytes as in-process
+    (tests/test_genserver.py). A model generated with vLLM (or a server that cannot serve) runs the job
+    here, as before. Returns the meta."""
+    from tunelens.io import write_json_atomic, write_jsonl_atomic
+
+    meta = rows = None
+    if server and job.get("backend", "auto") != "vllm":
+        started = time.perf_counter()
+        try:
+            meta, rows = generate_via_server({**job, "task": "early_exit"}, python=sys.executable, base=base,
+                                             start_timeout_s=start_timeout_s, request_timeout_s=request_timeout_s,
+                                             idle_timeout_s=idle_timeout_s)
+            meta["execution"]["client_wait_s"] = round(time.perf_counter() - started, 3)
+        except ServerUnavailable as exc:
+            log.warning("generation server unavailable (%s); running the early exit without it", exc)
+    if meta is None:
+        from tunelens.probe import early_exit_output
+
+        started = time.perf_counter()
+        if threads:
+            from tunelens.jobs import use_job_threads
+
+            use_job_threads(threads)
+        kwargs = {k: v for k, v in job.items() if k not in ("backend", "gpus", "vllm_options")}
+        meta, rows = early_exit_output(**kwargs)
+        meta["execution"] = {"mode": "in-process", "python": sys.executable, "loaded": True,
+                             "client_wait_s": round(time.perf_counter() - started, 3)}
+    write_json_atomic(meta_file, meta)
+    write_jsonl_atomic(output_file, rows)
+    log.info("early exit layer %s: %d rows (%s) -> %s", job.get("layer"), len(rows), meta["execution"]["mode"],
+             output_file)
+    return meta
+
+
 # --------------------------------------------------------------------------------------------- server
+class Declined(Exception):
+    """A request this server does not serve; the client runs the job itself and the server stays up."""
+
+
 class _Server:
     """One model's loaded state: a vLLM engine (LoRA enabled) or hf models per adapter; one request at a time."""
 
@@ -324,9 +371,45 @@ class _Server:
         self.stopping = False
         self.requests = 0
 
+    def _hf_model(self, job: dict) -> tuple[tuple, bool, float]:
+        """(model, tokenizer) of the job's variant, loaded once; (that, loaded now, load seconds)."""
+        from tunelens.models import load_model
+
+        adapter = job.get("adapter_dir")
+        if adapter in self.hf_models:
+            return self.hf_models[adapter], False, 0.0
+        if adapter is not None and not (Path(adapter) / "adapter_config.json").exists():
+            from tunelens.errors import ModelError
+
+            raise ModelError(f"adapter directory '{adapter}' has no adapter_config.json")
+        while len(self.hf_models) >= 2:  # base + one adapter at most
+            self.hf_models.pop(next(iter(self.hf_models)))
+        started = time.perf_counter()
+        self.hf_models[adapter] = load_model(job["model_path"], adapter_dir=adapter, device=job.get("device", "auto"))
+        return self.hf_models[adapter], True, time.perf_counter() - started
+
+    def early_exit(self, job: dict) -> tuple[dict, list]:
+        """An early_exit job (tunelens.probe.early_exit_output) on the hf model this server keeps. A server
+        that generates with vLLM declines (it would hold a second copy of the model beside the engine)."""
+        from tunelens.generate import resolve_backend
+        from tunelens.probe import early_exit_output
+
+        if self.engine is not None or resolve_backend(job.get("backend", "auto"), job.get("device", "auto"))[0] == "vllm":
+            raise Declined("this server generates with vLLM; early exit needs the hf model")
+        hf_model, loaded, load_time = self._hf_model(job)
+        kwargs = {k: v for k, v in job.items() if k not in ("task", "backend", "gpus", "vllm_options")}
+        meta, rows = early_exit_output(**kwargs, hf_model=hf_model)
+        meta["load_time_s"] = round(load_time, 3)
+        self.requests += 1
+        meta["execution"] = {"mode": "server", "python": sys.executable, "server_pid": os.getpid(),
+                             "loaded": loaded, "request": self.requests}
+        return meta, rows
+
     def generate(self, job: dict) -> tuple[dict, list]:
         from tunelens.generate import build_vllm_engine, generation_output, resolve_backend
 
+        if job.get("task") == "early_exit":
+            return self.early_exit(job)
         concrete, _ = resolve_backend(job.get("backend", "auto"), job.get("device", "auto"))
         loaded, load_time = False, 0.0
         kwargs = dict(job)
@@ -342,21 +425,7 @@ class _Server:
                 loaded, load_time = True, time.perf_counter() - started
             kwargs["engine"] = self.engine
         else:
-            from tunelens.models import load_model
-
-            adapter = job.get("adapter_dir")
-            if adapter not in self.hf_models:
-                if adapter is not None and not (Path(adapter) / "adapter_config.json").exists():
-                    from tunelens.errors import ModelError
-
-                    raise ModelError(f"adapter directory '{adapter}' has no adapter_config.json")
-                while len(self.hf_models) >= 2:  # base + one adapter at most
-                    self.hf_models.pop(next(iter(self.hf_models)))
-                started = time.perf_counter()
-                self.hf_models[adapter] = load_model(job["model_path"], adapter_dir=adapter,
-                                                     device=job.get("device", "auto"))
-                loaded, load_time = True, time.perf_counter() - started
-            kwargs["hf_model"] = self.hf_models[adapter]
+            kwargs["hf_model"], loaded, load_time = self._hf_model(job)
         if os.environ.get(FAULT_ENV) == "exit-during-request":
             os._exit(17)
         meta, rows = generation_output(**kwargs)
@@ -387,6 +456,8 @@ class _Server:
                     try:
                         meta, rows = self.generate(request["job"])
                         answer = {"ok": True, "meta": meta, "rows": rows}
+                    except Declined as exc:  # the client runs the job itself; this server stays
+                        answer = {"ok": False, "declined": True, "message": str(exc)}
                     except Exception as exc:  # reported to the client: its error or a reason to fall back
                         log.error("request failed:\n%s", traceback.format_exc())
                         answer = {"ok": False, "error_type": type(exc).__name__, "message": str(exc)}

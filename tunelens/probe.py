@@ -369,7 +369,7 @@ def run_logit_lens(
     return lens
 
 
-def run_early_exit(
+def early_exit_output(
     *,
     model_name: str,
     source: str,
@@ -377,8 +377,6 @@ def run_early_exit(
     adapter_dir: str | Path | None,
     variant: str,
     test_path: str | Path,
-    output_jsonl: str | Path,
-    output_meta: str | Path,
     layer: int,
     layer_specs: Sequence[float],
     expected_layers: Sequence[int] | None,
@@ -392,14 +390,17 @@ def run_early_exit(
     max_prompt_tokens: int = 1024,
     seed: int = 0,
     device: str = "auto",
-) -> dict:
-    """Rule `early_exit`: answers to the first `max_test_rows` test rows from the first `layer` blocks.
+    hf_model: tuple | None = None,
+) -> tuple[dict, list[dict]]:
+    """Rule `early_exit` computed but not written: (meta, rows), the answers to the first `max_test_rows` test
+    rows from the first `layer` blocks.
 
     The generation loop is the generation stage's own (tunelens.generate.hf_generate_batched: batching,
     stop strings, finish reasons, token counts), run on the truncated model, so layer N reproduces the
-    main greedy generation token for token. Writes generation rows + the `.meta.json` sidecar
+    main greedy generation token for token. The meta is the generation `.meta.json` sidecar
     (docs/ARCHITECTURE.md) with `layer` and `early_exit` (layer, depth, fraction) added; times are seconds.
-    Returns the meta dict.
+    `hf_model`: (model, tokenizer) already loaded by load_model(model_path, adapter_dir, device), as the
+    generation server (tunelens.genserver) keeps it; the model is truncated only inside this call.
     """
     from tunelens.generate import (
         GenerationSettings,
@@ -423,8 +424,8 @@ def run_early_exit(
     check_variant(model_name, variant, adapter_dir)
 
     started = time.perf_counter()
-    model, tokenizer = load_model(model_path, adapter_dir=adapter_dir, device=device)
-    load_time = time.perf_counter() - started
+    model, tokenizer = hf_model or load_model(model_path, adapter_dir=adapter_dir, device=device)
+    load_time = time.perf_counter() - started if hf_model is None else 0.0
     layers = check_probe_layers(layer_specs, expected_layers, model, model_name)
     if layer not in layers:
         raise ConfigError(f"model '{model_name}': early-exit layer {layer} is not one of its probe layers {layers}")
@@ -458,10 +459,45 @@ def run_early_exit(
         **summary,
         "versions": library_versions(),
     }
-    # Meta first, rows last (as the generation stage does): the rows file appearing means the job completed.
-    write_json_atomic(output_meta, meta)
-    write_jsonl_atomic(output_jsonl, out_rows)
     log.info("early exit %s (%s) layer %d/%d: %d rows, %d tokens in %.1f s", model_name, variant, layer, depth,
              len(out_rows), summary["generated_tokens"], generation_time)
+    return meta, out_rows
+
+
+def run_early_exit(
+    *,
+    model_name: str,
+    source: str,
+    model_path: str | Path,
+    adapter_dir: str | Path | None,
+    variant: str,
+    test_path: str | Path,
+    output_jsonl: str | Path,
+    output_meta: str | Path,
+    layer: int,
+    layer_specs: Sequence[float],
+    expected_layers: Sequence[int] | None,
+    prompt_format: str,
+    decoding: DecodingConfig | dict,
+    beam_mode: str = "beam_search",
+    max_test_rows: int | None = None,
+    max_new_tokens: int = 64,
+    stop: Sequence[str] = (),
+    batch_size: int | str = "auto",
+    max_prompt_tokens: int = 1024,
+    seed: int = 0,
+    device: str = "auto",
+) -> dict:
+    """Rule `early_exit`: early_exit_output() in this process, written as generation rows + the `.meta.json`
+    sidecar (the meta first: the rows file appearing means the job completed). Returns the meta dict."""
+    meta, rows = early_exit_output(
+        model_name=model_name, source=source, model_path=model_path, adapter_dir=adapter_dir, variant=variant,
+        test_path=test_path, layer=layer, layer_specs=layer_specs, expected_layers=expected_layers,
+        prompt_format=prompt_format, decoding=decoding, beam_mode=beam_mode, max_test_rows=max_test_rows,
+        max_new_tokens=max_new_tokens, stop=stop, batch_size=batch_size, max_prompt_tokens=max_prompt_tokens,
+        seed=seed, device=device,
+    )
+    write_json_atomic(output_meta, meta)
+    write_jsonl_atomic(output_jsonl, rows)
     return meta
 
