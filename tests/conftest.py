@@ -6,7 +6,9 @@ the weights are random and tiny so tests run in seconds on a 2-core CPU.
 
 from __future__ import annotations
 
+import fcntl
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,55 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+# ------------------------------------------------------------------------------------- the local SLURM
+# One cluster per test session (tests/slurm/start-slurm.sh), shared by every xdist worker and stopped when the
+# whole session ends, not after the SLURM tests. Reason: snakemake-executor-plugin-slurm 2.8.0 runs
+# `scontrol show config` when Snakemake imports it, and with the SLURM client installed but no controller
+# answering that blocks ~9 s (no CPU) in EVERY snakemake process; once the SLURM tests had installed the
+# client and stopped the cluster, each later test that ran snakemake paid it (BENCHMARKS.md, issue 13).
+# A cluster that is already up (.ci/run starts it beside the installs) is used and left alone.
+SLURM_DIR = REPO_ROOT / "tests" / "slurm"
+SLURM_LOCK = Path("/tmp/tunelens-test-slurm.lock")
+SLURM_OWNER = Path("/tmp/tunelens-test-slurm.owner")  # holds the PID of the pytest session that started it
+
+
+def _session_pid() -> int:
+    """The PID of this test session's main process: under xdist a worker's parent is the controller."""
+    return os.getppid() if os.environ.get("PYTEST_XDIST_WORKER") else os.getpid()
+
+
+def slurm_up() -> bool:
+    try:
+        out = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=10).stdout
+    except (FileNotFoundError, subprocess.TimeoutExpired):
+        return False
+    return "UP" in out
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """The local one-node cluster, started (under a lock, so two workers never both start it) unless it is
+    already up; pytest_sessionfinish below stops it if this session started it."""
+    with open(SLURM_LOCK, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not slurm_up():
+            if os.geteuid() != 0:
+                pytest.fail("the slurm tests start a local SLURM and need root (tests/slurm/start-slurm.sh)")
+            subprocess.run([str(SLURM_DIR / "start-slurm.sh")], check=True, timeout=900)
+            SLURM_OWNER.write_text(str(_session_pid()))
+    yield
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """In the session's main process (the xdist controller, or pytest alone): stop a cluster this session
+    started, after every worker has finished."""
+    if os.environ.get("PYTEST_XDIST_WORKER") or not SLURM_OWNER.exists():
+        return
+    if SLURM_OWNER.read_text().strip() == str(os.getpid()):
+        subprocess.run([str(SLURM_DIR / "stop-slurm.sh")], timeout=120, capture_output=True)
+        SLURM_OWNER.unlink()
 
 
 @pytest.fixture(scope="session")
