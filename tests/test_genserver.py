@@ -262,3 +262,20 @@ def test_early_exit_of_a_vllm_model_runs_in_the_job(tiny, run_dir, tmp_path):
                                         tmp_path / "ee.meta.json", base=run_dir, start_timeout_s=180)
     assert meta["execution"]["mode"] == "in-process"
     assert list(genserver.server_dir(run_dir).glob("*.json")) == []
+
+
+def test_servers_on_the_cpu_live_side_by_side_and_one_on_the_gpu_is_stopped(tiny, run_dir, tmp_path):
+    """device auto (the embedded default) on a machine without CUDA: starting the second model's server does not
+    stop the first (each restart would import torch and load the model again); a server that records it holds
+    a GPU is still stopped for another model's (one model at a time on a GPU)."""
+    folder = genserver.server_dir(run_dir)
+    first = run(tiny, tmp_path, "a", base=run_dir, device="auto", seed=1)[0]["execution"]["server_pid"]
+    second = run(tiny, tmp_path, "b", base=run_dir, device="auto", seed=2)[0]["execution"]["server_pid"]
+    infos = {json.loads(path.read_text())["pid"]: path for path in folder.glob("*.json")}
+    assert set(infos) == {first, second}  # both alive and recorded: the first one was not stopped
+    assert all(json.loads(path.read_text())["gpu"] is False for path in infos.values())
+    # Pretend the first holds a GPU: the next model's server start stops it, and keeps the second (on the CPU).
+    record = json.loads(infos[first].read_text())
+    infos[first].write_text(json.dumps({**record, "gpu": True}))
+    third = run(tiny, tmp_path, "c", base=run_dir, device="auto", seed=3)[0]["execution"]["server_pid"]
+    assert {json.loads(path.read_text())["pid"] for path in folder.glob("*.json")} == {second, third}

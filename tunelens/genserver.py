@@ -120,10 +120,10 @@ def _watched_alive(watch: str | None) -> bool:
     return _start_time(int(pid)) == started
 
 
-def _start_server(python: str, folder: Path, key: str, idle_timeout_s: float) -> subprocess.Popen:
+def _start_server(python: str, folder: Path, key: str, idle_timeout_s: float, device: str = "auto") -> subprocess.Popen:
     log_file = folder / f"{key}.log"
     cmd = [python, "-m", "tunelens.genserver", "serve", "--dir", str(folder), "--key", key,
-           "--socket", _socket_path(folder, key), "--idle-timeout", str(idle_timeout_s)]
+           "--socket", _socket_path(folder, key), "--idle-timeout", str(idle_timeout_s), "--device", device]
     watch = snakemake_ancestor()
     if watch:  # the server ends with the Snakemake process that runs its jobs, however that one ends
         cmd += ["--watch", watch]
@@ -153,7 +153,7 @@ def _file_lock(path: Path, timeout_s: float):
 
 
 def _server_connection(python: str, folder: Path, key: str, *, start_timeout_s: float,
-                       idle_timeout_s: float, gpu: bool) -> tuple[socket.socket, int]:
+                       idle_timeout_s: float, gpu: bool, device: str = "auto") -> tuple[socket.socket, int]:
     """A connection to the live server for `key`, starting it if needed; (socket, server pid)."""
     folder.mkdir(parents=True, exist_ok=True)
     info_file = folder / f"{key}.json"
@@ -166,9 +166,9 @@ def _server_connection(python: str, folder: Path, key: str, *, start_timeout_s: 
             stop_server(info_file)  # alive but not accepting: wedged
         elif info:
             stop_server(info_file)  # stale record of a dead server
-        if gpu:  # one model at a time on the GPU: another model's idle server would take its memory
-            stop_servers(folder.parent, except_key=key)
-        proc = _start_server(python, folder, key, idle_timeout_s)
+        if gpu:  # one model at a time on the GPU: another model's server on it would take its memory
+            stop_servers(folder.parent, except_key=key, gpu_only=True)  # servers on the CPU stay
+        proc = _start_server(python, folder, key, idle_timeout_s, device)
         deadline = time.monotonic() + start_timeout_s
         while time.monotonic() < deadline:
             if proc.poll() is not None:
@@ -194,7 +194,7 @@ def generate_via_server(job: dict, *, python: str, base: str | Path | None = Non
     folder = server_dir(base)
     key = server_key(job, python)
     sock, pid = _server_connection(python, folder, key, start_timeout_s=start_timeout_s, idle_timeout_s=idle_timeout_s,
-                                   gpu=job.get("device", "auto") != "cpu")
+                                   gpu=job.get("device", "auto") != "cpu", device=job.get("device", "auto"))
     try:
         sock.settimeout(5.0)
         try:
@@ -475,10 +475,16 @@ class _Server:
         self.hf_models.clear()
 
 
-def serve(folder: Path, key: str, socket_path: str, idle_timeout_s: float, watch: str | None = None) -> None:
+def serve(folder: Path, key: str, socket_path: str, idle_timeout_s: float, watch: str | None = None,
+          device: str = "auto") -> None:
     os.environ[IN_SERVER_ENV] = "1"
     if os.environ.get(FAULT_ENV) == "exit-at-start":
         os._exit(18)
+    from tunelens.models import pick_device
+
+    # Recorded for the next server's start: only a server on the GPU is stopped for another model's
+    # (tunelens.servers.stop_servers(gpu_only=True)); on a CPU two models' servers live side by side.
+    on_gpu = pick_device(device) != "cpu"
     state = _Server(key, idle_timeout_s)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(socket_path)  # the client holds the start lock and found no live server on it
@@ -490,7 +496,7 @@ def serve(folder: Path, key: str, socket_path: str, idle_timeout_s: float, watch
     info_file = folder / f"{key}.json"
     tmp = info_file.with_suffix(".json.tmp")
     tmp.write_text(json.dumps({"pid": os.getpid(), "key": key, "socket": socket_path, "python": sys.executable,
-                               "started": time.time()}))
+                               "started": time.time(), "gpu": on_gpu}))
     os.replace(tmp, info_file)
     log.info("generation server %s listening on %s (idle timeout %.0f s)", key, socket_path, idle_timeout_s)
     signal.signal(signal.SIGTERM, lambda *_: setattr(state, "stopping", True))
@@ -552,6 +558,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--socket", required=True)
     run.add_argument("--idle-timeout", type=float, default=120.0)
     run.add_argument("--watch", default=None, help="pid:starttime of the Snakemake process; exit when it is gone")
+    run.add_argument("--device", default="auto", help="the jobs' device (auto, cpu, cuda): whether it holds a GPU")
     one = sub.add_parser("once", help="(internal) run one generate job from a JSON file")
     one.add_argument("request")
     one.add_argument("answer")
@@ -560,7 +567,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "serve":
-        serve(Path(args.dir), args.key, args.socket, args.idle_timeout, args.watch)
+        serve(Path(args.dir), args.key, args.socket, args.idle_timeout, args.watch, args.device)
         return 0
     if args.command == "once":
         return once(args.request, args.answer)

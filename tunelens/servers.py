@@ -231,8 +231,9 @@ def gpu_bytes_to_load(path: str | Path, dtype_bytes: int = 2) -> int | None:
     return int(1.25 * parameters * dtype_bytes) + 2 * 2**30
 
 
-def stop_servers(base: str | Path | None = None, *, except_key: str | None = None) -> int:
-    """Stop every generation server of this run on this host (the Snakefile calls it when the run ends).
+def stop_servers(base: str | Path | None = None, *, except_key: str | None = None, gpu_only: bool = False) -> int:
+    """Stop every generation server of this run on this host (the Snakefile calls it when the run ends);
+    `gpu_only`: only those that hold a GPU (a server records it; one that has not is counted as holding one).
     Returns how many were found."""
     folder = server_dir(base)
     if not folder.is_dir():
@@ -240,6 +241,8 @@ def stop_servers(base: str | Path | None = None, *, except_key: str | None = Non
     found = 0
     for info_file in sorted(folder.glob("*.json")):
         if except_key and info_file.stem == except_key:
+            continue
+        if gpu_only and (_read_info(info_file) or {}).get("gpu") is False:
             continue
         found += 1
         stop_server(info_file)
