@@ -167,3 +167,15 @@ def gpu_study_standins(root: Path) -> Path:
     (root / "gpu-study" / "code_alpaca.json").write_text(json.dumps(
         [{"instruction": f"Write code number {i}.", "input": "", "output": f"print({i})"} for i in range(100)]))
     return root
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Modules with SLURM, vLLM or slow tests first (stable order otherwise): `make test` hands whole modules to
+    xdist workers (--dist loadscope) in this order, so the longest ones start at once instead of last."""
+    rank = {"slurm": 3, "vllm": 2, "slow": 1}
+    weight: dict[str, int] = {}
+    for item in items:
+        module = item.nodeid.split("::")[0]
+        marks = [rank[mark.name] for mark in item.iter_markers() if mark.name in rank]
+        weight[module] = max(weight.get(module, 0), *marks, 0)
+    items.sort(key=lambda item: -weight[item.nodeid.split("::")[0]])
