@@ -156,7 +156,7 @@ def part_dag(args) -> dict:
     """Run the preset through Snakemake; per-job wall time and peak memory from the benchmark files, and
     each job's compute time from its outputs."""
     command = ["snakemake", "--cores", "all", "--configfile", str(PRESET), "--rerun-incomplete", "--keep-going",
-               "--resources", f"gpus={args.concurrent_gpu_jobs}", "--scheduler", "greedy",
+               "--resources", f"gpu={args.concurrent_gpu_jobs}", "--scheduler", "greedy",
                *shlex.split(args.snakemake_args)]
     started = time.perf_counter()
     proc = subprocess.run(["timeout", "-s", "INT", str(args.dag_timeout), *command], cwd=REPO_ROOT, text=True,
