@@ -41,6 +41,14 @@ def bleu_lines(summary: Path) -> list[str]:
     return [line for line in summary.read_text().splitlines() if re.match(r"\| \w+ +\| BLEU ", line)]
 
 
+def cost_total(summary: Path) -> str:
+    """The 'all' row of summary.md's Compute cost section (to set beside bench_rules.py's own total)."""
+    if not summary.exists() or "## Compute cost" not in summary.read_text():
+        return "summary.md has no Compute cost section"
+    section = summary.read_text().split("## Compute cost", 1)[1]
+    return next((f"summary.md Compute cost: {line}" for line in section.splitlines() if "**all**" in line), "–")
+
+
 def one(target: str, keep: bool, warm_cache: bool) -> None:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
                             check=True).stdout.strip()  # fmt: skip
@@ -67,6 +75,7 @@ def one(target: str, keep: bool, warm_cache: bool) -> None:
           f"{tests.group(1) if tests else '–'} | {load_before:.2f} -> {load_after:.2f} |", flush=True)
     if target == "run":
         subprocess.run([sys.executable, str(REPO / "bench" / "bench_rules.py"), str(clone)])
+        print(cost_total(clone / "results" / "summary.md"))
         print("\n".join(bleu_lines(clone / "results" / "summary.md")))
     if result.returncode != 0:
         print(text[-4000:])
