@@ -279,3 +279,46 @@ def test_servers_on_the_cpu_live_side_by_side_and_one_on_the_gpu_is_stopped(tiny
     infos[first].write_text(json.dumps({**record, "gpu": True}))
     third = run(tiny, tmp_path, "c", base=run_dir, device="auto", seed=3)[0]["execution"]["server_pid"]
     assert {json.loads(path.read_text())["pid"] for path in folder.glob("*.json")} == {second, third}
+
+
+def test_score_jobs_get_the_same_bertscore_from_one_server(run_dir, tmp_path, monkeypatch):
+    """scripts/score.py sets tunelens.metrics.BERTSCORE_RUNNER to the run's BERTScore server: the metric gets
+    the very floats (and details) it computes in the job, plain and rescaled, with an empty answer among the
+    rows, from one server that loaded the scorer once."""
+    from tunelens import metrics
+    from tunelens.metrics import METRICS, BertScoreSettings, ScoringContext
+    from tunelens.models import materialize_embedded
+
+    minilm = str(materialize_embedded("all-minilm-l6-v2", tmp_path / "bertscore"))
+    baseline = tmp_path / "baseline.csv"
+    baseline.write_text("LAYER,P,R,F\n" + "".join(f"{layer},0.2,0.2,0.3\n" for layer in range(7)))
+    generated = ["The cat sat on the mat.", "", "Hello there.", "Völlig anders."]
+    references = ["A cat sat on a mat.", "Some reference.", "Hello there.", "Entirely different."]
+    rows = [{"num_generated_tokens": len(g.split())} for g in generated]
+    # A score job's one thread (SCORE_THREADS), in this process and in the server it starts (the OpenMP
+    # variables are inherited): CPU float sums depend on the thread count.
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    contexts = [ScoringContext(bertscore=BertScoreSettings(model=minilm, num_layers=6, batch_size=2), device="cpu"),
+                ScoringContext(bertscore=BertScoreSettings(model=minilm, num_layers=6, rescale_with_baseline=True,
+                                                           baseline_path=str(baseline)), device="cpu")]  # fmt: skip
+    try:
+        alone = [METRICS["bertscore"].compute(generated, references, rows, context) for context in contexts]
+    finally:
+        torch.set_num_threads(threads)
+
+    def no_local_scoring(*args):
+        raise AssertionError("scored in the job, not by the server")
+
+    monkeypatch.setattr(metrics, "bertscore_f1", no_local_scoring)
+    monkeypatch.setattr(metrics, "BERTSCORE_RUNNER", metrics.bertscore_runner(base=run_dir, start_timeout_s=180))
+    served = [METRICS["bertscore"].compute(generated, references, rows, context) for context in contexts]
+    for got, expected in zip(served, alone):
+        assert got.per_row.tolist() == expected.per_row.tolist()  # exactly the same floats
+        assert got.value == expected.value and got.details == expected.details
+    infos = list(genserver.server_dir(run_dir).glob("*.json"))
+    assert len(infos) == 1  # one server for both settings (same model, device and threads)
+    assert "listening" in (infos[0].with_suffix(".log")).read_text()

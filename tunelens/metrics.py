@@ -25,6 +25,7 @@ Heavy libraries are imported inside the metric functions, so `import tunelens.me
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 from tunelens.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 DATASET_KINDS = ("text", "code")  # values of dataset.kind
 
@@ -254,6 +257,61 @@ def _cached_bertscorer(settings: BertScoreSettings, device: str):
     return _BERTSCORERS[key]
 
 
+def bertscore_f1(settings: BertScoreSettings, device: str, generated: list[str], references: list[str]) -> dict:
+    """bert-score F1 of non-empty pairs with the cached scorer: {"f1": [float per pair], "num_layers", "device",
+    "baseline_f1" (the F baseline when rescaling, else None)}. What the metric needs from the scorer, as plain
+    values, so that a BERTScore server (tunelens.genserver) can compute it for a score job."""
+    scorer = _cached_bertscorer(settings, device)
+    f1: list[float] = []
+    if generated:
+        _, _, values = scorer.score(generated, references, verbose=False, batch_size=settings.batch_size)
+        f1 = values.double().cpu().numpy().tolist()
+    return {"f1": f1, "num_layers": scorer.num_layers, "device": str(scorer.device),
+            "baseline_f1": float(scorer.baseline_vals[2]) if settings.rescale_with_baseline else None}
+
+
+# Where bertscore_f1 runs: None = in this process. scripts/score.py sets the run's BERTScore server client
+# (bertscore_runner), which answers with the same values (falling back to this process).
+BERTSCORE_RUNNER: Callable[[BertScoreSettings, str, list[str], list[str]], dict] | None = None
+
+
+def bertscore_task(job: dict) -> tuple[dict, list[float]]:
+    """The server side of bertscore_runner (a request to tunelens.genserver): (meta, F1 per pair)."""
+    meta = bertscore_f1(BertScoreSettings(**job["settings"]), job["device"], job["generated"], job["references"])
+    rows = meta.pop("f1")
+    meta["n_rows"] = len(rows)
+    return meta, rows
+
+
+def bertscore_runner(*, base: str | Path | None = None, start_timeout_s: float = 120.0,
+                     request_timeout_s: float = 3600.0, idle_timeout_s: float = 120.0):
+    """A BERTSCORE_RUNNER that asks the run's BERTScore server (a generation server process, keyed by the
+    BERTScore model, device and thread count) instead of importing bert_score/torch and loading the scorer in
+    every score job (28 in the embedded default). The server runs bertscore_f1, so the values are the same
+    floats (tests/test_genserver.py); when it cannot serve, the job computes them itself."""
+
+    def run(settings: BertScoreSettings, device: str, generated: list[str], references: list[str]) -> dict:
+        import dataclasses
+        import sys
+
+        from tunelens.servers import ServerUnavailable, generate_via_server
+
+        job = {"task": "bertscore", "model_path": str(settings.model), "backend": "bertscore", "device": device,
+               "gpus": 0, "seed": None, "vllm_options": None, "settings": dataclasses.asdict(settings),
+               "generated": list(generated), "references": list(references)}
+        try:
+            meta, rows = generate_via_server(job, python=sys.executable, base=base, start_timeout_s=start_timeout_s,
+                                             request_timeout_s=request_timeout_s, idle_timeout_s=idle_timeout_s,
+                                             exclusive_gpu=False)
+        except ServerUnavailable as exc:
+            log.warning("BERTScore server unavailable (%s); scoring without it", exc)
+            return bertscore_f1(settings, device, generated, references)
+        return {"f1": rows, "num_layers": meta["num_layers"], "device": meta["device"],
+                "baseline_f1": meta["baseline_f1"]}
+
+    return run
+
+
 @register("bertscore", label="BERTScore", scale="0-1", higher_is_better=True, decimals=3,
           sentence_level="bert-score F1 of the row",
           description="bert-score F1 (configurable model); corpus = mean of rows")
@@ -261,26 +319,25 @@ def bertscore(generated: list[str], references: list[str], rows: list[dict], con
     """bert-score F1 per row; an empty output (or reference) scores raw 0, as bert-score defines it."""
     if context.bertscore is None:
         raise ConfigError("metric 'bertscore' needs scoring.bertscore settings (model path)")
-    scorer = _cached_bertscorer(context.bertscore, context.device)
     # bert-score means to give a pair with an empty (after strip) side raw P = R = F1 = 0, but its empty-input
     # path calls a tokenizer method transformers 5 removed; score only the non-empty pairs and give the
     # others bert-score's intended value (raw 0, rescaled with the baseline like every other row).
     empty = np.asarray([not hyp.strip() or not ref.strip() for hyp, ref in zip(generated, references)], dtype=bool)
     per_row = np.zeros(len(generated), dtype=np.float64)
-    if context.bertscore.rescale_with_baseline:
-        baseline_f1 = float(scorer.baseline_vals[2])
-        per_row[:] = (0.0 - baseline_f1) / (1.0 - baseline_f1)
     keep = np.flatnonzero(~empty)
+    scored = (BERTSCORE_RUNNER or bertscore_f1)(context.bertscore, context.device,
+                                                [generated[i] for i in keep], [references[i] for i in keep])
+    if context.bertscore.rescale_with_baseline:
+        baseline_f1 = scored["baseline_f1"]
+        per_row[:] = (0.0 - baseline_f1) / (1.0 - baseline_f1)
     if keep.size:
-        _, _, f1 = scorer.score([generated[i] for i in keep], [references[i] for i in keep], verbose=False,
-                                batch_size=context.bertscore.batch_size)
-        per_row[keep] = f1.double().cpu().numpy()
+        per_row[keep] = np.asarray(scored["f1"], dtype=np.float64)
     return MetricResult(
         "bertscore", per_row, float(per_row.mean()),
         details={
-            "model": str(context.bertscore.model), "num_layers": scorer.num_layers,
+            "model": str(context.bertscore.model), "num_layers": scored["num_layers"],
             "rescaled": context.bertscore.rescale_with_baseline, "baseline_path": context.bertscore.baseline_path,
-            "device": str(scorer.device), "empty_pairs": int(empty.sum()),
+            "device": scored["device"], "empty_pairs": int(empty.sum()),
         },
     )
 

@@ -8,6 +8,7 @@ generation code into its code hash (tunelens.codehash): editing generate.py must
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -15,6 +16,8 @@ import os
 import signal
 import socket
 import struct
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -252,3 +255,171 @@ def stop_servers(base: str | Path | None = None, *, except_key: str | None = Non
 
 
 # --------------------------------------------------------------------------------------------- client
+
+
+# --------------------------------------------------------------------------------------------- starting and asking a server
+# Here rather than in tunelens.genserver so that a score job's client (bertscore_runner) does not pull the
+# generation code into its code hash (tunelens.codehash): editing generate.py must not rerun the score jobs.
+def _code_digest() -> str:
+    """sha256 of tunelens' own sources: a server started by older code is never reused."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(__file__).resolve().parent.glob("*.py")):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def server_key(job: dict, python: str) -> str:
+    """What must be equal for two jobs to share a server: everything that shapes the loaded model/engine."""
+    fields = {
+        "python": os.path.realpath(python) if os.path.exists(python) else python,
+        "code": _code_digest(),
+        "host": socket.gethostname(),
+        # Per allocation and GPU set: a server started by one SLURM job must not serve another's GPUs.
+        "slurm_job": os.environ.get("SLURM_JOB_ID"),
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "threads": os.environ.get("OMP_NUM_THREADS"),  # CPU numerics follow the thread count
+        "model_path": str(job["model_path"]),
+        "backend": job.get("backend", "auto"),
+        "device": job.get("device", "auto"),
+        "gpus": job.get("gpus", 1),
+        "seed": job.get("seed"),
+        "vllm_options": job.get("vllm_options"),
+    }
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _start_time(pid: int) -> str | None:
+    """A process's start time (clock ticks since boot), to tell it from a later process with its pid."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def snakemake_ancestor() -> str | None:
+    """'pid:starttime' of the nearest ancestor process that is Snakemake (the process that runs this job:
+    the main one locally, the one inside the allocation on a cluster), or None (not run by Snakemake)."""
+    pid = os.getppid()
+    while pid > 1:
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            return None
+        if any(Path(a.decode(errors="replace")).name == "snakemake" for a in argv[:2]) or argv[1:3] == [b"-m", b"snakemake"]:
+            return f"{pid}:{_start_time(pid)}"
+        pid = parent
+    return None
+
+
+def _watched_alive(watch: str | None) -> bool:
+    if not watch:
+        return True
+    pid, started = watch.split(":", 1)
+    return _start_time(int(pid)) == started
+
+
+def _start_server(python: str, folder: Path, key: str, idle_timeout_s: float, device: str = "auto") -> subprocess.Popen:
+    log_file = folder / f"{key}.log"
+    cmd = [python, "-m", "tunelens.genserver", "serve", "--dir", str(folder), "--key", key,
+           "--socket", _socket_path(folder, key), "--idle-timeout", str(idle_timeout_s), "--device", device]
+    watch = snakemake_ancestor()
+    if watch:  # the server ends with the Snakemake process that runs its jobs, however that one ends
+        cmd += ["--watch", watch]
+    log.info("starting generation server: %s (log %s)", " ".join(cmd), log_file)
+    with open(log_file, "ab") as out:
+        return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True, close_fds=True,
+                                env={**os.environ, MARKER_ENV: server_mark(folder, key)})
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path, timeout_s: float):
+    with open(path, "a") as handle:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise ServerUnavailable(f"timed out after {timeout_s:.0f} s waiting for the lock {path}") from None
+                time.sleep(0.2)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _server_connection(python: str, folder: Path, key: str, *, start_timeout_s: float,
+                       idle_timeout_s: float, gpu: bool, device: str = "auto") -> tuple[socket.socket, int]:
+    """A connection to the live server for `key`, starting it if needed; (socket, server pid)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    info_file = folder / f"{key}.json"
+    with _file_lock(folder / f"{key}.lock", start_timeout_s):
+        info = _read_info(info_file)
+        if info and _is_our_server(int(info["pid"]), key):
+            sock = _connect(info["socket"])
+            if sock is not None:
+                return sock, int(info["pid"])
+            stop_server(info_file)  # alive but not accepting: wedged
+        elif info:
+            stop_server(info_file)  # stale record of a dead server
+        if gpu:  # one model at a time on the GPU: another model's server on it would take its memory
+            stop_servers(folder.parent, except_key=key, gpu_only=True)  # servers on the CPU stay
+        proc = _start_server(python, folder, key, idle_timeout_s, device)
+        deadline = time.monotonic() + start_timeout_s
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise ServerUnavailable(f"the generation server exited at start (code {proc.returncode}); "
+                                        f"see {folder / (key + '.log')}")
+            info = _read_info(info_file)
+            if info and int(info["pid"]) == proc.pid:
+                sock = _connect(info["socket"])
+                if sock is not None:
+                    return sock, proc.pid
+            time.sleep(0.1)
+        kill_marked(server_mark(folder, key), grace_s=2.0)
+        info_file.unlink(missing_ok=True)
+        raise ServerUnavailable(f"the generation server did not start within {start_timeout_s:.0f} s")
+
+
+def generate_via_server(job: dict, *, python: str, base: str | Path | None = None, start_timeout_s: float = 120.0,
+                        request_timeout_s: float = 24 * 3600.0, idle_timeout_s: float = 120.0,
+                        exclusive_gpu: bool = True) -> tuple[dict, list]:
+    """(meta, rows) for `job` from the server for its key. Raises the job's own TunelensError as is, and
+    ServerUnavailable (after stopping that server) when the server cannot serve it. `exclusive_gpu`: starting
+    this server on a GPU stops the others there (a model's; not the small BERTScore server's)."""
+    from tunelens import errors
+
+    folder = server_dir(base)
+    key = server_key(job, python)
+    sock, pid = _server_connection(python, folder, key, start_timeout_s=start_timeout_s, idle_timeout_s=idle_timeout_s,
+                                   gpu=exclusive_gpu and job.get("device", "auto") != "cpu",
+                                   device=job.get("device", "auto"))
+    try:
+        sock.settimeout(5.0)
+        try:
+            send_frame(sock, {"op": "generate", "job": job})
+        except OSError as exc:
+            raise ServerUnavailable(f"could not send the request: {exc}") from None
+        answer = recv_frame(sock, request_timeout_s, alive=lambda: _is_our_server(pid, key))
+    except ServerUnavailable:
+        stop_server(folder / f"{key}.json")
+        raise
+    finally:
+        sock.close()
+    if answer.get("declined"):  # a request this server does not serve (early exit beside a vLLM engine)
+        raise ServerUnavailable(f"the server declined: {answer.get('message')}")
+    if answer.get("ok"):
+        meta, rows = answer["meta"], answer["rows"]
+        if not isinstance(rows, list) or len(rows) != meta.get("n_rows"):
+            stop_server(folder / f"{key}.json")
+            raise ServerUnavailable("the server's answer is inconsistent (row count differs from its meta)")
+        return meta, rows
+    error_class = getattr(errors, answer.get("error_type", ""), None)
+    if isinstance(error_class, type) and issubclass(error_class, errors.TunelensError):
+        raise error_class(answer["message"])
+    stop_server(folder / f"{key}.json")
+    raise ServerUnavailable(f"the server failed internally: {answer.get('message')}")
