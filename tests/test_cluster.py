@@ -16,6 +16,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -174,19 +175,31 @@ def scontrol_job(job_id: str) -> dict[str, str]:
 # The failure/timeout run (its job waits out a one-minute SLURM time limit) starts in the background at the
 # first of them and is checked by the last, so that minute passes beside the other SLURM work.
 class BackgroundRun:
-    """A tests/slurm/Snakefile run started now; .result() waits for it (stdout + stderr in .stdout)."""
+    """A tests/slurm/Snakefile run started now. As soon as it ends, a thread asks SLURM what became of the jobs
+    it submitted (rule and state per job id), because slurmctld forgets finished jobs after MinJobAge (600 s
+    here) and the test that reads them may run much later. .result() waits for both."""
 
     def __init__(self, workdir: Path, *args: str):
         self.workdir = workdir
         self.log = workdir.parent / f"{workdir.name}.out"  # a file, not a pipe nobody reads while it runs
+        self.jobs: dict[str, str] = {}
+        self.states: dict[str, str] = {}
         with open(self.log, "w") as log:
             self.process = subprocess.Popen(
                 [SNAKEMAKE, "--snakefile", str(TINY), "--directory", str(workdir), *args],
                 cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True,
             )  # fmt: skip
+        self.watcher = threading.Thread(target=self._record_slurm_jobs, daemon=True)
+        self.watcher.start()
+
+    def _record_slurm_jobs(self) -> None:
+        self.process.wait()
+        self.jobs = submitted_slurm_jobs(self.log.read_text())
+        self.states = slurm_states(self.jobs) if self.jobs else {}
 
     def result(self, timeout: int = 900) -> subprocess.CompletedProcess:
         self.process.wait(timeout=timeout)
+        self.watcher.join(timeout=60)
         return subprocess.CompletedProcess(self.process.args, self.process.returncode, self.log.read_text())
 
 
@@ -315,13 +328,12 @@ def test_slurm_failure_and_timeout_are_reported_without_partial_outputs(failure_
     assert result.returncode != 0
     assert re.search(r"SLURM-job '\d+' failed, SLURM status is: 'FAILED'", result.stdout), result.stdout[-4000:]
     assert re.search(r"SLURM-job '\d+' failed, SLURM status is: 'TIMEOUT'", result.stdout), result.stdout[-4000:]
-    jobs = submitted_slurm_jobs(result.stdout)
-    assert sorted(jobs.values()) == ["fails", "times_out"]  # rule-level retries: 0
-    assert sorted(slurm_states(jobs).values()) == ["FAILED", "TIMEOUT"]
+    # What SLURM said about the run's jobs the moment it ended (BackgroundRun).
+    assert sorted(failure_and_timeout_run.jobs.values()) == ["fails", "times_out"]  # rule-level retries: 0
+    assert sorted(failure_and_timeout_run.states.values()) == ["FAILED", "TIMEOUT"]
     # Both wrote a partial output before dying; Snakemake removed it.
     assert not (tmp_path / "fails.txt").exists()
     assert not (tmp_path / "times_out.txt").exists()
-
 
 
 # =========================================================================================== partial reruns
