@@ -65,11 +65,11 @@ run: install
 	# written atomically, and fine-tuning resumes from its checkpoint).
 	$(BIN)/snakemake --cores $(CORES) --rerun-incomplete $(SNAKEMAKE_ARGS)
 
-# The suite runs on PYTEST_WORKERS processes (pytest-xdist; `auto` = one per core). Many tests mostly wait on
-# subprocesses (Snakemake runs, the local SLURM), so workers beside each other keep the cores busy.
-# --dist loadscope keeps each test module on one worker, so a module's expensive fixture (the vLLM engine
-# run, the SLURM runs, a finished study) is built once, not once per worker.
-PYTEST_WORKERS ?= auto
+# The suite runs on PYTEST_WORKERS processes (pytest-xdist): one more than the cores, because the SLURM module
+# mostly waits on the cluster, so the other workers keep every core busy. --dist loadscope keeps each test
+# module on one worker, so a module's expensive fixture (the vLLM engine run, the SLURM runs, a finished
+# study) is built once, not once per worker.
+PYTEST_WORKERS ?= $(shell echo $$(( $$(nproc) + 1 )))
 test: install
 	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadscope $(PYTEST_ARGS)
 
