@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -60,10 +61,14 @@ def one(target: str, keep: bool, warm_cache: bool) -> None:
         caches = clone.parent / f"{clone.name}-caches"
         env.update(PIP_CACHE_DIR=str(caches / "pip"), UV_CACHE_DIR=str(caches / "uv"))
     load_before = load_average()
+    usage_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     with open(log, "w") as out:
         result = subprocess.run(COMMANDS[target], cwd=clone, env=env, stdout=out, stderr=subprocess.STDOUT)
     wall = time.perf_counter() - started
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    # CPU of the waited-for process tree: not SLURM's jobs (slurmd's children) nor detached servers.
+    cpu = (usage.ru_utime - usage_before.ru_utime) + (usage.ru_stime - usage_before.ru_stime)
     load_after = load_average()
     text = log.read_text()
     phases = {name: float(m.group(1)) for name, pattern in
@@ -71,7 +76,7 @@ def one(target: str, keep: bool, warm_cache: bool) -> None:
                ("suite", r" in ([\d.]+)s \(")] if (m := re.search(pattern, text))}  # fmt: skip
     tests = re.search(r"=+ (\d+ passed[^=]*) in ", text)
     print(f"| {target} | {commit} | {'ok' if result.returncode == 0 else f'FAILED ({result.returncode})'} | "
-          f"{wall:.0f} s ({wall / 60:.1f} min) | {', '.join(f'{k} {v:.0f} s' for k, v in phases.items()) or '–'} | "
+          f"{wall:.0f} s ({wall / 60:.1f} min) | {cpu:.0f} | {', '.join(f'{k} {v:.0f} s' for k, v in phases.items()) or '–'} | "
           f"{tests.group(1) if tests else '–'} | {load_before:.2f} -> {load_after:.2f} |", flush=True)
     if target == "run":
         subprocess.run([sys.executable, str(REPO / "bench" / "bench_rules.py"), str(clone)])
@@ -95,8 +100,8 @@ def main() -> None:
     parser.add_argument("--warm-cache", action="store_true", help="use the user's pip/uv caches as they are")
     args = parser.parse_args()
     print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} CPUs")
-    print("| target | commit | result | wall | phases | tests | load avg (1 min) before -> after |\n"
-          "|---|---|---|---|---|---|---|")  # fmt: skip
+    print("| target | commit | result | wall | CPU s (process tree) | phases | tests | load avg (1 min) before -> after |\n"
+          "|---|---|---|---|---|---|---|---|")  # fmt: skip
     for _ in range(args.repeats):
         one(args.target, args.keep, args.warm_cache)
 
