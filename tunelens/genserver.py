@@ -159,7 +159,7 @@ def run_early_exit_job(job: dict, output_file: str | Path, meta_file: str | Path
     importing torch and loading the model. The rows are the same bytes as in-process
     (tests/test_genserver.py). A model generated with vLLM (or a server that cannot serve) runs the job
     here, as before. Returns the meta."""
-    from tunelens.io import write_json_atomic, write_jsonl_atomic
+    from tunelens.probe import write_early_exit  # torch-free at import
 
     meta = rows = None
     if server and job.get("backend", "auto") != "vllm":
@@ -183,8 +183,7 @@ def run_early_exit_job(job: dict, output_file: str | Path, meta_file: str | Path
         meta, rows = early_exit_output(**kwargs)
         meta["execution"] = {"mode": "in-process", "python": sys.executable, "loaded": True,
                              "client_wait_s": round(time.perf_counter() - started, 3)}
-    write_json_atomic(meta_file, meta)
-    write_jsonl_atomic(output_file, rows)
+    write_early_exit(meta_file, output_file, meta, rows)
     log.info("early exit layer %s: %d rows (%s) -> %s", job.get("layer"), len(rows), meta["execution"]["mode"],
              output_file)
     return meta

@@ -464,40 +464,16 @@ def early_exit_output(
     return meta, out_rows
 
 
-def run_early_exit(
-    *,
-    model_name: str,
-    source: str,
-    model_path: str | Path,
-    adapter_dir: str | Path | None,
-    variant: str,
-    test_path: str | Path,
-    output_jsonl: str | Path,
-    output_meta: str | Path,
-    layer: int,
-    layer_specs: Sequence[float],
-    expected_layers: Sequence[int] | None,
-    prompt_format: str,
-    decoding: DecodingConfig | dict,
-    beam_mode: str = "beam_search",
-    max_test_rows: int | None = None,
-    max_new_tokens: int = 64,
-    stop: Sequence[str] = (),
-    batch_size: int | str = "auto",
-    max_prompt_tokens: int = 1024,
-    seed: int = 0,
-    device: str = "auto",
-) -> dict:
-    """Rule `early_exit`: early_exit_output() in this process, written as generation rows + the `.meta.json`
-    sidecar (the meta first: the rows file appearing means the job completed). Returns the meta dict."""
-    meta, rows = early_exit_output(
-        model_name=model_name, source=source, model_path=model_path, adapter_dir=adapter_dir, variant=variant,
-        test_path=test_path, layer=layer, layer_specs=layer_specs, expected_layers=expected_layers,
-        prompt_format=prompt_format, decoding=decoding, beam_mode=beam_mode, max_test_rows=max_test_rows,
-        max_new_tokens=max_new_tokens, stop=stop, batch_size=batch_size, max_prompt_tokens=max_prompt_tokens,
-        seed=seed, device=device,
-    )
+def write_early_exit(output_meta: str | Path, output_jsonl: str | Path, meta: dict, rows: list[dict]) -> None:
+    """An early_exit job's two files, the meta first: the rows file appearing means the job completed."""
     write_json_atomic(output_meta, meta)
     write_jsonl_atomic(output_jsonl, rows)
+
+
+def run_early_exit(*, output_jsonl: str | Path, output_meta: str | Path, **job) -> dict:
+    """Rule `early_exit` in this process: early_exit_output(**job) written as generation rows + the `.meta.json`
+    sidecar. Returns the meta dict."""
+    meta, rows = early_exit_output(**job)
+    write_early_exit(output_meta, output_jsonl, meta, rows)
     return meta
 
