@@ -27,11 +27,14 @@ install: $(VENV)/.installed
 # pinned set ~8x faster than pip here (BENCHMARKS.md, issue 13); if uv cannot be installed, pip does it.
 # uv does not read pip's configuration, so pip's find-links and extra index URLs (on the dev/CI machines:
 # the CPU torch wheel on disk and a local PyPI mirror) are handed to it; unsafe-best-match makes uv pick
-# the best version across all indexes, as pip does.
+# the best version across all indexes, as pip does. --compile-bytecode: uv, unlike pip, does not write .pyc files
+# at install time; where PYTHONDONTWRITEBYTECODE is set (the dev and CI machines) nothing ever writes them, and
+# every Python process (each Snakemake job runs two) then compiles torch, transformers and vLLM from source on
+# import: 1.6 s more CPU for `import torch, transformers` alone, about 1,000 CPU-s over the suite (issue 13).
 UV_VERSION ?= 0.13.9
 PIP_FIND_LINKS_ALL = $(sort $(PIP_FIND_LINKS) $(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null))
 PIP_EXTRA_INDEX_ALL = $(sort $(PIP_EXTRA_INDEX_URL) $(shell $(PYTHON) -m pip config get global.extra-index-url 2>/dev/null))
-UV_FLAGS = --quiet --index-strategy unsafe-best-match $(addprefix --find-links ,$(PIP_FIND_LINKS_ALL)) \
+UV_FLAGS = --quiet --compile-bytecode --index-strategy unsafe-best-match $(addprefix --find-links ,$(PIP_FIND_LINKS_ALL)) \
 	$(addprefix --extra-index-url ,$(PIP_EXTRA_INDEX_ALL))
 # $(call venv_install,VENV,ARGS): install ARGS into VENV with its uv, or its pip when it has no uv.
 venv_install = if [ -x $(1)/bin/uv ]; then $(1)/bin/uv pip install --python $(1)/bin/python $(UV_FLAGS) $(2); \
