@@ -71,10 +71,11 @@ run: install
 # The suite runs on PYTEST_WORKERS processes (pytest-xdist): one more than the cores, because the SLURM module
 # mostly waits on the cluster, so the other workers keep every core busy. --dist loadscope keeps each test
 # module on one worker, so a module's expensive fixture (the vLLM engine run, the SLURM runs, a finished
-# study) is built once, not once per worker.
+# study) is built once, not once per worker. --no-loadscope-reorder: xdist would hand out the modules with the
+# most tests first; tests/conftest.py orders them so that the long SLURM and vLLM modules start at once instead.
 PYTEST_WORKERS ?= $(shell echo $$(( $$(nproc) + 1 )))
 test: install
-	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadscope $(PYTEST_ARGS)
+	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadscope --no-loadscope-reorder $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/snakemake --lint

