@@ -246,11 +246,14 @@ def tiny_smoke_config(directory: Path, model_dir: Path) -> Path:
     """configs/smoke.yaml with its model replaced by the suite's 4-layer random Llama (SmolLM2's tokenizer and
     chat template) and the metrics that need no model of their own: every stage of the study still runs, on a
     model that costs almost nothing to load and run. What the SLURM test compares is where jobs ran, not what
-    a real model learns (`make run` shows that); BERTScore's model load was most of each score job's CPU."""
+    a real model learns (`make run` shows that); BERTScore's model load was most of each score job's CPU.
+    One probe layer (the middle one: a real early exit) instead of smoke.yaml's two: the second layer only added
+    four more jobs of the same rules, each a SLURM job that starts Snakemake and torch again."""
     config = yaml.safe_load(SMOKE.read_text())
     (resources,) = [model["resources"] for model in config["models"].values()]
     config["models"] = {"tiny": {"source": str(model_dir), "prompt_format": "chat", "resources": resources}}
     config["scoring"]["metrics"] = ["bleu", "rougeL", "exact_match", "length"]
+    config["probe"]["layers"] = [0.5]
     path = directory / "smoke-tiny.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path

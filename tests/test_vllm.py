@@ -176,7 +176,14 @@ def vllm_model(tmp_path_factory, smollm2_tokenizer_dir):
 
 
 @pytest.fixture(scope="module")
-def report(request, tmp_path_factory):
+def vllm_cache(tmp_path_factory) -> Path:
+    """One VLLM_CACHE_ROOT for the module's engines: with an empty one, every engine build inspects the model
+    class in a subprocess that imports torch and vLLM again (vllm/model_executor/models/registry.py)."""
+    return tmp_path_factory.mktemp("vllm_cache")
+
+
+@pytest.fixture(scope="module")
+def report(request, tmp_path_factory, vllm_cache):
     require_vllm_venv()  # before the model fixture is built: a skip (or a CI failure) costs nothing
     model_dir, adapter_dir = request.getfixturevalue("vllm_model")
     work = tmp_path_factory.mktemp("vllm_run")
@@ -189,7 +196,7 @@ def report(request, tmp_path_factory):
                "draw_temperatures": list(DRAW_TEMPERATURES)}
     (work / "request.json").write_text(json.dumps(request))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "VLLM_CACHE_ROOT": str(work / "vllm_cache"), "PYTHONPATH": str(REPO_ROOT)}
+           "VLLM_CACHE_ROOT": str(vllm_cache), "PYTHONPATH": str(REPO_ROOT)}
     script = write_worker_script(work / "vllm_worker.py")
     cmd = [str(VLLM_PYTHON), str(script), str(work / "request.json"), str(work / "report.json")]
     # Own session, so the engine's helper processes can be killed by process group afterwards.
@@ -383,7 +390,7 @@ def test_ci_fails_instead_of_skipping_without_the_vllm_venv(tmp_path):
     assert failed.returncode == 1 and "CI is set, so the vLLM tests must run" in failed.stdout, failed.stdout[-2000:]
 
 
-def test_generation_agreement_rule_runs_through_snakemake(vllm_model, tmp_path):
+def test_generation_agreement_rule_runs_through_snakemake(vllm_model, vllm_cache, tmp_path):
     """`snakemake results/agreement/tiny/finetuned.json`: hf + PEFT in the job, vLLM + LoRA through
     generation.vllm_python; on this model every greedy token agrees."""
     import shutil
@@ -408,7 +415,7 @@ def test_generation_agreement_rule_runs_through_snakemake(vllm_model, tmp_path):
     }
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "VLLM_CACHE_ROOT": str(tmp_path / "vllm_cache"), "PYTHONPATH": str(REPO_ROOT)}
+           "VLLM_CACHE_ROOT": str(vllm_cache), "PYTHONPATH": str(REPO_ROOT)}
 
     def snakemake(*targets):
         result = subprocess.run(
@@ -466,15 +473,15 @@ DAG_ROWS = [
 DAG_CONFIGS = [{"name": "greedy", "temperature": 0.0}, {"name": "sampled", "temperature": 1.0, "top_k": 0}]
 
 
-def _snakemake(workdir: Path, *args: str, timeout: int = 1500) -> subprocess.CompletedProcess:
+def _snakemake(workdir: Path, cache: Path, *args: str, timeout: int = 1500) -> subprocess.CompletedProcess:
     snakemake = Path(sys.executable).parent / "snakemake"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "VLLM_CACHE_ROOT": str(workdir / "vllm_cache"), "VLLM_CPU_OMP_THREADS_BIND": "0-1"}
+           "VLLM_CACHE_ROOT": str(cache), "VLLM_CPU_OMP_THREADS_BIND": "0-1"}
     return subprocess.run([str(snakemake), "--snakefile", str(REPO_ROOT / "Snakefile"), "--directory", str(workdir),
                            *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def test_dag_generate_jobs_with_vllm(vllm_model, tmp_path):
+def test_dag_generate_jobs_with_vllm(vllm_model, vllm_cache, tmp_path):
     import yaml
 
     require_vllm_venv()
@@ -495,7 +502,7 @@ def test_dag_generate_jobs_with_vllm(vllm_model, tmp_path):
     configfile = tmp_path / "config.yaml"
     configfile.write_text(yaml.safe_dump(config))
     base = ["--configfile", str(configfile), "--cores", "2"]
-    split = _snakemake(workdir, *base, "results/data/d/test.jsonl")
+    split = _snakemake(workdir, vllm_cache, *base, "results/data/d/test.jsonl")
     assert split.returncode == 0, split.stderr[-4000:]
     # The fine-tune is not what this test is about: its adapter is the fixture's random LoRA (rank 8).
     finetune = workdir / "results" / "finetune" / "tiny"
@@ -506,11 +513,11 @@ def test_dag_generate_jobs_with_vllm(vllm_model, tmp_path):
         os.utime(path)  # newer than the split, as a real fine-tune's outputs would be
     targets = [f"results/generations/tiny/{variant}/{c['name']}.jsonl" for variant in ("base", "finetuned")
                for c in DAG_CONFIGS]  # fmt: skip
-    planned = _snakemake(workdir, *base, "--dry-run", *targets)
+    planned = _snakemake(workdir, vllm_cache, *base, "--dry-run", *targets)
     assert planned.returncode == 0, planned.stderr[-4000:]
     assert re.findall(r"^rule (\w+):", planned.stdout, re.M) == ["generate"] * 4, planned.stdout[-3000:]
 
-    result = _snakemake(workdir, *base, *targets)
+    result = _snakemake(workdir, vllm_cache, *base, *targets)
     assert result.returncode == 0, result.stderr[-6000:]
     metas = {t: json.loads((workdir / t.replace(".jsonl", ".meta.json")).read_text()) for t in targets}
     assert {m["backend"] for m in metas.values()} == {"vllm"}  # never a silent hf fallback
@@ -536,7 +543,7 @@ def test_dag_generate_jobs_with_vllm(vllm_model, tmp_path):
     served = (workdir / sampled_base).read_bytes()
     no_server = tmp_path / "no-server.yaml"
     no_server.write_text(yaml.safe_dump({"generation": {"server": False}}))
-    rerun = _snakemake(workdir, sampled_base, "--configfile", str(configfile), str(no_server), "--cores", "2",
+    rerun = _snakemake(workdir, vllm_cache, sampled_base, "--configfile", str(configfile), str(no_server), "--cores", "2",
                        "--forcerun", sampled_base)  # fmt: skip
     assert re.findall(r"Finished jobid: \d+ \(Rule: (\w+)\)", rerun.stderr) == ["generate"], rerun.stderr[-3000:]
     assert rerun.returncode == 0, rerun.stderr[-6000:]
