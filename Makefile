@@ -30,7 +30,8 @@ install: $(VENV)/.installed
 # the best version across all indexes, as pip does. --compile-bytecode: uv, unlike pip, does not write .pyc files
 # at install time; where PYTHONDONTWRITEBYTECODE is set (the dev and CI machines) nothing ever writes them, and
 # every Python process (each Snakemake job runs two) then compiles torch, transformers and vLLM from source on
-# import: 1.6 s more CPU for `import torch, transformers` alone, about 1,000 CPU-s over the suite (issue 13).
+# import: 1.6 s more CPU for `import torch, transformers` alone; `.ci/run` took 840 s without it, 545 s with it
+# (BENCHMARKS.md, issue 13).
 UV_VERSION ?= 0.13.9
 PIP_FIND_LINKS_ALL = $(sort $(PIP_FIND_LINKS) $(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null))
 PIP_EXTRA_INDEX_ALL = $(sort $(PIP_EXTRA_INDEX_URL) $(shell $(PYTHON) -m pip config get global.extra-index-url 2>/dev/null))

@@ -7,7 +7,8 @@ Each repeat clones the current commit of this checkout into a new temporary dire
 the checkout: no venv, no results) and, unless --warm-cache, gives pip and uv empty cache directories, so every
 package is fetched again as on a new CI machine (this machine's local mirror and torch wheel stay, as the CI
 machine has them too). It runs the target
-there and prints one Markdown row: wall seconds, the phases the target prints (install / SLURM / suite), the
+there and prints one Markdown row: wall seconds, CPU seconds of the target's process tree and of the whole machine
+(/proc/stat: SLURM jobs and detached servers are not in the tree, and anything else running shows here), the phases the target prints (install / SLURM / suite), the
 1-minute load average before and after (anything else running shows there), and the commit. For `run` it also
 prints the per-rule table of that run (bench/bench_rules.py on its benchmark files) and the fine-tuned vs base
 BLEU at the default decoding config from its summary.md. The clone is deleted afterwards unless --keep.
@@ -33,6 +34,13 @@ COMMANDS = {"run": ["make", "run"], "ci": [".ci/run"]}
 
 def load_average() -> float:
     return os.getloadavg()[0]
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds every process on the machine has spent busy (/proc/stat), SLURM jobs and servers included."""
+    fields = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
 def bleu_lines(summary: Path) -> list[str]:
@@ -62,10 +70,12 @@ def one(target: str, keep: bool, warm_cache: bool) -> None:
         env.update(PIP_CACHE_DIR=str(caches / "pip"), UV_CACHE_DIR=str(caches / "uv"))
     load_before = load_average()
     usage_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    busy_before = machine_busy_seconds()
     started = time.perf_counter()
     with open(log, "w") as out:
         result = subprocess.run(COMMANDS[target], cwd=clone, env=env, stdout=out, stderr=subprocess.STDOUT)
     wall = time.perf_counter() - started
+    busy = machine_busy_seconds() - busy_before
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     # CPU of the waited-for process tree: not SLURM's jobs (slurmd's children) nor detached servers.
     cpu = (usage.ru_utime - usage_before.ru_utime) + (usage.ru_stime - usage_before.ru_stime)
@@ -76,7 +86,7 @@ def one(target: str, keep: bool, warm_cache: bool) -> None:
                ("suite", r" in ([\d.]+)s \(")] if (m := re.search(pattern, text))}  # fmt: skip
     tests = re.search(r"=+ (\d+ passed[^=]*) in ", text)
     print(f"| {target} | {commit} | {'ok' if result.returncode == 0 else f'FAILED ({result.returncode})'} | "
-          f"{wall:.0f} s ({wall / 60:.1f} min) | {cpu:.0f} | {', '.join(f'{k} {v:.0f} s' for k, v in phases.items()) or '–'} | "
+          f"{wall:.0f} s ({wall / 60:.1f} min) | {cpu:.0f} | {busy:.0f} | {', '.join(f'{k} {v:.0f} s' for k, v in phases.items()) or '–'} | "
           f"{tests.group(1) if tests else '–'} | {load_before:.2f} -> {load_after:.2f} |", flush=True)
     if target == "run":
         subprocess.run([sys.executable, str(REPO / "bench" / "bench_rules.py"), str(clone)])
@@ -100,8 +110,8 @@ def main() -> None:
     parser.add_argument("--warm-cache", action="store_true", help="use the user's pip/uv caches as they are")
     args = parser.parse_args()
     print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} CPUs")
-    print("| target | commit | result | wall | CPU s (process tree) | phases | tests | load avg (1 min) before -> after |\n"
-          "|---|---|---|---|---|---|---|---|")  # fmt: skip
+    print("| target | commit | result | wall | CPU s (process tree) | CPU s (machine) | phases | tests | "
+          "load avg (1 min) before -> after |\n|---|---|---|---|---|---|---|---|---|")  # fmt: skip
     for _ in range(args.repeats):
         one(args.target, args.keep, args.warm_cache)
 
