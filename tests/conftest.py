@@ -27,6 +27,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # `scontrol show config` when Snakemake imports it, and with the SLURM client installed but no controller
 # answering that blocks ~9 s (no CPU) in EVERY snakemake process; once the SLURM tests had installed the
 # client and stopped the cluster, each later test that ran snakemake paid it (BENCHMARKS.md, issue 13).
+# (tests/slurm/stop-slurm.sh now leaves a conf on which clients fail at once, for the runs after a stop.)
 # A cluster that is already up (.ci/run starts it beside the installs) is used and left alone.
 SLURM_DIR = REPO_ROOT / "tests" / "slurm"
 SLURM_LOCK = Path("/tmp/tunelens-test-slurm.lock")

@@ -1,7 +1,7 @@
 """Cluster execution: profiles, partial reruns (exact dry-run job sets) and a real local SLURM.
 
-    pytest tests/test_cluster.py -m "not slurm"     # profiles + dry runs, ~2 min on 2 cores
-    pytest tests/test_cluster.py -m slurm           # starts tests/slurm/start-slurm.sh (root), ~10 min
+    pytest tests/test_cluster.py -m "not slurm"     # profiles + dry runs, ~1 min on 2 cores
+    pytest tests/test_cluster.py -m slurm           # starts tests/slurm/start-slurm.sh (root), ~3.5 min
 
 Dry-run tests fake a finished study in a temp workdir (every output created, then
 `snakemake --touch --forceall` records metadata as a real run would), change one thing, and assert the

@@ -39,6 +39,16 @@ fi
 stop_pidfile /run/slurm/slurmd.pid slurmd
 stop_pidfile /run/slurm/slurmctld.pid slurmctld
 stop_pidfile /run/munge/munged.pid munged
+# With the controller gone, every SLURM client call (`scontrol show config`, which snakemake-executor-plugin-slurm
+# 2.8.0 runs whenever Snakemake starts, even for a local run) retries for MessageTimeout - 1 seconds: 9 s by
+# default, per snakemake process. Our own conf (never anyone else's) gets MessageTimeout=1, so they fail at once;
+# start-slurm.sh renders the conf afresh, without it. tests/test_cluster.py -m "not slurm" after a stop: 250 s -> 52 s.
+CONF=/etc/slurm/slurm.conf
+if [ -f "$CONF" ] && head -n 1 "$CONF" | grep -q "for tunelens' cluster tests" && ! grep -q '^MessageTimeout=1$' "$CONF"; then
+    printf '%s\n' "# appended by tests/slurm/stop-slurm.sh: the cluster is stopped, clients fail at once" \
+        "MessageTimeout=1" >> "$CONF"
+    log "client calls fail at once while stopped (MessageTimeout=1 in $CONF)"
+fi
 if [ "$PURGE" = 1 ]; then
     log "purging job state"
     rm -rf /var/spool/slurmctld/* /var/spool/slurmd/*
