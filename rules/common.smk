@@ -343,6 +343,9 @@ def generation_settings(wildcards):
         "max_test_rows": decoding["max_test_rows"],
         "batch_size": generation["batch_size"],
         "max_prompt_tokens": generation["max_prompt_tokens"],
+        "static_cache": generation["static_cache"],
+        "compile_backend": generation["compile_backend"],
+        "merge_adapter": generation["merge_adapter"],
     }
 
 

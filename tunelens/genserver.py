@@ -33,6 +33,7 @@ request loaded the model or built the engine, and the load time it paid).
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import importlib
 import json
@@ -190,6 +191,25 @@ def run_early_exit_job(job: dict, output_file: str | Path, meta_file: str | Path
 
 
 # --------------------------------------------------------------------------------------------- server
+def _gpu_room_for(model_path) -> bool:
+    """Whether the GPU has room for one more bf16 copy of the model's weights beside what it holds (10% spare)."""
+    import torch
+
+    free, _ = torch.cuda.mem_get_info()
+    free += torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
+    need = gpu_bytes_to_load(model_path, 2)
+    return need is None or free > 1.1 * need
+
+
+def _free_gpu_cache() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
 class Declined(Exception):
     """A request this server does not serve; the client runs the job itself and the server stays up."""
 
@@ -207,23 +227,36 @@ class _Server:
         self.last_activity = time.monotonic()
         self.stopping = False
         self.requests = 0
+        # Every request runs on this one long-lived thread, never on the connection's own thread: CUDA graphs
+        # captured by torch.compile (cudagraph trees), cuBLAS handles and workspaces, the caching allocator's
+        # per-stream pools and torch's grad/inference-mode state are per thread, so a thread per request paid a
+        # fresh process's first-call costs on every request (BENCHMARKS.md, issue 21).
+        self.worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="tunelens-request")
 
     def _hf_model(self, job: dict) -> tuple[tuple, bool, float]:
         """(model, tokenizer) of the job's variant, loaded once; (that, loaded now, load seconds)."""
-        from tunelens.models import load_model
+        from tunelens.generate import resolve_on_device
+        from tunelens.models import load_model, pick_device
 
         adapter = job.get("adapter_dir")
-        if adapter in self.hf_models:
-            return self.hf_models[adapter], False, 0.0
+        device = pick_device(job.get("device", "auto"))
+        merge = adapter is not None and resolve_on_device(job.get("merge_adapter", "auto"), device)
+        key = (adapter, merge)
+        if key in self.hf_models:
+            return self.hf_models[key], False, 0.0
         if adapter is not None and not (Path(adapter) / "adapter_config.json").exists():
             from tunelens.errors import ModelError
 
             raise ModelError(f"adapter directory '{adapter}' has no adapter_config.json")
         while len(self.hf_models) >= 2:  # base + one adapter at most
             self.hf_models.pop(next(iter(self.hf_models)))
+        if self.hf_models and device == "cuda" and not _gpu_room_for(job["model_path"]):
+            log.info("not enough free GPU memory for a second copy of the weights: swapping")
+            self.hf_models.clear()
+            _free_gpu_cache()
         started = time.perf_counter()
-        self.hf_models[adapter] = load_model(job["model_path"], adapter_dir=adapter, device=job.get("device", "auto"))
-        return self.hf_models[adapter], True, time.perf_counter() - started
+        self.hf_models[key] = load_model(job["model_path"], adapter_dir=adapter, device=device, merge_adapter=merge)
+        return self.hf_models[key], True, time.perf_counter() - started
 
     def early_exit(self, job: dict) -> tuple[dict, list]:
         """An early_exit job (tunelens.probe.early_exit_output) on the hf model this server keeps. A server
@@ -299,7 +332,7 @@ class _Server:
             elif op == "generate":
                 with self.lock:
                     try:
-                        meta, rows = self.generate(request["job"])
+                        meta, rows = self.worker.submit(self.generate, request["job"]).result()
                         answer = {"ok": True, "meta": meta, "rows": rows}
                     except Declined as exc:  # the client runs the job itself; this server stays
                         answer = {"ok": False, "declined": True, "message": str(exc)}
@@ -314,6 +347,7 @@ class _Server:
                 send_frame(conn, answer)
 
     def close(self) -> None:
+        self.worker.shutdown(wait=True)
         if self.engine is not None:
             self.engine.shutdown()
             self.engine = None

@@ -447,7 +447,9 @@ def early_exit_output(
         "adapter": adapter_record(adapter_dir),
         "decoding_config": decoding_config.as_dict(),
         "semantics": f"{semantics} Early exit after decoder block {layer} of {depth}, then the model's final norm "
-                     f"and LM head (blocks {layer + 1}..{depth} not run).",
+                     f"and LM head (blocks {layer + 1}..{depth} not run)."
+                     + (" Fine-tuned weights: the LoRA adapter merged into a copy of the base weights, not applied "
+                        "per layer by PEFT." if getattr(model, "tunelens_adapter_merged", False) else ""),
         "layer": layer,
         "early_exit": {"layer": layer, "num_layers": depth, "fraction": round(layer / depth, 4)},
         **settings.as_meta(),
