@@ -70,7 +70,7 @@ def hf_generation_config(model, tokenizer, decoding_config: DecodingConfig, sett
 def uses_static_cache(decoding_config: DecodingConfig, settings: GenerationSettings) -> bool:
     """Whether a request decodes with the static KV cache: asked for, and not beam search (transformers' beam
     search keeps its dynamic cache here)."""
-    return settings.static_cache and not decoding_config.is_beam
+    return bool(getattr(settings, "static_cache", False)) and not decoding_config.is_beam
 
 
 # Static cache: the cache length is rounded up to a multiple of this, and rows to `row_bucket`, so that the
