@@ -15,7 +15,10 @@ from tunelens import genserver
 from tunelens.agreement import token_agreement
 from tunelens.backend_hf import plan_batches, row_bucket, static_cache_len
 from tunelens.decoding import DecodingConfig
-from tunelens.generate import GenerationSettings, generate, hf_generate_batched, resolve_on_device
+from tunelens.generate import (
+    STATIC_AUTO_MIN_NEW_TOKENS, GenerationSettings, generate, hf_generate_batched, resolve_on_device,
+    resolve_static_cache,
+)
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -137,6 +140,9 @@ def test_beam_search_keeps_the_dynamic_cache(tiny, tmp_path):
 def test_auto_turns_both_on_for_cuda_only(tiny, tmp_path):
     assert resolve_on_device("auto", "cuda:0") and not resolve_on_device("auto", "cpu")
     assert resolve_on_device(True, "cpu") and not resolve_on_device(False, "cuda")
+    long, short = STATIC_AUTO_MIN_NEW_TOKENS, STATIC_AUTO_MIN_NEW_TOKENS - 1
+    assert resolve_static_cache("auto", "cuda:0", long) and not resolve_static_cache("auto", "cuda:0", short)
+    assert not resolve_static_cache("auto", "cpu", long) and resolve_static_cache(True, "cpu", 1)
     meta, _ = _generate(tiny, tmp_path / "f.jsonl", variant="finetuned")  # defaults: auto, on CPU
     assert meta["kv_cache"] == "dynamic" and meta["adapter_merged"] is False
     assert "merged" not in meta["semantics"] and "Static" not in meta["semantics"]

@@ -20,10 +20,10 @@ log = logging.getLogger(__name__)
 BACKENDS = ("auto", "hf", "vllm")
 FINISH_REASONS = ("stop", "length", "stop_string")
 SPLIT_FIELDS = ("id", "instruction", "input", "output")
-# How the static-cache decoding step is compiled on CUDA: torch.compile's cudagraphs backend (CUDA graphs of the
-# eager kernels: seconds to capture), inductor (Triton kernels + CUDA graphs: tens of seconds to compile), or
-# eager (the static cache alone). CPU never compiles.
-COMPILE_BACKENDS = ("cudagraphs", "inductor", "eager")
+# How the static-cache decoding step is compiled on CUDA: inductor (Triton kernels + CUDA graphs, mode
+# reduce-overhead: ~33 s per shape, 18 ms a step on the 7B shape), torch.compile's cudagraphs backend (13 s, 41 ms
+# a step), or eager (the static cache alone: 50 ms). CPU never compiles. Figures: BENCHMARKS.md, issue 21.
+COMPILE_BACKENDS = ("inductor", "cudagraphs", "eager")
 
 
 # --------------------------------------------------------------------------------------------- settings
@@ -49,7 +49,7 @@ class GenerationSettings:
     batch_size: int | str = "auto"
     max_prompt_tokens: int = 1024
     static_cache: bool = False
-    compile_backend: str = "cudagraphs"
+    compile_backend: str = "inductor"
 
     def as_meta(self) -> dict:
         """The fields every generation sidecar records (JSON types)."""

@@ -79,7 +79,7 @@ def run_completions(
     """Load the model on `backend` ('hf' or 'vllm'), build/validate prompts, generate; plus timings.
 
     Prompts are validated (empty, over-long) right after the tokenizer loads and before the model does.
-    `static_cache` / `merge_adapter` (hf): True, False or "auto" (= on CUDA): see resolve_on_device.
+    `static_cache` / `merge_adapter` (hf): True, False or "auto": see resolve_static_cache / resolve_on_device.
     Returns (prompt rows, completions in row order, {'load_time_s', 'generation_time_s', 'device', 'batches',
     'kv_cache', 'adapter_merged'}).
     """
@@ -105,7 +105,8 @@ def run_completions(
         used_device = str(next(model.parameters()).device)
         load_time = time.perf_counter() - started
         started = time.perf_counter()
-        settings = dataclasses.replace(settings, static_cache=resolve_on_device(static_cache, used_device))
+        settings = dataclasses.replace(
+            settings, static_cache=resolve_static_cache(static_cache, used_device, settings.max_new_tokens))
         completions = hf_generate_batched(model, tokenizer, prompts, decoding_config, settings, batches)
         kv_cache = "static" if uses_static_cache(decoding_config, settings) else "dynamic"
         merged = bool(getattr(model, "tunelens_adapter_merged", False))
@@ -154,6 +155,20 @@ def resolve_on_device(setting: bool | str, device: str) -> bool:
     on CUDA only (where it pays; on CPU outputs stay those of the dynamic cache and the PEFT adapter)."""
     if setting == "auto":
         return str(device).startswith("cuda")
+    return bool(setting)
+
+
+# generation.static_cache auto: on CUDA from this many new tokens a row. Measured on an H200 (7B shape, 36 rows,
+# BENCHMARKS.md issue 21): the inductor-compiled static step takes 18 ms against ~40 ms dynamic, and compiling one
+# shape takes ~33 s; at 64 new tokens a request saves ~1.4 s, so a study's ~9 sampling configs per variant never
+# repay the compile, while at 256 new tokens and 500 rows a request saves tens of seconds.
+STATIC_AUTO_MIN_NEW_TOKENS = 128
+
+
+def resolve_static_cache(setting: bool | str, device: str, max_new_tokens: int) -> bool:
+    """generation.static_cache: True, False, or "auto" = on CUDA when max_new_tokens >= STATIC_AUTO_MIN_NEW_TOKENS."""
+    if setting == "auto":
+        return str(device).startswith("cuda") and max_new_tokens >= STATIC_AUTO_MIN_NEW_TOKENS
     return bool(setting)
 
 
@@ -237,7 +252,7 @@ def generation_output(
     engine: VllmEngine | None = None,
     hf_model: tuple | None = None,
     static_cache: bool | str = "auto",
-    compile_backend: str = "cudagraphs",
+    compile_backend: str = "inductor",
     merge_adapter: bool | str = "auto",
 ) -> tuple[dict, list[dict]]:
     """What `generate` writes, computed but not written: (meta, rows). The generation server
