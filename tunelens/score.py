@@ -135,6 +135,22 @@ def _fmt(value: float) -> str:
     return repr(float(value)) if math.isfinite(value) else str(value)
 
 
+def rows_columns(results: Sequence[MetricResult]) -> dict[str, np.ndarray]:
+    """The per-row table's numeric columns: each metric's per-row values, then the per-row sufficient
+    statistics of every corpus-level metric (METRICS[name].corpus_stats), from which the report recomputes
+    corpus values on paired resamples."""
+    columns: dict[str, np.ndarray] = {r.name: r.per_row for r in results}
+    for result in results:
+        names = METRICS[result.name].corpus_stats
+        if result.stats is None or not names:
+            continue
+        if result.stats.shape[1] != len(names):
+            raise ValueError(f"metric '{result.name}': {result.stats.shape[1]} statistics per row, "
+                             f"registered {len(names)} ({names})")
+        columns.update({name: result.stats[:, index] for index, name in enumerate(names)})
+    return columns
+
+
 def write_rows_csv(path: str | Path, ids: Sequence[str], columns: dict[str, Sequence[float]], extra: dict | None = None) -> None:
     """Per-row table: `id`, then `extra` text columns, then one column per metric (full float precision)."""
     extra = extra or {}
@@ -232,6 +248,6 @@ def score_generation_file(
         # report, so its scores of 0 are not read as real results
         empty_generations=sum(not str(row.get("generated", "")).strip() for row in rows),
     )
-    write_rows_csv(rows_csv, [row["id"] for row in rows], {r.name: r.per_row for r in results})
+    write_rows_csv(rows_csv, [row["id"] for row in rows], rows_columns(results))
     write_json_atomic(scores_json, summary)
     return summary
