@@ -231,3 +231,14 @@ def test_report_adjusts_each_models_paired_table_and_marks_by_adjusted_p(tmp_pat
     # so; BH and no adjustment mark BLEU.
     assert marked == {"holm": False, "bh": True, "none": True}
     assert "Holm cannot mark any comparison of tiny" in (tmp_path / "holm/summary.md").read_text()
+
+
+def test_adjustment_matches_statsmodels_on_random_families_with_ties():
+    """statsmodels (dev extra) is the reference implementation; skipped in a venv installed before it was added."""
+    multitest = pytest.importorskip("statsmodels.stats.multitest")
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        p_values = rng.uniform(0.0, 0.2, size=rng.integers(1, 30))
+        p_values[rng.random(p_values.size) < 0.2] = p_values[0]  # ties, as bootstrap p-values have
+        for method, theirs in (("holm", "holm"), ("bh", "fdr_bh")):
+            assert adjust_p_values(p_values, method) == pytest.approx(multitest.multipletests(p_values, method=theirs)[1])
