@@ -80,6 +80,10 @@ def test_server_output_is_byte_identical_and_loads_once_per_adapter(tiny, run_di
     # One load for the base model, one for base + adapter; the other two requests reuse them.
     assert [e["loaded"] for e in executions] == [True, False, True, False]
     assert [served[job][0]["load_time_s"] > 0 for job in jobs] == [True, False, True, False]
+    # Each request records its server CPU seconds and the server's running total (the report bills them).
+    assert all(e["server_cpu_s"] > 0 for e in executions)
+    totals = [e["server_cpu_total_s"] for e in executions]
+    assert totals == sorted(totals) and all(t >= e["server_cpu_s"] for t, e in zip(totals, executions))
     assert {alone[job][0]["execution"]["mode"] for job in jobs} == {"in-process"}
     # Same sidecar apart from timings and how it ran.
     varying = {"execution", "load_time_s", "generation_time_s", "tokens_per_s"}

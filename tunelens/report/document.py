@@ -115,14 +115,14 @@ def build_summary(files: Sequence[ScoreFile], summary: pd.DataFrame, settings: R
     ctx = _context(files, summary, settings, finetune, human_sheets)
     doc = Document()
     header_section(doc, ctx, generated)
-    data_checks_section(doc, files, finetune, split_manifest)
+    data_checks_section(doc, files, finetune, split_manifest, evaluation_sets)
     for section in (overview_section, decoding_section, layers_section, best_config_section, agreement_section,
                     paired_section):
         section(doc, ctx)
     if evaluation_sets:
         evaluation_sets_section(doc, ctx, evaluation_sets)
     finetune_section(doc, finetune)
-    notes_section(doc, files)
+    notes_section(doc, files, settings.evaluation_set, [(results.name, results.files) for results in evaluation_sets])
     provenance_section(doc, files, settings, finetune)
     return doc
 
@@ -144,14 +144,18 @@ def _reason_counts(counts: dict | None) -> str:
 
 
 def data_checks_section(doc: Document, files: Sequence[ScoreFile], finetune: dict[str, dict],
-                        split_manifest: dict | None) -> None:
-    """Warnings first (variants with only empty answers), then every row the stages left out, by reason."""
+                        split_manifest: dict | None,
+                        evaluation_sets: Sequence["EvaluationSetResults"] = ()) -> None:
+    """Warnings first (variants with only empty answers), then every row the stages left out, by reason: the
+    split, each evaluation set (its manifest) and each fine-tune."""
+    named = [("", files)] + [(f"{results.name}: ", results.files) for results in evaluation_sets]
     warnings = [
-        f"**{model} / {variant}: every answer is empty** in all {n} decoding config(s): its scores measure "
+        f"**{where}{model} / {variant}: every answer is empty** in all {n} decoding config(s): its scores measure "
         "nothing (a collapsed fine-tune? check its loss and the generation log)"
-        for (model, variant), n in empty_variants(files).items()
+        for where, scored in named for (model, variant), n in empty_variants(scored).items()
     ]
-    partly = [f"{s.model} / {s.variant} / {s.config}: {s.empty_generations} of {s.n} answers empty" for s in files
+    partly = [f"{where}{s.model} / {s.variant} / {s.config}: {s.empty_generations} of {s.n} answers empty"
+              for where, scored in named for s in scored
               if s.kind == "decoding" and s.empty_generations and s.n and s.empty_generations < s.n]
     items = []
     if split_manifest:
@@ -166,6 +170,16 @@ def data_checks_section(doc: Document, files: Sequence[ScoreFile], finetune: dic
                      f"{counts.get('train', '?')} train / {counts.get('test', '?')} test; dropped: {detail}")
         for field, column in (split_manifest.get("absent_columns") or {}).items():
             items.append(f"split: column '{column}' (dataset.fields.{field}) is not in the data: every {field} is empty")
+    for results in evaluation_sets:
+        counts = (results.manifest or {}).get("counts")
+        if not counts:
+            items.append(f"evaluation set {results.name}: no manifest, drops unknown")
+            continue
+        detail = _reason_counts(counts.get("dropped"))
+        if counts.get("beyond_max_rows"):
+            detail += f"; beyond max_rows {counts['beyond_max_rows']}"
+        items.append(f"evaluation set {results.name}: {counts.get('read', '?')} records read, "
+                      f"{counts.get('usable', '?')} usable, {counts.get('test', '?')} evaluated; dropped: {detail}")
     for model, record in finetune.items():
         metrics = record.get("metrics") or {}
         if "train_rows" in metrics:

@@ -55,15 +55,19 @@ def _scalar_text(value: Any) -> str:
     return "–" if value is None else str(value)
 
 
-def notes_section(doc: Document, files: Sequence[ScoreFile]) -> None:
-    skipped: dict[tuple[str, str], list[str]] = {}
-    for score in files:
-        for metric, reason in score.skipped.items():
-            skipped.setdefault((metric, str(reason)), []).append(score.model)
+def notes_section(doc: Document, files: Sequence[ScoreFile], evaluation_set: str = "test",
+                  evaluation_sets: Sequence[tuple[str, Sequence[ScoreFile]]] = ()) -> None:
+    """Skipped metrics, each with the evaluation set it was skipped on (the training data's own test split
+    `evaluation_set`, or an extra set), the reason and the models."""
+    skipped: dict[tuple[str, str, str], list[str]] = {}
+    for name, scored in [(evaluation_set, files), *evaluation_sets]:
+        for score in scored:
+            for metric, reason in score.skipped.items():
+                skipped.setdefault((metric, name, str(reason)), []).append(score.model)
     if skipped:
         doc.heading(2, "Skipped metrics")
-        doc.bullets([f"{metric_info(m).label}: {reason} ({', '.join(dict.fromkeys(models))})"
-                     for (m, reason), models in skipped.items()])
+        doc.bullets([f"{metric_info(m).label} on `{name}`: {reason} ({', '.join(dict.fromkeys(models))})"
+                     for (m, name, reason), models in skipped.items()])
 
 
 def provenance(files: Sequence[ScoreFile], settings: ReportSettings,
