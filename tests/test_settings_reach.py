@@ -297,21 +297,7 @@ LISTED: dict[str, str] = {
                            "embedded models have their config",
     "decoding.defaults.name": "the canonical config name is derived from the values; a given name is not a "
                               "decoding knob",
-    "decoding.defaults.top_k": "decoding.mode list: the configs are the list (defaults apply to sweep modes; "
-                               "tests/test_decoding.py checks sweeps)",
-    "decoding.defaults.num_beams": "as decoding.defaults.top_k",
-    "decoding.defaults.temperature": "as decoding.defaults.top_k",
-    "decoding.defaults.top_p": "as decoding.defaults.top_k",
-    "decoding.defaults.repetition_penalty": "as decoding.defaults.top_k",
-    "decoding.sweep.top_k": "decoding.mode list ignores the sweep (tests/test_decoding.py checks sweeps)",
-    "decoding.sweep.num_beams": "as decoding.sweep.top_k",
-    "decoding.sweep.temperature": "as decoding.sweep.top_k",
-    "decoding.sweep.top_p": "as decoding.sweep.top_k",
-    "decoding.sweep.repetition_penalty": "as decoding.sweep.top_k",
     "probe.early_exit.decoding.name": "as decoding.defaults.name",
-    "generation.server": "execution only (same rows, tests/test_genserver.py): read by the scripts from the config",
-    "generation.server_idle_timeout_s": "execution only: read by the scripts from the config",
-    "generation.server_start_timeout_s": "execution only: read by the scripts from the config",
     "scoring.human.ratings_dir": "selects input files (rated sheets) for human_score jobs, which exist only once "
                                  "sheets are rated",
 }
@@ -348,6 +334,8 @@ def _finetune_check(key: str, expected: Any) -> Check:
 
 def test_every_schema_key_is_checked_or_listed(checks):
     keys = schema_keys()
+    checks = {**checks, **{key: _call_where(key) for key in CALL_CHECKS if key not in checks}}
+    checks.update({key: _sweep_where() for key in SWEEP_KEYS})
     unchecked = sorted(set(keys) - set(checks) - set(LISTED))
     assert not unchecked, f"schema keys with neither a check nor a listed reason: {unchecked}"
     stale = sorted((set(checks) | set(LISTED)) - set(keys))
@@ -355,7 +343,8 @@ def test_every_schema_key_is_checked_or_listed(checks):
     print(f"\n{len(checks)} keys checked at non-default values:")
     for key in keys:
         if key in checks:
-            print(f"  {key}: {getattr(checks[key], 'where', 'job')}")
+            called = f"; script -> {CALL_CHECKS[key][0]} call: {CALL_CHECKS[key][1]}" if key in CALL_CHECKS else ""
+            print(f"  {key}: {getattr(checks[key], 'where', 'job')}{called}")
     print(f"{len(LISTED)} keys listed without an observable effect here:")
     for key, reason in LISTED.items():
         print(f"  {key}: {reason}")
@@ -392,3 +381,200 @@ def test_finetune_settings_reach_lora_and_sft_config(dag):
     assert sft.seed == sft.data_seed == 77
     gemma = params(jobs, "finetune", model="gemma3")["settings"]
     assert lora_config(dict(gemma)).r == 6  # the per-model override
+
+
+# --------------------------------------------------------------------------------------------- the scripts
+# rule -> (script, module, function the script calls with the job's params)
+SCRIPTS = {
+    "split": ("split.py", "tunelens.data", "split_dataset"),
+    "evalset": ("evalset.py", "tunelens.data", "prepare_evaluation_set"),
+    "finetune": ("finetune.py", "tunelens.finetune", "finetune"),
+    "generate": ("generate.py", "tunelens.genserver", "run_generation_job"),
+    "generation_agreement": ("agreement.py", "tunelens.agreement", "agreement"),
+    "score": ("score.py", "tunelens.score", "score_generation_file"),
+    "score_evalset": ("score.py", "tunelens.score", "score_generation_file"),
+    "perplexity": ("perplexity.py", "tunelens.perplexity", "reference_perplexity"),
+    "judge": ("judge.py", "tunelens.judge", "judge_generation_file"),
+    "human_sheet": ("human_sheet.py", "tunelens.human", "write_human_sheet"),
+    "logit_lens": ("logit_lens.py", "tunelens.probe", "run_logit_lens"),
+    "early_exit": ("early_exit.py", "tunelens.genserver", "run_early_exit_job"),
+    "report": ("report.py", "tunelens.report", "write_report"),
+}
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """Every leaf of a call's arguments by dotted name (dicts, dataclasses and plain objects opened)."""
+    import dataclasses
+
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            out.update(_flatten(item, f"{prefix}{key}."))
+        out[prefix.rstrip(".")] = value
+        return out
+    return {prefix.rstrip("."): value}
+
+
+@pytest.fixture(scope="module")
+def calls(dag, tmp_path_factory):
+    """rule -> the keyword arguments its script passed to the stage function (the function itself replaced)."""
+    import importlib
+    import os
+    import runpy
+    import types
+
+    config, jobs = dag
+    work = tmp_path_factory.mktemp("scripts")
+    out: dict[str, dict] = {}
+    cwd = os.getcwd()
+    os.chdir(work)
+    jobs_module = importlib.import_module("tunelens.jobs")
+    # the scripts' log file and thread settings are not what is tested (and would change this process)
+    saved = {name: getattr(jobs_module, name) for name in ("job_log", "use_job_threads")}
+    for name in saved:
+        setattr(jobs_module, name, lambda *args, **kwargs: None)
+    try:
+        for rule, (script, module_name, function) in SCRIPTS.items():
+            matching = [j for j in jobs.get(rule, []) if j.wildcards.get("model") in (None, "smollm2")]
+            job = matching[0]
+            module = importlib.import_module(module_name)
+            captured: dict = {}
+
+            def fake(*args, _captured=captured, **kwargs):
+                _captured.update({f"arg{i}": a for i, a in enumerate(args)}, **kwargs)
+                return {}
+
+            original = getattr(module, function)
+            setattr(module, function, fake)
+            fake_snakemake = types.SimpleNamespace(
+                input=job.input, output=job.output, params=job.params, log=job.log, threads=job.threads,
+                config=config, wildcards=job.wildcards, resources=job.resources, rule=rule,
+                scriptdir=str(REPO / "scripts"))
+            for path in job.log:
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            stderr = sys.stderr  # scripts/finetune.py sends stderr to its log
+            try:
+                runpy.run_path(str(REPO / "scripts" / script), init_globals={"snakemake": fake_snakemake})
+            except Exception:
+                if not captured:
+                    raise
+            finally:
+                setattr(module, function, original)
+                sys.stderr = stderr
+            out[rule] = _flatten(captured)
+    finally:
+        os.chdir(cwd)
+        for name, value in saved.items():
+            setattr(jobs_module, name, value)
+    return out
+
+
+# key -> (rule, argument name as flattened, expected): where each key's value must arrive in the stage call
+CALL_CHECKS: dict[str, tuple[str, str, Any]] = {
+    "seed": ("score", "seed", 77),
+    "device": ("perplexity", "device", "cuda"),
+    "dataset.hub_split": ("split", "hub_split", "validation"),
+    "dataset.on_bad_rows": ("split", "on_bad_rows", "error"),
+    "dataset.test_size": ("split", "test_size", 13),
+    "dataset.max_train": ("split", "max_train", 40),
+    "dataset.kind": ("score", "context.dataset_kind", "code"),
+    "dataset.code_language": ("score", "context.code_language", "javascript"),
+    "evaluation_sets.[].max_rows": ("evalset", "max_rows", 5),
+    "evaluation_sets.[].hub_split": ("evalset", "hub_split", "dev"),
+    "evaluation_sets.[].fields.instruction": ("evalset", "fields.instruction", "q"),
+    "evaluation_sets.[].code_language": ("score_evalset", "context.code_language", "go"),
+    "models.*.prompt_format": ("generate", "arg0.prompt_format", "chat"),
+    "decoding.beam_mode": ("generate", "arg0.beam_mode", "beam_sample"),
+    "decoding.max_new_tokens": ("generate", "arg0.max_new_tokens", 33),
+    "decoding.stop": ("generate", "arg0.stop", ["<END>"]),
+    "decoding.max_test_rows": ("perplexity", "max_rows", 9),
+    "generation.backend": ("generate", "arg0.backend", "hf"),
+    "generation.batch_size": ("generate", "arg0.batch_size", 5),
+    "generation.max_prompt_tokens": ("generate", "arg0.max_prompt_tokens", 900),
+    "generation.vllm_gpu_memory_utilization": ("generate", "arg0.vllm_options.gpu_memory_utilization", 0.5),
+    "generation.vllm_max_lora_rank": ("generate", "arg0.vllm_options.max_lora_rank", 32),
+    "generation.vllm_python": ("generate", "vllm_python", sys.executable),
+    "generation.server": ("generate", "server", False),
+    "generation.server_idle_timeout_s": ("generate", "idle_timeout_s", 30),
+    "generation.server_start_timeout_s": ("generate", "start_timeout_s", 45),
+    "generation.agreement_rows": ("generation_agreement", "max_rows", 3),
+    "generation.agreement_max_new_tokens": ("generation_agreement", "max_new_tokens", 11),
+    "scoring.metrics": ("score", "metrics", ["bleu", "bertscore", "codebleu"]),
+    "scoring.perplexity_batch_size": ("perplexity", "batch_size", 3),
+    "scoring.bootstrap_samples": ("score", "samples", 321),
+    "scoring.confidence": ("perplexity", "confidence", 0.9),
+    "scoring.multiple_comparisons": ("report", "settings.multiple_comparisons", "holm"),
+    "scoring.bertscore.num_layers": ("score", "context.bertscore.num_layers", 4),
+    "scoring.bertscore.batch_size": ("score", "context.bertscore.batch_size", 7),
+    "scoring.bertscore.rescale_with_baseline": ("score", "context.bertscore.rescale_with_baseline", True),
+    "scoring.bertscore.lang": ("score", "context.bertscore.lang", "de"),
+    "scoring.judge.batch_size": ("judge", "batch_size", 2),
+    "scoring.human.sample_size": ("human_sheet", "sample_size", 5),
+    "probe.lens_prompts": ("logit_lens", "lens_prompts", ["Name a colour."]),
+    "probe.lens_test_prompts": ("logit_lens", "lens_test_prompts", 1),
+    "probe.lens_top_k": ("logit_lens", "top_k", 3),
+    "probe.lens_new_tokens": ("logit_lens", "new_tokens", 4),
+    "probe.early_exit.max_test_rows": ("early_exit", "arg0.max_test_rows", 4),
+    "probe.early_exit.max_new_tokens": ("early_exit", "arg0.max_new_tokens", 21),
+    "probe.early_exit.decoding.top_k": ("early_exit", "arg0.decoding.top_k", 9),
+    "report.default_config": ("report", "settings.default_config", "beam"),
+    "finetune.learning_rate": ("finetune", "settings.learning_rate", 0.003),
+    "finetune.lora_r": ("finetune", "settings.lora_r", 4),
+    "finetune.max_seq_length": ("finetune", "settings.max_seq_length", 200),
+}
+
+
+def _sweep_where() -> Check:
+    def check(jobs: dict) -> None:  # checked by test_decoding_defaults_and_sweep_reach_the_generate_jobs
+        return None
+    check.where = "generate: params.decoding of the one_at_a_time configs (second DAG)"  # type: ignore[attr-defined]
+    return check
+
+
+def _call_where(key: str) -> Check:
+    def check(jobs: dict) -> None:  # checked by test_scripts_pass_the_values_on_to_the_stage_functions
+        return None
+    check.where = "read by the script from the config (execution only, not a rule param)"  # type: ignore[attr-defined]
+    return check
+
+
+def test_scripts_pass_the_values_on_to_the_stage_functions(calls):
+    """Each rule's script, run on its job with the stage function replaced, passes the non-default value on
+    (a setting the script drops or hard-codes fails here)."""
+    failures = []
+    for key, (rule, name, expected) in CALL_CHECKS.items():
+        arguments = calls[rule]
+        if name not in arguments:
+            failures.append(f"{key}: {rule} call has no argument '{name}' (has {sorted(arguments)[:40]})")
+        elif arguments[name] != expected:
+            failures.append(f"{key}: {rule} call {name}={arguments[name]!r}, expected {expected!r}")
+    assert not failures, "keys that did not reach their stage function:\n" + "\n".join(failures)
+
+
+# decoding.defaults and decoding.sweep act in the sweep modes: a second DAG (mode one_at_a_time, the default).
+SWEEP_DEFAULTS = {"top_k": 20, "num_beams": 1, "temperature": 0.5, "top_p": 0.95, "repetition_penalty": 1.05}
+SWEEP = {"top_k": [3], "num_beams": [2], "temperature": [0.3], "top_p": [0.7], "repetition_penalty": [1.3]}
+
+
+def test_decoding_defaults_and_sweep_reach_the_generate_jobs(tmp_path):
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    config["decoding"] = {"defaults": dict(SWEEP_DEFAULTS), "sweep": copy.deepcopy(SWEEP), "max_new_tokens": 12}
+    config["probe"] = {"enabled": False}
+    config["scoring"] = {"metrics": ["bleu"], "perplexity": False, "human": {"enabled": False}}
+    jobs = build_dag(config, tmp_path / "work")
+    decodings = {dict(job.params.items())["decoding"]["name"]: dict(job.params.items())["decoding"]
+                 for job in jobs["generate"] if job.wildcards["model"] == "smollm2"}
+    # one_at_a_time: the defaults, then one config per swept value with the other fields at the defaults
+    assert len(decodings) == 1 + len(SWEEP)
+    default = [d for d in decodings.values() if all(d[k] == v for k, v in SWEEP_DEFAULTS.items())]
+    assert len(default) == 1, decodings
+    for field, (value,) in SWEEP.items():
+        swept = [d for d in decodings.values() if d[field] == value]
+        assert len(swept) == 1, (field, decodings)
+        assert all(swept[0][k] == v for k, v in SWEEP_DEFAULTS.items() if k != field), swept
+    assert params(jobs, "report")["default_config"] == default[0]["name"]
+
+
+SWEEP_KEYS = [f"decoding.defaults.{field}" for field in SWEEP_DEFAULTS] + [f"decoding.sweep.{field}" for field in SWEEP]
