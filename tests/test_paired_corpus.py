@@ -242,3 +242,70 @@ def test_adjustment_matches_statsmodels_on_random_families_with_ties():
         p_values[rng.random(p_values.size) < 0.2] = p_values[0]  # ties, as bootstrap p-values have
         for method, theirs in (("holm", "holm"), ("bh", "fdr_bh")):
             assert adjust_p_values(p_values, method) == pytest.approx(multitest.multipletests(p_values, method=theirs)[1])
+
+
+# --------------------------------------------------------------------------------------------- independent references
+def test_paired_mean_difference_ci_and_p_value_against_numpy_resampling():
+    """paired_bootstrap (mean-of-rows metrics) against a direct numpy computation on the same resampled ids:
+    the CI is the percentile interval of mean(b[idx] - a[idx]), the p-value the +1-corrected doubled tail."""
+    from tunelens.statistics import paired_mean_difference
+
+    rng = np.random.default_rng(3)
+    base = rng.uniform(0, 1, 25)
+    tuned = base + rng.normal(0.04, 0.1, 25)
+    result = paired_mean_difference(base, tuned, samples=400, confidence=0.9, seed=5)
+    index = np.random.default_rng(5).integers(0, 25, size=(400, 25))
+    differences = (tuned[index] - base[index]).mean(axis=1)
+    assert result["diff"] == pytest.approx(tuned.mean() - base.mean(), abs=1e-12)
+    assert (result["ci_low"], result["ci_high"]) == pytest.approx(tuple(np.quantile(differences, [0.05, 0.95])),
+                                                                  abs=1e-12)
+    assert result["p_value"] == pytest.approx(min(1.0, 2 * (1 + np.sum(differences <= 0)) / 401))
+
+
+def test_rank_agreement_cis_against_scipy_on_each_resample():
+    from scipy import stats
+
+    from tunelens.statistics import rank_agreement
+
+    rng = np.random.default_rng(8)
+    x = rng.integers(0, 6, 30).astype(float)  # ties, as ratings have
+    y = x + rng.normal(0, 2, 30)
+    result = rank_agreement(x, y, samples=150, confidence=0.95, rng=np.random.default_rng(21))
+    index = np.random.default_rng(21).integers(0, 30, size=(150, 30))
+    tau = [stats.kendalltau(x[i], y[i]).statistic for i in index]
+    rho = [stats.spearmanr(x[i], y[i]).statistic for i in index]
+    assert result["kendall_tau"][0] == pytest.approx(stats.kendalltau(x, y).statistic)
+    assert result["kendall_tau"][1:] == pytest.approx(tuple(np.nanquantile(tau, [0.025, 0.975])), abs=1e-9)
+    assert result["spearman_rho"][1:] == pytest.approx(tuple(np.nanquantile(rho, [0.025, 0.975])), abs=1e-9)
+
+
+def test_best_minus_default_bleu_is_the_corpus_gap_against_sacrebleu(tmp_path):
+    """The best config's gain over the default for a corpus metric is the gap of corpus BLEU (failed before:
+    the mean of sentence-BLEU differences)."""
+    from sacrebleu.metrics.bleu import BLEU
+
+    configs = {"default": {"temperature": 0.8}, "better": {"temperature": 0.0}}
+    scores = []
+    for name, generated in (("default", BLEU_BASE), ("better", BLEU_TUNED)):
+        generation = write_generations(tmp_path / f"gen/{name}.jsonl", "base", generated, BLEU_REFERENCES)
+        meta = json.loads(generation.with_name(f"{name}.meta.json").read_text())
+        meta["decoding_config"] = {"name": name}
+        generation.with_name(f"{name}.meta.json").write_text(json.dumps(meta))
+        score = tmp_path / f"scores/tiny/base/{name}.json"
+        score.parent.mkdir(parents=True, exist_ok=True)
+        score_generation_file(generation, score, score.with_name(f"{name}.rows.csv"), metrics=["bleu"], context=TEXT,
+                              samples=SAMPLES, seed=SEED)
+        scores.append(score)
+    table = summary_table(load_score_files({"decoding": scores}),
+                          ReportSettings(decoding_configs=configs, default_config="default", bootstrap_samples=SAMPLES,
+                                         seed=SEED))
+    gain = table[table["statistic"] == "best_minus_default"].iloc[0]
+
+    def corpus(generated, rows_):
+        return BLEU().corpus_score([generated[i] for i in rows_], [[BLEU_REFERENCES[i] for i in rows_]]).score
+
+    assert gain["config"] == "better"
+    assert gain["value"] == pytest.approx(corpus(BLEU_TUNED, range(10)) - corpus(BLEU_BASE, range(10)), abs=1e-9)
+    reference = [corpus(BLEU_TUNED, rows_) - corpus(BLEU_BASE, rows_) for rows_ in resampled_indices(10)]
+    assert (gain["ci_low"], gain["ci_high"]) == pytest.approx(tuple(np.quantile(reference, [0.025, 0.975])), abs=1e-9)
+    assert gain["p_adjusted"] == pytest.approx(gain["p_value"])  # a family of one
