@@ -309,3 +309,25 @@ def test_best_minus_default_bleu_is_the_corpus_gap_against_sacrebleu(tmp_path):
     reference = [corpus(BLEU_TUNED, rows_) - corpus(BLEU_BASE, rows_) for rows_ in resampled_indices(10)]
     assert (gain["ci_low"], gain["ci_high"]) == pytest.approx(tuple(np.quantile(reference, [0.025, 0.975])), abs=1e-9)
     assert gain["p_adjusted"] == pytest.approx(gain["p_value"])  # a family of one
+
+
+def test_before_after_table_names_the_changed_cells(tmp_path):
+    """tunelens.report.compare: a 'before' summary whose BLEU difference was the sentence-level mean (+39.2,
+    as the old code gave on these rows) against this code's; BLEU is named changed, ROUGE-L is not."""
+    from tunelens.report import write_report
+    from tunelens.report.compare import paired_before_after
+
+    scores = scored_study(tmp_path, BLEU_BASE, BLEU_TUNED, BLEU_REFERENCES, ["bleu", "rougeL"], TEXT)
+    write_report(score_files=scores, summary_md=tmp_path / "s.md", summary_csv=tmp_path / "after.csv",
+                 summary_html=tmp_path / "s.html", plots_dir=tmp_path / "plots", settings=settings())
+    after = pd.read_csv(tmp_path / "after.csv", keep_default_na=False)
+    before = after.drop(columns=["p_value", "p_adjusted"])
+    bleu = (before["statistic"] == "paired_difference") & (before["metric"] == "bleu")
+    before.loc[bleu, ["value", "ci_low", "ci_high"]] = [39.2, 24.0, 53.4]
+    before.to_csv(tmp_path / "before.csv", index=False)
+    lines = {line.split("|")[2].strip(): [c.strip() for c in line.strip("|").split("|")]
+             for line in paired_before_after(tmp_path / "before.csv", tmp_path / "after.csv").splitlines()
+             if line.startswith("| tiny")}
+    assert lines["BLEU"][4] == "+39.2 [24.0, 53.4] *" and lines["BLEU"][7] == "difference, CI"
+    assert lines["BLEU"][5].startswith("+63.4")
+    assert lines["ROUGE-L"][7] == "–"
