@@ -322,7 +322,11 @@ def test_score_jobs_get_the_same_bertscore_from_one_server(run_dir, tmp_path, mo
     served = [METRICS["bertscore"].compute(generated, references, rows, context) for context in contexts]
     for got, expected in zip(served, alone):
         assert got.per_row.tolist() == expected.per_row.tolist()  # exactly the same floats
-        assert got.value == expected.value and got.details == expected.details
+        assert got.value == expected.value
+        # the same details, plus the server's record of the request (its CPU, billed by the report's costs)
+        server = got.details.pop("server")
+        assert expected.details.pop("server") is None and got.details == expected.details
+        assert server["mode"] == "server" and server["server_cpu_s"] > 0
     infos = list(genserver.server_dir(run_dir).glob("*.json"))
     assert len(infos) == 1  # one server for both settings (same model, device and threads)
     assert "listening" in (infos[0].with_suffix(".log")).read_text()

@@ -124,3 +124,46 @@ def test_generation_server_cpu_is_billed_to_the_jobs_it_served(tmp_path):
     assert by_stage["generate"][2] == f"{0.3 + 0.3 + 20.0 + 150.0:,.1f}"
     assert "billed to the jobs they served, in proportion to the server CPU seconds each request recorded" in text
     assert "150.0 CPU-s billed this way" in text
+
+
+def test_bertscore_server_cpu_is_billed_to_the_score_jobs_it_served(tmp_path):
+    """The BERTScore server's requests (metric_servers.bertscore in the score files) are billed like a
+    generation server's: 40 CPU-s until its last request, split 30 : 10 after the starting job's 25 come out."""
+    files = build_study(tmp_path, models=("smol",), judge=False, layers=())
+    configs = list(CONFIGS)
+    score = {(p.parent.name, p.stem): p for p in files["score_files"]}
+    for (key, request, cpu_s, total_s) in ((("base", configs[0]), 1, 30.0, 25.0), (("base", configs[1]), 2, 10.0, 40.0)):
+        data = json.loads(score[key].read_text())
+        data["metric_servers"] = {"bertscore": {"mode": "server", "server_pid": 99, "python": "/p",
+                                                "request": request, "server_cpu_s": cpu_s, "server_cpu_total_s": total_s}}
+        score[key].write_text(json.dumps(data))
+    bench(tmp_path, f"score/smol/base/{configs[0]}.tsv", 20.0, 27.0)
+    bench(tmp_path, f"score/smol/base/{configs[1]}.tsv", 5.0, 1.0)
+    from tunelens.report.costs import server_requests, study_costs
+    from tunelens.report.inputs import load_score_files
+
+    loaded = load_score_files({"decoding": files["score_files"]})
+    jobs = {r["wildcards"]: r for r in study_costs(loaded, bench_dir=tmp_path / "benchmarks",
+                                                     requests=server_requests(loaded))}
+    assert jobs[f"smol/base/{configs[0]}"]["cpu_time_s"] == pytest.approx(27.0 - 25.0 + 40.0 * 30 / 40)
+    assert jobs[f"smol/base/{configs[1]}"]["cpu_time_s"] == pytest.approx(1.0 + 40.0 * 10 / 40)
+
+
+def test_score_file_keeps_the_bertscore_servers_record_out_of_metrics(tmp_path, monkeypatch):
+    """metrics must not depend on where a job ran (test_cluster compares them): the server's record goes to
+    the score file's metric_servers."""
+    from tunelens import metrics
+    from tunelens.metrics import BertScoreSettings, ScoringContext
+    from tunelens.score import score_generation_file
+
+    record = {"mode": "server", "server_pid": 5, "request": 3, "server_cpu_s": 1.5, "server_cpu_total_s": 9.0}
+    monkeypatch.setattr(metrics, "BERTSCORE_RUNNER", lambda settings, device, generated, references: {
+        "f1": [0.5] * len(generated), "num_layers": 6, "device": "cpu", "baseline_f1": None, "server": record})
+    generation = tmp_path / "g.jsonl"
+    generation.write_text(json.dumps({"id": "a", "prompt": "p", "reference": "x y", "generated": "x",
+                                      "num_generated_tokens": 1, "finish_reason": "stop"}) + "\n")
+    (tmp_path / "g.meta.json").write_text(json.dumps({"n_rows": 1}))
+    summary = score_generation_file(generation, tmp_path / "s.json", tmp_path / "s.rows.csv", metrics=["bertscore"],
+                                    context=ScoringContext(bertscore=BertScoreSettings(model="m", num_layers=6)))
+    assert summary["metric_servers"] == {"bertscore": record}
+    assert "server" not in summary["metrics"]["bertscore"]

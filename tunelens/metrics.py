@@ -341,6 +341,7 @@ def bertscore_runner(*, base: str | Path | None = None, start_timeout_s: float =
             log.warning("BERTScore server unavailable (%s); scoring without it", exc)
             return bertscore_f1(settings, device, generated, references)
         return {"f1": rows, "num_layers": meta["num_layers"], "device": meta["device"],
+                "server": meta.get("execution"),  # the request's server CPU, billed by the report's costs
                 "baseline_f1": meta["baseline_f1"]}
 
     return run
@@ -372,6 +373,9 @@ def bertscore(generated: list[str], references: list[str], rows: list[dict], con
             "model": str(context.bertscore.model), "num_layers": scored["num_layers"],
             "rescaled": context.bertscore.rescale_with_baseline, "baseline_path": context.bertscore.baseline_path,
             "device": scored["device"], "empty_pairs": int(empty.sum()),
+            # how the BERTScore server served this file (None: computed in the job); the score stage moves it
+            # out of the metric's entry into the score file's `metric_servers` (timings are not results)
+            "server": scored.get("server"),
         },
     )
 

@@ -238,12 +238,17 @@ def score_generation_file(
     meta = read_generation_meta(generation_file, len(rows), meta_file)
     check_metric_names(metrics)
     results, skipped, seconds = score_rows(rows, metrics, context)
+    # Where a metric was computed by a server (BERTScore), its record of the request: kept out of `metrics`,
+    # which must not depend on where jobs ran; the report bills the server's CPU from it (report.costs).
+    servers = {r.name: r.details.pop("server") for r in results if r.details.get("server") is not None}
+    for r in results:
+        r.details.pop("server", None)
     n = len(rows)
     summary = score_record(
         model=model or (meta.get("model") or {}).get("name"), variant=variant or meta.get("variant"),
         config=config or (meta.get("decoding_config") or {}).get("name"), layer=layer, results=results, n=n,
         samples=samples, confidence=confidence, seed=seed, skipped=skipped, source=meta,
-        generation_file=str(generation_file), metric_time_s=seconds,
+        generation_file=str(generation_file), metric_time_s=seconds, metric_servers=servers,
         # answers with no text (after stop strings): a variant where every answer is empty is flagged in the
         # report, so its scores of 0 are not read as real results
         empty_generations=sum(not str(row.get("generated", "")).strip() for row in rows),

@@ -5,9 +5,10 @@ peak memory the largest resident set (max_rss) of one job, GPU-hours = wall time
 A job held a GPU when its rule asks for one (rule param `job_gpus`, from the config) and the study ran on
 CUDA: `device: cuda`, or `device: auto` with the model's generations made on a CUDA device.
 
-A generation server's CPU time is billed to the jobs it served (bill_server_work): the server's CPU
-until its last recorded request is split over its requests in proportion to the CPU seconds each recorded
-(`execution.server_cpu_s` in the generation and early-exit metas); the job that started the server
+A generation (or BERTScore) server's CPU time is billed to the jobs it served (bill_server_work): the
+server's CPU until its last recorded request is split over its requests in proportion to the CPU seconds each
+recorded (`execution.server_cpu_s` in the generation and early-exit metas, `metric_servers.bertscore` in score
+files); the job that started the server
 (its first request) had the server's CPU up to then in its own benchmark, which is taken out first.
 Rows carry the evaluation set of the job: an `*_evalset` rule's first wildcard, else the training data's set.
 """
@@ -43,25 +44,32 @@ def held_gpus(job_gpus: Mapping[str, Mapping[str, int]] | None, device: str,
 
 
 def server_requests(files: Sequence[ScoreFile], evaluation_set: str | None = None) -> list[dict]:
-    """The served requests recorded in score files' sources (generation / early-exit metas), each with the job
-    (rule, wildcards) that asked: {"rule", "wildcards", "server", "request", "cpu_s", "total_s"}.
+    """The served requests recorded in score files (the generation / early-exit meta in `source`, the BERTScore
+    request in `metric_servers.bertscore`), each with the job (rule, wildcards) that asked:
+    {"rule", "wildcards", "server", "request", "cpu_s", "total_s"}.
     `evaluation_set`: the extra set the files belong to (None: the training data's own test split)."""
     out = []
-    for score in files:
-        execution = (score.source or {}).get("execution") or {}
-        if execution.get("mode") != "server" or execution.get("server_cpu_s") is None:
-            continue
-        if score.kind == "decoding":
-            rule, wildcards = ("generate", f"{score.model}/{score.variant}/{score.config}") if evaluation_set is None \
-                else ("generate_evalset", f"{evaluation_set}/{score.model}/{score.variant}/{score.config}")
-        elif score.kind == "early_exit":
-            rule, wildcards = "early_exit", f"{score.model}/{score.variant}/layer_{score.layer}"
-        else:
-            continue
+
+    def add(execution: dict | None, rule: str, wildcards: str) -> None:
+        if not execution or execution.get("mode") != "server" or execution.get("server_cpu_s") is None:
+            return
         out.append({"rule": rule, "wildcards": wildcards,
                     "server": (execution.get("server_pid"), execution.get("python")),
                     "request": int(execution.get("request") or 0), "cpu_s": float(execution["server_cpu_s"]),
                     "total_s": float(execution.get("server_cpu_total_s") or execution["server_cpu_s"])})
+
+    for score in files:
+        if score.kind == "decoding":
+            where = f"{score.model}/{score.variant}/{score.config}"
+            if evaluation_set is not None:
+                where = f"{evaluation_set}/{where}"
+            suffix = "" if evaluation_set is None else "_evalset"
+            add((score.source or {}).get("execution"), "generate" + suffix, where)
+            add(score.bertscore_server, "score" + suffix, where)
+        elif score.kind == "early_exit":
+            where = f"{score.model}/{score.variant}/layer_{score.layer}"
+            add((score.source or {}).get("execution"), "early_exit", where)
+            add(score.bertscore_server, "score_early_exit", where)
     return out
 
 
@@ -156,10 +164,10 @@ def _row(name: str, totals: dict, gpu: bool) -> list[Cell]:
 
 def _server_text(records: Sequence[dict]) -> str:
     billed = sum(r.get("server_cpu_s") or 0.0 for r in records)
-    return ("Generation servers: their CPU time is billed to the jobs they served, in proportion to the server CPU "
+    return ("Generation and BERTScore servers: their CPU time is billed to the jobs they served, in proportion to the server CPU "
             "seconds each request recorded (the job that started a server had the server's time until then in "
-            f"its own benchmark, taken out first); {billed:,.1f} CPU-s billed this way. The BERTScore server's "
-            "work stays with the score job that started it.")
+            f"its own benchmark, taken out first); {billed:,.1f} CPU-s billed this way. The BERTScore server is "
+            "billed the same way to the score jobs it served.")
 
 
 def cost_section(doc: Document, records: Sequence[dict], bench_dir: str | Path = BENCHMARK_DIR) -> None:
