@@ -127,6 +127,10 @@ def test_loss_decreases_and_outputs_are_complete(trained):
     assert metrics["steps"] == 16 and metrics["steps_this_job"] == 16 and metrics["resumed_from_step"] is None
     assert 0 < metrics["trainable_params"] < metrics["total_params"]
     assert metrics["final_loss"] == rows[-1]["loss"]
+    # 9 logged steps: windows of 1 step (10% rounded up), the means of the log's first and last rows
+    assert metrics["logged_steps"] == 9 and metrics["loss_window_steps"] == 1
+    assert metrics["first_loss_window_mean"] == pytest.approx(rows[0]["loss"], abs=1e-6)
+    assert metrics["last_loss_window_mean"] == pytest.approx(rows[-1]["loss"], abs=1e-6)
     assert metrics["train_tokens"] == sum(row["tokens"] for row in rows)
     assert metrics["adapter"]["sha256"] and "torch" in metrics["versions"]
     assert paths["loss_png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

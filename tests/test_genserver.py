@@ -80,6 +80,10 @@ def test_server_output_is_byte_identical_and_loads_once_per_adapter(tiny, run_di
     # One load for the base model, one for base + adapter; the other two requests reuse them.
     assert [e["loaded"] for e in executions] == [True, False, True, False]
     assert [served[job][0]["load_time_s"] > 0 for job in jobs] == [True, False, True, False]
+    # Each request records its server CPU seconds and the server's running total (the report bills them).
+    assert all(e["server_cpu_s"] > 0 for e in executions)
+    totals = [e["server_cpu_total_s"] for e in executions]
+    assert totals == sorted(totals) and all(t >= e["server_cpu_s"] for t, e in zip(totals, executions))
     assert {alone[job][0]["execution"]["mode"] for job in jobs} == {"in-process"}
     # Same sidecar apart from timings and how it ran.
     varying = {"execution", "load_time_s", "generation_time_s", "tokens_per_s"}
@@ -318,7 +322,11 @@ def test_score_jobs_get_the_same_bertscore_from_one_server(run_dir, tmp_path, mo
     served = [METRICS["bertscore"].compute(generated, references, rows, context) for context in contexts]
     for got, expected in zip(served, alone):
         assert got.per_row.tolist() == expected.per_row.tolist()  # exactly the same floats
-        assert got.value == expected.value and got.details == expected.details
+        assert got.value == expected.value
+        # the same details, plus the server's record of the request (its CPU, billed by the report's costs)
+        server = got.details.pop("server")
+        assert expected.details.pop("server") is None and got.details == expected.details
+        assert server["mode"] == "server" and server["server_cpu_s"] > 0
     infos = list(genserver.server_dir(run_dir).glob("*.json"))
     assert len(infos) == 1  # one server for both settings (same model, device and threads)
     assert "listening" in (infos[0].with_suffix(".log")).read_text()

@@ -51,7 +51,7 @@ from tunelens.training.plan import (  # noqa: F401
 )
 from tunelens.training.outputs import (  # noqa: F401
     DIVERGENCE_FACTOR, DIVERGENCE_MIN_RISE, LOG_KEYS, DivergenceError, _model_source, _peak_memory, check_divergence,
-    plot_loss, train_log_rows,
+    loss_window_record, plot_loss, train_log_rows,
 )
 from tunelens.training.speed import (  # noqa: F401
     VARLEN_ATTENTION, _probe, autotune_cuda, packed_attention_mask, separate_packed_rows,
@@ -451,8 +451,9 @@ def finetune(
         "steps_this_job": steps_this_job,
         "tokens_this_job": int(tokens_this_job),
         "tokens_per_s": round(tokens_this_job / train_time_s, 2) if train_time_s > 0 else None,
-        "final_loss": rows[-1]["loss"],
+        "final_loss": rows[-1]["loss"],  # one logged step (one batch): noisy; the windows below are not
         "first_loss": rows[0]["loss"],
+        **loss_window_record(rows),
         "mean_train_loss": round(float(result.training_loss), 6),
         "load_time_s": round(run.load_time_s, 2),
         "train_time_s": round(train_time_s, 2),
@@ -466,6 +467,7 @@ def finetune(
     write_json_atomic(metrics_json, metrics)
     # Only now is the run complete; its checkpoints have served their purpose.
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
-    log.info("done: %d steps (%d in this job), final loss %.4f, %s tokens/s, adapter %s",
-             metrics["steps"], steps_this_job, metrics["final_loss"], metrics["tokens_per_s"], adapter_dir)
+    log.info("done: %d steps (%d in this job), loss %.4f -> %.4f (mean of the first and last %d logged steps), "
+             "%s tokens/s, adapter %s", metrics["steps"], steps_this_job, metrics["first_loss_window_mean"],
+             metrics["last_loss_window_mean"], metrics["loss_window_steps"], metrics["tokens_per_s"], adapter_dir)
     return metrics

@@ -28,7 +28,9 @@ they become thin clients of a generation server:
      workers included) is killed. On SLURM the allocation's end kills it too.
 
 Every meta file records how its rows were produced under `execution` (mode, server pid, whether this
-request loaded the model or built the engine, and the load time it paid).
+request loaded the model or built the engine, and the load time it paid; for a served request also the server
+CPU seconds it took, `server_cpu_s`, and the server's total so far, `server_cpu_total_s`: the report bills the
+server's work to the jobs it served).
 """
 
 from __future__ import annotations
@@ -332,7 +334,12 @@ class _Server:
             elif op == "generate":
                 with self.lock:
                     try:
+                        cpu_start = time.process_time()
                         meta, rows = self.worker.submit(self.generate, request["job"]).result()
+                        # This request's server CPU seconds (a model load included) and the server's total so
+                        # far: the report bills the server's work to the jobs it served (tunelens.report.costs).
+                        meta["execution"].update(server_cpu_s=round(time.process_time() - cpu_start, 3),
+                                                 server_cpu_total_s=round(time.process_time(), 3))
                         answer = {"ok": True, "meta": meta, "rows": rows}
                     except Declined as exc:  # the client runs the job itself; this server stays
                         answer = {"ok": False, "declined": True, "message": str(exc)}
