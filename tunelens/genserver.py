@@ -28,7 +28,8 @@ they become thin clients of a generation server:
      workers included) is killed. On SLURM the allocation's end kills it too.
 
 Every meta file records how its rows were produced under `execution` (mode, server pid, whether this
-request loaded the model or built the engine, and the load time it paid).
+request loaded the model or built the engine, and the load time it paid). early_exit, perplexity and
+logit_lens jobs are requests to the same server (run_early_exit_job; tunelens.served), on its hf model.
 """
 
 from __future__ import annotations
