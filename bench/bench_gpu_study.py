@@ -203,6 +203,16 @@ def compute_time(root: Path, rule: str, wildcards: str) -> dict:
             meta = json.loads(meta_path.read_text())
             return {"compute_s": meta["generation_time_s"], "model_load_s": meta["load_time_s"],
                     "generated_tokens": meta.get("generated_tokens"), "batches": meta.get("batches")}
+        if rule == "perplexity":
+            model, variant = Path(wildcards).parts
+            record = json.loads((results / "perplexity" / model / f"{variant}.json").read_text())
+            return {"compute_s": record["source"]["score_time_s"], "model_load_s": record["source"]["load_time_s"],
+                    "execution": record.get("execution")}
+        if rule == "logit_lens":
+            model, variant = Path(wildcards).parts
+            lens = json.loads((results / "probe" / model / variant / "lens.json").read_text())
+            return {"compute_s": lens["lens_time_s"], "model_load_s": lens["load_time_s"],
+                    "execution": lens.get("execution")}
     except (OSError, ValueError, KeyError):
         return {}
     return {}
