@@ -286,7 +286,11 @@ class _Server:
             raise Declined(f"this server generates with vLLM; {job.get('task')} needs the hf model")
         return self._hf_model(job)
 
-    def _task_answer(self, output: dict, rows: list, loaded: bool) -> tuple[dict, list]:
+    def _task_answer(self, output: dict, rows: list, loaded: bool, hf_model: tuple | None = None) -> tuple[dict, list]:
+        if hf_model is not None and getattr(hf_model[0], "tunelens_adapter_merged", False):
+            # On CUDA the server keeps the fine-tuned variant merged (generation.merge_adapter): say so in the output
+            # (absent otherwise, so outputs of the PEFT path keep their bytes).
+            output["adapter_merged"] = True
         self.requests += 1
         return {"output": output, "n_rows": len(rows), "execution": {
             "mode": "server", "python": sys.executable, "server_pid": os.getpid(), "loaded": loaded,
@@ -300,7 +304,7 @@ class _Server:
         kwargs = {k: v for k, v in job.items() if k not in ("task", "backend", "gpus", "vllm_options")}
         summary, rows = importlib.import_module("tunelens.perplexity").perplexity_output(
             **kwargs, model_and_tokenizer=hf_model, load_time_s=load_time)
-        return self._task_answer(summary, rows, loaded)
+        return self._task_answer(summary, rows, loaded, hf_model)
 
     def logit_lens(self, job: dict) -> tuple[dict, list]:
         """A logit_lens job (tunelens.probe.logit_lens_output, the lens without its plots) on the hf model this
@@ -309,7 +313,7 @@ class _Server:
         kwargs = {k: v for k, v in job.items() if k not in ("task", "backend", "gpus", "vllm_options")}
         lens = importlib.import_module("tunelens.probe").logit_lens_output(**kwargs, hf_model=hf_model,
                                                                             load_time_s=load_time)
-        return self._task_answer(lens, [], loaded)
+        return self._task_answer(lens, [], loaded, hf_model)
 
     def generate(self, job: dict) -> tuple[dict, list]:
         from tunelens.generate import build_vllm_engine, generation_output, resolve_backend
