@@ -534,3 +534,113 @@ def test_autotune_does_not_change_the_training(tiny_llama_dir, train_jsonl, tmp_
     after = run.trainer.model.train()(**batch).loss.item()
     assert after == before
     assert all(torch.equal(v, weights[k]) for k, v in run.trainer.model.named_parameters() if v.requires_grad)
+
+
+# ------------------------------------------------------------------------------------------ step speed (issue 24)
+def _count_ops(names: tuple[str, ...], unless_called_from: str | None = None):
+    """A TorchDispatchMode counting calls of the given aten ops (e.g. `_local_scalar_dense`: every `.item()`,
+    `bool(tensor)` and `float(tensor)`, i.e. every host sync on a GPU), except those made from a module whose
+    file name contains `unless_called_from`."""
+    import traceback
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Counter(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.count = 0
+            self.total = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.total += not func.is_view  # views launch no kernel
+            if func.__name__.split(".")[0] in names and not (
+                    unless_called_from and any(unless_called_from in f.filename for f in traceback.extract_stack())):
+                self.count += 1
+            return func(*args, **(kwargs or {}))
+
+    return Counter()
+
+
+def test_training_steps_between_log_rows_read_nothing_back_from_the_device(tiny_llama_dir, train_jsonl, tmp_path):
+    """TRL turns its metrics into floats on every micro-batch and the Trainer reads the loss and the token count
+    back on every micro-batch: each a device sync on a GPU. tunelens' trainer keeps them on the device until a
+    row is logged: the steps between log rows read nothing back (but for transformers' attention-mask builder,
+    which checks whether the padding mask is all ones). The logged rows are TRL's, value for value."""
+    from transformers import TrainerCallback
+
+    counter = _count_ops(("_local_scalar_dense",), unless_called_from="masking_utils")
+    per_step: list[int] = []
+
+    class Steps(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.start = counter.count
+
+        def on_step_end(self, args, state, control, **kwargs):
+            per_step.append(counter.count - self.start)
+
+    logs = {}
+    for sync_free in (True, False):
+        per_step.clear()
+        run = build_trainer(tiny_llama_dir, train_jsonl, tmp_path / f"ckpt{sync_free}",
+                            settings(max_steps=6, logging_steps=3, save_steps=100, lora_dropout=0.1), "alpaca",
+                            seed=3, device="cpu", callbacks=[Steps()], sync_free=sync_free)
+        with counter:
+            run.trainer.train()
+        logs[sync_free] = [row for row in run.trainer.state.log_history if "loss" in row]
+        if sync_free:
+            assert per_step == [0] * 6, per_step  # the log rows' reads happen after on_step_end
+            tokens_seen = run.trainer.state.num_input_tokens_seen
+        else:
+            assert min(per_step) >= 3, per_step  # TRL and the Trainer: several reads per micro-batch
+            assert run.trainer.state.num_input_tokens_seen == tokens_seen
+    assert [row["step"] for row in logs[True]] == [1, 3, 6]
+    for fast, slow in zip(logs[True], logs[False]):
+        for key in ("loss", "grad_norm", "mean_token_accuracy", "entropy", "num_tokens"):
+            assert fast[key] == pytest.approx(slow[key], rel=1e-6, abs=1e-9), key
+
+
+def test_lean_lora_forward_computes_the_peft_forward_in_fewer_ops(tiny_llama_dir):
+    """The lean LoRA forward (base + dropout + lora_A + one addmm) gives PEFT's outputs and gradients, draws the
+    same dropout masks, and runs fewer operators per step: the scaling and the addition go into the matmul, two
+    kernels fewer per layer and step (on a 4-bit base also the clone and, with the dequantized weights, the
+    dequantization; bitsandbytes is not on this CPU machine)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from tunelens.finetune import lean_lora_forward
+
+    def model_and_step():
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.2, target_modules="all-linear",
+                                                 init_lora_weights=False, task_type="CAUSAL_LM"))
+        model.train()
+        ids = torch.randint(0, 1000, (2, 12))
+
+        def step():
+            torch.manual_seed(5)  # the dropout masks
+            model.zero_grad()
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+            return loss.detach(), grads
+
+        return model, step
+
+    model, step = model_and_step()
+    counter = _count_ops(())
+    with counter:
+        loss_peft, grads_peft = step()
+    ops_peft = counter.total
+    assert lean_lora_forward(model) == 4 * 7  # 4 layers x q, k, v, o, gate, up, down
+    counter = _count_ops(())
+    with counter:
+        loss_lean, grads_lean = step()
+    assert counter.total <= ops_peft - 2 * 28, (counter.total, ops_peft)
+    assert float(loss_lean) == pytest.approx(float(loss_peft), abs=1e-5)
+    for name, grad in grads_peft.items():
+        torch.testing.assert_close(grads_lean[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    with model.disable_adapter():  # adapters off: PEFT's own path, the base model's loss
+        torch.manual_seed(5)
+        assert lean_lora_forward(model) == 0  # already lean
