@@ -294,6 +294,11 @@ def markdown(result: dict) -> str:
     lines = ["| variant | tok/s median (runs) | spread | s/step | GPU busy / wall | kernels/step | syncs/step | "
              "loss max diff |", "|---|---|---|---|---|---|---|---|"]
     for name, v in result["variants"].items():
+        if "tokens_per_s_runs" not in v:
+            p = v.get("profile", {})
+            lines.append(f"| {name} | {v.get('error', 'profile only')[:80]} | | | {p.get('gpu_busy_s_per_step', 0):.3f} / "
+                         f"{p.get('wall_s_per_step', 0):.3f} | {p.get('kernels_per_step', 0):.0f} | | |")
+            continue
         if "error" in v:
             lines.append(f"| {name} | FAILED: {v['error'][:80]} | | | | | | |")
             continue
@@ -369,7 +374,11 @@ def main() -> None:
                   f"{runs[name][-1]['median_step_s']} s/step", flush=True)
     reference = next((runs[n][0]["losses"] for n in names if runs.get(n)), None)
     for name, variant in variants.items():
-        if not runs.get(name) or "error" in result["variants"].get(name, {}):
+        if "error" in result["variants"].get(name, {}):
+            continue
+        if not runs.get(name):  # --repeats 0: the profile only
+            entry = {"profile": profile(variant, args)}
+            result["variants"][name] = entry
             continue
         tps = [r["tokens_per_s"] for r in runs[name]]
         entry = {
