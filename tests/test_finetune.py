@@ -644,3 +644,42 @@ def test_lean_lora_forward_computes_the_peft_forward_in_fewer_ops(tiny_llama_dir
     with model.disable_adapter():  # adapters off: PEFT's own path, the base model's loss
         torch.manual_seed(5)
         assert lean_lora_forward(model) == 0  # already lean
+
+
+def test_dequantized_4bit_base_gives_bitsandbytes_results(tiny_llama_dir):
+    """The autotuner's dequantized base (`dequantize_base_weights`) computes with the very numbers bitsandbytes
+    dequantizes on every call: loss and LoRA gradients are bit-identical. Runs where bitsandbytes is installed
+    (the GPU image; on this CPU machine with its wheel on PYTHONPATH: bitsandbytes 0.50.2 has a CPU 4-bit path)."""
+    pytest.importorskip("bitsandbytes")
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from tunelens.training.speed import dense_base_bytes, dequantize_base_weights, lean_lora_forward
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=quant, dtype=torch.bfloat16,
+                                                 device_map={"": device})
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules="all-linear",
+                                             init_lora_weights=False, task_type="CAUSAL_LM"))
+    model.train()
+    ids = torch.randint(0, 1000, (2, 16), device=device)
+
+    def step():
+        torch.manual_seed(5)
+        model.zero_grad()
+        with torch.autocast(device, dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    assert lean_lora_forward(model) == 4 * 7
+    loss_4bit, grads_4bit = step()
+    expected = dense_base_bytes(model)
+    assert dequantize_base_weights(model) == expected > 0
+    loss_dense, grads_dense = step()
+    assert torch.equal(loss_dense, loss_4bit)
+    for name, grad in grads_4bit.items():
+        assert torch.equal(grads_dense[name], grad), name
