@@ -5,7 +5,7 @@ culprit (key and value, or file and line), or handled and counted (the split man
 and why). No case may end in another exception type (a traceback for the user) or pass silently.
 
 The config cases run in-process through exactly what Snakemake runs when it builds the DAG (duplicate-key
-check of the YAML file, tunelens.config.load_config, tunelens.preflight.preflight), so ~70 cases take seconds;
+check of the YAML file, then tunelens.preflight.check_config: load_config and preflight), so ~70 cases take seconds;
 a few go through `snakemake -n` to show the same errors reach the user as one clean message, before any job.
 """
 
@@ -22,10 +22,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tunelens.config import check_yaml_duplicates, load_config
+from tunelens.config import check_yaml_duplicates
 from tunelens.data import split_dataset
 from tunelens.errors import ConfigError, DataError, TunelensError
-from tunelens.preflight import cuda_device_count, preflight
+from tunelens.preflight import check_config, cuda_device_count
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = {
@@ -41,7 +41,7 @@ def run_checks(config: dict, workdir: Path, *, check_cuda: bool = False) -> None
     configfile = workdir / "config.yaml"
     configfile.write_text(yaml.safe_dump(config, sort_keys=False))
     check_yaml_duplicates(configfile)
-    preflight(load_config(config, base_dir=workdir), base_dir=workdir, environ=environ, check_cuda=check_cuda)
+    check_config(config, base_dir=workdir, environ=environ, check_cuda=check_cuda, results=workdir / "results")
 
 
 def at(path: str, value):
@@ -85,6 +85,10 @@ def mkdir(name: str, then):
 
 def models(entries: dict):
     return at("models", entries)
+
+
+def jsonl(rows) -> str:
+    return "".join((row if isinstance(row, str) else json.dumps(row)) + "\n" for row in rows)
 
 
 SMOL = {"source": "embedded:smollm2-135m-instruct"}
@@ -432,7 +436,7 @@ REJECTED += [
      ["rows.jsonl", "row 11: missing output"]),
     ("evaluation-set-is-a-directory",
      mkdir("evaldir", at("evaluation_sets", [{"name": "extra", "source": "./evaldir"}])),
-     ["evaluation_sets[name=extra].source: './evaldir'", "is a directory"]),
+     ["evaluation_sets[0].source: './evaldir'", "is a directory"]),
     ("evaluation-set-without-usable-rows",
      lambda c, w: ((w / "extra.jsonl").write_text(jsonl([{"instruction": f"q{i}", "output": ""} for i in range(4)])),
                    at("evaluation_sets", [{"name": "extra", "source": "extra.jsonl"}])(c, w)),
@@ -521,10 +525,6 @@ def split(tmp_path: Path, name: str, content, **options) -> dict:
     out = tmp_path / "out"
     return split_dataset(source=str(path), name="ds", train_path=out / "train.jsonl", test_path=out / "test.jsonl",
                          manifest_path=out / "manifest.json", **kwargs)
-
-
-def jsonl(rows) -> str:
-    return "".join((row if isinstance(row, str) else json.dumps(row)) + "\n" for row in rows)
 
 
 HANDLED = [
@@ -690,11 +690,17 @@ def test_job_log_holds_the_traceback_of_a_failed_job(tmp_path):
 
 
 def test_a_failing_rule_writes_its_error_to_its_own_log(tmp_path):
-    """Rule `split` on a file with a row missing its output, dataset.on_bad_rows: error (known only in the job)."""
+    """Rule `split` on a row missing its output, dataset.on_bad_rows: error. A local file's rows are checked
+    before any job (issue 23), so the rows come from a hub dataset already downloaded into results/hub/: only
+    the split job reads those."""
     rows = ROWS + [{"instruction": "no answer", "input": ""}]
-    (tmp_path / "rows.jsonl").write_text(jsonl(rows))
+    download = tmp_path / "results/hub/datasets/d"
+    download.mkdir(parents=True)
+    (download / "train.jsonl").write_text(jsonl(rows))
+    (download / "tunelens_source.json").write_text(json.dumps({"hub_id": "someorg/rows", "repo_type": "dataset",
+                                                               "revision": "0" * 40, "from": "cache"}))
     configfile = tmp_path / "study.yaml"
-    configfile.write_text(yaml.safe_dump({**BASE, "dataset": {"name": "d", "source": "rows.jsonl", "test_size": 2,
+    configfile.write_text(yaml.safe_dump({**BASE, "dataset": {"name": "d", "source": "someorg/rows", "test_size": 2,
                                                               "on_bad_rows": "error"}}))
     result = snakemake(tmp_path, configfile, "--cores", "1", "results/data/d/manifest.json")
     assert result.returncode != 0
