@@ -211,15 +211,15 @@ def _evaluation_set_problems(study: Study, base_dir: Path, train_prompts) -> lis
     for name, spec in study.evaluation_sets.items():
         if spec.source_kind == "hub":
             continue
-        where = f"evaluation_sets[name={name}].source: '{spec.source}'"
         try:
             raw, _, bad = read_source(spec.source, hub_split=spec.hub_split, base_dir=base_dir)
         except DataError as exc:
-            problems.append(f"{where}: {exc}")
+            problems.append(f"evaluation_sets[name={name}].source: '{spec.source}': {exc}")
             continue
-        try:
+        try:  # the same words as the set's `evalset` job
             evaluation_set_rows(raw, bad=bad, name=name, fields=spec.fields, train_prompts=train_prompts or set(),
-                                seed=study.config["seed"], max_rows=spec.max_rows, where=where,
+                                seed=study.config["seed"], max_rows=spec.max_rows,
+                                where=f"evaluation_sets[name={name}]: evaluation set '{name}' ({spec.source})",
                                 fields_key=evaluation_set_fields_key(name))
         except (DataError, ConfigError) as exc:
             problems.append(str(exc))
