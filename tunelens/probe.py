@@ -42,7 +42,6 @@ from tunelens.models import (
     num_decoder_layers,
     set_decoder_layers,
 )
-from tunelens.probe_plots import _label, plot_lens_entropy, plot_lens_heatmap  # noqa: F401 (re-exported)
 from tunelens.prompts import build_prompt
 
 log = logging.getLogger(__name__)
@@ -310,6 +309,9 @@ def run_logit_lens(
     device: str = "auto",
 ) -> dict:
     """Rule `logit_lens`: lens.json plus its two plots for one (model, variant). Returns the lens dict."""
+    # Imported here, not at the top: generation imports this module (early exit through the server), and
+    # plotting is no code of generation (a plot fix must not rerun it; tunelens.codehash).
+    from tunelens.probe_plots import plot_lens_entropy, plot_lens_heatmap
     import torch
 
     from tunelens.generate import adapter_record, check_variant
