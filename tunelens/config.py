@@ -265,7 +265,8 @@ def generation_server_fields(config: dict, model: str) -> dict:
 
 def training_work_problems(where: str, finetune: dict, rows: int | None) -> list[str]:
     """A fine-tune's work against MAX_OPTIMIZER_STEPS and MAX_TRAINING_TOKENS: from max_steps when set, else
-    from num_epochs and the training rows (`rows`, when known before the split runs)."""
+    from num_epochs and the training rows (`rows`, when known). `where`: the key of these settings
+    ('models.<name>.finetune')."""
     rows_per_step = finetune["batch_size"] * finetune["gradient_accumulation"]
     if finetune["max_steps"]:
         steps, basis = finetune["max_steps"], f"max_steps {finetune['max_steps']}"
@@ -276,11 +277,11 @@ def training_work_problems(where: str, finetune: dict, rows: int | None) -> list
     else:
         return []
     if steps > MAX_OPTIMIZER_STEPS:
-        return [f"{where}.finetune.{basis} = {steps} optimizer steps, at most {MAX_OPTIMIZER_STEPS}; "
+        return [f"{where}.{basis} = {steps} optimizer steps, at most {MAX_OPTIMIZER_STEPS}; "
                 "lower num_epochs or max_steps (or raise batch_size)"]
     tokens = steps * rows_per_step * finetune["max_seq_length"]
     if tokens > MAX_TRAINING_TOKENS:
-        return [f"{where}.finetune: {basis} = {steps} steps x {rows_per_step} rows x max_seq_length "
+        return [f"{where}: {basis} = {steps} steps x {rows_per_step} rows x max_seq_length "
                 f"{finetune['max_seq_length']} = up to {tokens:.2g} training tokens, at most {MAX_TRAINING_TOKENS:.0e}; "
                 "lower max_steps, num_epochs, batch_size, gradient_accumulation or max_seq_length"]
     return []
@@ -345,7 +346,7 @@ def _model_spec(name: str, entry: dict, config: dict, finetune_schema: dict) -> 
             "any GPU); lower batch_size and raise gradient_accumulation"
         )
     if merged["enabled"] and merged["max_steps"]:
-        problems += training_work_problems(where, merged, rows=None)
+        problems += training_work_problems(f"{where}.finetune", merged, rows=None)
     if isinstance(merged["target_modules"], list) and not merged["target_modules"]:
         problems.append(f"{where}.finetune.target_modules: empty list; name the modules to adapt, or 'all-linear'")
     if problems:

@@ -444,7 +444,7 @@ def preflight(study: Study, *, base_dir: str | Path = ".", environ: Mapping[str,
 
             for name, spec in study.models.items():
                 if spec.finetuned and not spec.finetune["max_steps"]:
-                    found.messages += training_work_problems(f"models.{name}", spec.finetune, known["train"])
+                    found.messages += training_work_problems(f"models.{name}.finetune", spec.finetune, known["train"])
 
     with found.check():
         samples = config["scoring"]["bootstrap_samples"]
