@@ -467,11 +467,13 @@ def prepare_evaluation_set(*, name: str, source: str, fields: dict, seed: int, m
     return manifest
 
 
-def check_evaluation_sets(study, base_dir: str | Path = ".") -> dict[str, dict]:
+def check_evaluation_sets(study, base_dir: str | Path = ".", *, train_prompts: set | None = None,
+                          problems: list[str] | None = None) -> dict[str, dict]:
     """Check every evaluation set whose rows can be read now (local files, embedded sets) before any job:
     the field mapping names existing columns, and rows are left after cleaning and after the leakage check
     against the training split (computed in memory exactly as rule `split` computes it, when the training data
-    is local or embedded). Raises naming the set; returns {name: counts} of the sets checked.
+    is local or embedded; `train_prompts` when the caller has it). Returns {name: counts} of the sets checked;
+    a problem raises naming the set, or with `problems` (a list) is appended there and the next set checked.
 
     Hub sets (and the leakage check against hub training data) are checked by their `evalset` job, which
     every generation job of that set waits for.
@@ -480,21 +482,32 @@ def check_evaluation_sets(study, base_dir: str | Path = ".") -> dict[str, dict]:
     if not readable:
         return {}
     dataset = study.config["dataset"]
-    train_prompts: set[tuple[str, str]] = set()
-    if study.dataset_kind != "hub":
-        raw, _, _ = read_source(dataset["source"], hub_split=dataset["hub_split"], base_dir=base_dir)
-        rows, _ = clean_rows(raw, dataset["fields"], dataset["name"], where=f"dataset '{dataset['source']}'",
-                             required_fields=study.mapped_fields)
-        train, _, _ = split_rows(rows, seed=study.config["seed"], test_size=dataset["test_size"],
-                                 max_train=dataset["max_train"])
-        train_prompts = training_prompts(train)
+    if train_prompts is None:
+        train_prompts = set()
+        if study.dataset_kind != "hub":
+            raw, _, _ = read_source(dataset["source"], hub_split=dataset["hub_split"], base_dir=base_dir)
+            rows, _ = clean_rows(raw, dataset["fields"], dataset["name"], where=f"dataset '{dataset['source']}'",
+                                 required_fields=study.mapped_fields)
+            train, _, _ = split_rows(rows, seed=study.config["seed"], test_size=dataset["test_size"],
+                                     max_train=dataset["max_train"])
+            train_prompts = training_prompts(train)
     checked = {}
     for spec in readable:
-        raw, _, bad = read_source(spec.source, hub_split=spec.hub_split, base_dir=base_dir)
-        _, counts, _ = evaluation_set_rows(
-            raw, bad=bad, name=spec.name, fields=spec.fields, train_prompts=train_prompts, seed=study.config["seed"],
-            max_rows=spec.max_rows, where=f"evaluation set '{spec.name}' ({spec.source})",
-            fields_key=evaluation_set_fields_key(spec.name),
-        )
+        try:
+            try:
+                raw, _, bad = read_source(spec.source, hub_split=spec.hub_split, base_dir=base_dir)
+            except DataError as exc:
+                raise DataError(f"evaluation_sets[name={spec.name}].source: '{spec.source}': {exc}") from None
+            _, counts, _ = evaluation_set_rows(
+                raw, bad=bad, name=spec.name, fields=spec.fields, train_prompts=train_prompts,
+                seed=study.config["seed"], max_rows=spec.max_rows,
+                where=f"evaluation_sets[name={spec.name}]: evaluation set '{spec.name}' ({spec.source})",
+                fields_key=evaluation_set_fields_key(spec.name),
+            )
+        except (DataError, ConfigError) as exc:
+            if problems is None:
+                raise
+            problems.append(str(exc))
+            continue
         checked[spec.name] = counts
     return checked

@@ -202,30 +202,6 @@ def _dataset_problems(study: Study, base_dir: Path, offline: bool, environ,
     return [], {"test": len(test), "train": len(train), "train_prompts": training_prompts(train)}
 
 
-def _evaluation_set_problems(study: Study, base_dir: Path, train_prompts) -> list[str]:
-    """What each readable evaluation set's `evalset` job would reject (tunelens.data.evaluation_set_rows),
-    naming the set. Hub sets are checked by that job."""
-    from tunelens.data import evaluation_set_fields_key, evaluation_set_rows, read_source
-
-    problems = []
-    for name, spec in study.evaluation_sets.items():
-        if spec.source_kind == "hub":
-            continue
-        try:
-            raw, _, bad = read_source(spec.source, hub_split=spec.hub_split, base_dir=base_dir)
-        except DataError as exc:
-            problems.append(f"evaluation_sets[name={name}].source: '{spec.source}': {exc}")
-            continue
-        try:  # the same words as the set's `evalset` job
-            evaluation_set_rows(raw, bad=bad, name=name, fields=spec.fields, train_prompts=train_prompts or set(),
-                                seed=study.config["seed"], max_rows=spec.max_rows,
-                                where=f"evaluation_sets[name={name}]: evaluation set '{name}' ({spec.source})",
-                                fields_key=evaluation_set_fields_key(name))
-        except (DataError, ConfigError) as exc:
-            problems.append(str(exc))
-    return problems
-
-
 # --------------------------------------------------------------------------------------------- models
 def _model_directory(spec, base_dir: Path, environ, results: Path | None) -> Path | None:
     """Where a model's files are before any job: a local directory, a completed hub download, or a
@@ -437,7 +413,10 @@ def preflight(study: Study, *, base_dir: str | Path = ".", environ: Mapping[str,
                 if problem:
                     found.add(problem)
         if study.evaluation_sets and (study.dataset_kind == "hub" or "train_prompts" in known):
-            found.messages += _evaluation_set_problems(study, base_dir, known.get("train_prompts"))
+            from tunelens.data import check_evaluation_sets
+
+            check_evaluation_sets(study, base_dir, train_prompts=known.get("train_prompts", set()),
+                                  problems=found.messages)
     with found.check():
         if known.get("train"):
             from tunelens.config import training_work_problems
