@@ -6,13 +6,19 @@ module checks what needs the outside world, cheaply and without loading a model:
     embedded model, a model name, an existing local directory, or a hub id; with the hub off
     (HF_HUB_OFFLINE=1, the default) a hub id must be in the local hub cache. A reference whose first path
     component exists locally is taken as a path typo even with the hub on;
-  - the dataset: a hub id in the cache when the hub is off; a local file is read (UTF-8, BOM allowed) to
-    check that every mapped column exists and that test_size leaves rows for training;
-  - other files named by the config (bertscore baseline, vllm_python);
+  - model files, read without loading (tunelens.modelfiles): config.json of a causal LM, weight files whose
+    headers match their sizes; the generation and training lengths within the context length; LoRA target
+    modules among the weights' modules; the same files for a local judge or BERTScore model;
+  - the dataset: a hub id in the cache when the hub is off; a local file (or embedded set) is read, cleaned and
+    split as rule `split` does: mapped columns exist, rows are left (counted by reason), test_size leaves
+    training rows, on_bad_rows: error names the first bad row; local evaluation sets and their leakage check;
+  - other files named by the config (bertscore baseline, vllm_python, ratings_dir);
   - device: cuda on a machine without a usable CUDA device (only for a local, non-dry run: a cluster's
     login node usually has no GPU);
-  - memory estimates of the keys that scale a job's memory with the data (bootstrap resamples).
-Every problem found is reported at once, each naming its key and value.
+  - work and memory estimates that need the data: optimizer steps and training tokens from the training
+    rows, bootstrap resamples x evaluated rows.
+Every problem found is reported at once, each naming its key and value; `check_config` runs load_config
+first and reports its problems in the same message.
 """
 
 from __future__ import annotations
