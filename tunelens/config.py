@@ -352,6 +352,8 @@ def _model_spec(name: str, entry: dict, config: dict, finetune_schema: dict) -> 
         raise config_error(problems)
 
     layer_specs = entry.get("probe_layers") or config["probe"]["layers"]
+    if not isinstance(layer_specs, list):
+        raise TypeError("probe layers are not a list")  # a schema error, reported already
     spec = ModelSpec(
         name=name,
         source=source,
@@ -516,7 +518,8 @@ def load_config(config: dict, *, base_dir: str | Path = ".", problems: list[str]
         for key, values in sweep.items():
             if values == []:
                 found.add(f"decoding.sweep.{key}: empty list; give the values to sweep, or leave the key out")
-    given_fields = ((config.get("dataset") or {}).get("fields") or {}) if isinstance(config.get("dataset"), dict) else {}
+    given_fields = config["dataset"].get("fields") if isinstance(config.get("dataset"), dict) else None
+    given_fields = given_fields if isinstance(given_fields, dict) else {}
     mapped_fields = ("instruction", "output") + (("input",) if given_fields.get("input") is not None else ())
     found.broken = bool(found.messages)
     _drop_non_finite(config)
@@ -624,10 +627,15 @@ def load_config(config: dict, *, base_dir: str | Path = ".", problems: list[str]
 
     if problems is None:
         found.raise_any()
-    return Study(
-        config=config, models=models, decoding=by_name, default_decoding=default_name, evaluation_sets=evaluation_sets,
-        mapped_fields=mapped_fields,
-    )
+    try:
+        return Study(
+            config=config, models=models, decoding=by_name, default_decoding=default_name,
+            evaluation_sets=evaluation_sets, mapped_fields=mapped_fields,
+        )
+    except (KeyError, TypeError, AttributeError):
+        if not found.broken:
+            raise
+        raise config_error(found.messages) from None  # too broken for the checks that need a Study
 
 
 def check_case_collisions(where: str, names) -> None:
