@@ -611,6 +611,27 @@ def test_a_good_local_model_directory_passes(tmp_path, monkeypatch):
     run_checks(config, tmp_path)
 
 
+@pytest.mark.parametrize("change, fragments", [
+    (changes(at("dataset.fields", "x"), at("probe", {"layers": [40]})), ["dataset.fields: 'x'", "probe layer 40"]),
+    (changes(at("decoding", {"mode": "list", "configs": [1, {"name": "a"}]}), at("finetune", {"lora_alpha": -1}),
+             at("models.smollm2.resources", 1), at("scoring", {"judge": {"enabled": True, "model": "smolm2"}})),
+     ["decoding.configs[0]: 1", "finetune.lora_alpha: -1", "models.smollm2.resources: 1", "scoring.judge.model"]),
+    (changes(at("probe", {"layers": "all"}), at("scoring", {"confidence": float("nan")}),
+             at("decoding.sweep", {"top_k": []})),
+     ["probe.layers: 'all'", "scoring.confidence: nan", "decoding.sweep.top_k: empty"]),
+], ids=["fields-a-string", "list-entry-not-an-object", "layers-a-string"])
+def test_schema_errors_come_with_the_other_problems_and_never_a_traceback(change, fragments, tmp_path, monkeypatch):
+    """Values of the wrong type leave the other checks a half-valid config: they still run, and only
+    ConfigErrors come out, all in one message."""
+    monkeypatch.chdir(tmp_path)
+    config = copy.deepcopy(BASE)
+    change(config, tmp_path)
+    with pytest.raises(ConfigError) as error:
+        run_checks(config, tmp_path)
+    for fragment in fragments:
+        assert fragment in str(error.value), f"{fragment!r} not in: {error.value}"
+
+
 def test_corpus_size():
     assert len(REJECTED) + len(YAML_CASES) + 1 + len(HANDLED) + 1 >= 60
 
