@@ -277,7 +277,10 @@ def _model_problems(study: Study, base_dir: Path, environ, results: Path | None)
         directory = _model_directory(spec, base_dir, environ, results)
         info: dict = {}
         if directory is not None and directory.is_dir():
-            found, info = check_model_files(f"{where}.source", directory)
+            # A hub model only in the cache: with the hub on, download_model fetches what the cache lacks.
+            in_cache_only = spec.source_kind == "hub" and hub_cache(environ) in directory.parents
+            found, info = check_model_files(f"{where}.source", directory,
+                                            weights=not (in_cache_only and not hub_offline(environ)))
             problems += found
             if found and spec.source_kind == "local":
                 continue
@@ -313,11 +316,13 @@ def _reference_files_problems(where: str, value: str, base_dir: Path, environ, *
     """The files of a model reference that is a local directory or a cached hub model (judge, BERTScore)."""
     path = Path(value).expanduser()
     path = path if path.is_absolute() else base_dir / path
+    weights = True
     if not path.is_dir():
         path = _cached_model_dir(value, environ) if HUB_ID.match(value) else None
+        weights = hub_offline(environ)  # with the hub on, what the cache lacks is downloaded
     if path is None or not (path / "config.json").exists():
         return [], {}
-    found, info = check_model_files(where, path)
+    found, info = check_model_files(where, path, weights=weights)
     if not causal:  # an encoder (BERTScore) is expected there
         found = [p for p in found if "encoder-only" not in p and "not a causal language model" not in p]
     return found, info
