@@ -262,7 +262,8 @@ def model_threads(wildcards):
 
 
 # On one machine (--cores, no --jobs) a model's generation server (tunelens/genserver.py) runs one request at a
-# time, so two of its generate or early_exit jobs side by side leave a core idle while one waits on the other.
+# time, so two of its generate, early_exit, perplexity or logit_lens jobs side by side leave a core idle while
+# one waits on the other.
 # A resource per model with a limit of 1 makes Snakemake run another model's job or a scoring job beside it
 # instead. A cluster job has its own allocation and server: no limit there, and none without servers.
 def _server_slot(name):
@@ -332,6 +333,9 @@ def generation_settings(wildcards):
         "max_test_rows": decoding["max_test_rows"],
         "batch_size": generation["batch_size"],
         "max_prompt_tokens": generation["max_prompt_tokens"],
+        "static_cache": generation["static_cache"],
+        "compile_backend": generation["compile_backend"],
+        "merge_adapter": generation["merge_adapter"],
     }
 
 

@@ -47,6 +47,7 @@ rule report:
         default_config=STUDY.default_decoding,
         bootstrap_samples=lookup(dpath="scoring/bootstrap_samples", within=config),
         confidence=lookup(dpath="scoring/confidence", within=config),
+        multiple_comparisons=lookup(dpath="scoring/multiple_comparisons", within=config),
         seed=lookup(dpath="seed", within=config),
         config_hash=report_config_hash(),
         evaluation_set=DATASET,

@@ -36,6 +36,7 @@ write_report(
         default_config=params.default_config,
         bootstrap_samples=params.bootstrap_samples,
         confidence=params.confidence,
+        multiple_comparisons=params.multiple_comparisons,
         seed=params.seed,
         config_hash=params.config_hash,
         # Read here, not a rule param: a docs-only commit must not rerun the report.

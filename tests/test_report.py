@@ -157,7 +157,7 @@ def test_overview_has_one_row_per_model_variant_with_cis_and_best_marked(full):
     # Judge and the scale statement are there; CodeBLEU was skipped, so no column but a note.
     assert any(h.startswith("Judge") for h in header)
     assert not any(h.startswith("CodeBLEU") for h in header)
-    assert "CodeBLEU: dataset kind is text" in text
+    assert "CodeBLEU on `test`: dataset kind is text" in text  # the split it was skipped on
     assert "BLEU 0-100" in text and "Perplexity >=1, lower is better" in text
 
 

@@ -83,6 +83,13 @@ def test_closure_follows_lazy_and_transitive_tunelens_imports():
     generate = codehash.code_modules(REPO / "scripts" / "generate.py")
     assert "tunelens.metrics" not in generate and "tunelens.report" not in generate
     assert "tunelens.data" not in generate  # config.py keeps the embedded dataset registry itself
+    # Perplexity and logit-lens jobs are requests to the generation server, which imports their compute code by
+    # name: a generate job's hash holds no perplexity code, and a perplexity job's (a thin client of the same
+    # server) no generation code.
+    assert "tunelens.perplexity" not in generate and "tunelens.score" not in generate
+    perplexity = codehash.code_modules(REPO / "scripts" / "perplexity.py")
+    assert {"tunelens.perplexity", "tunelens.served"} <= set(perplexity)
+    assert "tunelens.generate" not in perplexity and "tunelens.genserver" not in perplexity
     assert "tunelens.report" in codehash.code_modules(REPO / "scripts" / "report.py")
 
 

@@ -305,7 +305,19 @@ def test_score_file_format_and_rows(tmp_path):
     assert on_disk["metrics"]["exact_match"]["value"] == pytest.approx(0.2)
     with rows_csv.open() as handle:
         table = list(csv.DictReader(handle))
-    assert list(table[0]) == ["id", "bleu", "rougeL", "exact_match", "length"]
+    # Metric columns, then corpus BLEU's per-row sufficient statistics (what the report's paired corpus
+    # differences resample), equal to sacrebleu's own counts of each row.
+    from sacrebleu.metrics.bleu import BLEU
+
+    from tunelens.metrics import BLEU_STATS, bleu_corpus_value
+
+    assert list(table[0]) == ["id", "bleu", "rougeL", "exact_match", "length", *BLEU_STATS]
+    for row, (generated, reference) in zip(table, pairs):
+        own = BLEU(effective_order=True).sentence_score(generated, [reference])
+        assert [float(row[c]) for c in BLEU_STATS] == [own.sys_len, own.ref_len, *own.counts, *own.totals]
+    sums = np.asarray([[float(row[c]) for c in BLEU_STATS] for row in table]).sum(axis=0)
+    assert bleu_corpus_value(sums) == pytest.approx(
+        BLEU().corpus_score([g for g, _ in pairs], [[r for _, r in pairs]]).score, abs=1e-9)
     assert [row["id"] for row in table] == [f"demo-{i:03d}" for i in range(5)]
     assert float(table[0]["bleu"]) == pytest.approx(100.0) and float(table[3]["bleu"]) == 0.0
     assert read_rows_csv(rows_csv)["demo-002"]["length"] == 6.0

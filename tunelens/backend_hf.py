@@ -35,7 +35,23 @@ def hf_generation_config(model, tokenizer, decoding_config: DecodingConfig, sett
     if eos is None:
         eos = tokenizer.eos_token_id
     eos_ids = sorted(set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id})
+    static = uses_static_cache(dc, settings)
+    cache: dict = {}
+    if static:
+        cache["cache_implementation"] = "static"
+        if settings.compile_backend == "eager":
+            cache["disable_compile"] = True
+        else:
+            from transformers import CompileConfig
+
+            # dynamic=False: the buckets keep the shapes few, and each is compiled (captured) once per model.
+            cache["compile_config"] = (
+                CompileConfig(backend="cudagraphs", mode=None, fullgraph=False, dynamic=False)
+                if settings.compile_backend == "cudagraphs"
+                else CompileConfig(mode="reduce-overhead", fullgraph=False, dynamic=False)
+            )
     return GenerationConfig(
+        **cache,
         # Every warper the config does not set is neutral; the decoding parameters override (tunelens.decoding).
         **{**HF_NEUTRAL, **hf_generation_kwargs(dc, sample=sample)},
         do_sample=sample,
@@ -49,6 +65,40 @@ def hf_generation_config(model, tokenizer, decoding_config: DecodingConfig, sett
         bos_token_id=tokenizer.bos_token_id,
         stop_strings=list(settings.stop) or None,
     )
+
+
+def uses_static_cache(decoding_config: DecodingConfig, settings: GenerationSettings) -> bool:
+    """Whether a request decodes with the static KV cache: asked for, and not beam search (transformers' beam
+    search keeps its dynamic cache here)."""
+    return bool(getattr(settings, "static_cache", False)) and not decoding_config.is_beam
+
+
+# Static cache: the cache length is rounded up to a multiple of this, and rows to `row_bucket`, so that the
+# compiled decoding step sees few shapes (one per bucket) across batches, requests and decoding configs.
+STATIC_LEN_BUCKET = 256
+
+
+def row_bucket(rows: int) -> int:
+    """Rows a static-cache batch is padded to: the next power of two up to 64, then the next multiple of 64."""
+    if rows <= 64:
+        return 1 << max(rows - 1, 0).bit_length()
+    return -(-rows // 64) * 64
+
+
+def static_cache_len(longest_prompt: int, max_new_tokens: int) -> int:
+    """Static cache length for a request whose longest prompt has `longest_prompt` tokens."""
+    return -(-(longest_prompt + max_new_tokens) // STATIC_LEN_BUCKET) * STATIC_LEN_BUCKET
+
+
+def _allow_recompiles() -> None:
+    """One compiled step per (model, row bucket, cache length): more than torch's default 8 recompiles of one
+    code object in a server that keeps two models; past the limit dynamo would silently run eager."""
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    config.recompile_limit = max(getattr(config, "recompile_limit", 8), 64)
+    if hasattr(config, "accumulated_recompile_limit"):
+        config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 512)
 
 
 # Rows per batch on CPU when batch_size is auto: CPU decoding is bandwidth-bound; 16 measured 3.8x one at a time.
@@ -88,12 +138,13 @@ def auto_token_budget(model) -> tuple[int, int] | None:
 
 
 def plan_batches(lengths: Sequence[int], order: Sequence[int], settings: GenerationSettings, num_beams: int,
-                 budget: tuple[int, int] | None, kv_bytes: int = 0) -> list[list[int]]:
+                 budget: tuple[int, int] | None, kv_bytes: int = 0, static_len: int | None = None) -> list[list[int]]:
     """Split the length-sorted row order (longest first) into batches.
 
     A fixed batch_size cuts every `batch_size` rows. "auto" with a budget (CUDA) grows each batch while
     rows x (its longest prompt + max_new_tokens) x beams tokens of KV cache, plus each row's logits, stay
-    within the budget; without one (CPU) it cuts every CPU_AUTO_BATCH rows.
+    within the budget; without one (CPU) it cuts every CPU_AUTO_BATCH rows. With a static cache
+    (`static_len`) a batch holds row_bucket(rows) x static_len tokens of cache whatever its prompts.
     """
     if settings.batch_size != "auto":
         size = int(settings.batch_size)
@@ -106,8 +157,12 @@ def plan_batches(lengths: Sequence[int], order: Sequence[int], settings: Generat
     for index in order:
         longest = lengths[current[0]] if current else lengths[index]  # longest first: the batch's first row
         rows = len(current) + 1
-        tokens = rows * (longest + settings.max_new_tokens) * num_beams
-        extra_tokens = (rows * num_beams * row_bytes) // max(kv_bytes, 1)
+        if static_len:
+            tokens = row_bucket(rows) * static_len
+            extra_tokens = (row_bucket(rows) * row_bytes) // max(kv_bytes, 1)
+        else:
+            tokens = rows * (longest + settings.max_new_tokens) * num_beams
+            extra_tokens = (rows * num_beams * row_bytes) // max(kv_bytes, 1)
         if current and (tokens + extra_tokens > tokens_budget or rows > MAX_AUTO_BATCH):
             batches.append(current)
             current = []
@@ -147,16 +202,27 @@ def hf_generate_batched(
     lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
     budget = auto_token_budget(model) if settings.batch_size == "auto" else None
+    static_len = None
+    if generation_config.cache_implementation == "static":
+        static_len = static_cache_len(max(lengths), settings.max_new_tokens)
+        generation_config.max_cache_len = static_len
+        if device.type == "cuda" and not generation_config.disable_compile:
+            _allow_recompiles()
     pending = plan_batches(lengths, order, settings, generation_config.num_beams, budget,
-                           kv_bytes_per_token(model) if budget else 0)
+                           kv_bytes_per_token(model) if budget else 0, static_len)
     results: list[Completion | None] = [None] * len(prompts)
     batch_index = 0
     try:
         while pending:
             indices = pending.pop(0)
             # Prompts are full texts (template included): no extra BOS beyond what the template holds.
+            # A static cache pads the batch with copies of its last (shortest) prompt up to the row bucket; their
+            # outputs are dropped. Sampled rows then depend on the bucket through the random stream, as they depend
+            # on the batches already; greedy rows do not.
+            filler = row_bucket(len(indices)) - len(indices) if static_len else 0
             encoded = tokenizer(
-                [prompts[i] for i in indices], return_tensors="pt", padding=True, add_special_tokens=False
+                [prompts[i] for i in indices] + [prompts[indices[-1]]] * filler, return_tensors="pt", padding=True,
+                add_special_tokens=False,
             ).to(device)
             torch.manual_seed(settings.seed + batch_index)
             try:
@@ -183,7 +249,10 @@ def hf_generate_batched(
                 pending[:0] = [indices[:half], indices[half:]]
                 continue
             if batch_log is not None:
-                batch_log.append({"rows": len(indices), "prompt_tokens": int(encoded["input_ids"].shape[1])})
+                entry = {"rows": len(indices), "prompt_tokens": int(encoded["input_ids"].shape[1])}
+                if static_len:
+                    entry.update(padded_rows=len(indices) + filler, cache_len=static_len)
+                batch_log.append(entry)
             new_tokens = output[:, encoded["input_ids"].shape[1] :].tolist()
             for i, ids in zip(indices, new_tokens):
                 results[i] = _finish(ids, tokenizer, eos_ids, pad_id, settings)

@@ -20,6 +20,10 @@ log = logging.getLogger(__name__)
 BACKENDS = ("auto", "hf", "vllm")
 FINISH_REASONS = ("stop", "length", "stop_string")
 SPLIT_FIELDS = ("id", "instruction", "input", "output")
+# How the static-cache decoding step is compiled on CUDA: inductor (Triton kernels + CUDA graphs, mode
+# reduce-overhead: ~33 s per shape, 18 ms a step on the 7B shape), torch.compile's cudagraphs backend (13 s, 41 ms
+# a step), or eager (the static cache alone: 50 ms). CPU never compiles. Figures: BENCHMARKS.md, issue 21.
+COMPILE_BACKENDS = ("inductor", "cudagraphs", "eager")
 
 
 # --------------------------------------------------------------------------------------------- settings
@@ -32,7 +36,10 @@ class GenerationSettings:
     "auto": on CUDA the largest length-sorted batches whose KV cache fits the free GPU memory (a batch that
     still runs out of memory is split, no row lost), on CPU 16 — changes sampled outputs only through the
     random stream, never greedy/beam outputs (the batches used are recorded in the sidecar);
-    max_prompt_tokens: a longer prompt is an error naming its row (never silently truncated).
+    max_prompt_tokens: a longer prompt is an error naming its row (never silently truncated);
+    static_cache: a static KV cache (hf backend, num_beams 1): every batch's rows are padded with copies of its
+    last prompt up to a row bucket (`tunelens.backend_hf.row_bucket`) and the cache to a length bucket, so that
+    on CUDA transformers compiles the decoding step once per bucket (`compile_backend`), not per request.
     """
 
     max_new_tokens: int = 128
@@ -41,6 +48,8 @@ class GenerationSettings:
     beam_mode: str = "beam_search"
     batch_size: int | str = "auto"
     max_prompt_tokens: int = 1024
+    static_cache: bool = False
+    compile_backend: str = "inductor"
 
     def as_meta(self) -> dict:
         """The fields every generation sidecar records (JSON types)."""
@@ -55,6 +64,9 @@ class GenerationSettings:
             raise ConfigError(f"decoding.max_new_tokens: {self.max_new_tokens}; expected >= 1")
         if self.batch_size != "auto" and not (isinstance(self.batch_size, int) and self.batch_size >= 1):
             raise ConfigError(f"generation.batch_size: {self.batch_size!r}; expected 'auto' or an integer >= 1")
+        if self.compile_backend not in COMPILE_BACKENDS:
+            raise ConfigError(f"generation.compile_backend: '{self.compile_backend}' is unknown; choices: "
+                              f"{COMPILE_BACKENDS}")
         if any(not s for s in self.stop):
             raise ConfigError("decoding.stop: contains an empty string; every stop string needs >= 1 character")
         object.__setattr__(self, "stop", tuple(self.stop))

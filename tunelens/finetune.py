@@ -51,10 +51,11 @@ from tunelens.training.plan import (  # noqa: F401
 )
 from tunelens.training.outputs import (  # noqa: F401
     DIVERGENCE_FACTOR, DIVERGENCE_MIN_RISE, LOG_KEYS, DivergenceError, _model_source, _peak_memory, check_divergence,
-    plot_loss, train_log_rows,
+    loss_window_record, plot_loss, train_log_rows,
 )
+from tunelens.training.trainer import sft_trainer_class
 from tunelens.training.speed import (  # noqa: F401
-    VARLEN_ATTENTION, _probe, autotune_cuda, packed_attention_mask, separate_packed_rows,
+    VARLEN_ATTENTION, _probe, autotune_cuda, lean_lora_forward, packed_attention_mask, separate_packed_rows,
 )
 
 log = logging.getLogger(__name__)
@@ -181,6 +182,9 @@ def sft_config(settings: dict, plan: TrainingPlan, checkpoint_dir: str | Path, s
         # Two, not one: if a job is killed while writing the newest, the previous one is still whole.
         save_total_limit=2,
         include_num_input_tokens_seen="non_padding",
+        # Off: the filter reads every micro-batch's loss on the host (a device sync per micro-batch) to hide a NaN
+        # from the log; a NaN loss should reach train_log.jsonl, where check_divergence fails the job on it.
+        logging_nan_inf_filter=False,
         report_to="none",
         disable_tqdm=True,
         dataloader_num_workers=0,
@@ -280,9 +284,15 @@ def build_trainer(
     revision: str | None = None,
     callbacks: Sequence = (),
     on_bad_rows: str = "count",
+    sync_free: bool = True,
+    lean_layers: bool = True,
 ) -> PreparedRun:
     """Validate everything cheap first (settings, device, target modules, data), then load the model and
-    build the SFTTrainer. Nothing is trained and nothing but `checkpoint_dir` is written."""
+    build the SFTTrainer. Nothing is trained and nothing but `checkpoint_dir` is written.
+
+    `sync_free` False builds TRL's own SFTTrainer, which syncs with the device on every micro-batch for its
+    metrics (tunelens.training.trainer); `lean_layers` False keeps PEFT's own LoRA forward (`lean_lora_forward`).
+    Only benchmarks turn them off."""
     model_path = str(model_path)
     check_settings(settings)
     meta_model = _meta_model(model_path, revision)
@@ -335,7 +345,8 @@ def build_trainer(
         row_separation = separate_packed_rows(model)
         log.info("packed rows are kept apart by: %s", row_separation)
     log_callback = _make_log_callback()
-    trainer = SFTTrainer(
+    trainer_class = sft_trainer_class() if sync_free else SFTTrainer
+    trainer = trainer_class(
         model=model,
         args=sft_config(settings, plan, checkpoint_dir, seed, max_length=max_length),
         # Already tokenized: TRL builds labels from completion_mask (completion_only_loss), truncates, packs.
@@ -346,6 +357,8 @@ def build_trainer(
     )
     # With tqdm off, the Trainer prints every log dict to stdout; our callback logs them instead.
     trainer.remove_callback(PrinterCallback)
+    if lean_layers:
+        log.info("lean LoRA forward on %d layers", lean_lora_forward(trainer.model))
     autotune = None
     if plan.device == "cuda" and settings["autotune"]:
         autotune = autotune_cuda(trainer, settings, plan, Path(checkpoint_dir))
@@ -378,11 +391,13 @@ def finetune(
     model_name: str | None = None,
     callbacks: Sequence = (),
     on_bad_rows: str = "count",
+    build_options: dict | None = None,
 ) -> dict:
     """Fine-tune a LoRA adapter on `train_jsonl` and write the stage's outputs. Returns the metrics dict.
 
     `settings` is the model's merged `finetune` config section (schemas/config.schema.yaml).
     `callbacks` are extra transformers TrainerCallbacks (tests use one to kill a run mid-way).
+    `build_options` go to `build_trainer` (benchmarks turn the speed-ups off with them).
     Resumes from `checkpoint_dir` when it holds a checkpoint of the same run; deletes it on success.
     """
     import torch
@@ -393,7 +408,7 @@ def finetune(
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     run = build_trainer(model_path, train_jsonl, checkpoint_dir, settings, prompt_format, seed, device,
-                        revision, callbacks, on_bad_rows=on_bad_rows)
+                        revision, callbacks, on_bad_rows=on_bad_rows, **(build_options or {}))
     trainer, plan = run.trainer, run.plan
     if run.resume_from is not None:
         log.info("resuming from %s", run.resume_from)
@@ -458,8 +473,9 @@ def finetune(
         "steps_this_job": steps_this_job,
         "tokens_this_job": int(tokens_this_job),
         "tokens_per_s": round(tokens_this_job / train_time_s, 2) if train_time_s > 0 else None,
-        "final_loss": rows[-1]["loss"],
+        "final_loss": rows[-1]["loss"],  # one logged step (one batch): noisy; the windows below are not
         "first_loss": rows[0]["loss"],
+        **loss_window_record(rows),
         "mean_train_loss": round(float(result.training_loss), 6),
         "load_time_s": round(run.load_time_s, 2),
         "train_time_s": round(train_time_s, 2),
@@ -473,6 +489,7 @@ def finetune(
     write_json_atomic(metrics_json, metrics)
     # Only now is the run complete; its checkpoints have served their purpose.
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
-    log.info("done: %d steps (%d in this job), final loss %.4f, %s tokens/s, adapter %s",
-             metrics["steps"], steps_this_job, metrics["final_loss"], metrics["tokens_per_s"], adapter_dir)
+    log.info("done: %d steps (%d in this job), loss %.4f -> %.4f (mean of the first and last %d logged steps), "
+             "%s tokens/s, adapter %s", metrics["steps"], steps_this_job, metrics["first_loss_window_mean"],
+             metrics["last_loss_window_mean"], metrics["loss_window_steps"], metrics["tokens_per_s"], adapter_dir)
     return metrics

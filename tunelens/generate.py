@@ -27,6 +27,7 @@ Decoding semantics (the same on both backends, written to each meta file's `sema
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -41,7 +42,7 @@ from tunelens.io import library_versions, sha256_dir, write_json_atomic, write_j
 # The backends and what they share live in their own modules; their names stay importable from here.
 from tunelens.backend_hf import (  # noqa: F401
     CPU_AUTO_BATCH, HF_NEUTRAL, KV_MEMORY_SHARE, MAX_AUTO_BATCH, _finish, auto_token_budget, hf_generate_batched,
-    hf_generation_config, kv_bytes_per_token, plan_batches,
+    STATIC_LEN_BUCKET, hf_generation_config, kv_bytes_per_token, plan_batches, row_bucket, uses_static_cache,
 )
 from tunelens.backend_vllm import (  # noqa: F401
     VLLM_NEUTRAL, VllmEngine, _lora_request, _require_vllm, _vllm_beam_search, build_vllm_engine, resolve_backend,
@@ -72,15 +73,20 @@ def run_completions(
     vllm_options: dict | None = None,
     engine: VllmEngine | None = None,
     hf_model: tuple | None = None,
+    static_cache: bool | str = False,
+    merge_adapter: bool | str = False,
 ) -> tuple[list[PromptRow], list[Completion], dict]:
     """Load the model on `backend` ('hf' or 'vllm'), build/validate prompts, generate; plus timings.
 
     Prompts are validated (empty, over-long) right after the tokenizer loads and before the model does.
-    Returns (prompt rows, completions in row order, {'load_time_s', 'generation_time_s', 'device'}).
+    `static_cache` / `merge_adapter` (hf): True, False or "auto": see resolve_static_cache / resolve_on_device.
+    Returns (prompt rows, completions in row order, {'load_time_s', 'generation_time_s', 'device', 'batches',
+    'kv_cache', 'adapter_merged'}).
     """
     from tunelens.models import load_tokenizer
 
-    tokenizer = load_tokenizer(model_path)
+    # The generation server passes the tokenizer it keeps with the model: no tokenizer load per request.
+    tokenizer = hf_model[1] if hf_model is not None else load_tokenizer(model_path)
     if prompt_rows is None:
         prompt_rows = load_prompt_rows(
             test_file, prompt_format, tokenizer, max_prompt_tokens=settings.max_prompt_tokens, max_rows=max_rows
@@ -90,14 +96,21 @@ def run_completions(
     batches: list[dict] = []  # hf: the batches actually run (rows, padded prompt length, out-of-memory splits)
     started = time.perf_counter()
     if backend == "hf":
-        from tunelens.models import load_model
+        from tunelens.models import load_model, pick_device
 
         # hf_model: (model, tokenizer) already loaded with this adapter (the generation server's cache).
-        model, tokenizer = hf_model or load_model(model_path, adapter_dir=adapter_dir, device=device)
+        model, tokenizer = hf_model or load_model(
+            model_path, adapter_dir=adapter_dir, device=device,
+            merge_adapter=resolve_on_device(merge_adapter, pick_device(device)),
+        )
         used_device = str(next(model.parameters()).device)
         load_time = time.perf_counter() - started
         started = time.perf_counter()
+        settings = dataclasses.replace(
+            settings, static_cache=resolve_static_cache(static_cache, used_device, settings.max_new_tokens))
         completions = hf_generate_batched(model, tokenizer, prompts, decoding_config, settings, batches)
+        kv_cache = "static" if uses_static_cache(decoding_config, settings) else "dynamic"
+        merged = bool(getattr(model, "tunelens_adapter_merged", False))
     elif backend == "vllm":
         options = dict(vllm_options or {})
         if adapter_dir is not None:
@@ -114,6 +127,7 @@ def run_completions(
                 seed=settings.seed, device=device, **options,
             )
         used_device = "cpu" if engine.on_cpu else "cuda"
+        kv_cache, merged = "paged (vLLM)", False
         load_time = time.perf_counter() - started if owned else 0.0
         started = time.perf_counter()
         try:
@@ -131,8 +145,48 @@ def run_completions(
         "generation_time_s": round(time.perf_counter() - started, 3),
         "device": used_device,
         "batches": batches or None,
+        "kv_cache": kv_cache,
+        "adapter_merged": merged if adapter_dir is not None else None,
     }
     return list(prompt_rows), completions, timing
+
+
+def resolve_on_device(setting: bool | str, device: str) -> bool:
+    """A generation speed setting (`generation.static_cache`, `generation.merge_adapter`): True, False, or "auto" =
+    on CUDA only (where it pays; on CPU outputs stay those of the dynamic cache and the PEFT adapter)."""
+    if setting == "auto":
+        return str(device).startswith("cuda")
+    return bool(setting)
+
+
+# generation.static_cache auto: on CUDA from this many new tokens a row. Measured on an H200 (7B shape, 36 rows,
+# BENCHMARKS.md issue 21): the inductor-compiled static step takes 18 ms against ~40 ms dynamic, and compiling one
+# shape takes ~33 s; at 64 new tokens a request saves ~1.4 s, so a study's ~9 sampling configs per variant never
+# repay the compile, while at 256 new tokens and 500 rows a request saves tens of seconds.
+STATIC_AUTO_MIN_NEW_TOKENS = 128
+
+
+def resolve_static_cache(setting: bool | str, device: str, max_new_tokens: int) -> bool:
+    """generation.static_cache: True, False, or "auto" = on CUDA when max_new_tokens >= STATIC_AUTO_MIN_NEW_TOKENS."""
+    if setting == "auto":
+        return str(device).startswith("cuda") and max_new_tokens >= STATIC_AUTO_MIN_NEW_TOKENS
+    return bool(setting)
+
+
+def speed_semantics(kv_cache: str, adapter_merged: bool | None, compile_backend: str, device: str) -> str:
+    """What the sidecar's semantics add about the cache and the adapter (empty for today's dynamic, unmerged
+    path, so those sidecars keep their bytes)."""
+    parts = []
+    if kv_cache == "static":
+        compiled = f"decoding step compiled ({compile_backend})" if str(device).startswith("cuda") and \
+            compile_backend != "eager" else "not compiled"
+        parts.append(f" Static KV cache: rows padded to a bucket with copies of the batch's last prompt (dropped) "
+                     f"and the cache to a multiple of {STATIC_LEN_BUCKET} tokens; {compiled}. Greedy rows equal "
+                     f"the dynamic cache's; sampled rows depend on the bucket through the random stream.")
+    if adapter_merged:
+        parts.append(" Fine-tuned weights: the LoRA adapter merged into a copy of the base weights "
+                     "(W + scale * B @ A, in the model's dtype), not applied per layer by PEFT.")
+    return "".join(parts)
 
 
 def adapter_record(adapter_dir: str | Path | None) -> dict | None:
@@ -198,6 +252,9 @@ def generation_output(
     vllm_options: dict | None = None,
     engine: VllmEngine | None = None,
     hf_model: tuple | None = None,
+    static_cache: bool | str = "auto",
+    compile_backend: str = "inductor",
+    merge_adapter: bool | str = "auto",
 ) -> tuple[dict, list[dict]]:
     """What `generate` writes, computed but not written: (meta, rows). The generation server
     (tunelens.genserver) calls this with a model/engine it keeps loaded (`engine` for vLLM, `hf_model`
@@ -205,7 +262,7 @@ def generation_output(
     decoding_config = as_decoding_config(decoding_config)
     settings = GenerationSettings(
         max_new_tokens=max_new_tokens, stop=tuple(stop), seed=seed, beam_mode=beam_mode,
-        batch_size=batch_size, max_prompt_tokens=max_prompt_tokens,
+        batch_size=batch_size, max_prompt_tokens=max_prompt_tokens, compile_backend=compile_backend,
     )
     check_variant(model_name, variant, adapter_dir)
     if adapter_dir is not None and not (Path(adapter_dir) / "adapter_config.json").exists():
@@ -220,8 +277,10 @@ def generation_output(
     prompt_rows, completions, timing = run_completions(
         concrete, model_path, None, decoding_config, settings, test_file=test_file, prompt_format=prompt_format,
         max_rows=max_test_rows, adapter_dir=adapter_dir, device=device, tensor_parallel_size=gpus or 1,
-        vllm_options=vllm_options, engine=engine, hf_model=hf_model,
+        vllm_options=vllm_options, engine=engine, hf_model=hf_model, static_cache=static_cache,
+        merge_adapter=merge_adapter,
     )
+    semantics += speed_semantics(timing["kv_cache"], timing["adapter_merged"], compile_backend, timing["device"])
     summary = completion_summary(completions, timing["generation_time_s"])
     meta = {
         "backend": concrete,
@@ -239,6 +298,8 @@ def generation_output(
         "tensor_parallel_size": (gpus or 1) if concrete == "vllm" else None,
         "load_time_s": timing["load_time_s"],
         "batches": timing["batches"],
+        "kv_cache": timing["kv_cache"],
+        "adapter_merged": timing["adapter_merged"],
         **summary,
         "versions": library_versions(),
     }

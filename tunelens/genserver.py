@@ -28,11 +28,15 @@ they become thin clients of a generation server:
      workers included) is killed. On SLURM the allocation's end kills it too.
 
 Every meta file records how its rows were produced under `execution` (mode, server pid, whether this
-request loaded the model or built the engine, and the load time it paid).
+request loaded the model or built the engine, and the load time it paid; for a served request also the server
+CPU seconds it took, `server_cpu_s`, and the server's total so far, `server_cpu_total_s`: the report bills the
+server's work to the jobs it served). early_exit, perplexity and logit_lens jobs are requests to the same server
+(run_early_exit_job; tunelens.served), on its hf model.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import importlib
 import json
@@ -190,6 +194,25 @@ def run_early_exit_job(job: dict, output_file: str | Path, meta_file: str | Path
 
 
 # --------------------------------------------------------------------------------------------- server
+def _gpu_room_for(model_path) -> bool:
+    """Whether the GPU has room for one more bf16 copy of the model's weights beside what it holds (10% spare)."""
+    import torch
+
+    free, _ = torch.cuda.mem_get_info()
+    free += torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
+    need = gpu_bytes_to_load(model_path, 2)
+    return need is None or free > 1.1 * need
+
+
+def _free_gpu_cache() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
 class Declined(Exception):
     """A request this server does not serve; the client runs the job itself and the server stays up."""
 
@@ -207,23 +230,36 @@ class _Server:
         self.last_activity = time.monotonic()
         self.stopping = False
         self.requests = 0
+        # Every request runs on this one long-lived thread, never on the connection's own thread: CUDA graphs
+        # captured by torch.compile (cudagraph trees), cuBLAS handles and workspaces, the caching allocator's
+        # per-stream pools and torch's grad/inference-mode state are per thread, so a thread per request paid a
+        # fresh process's first-call costs on every request (BENCHMARKS.md, issue 21).
+        self.worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="tunelens-request")
 
     def _hf_model(self, job: dict) -> tuple[tuple, bool, float]:
         """(model, tokenizer) of the job's variant, loaded once; (that, loaded now, load seconds)."""
-        from tunelens.models import load_model
+        from tunelens.generate import resolve_on_device
+        from tunelens.models import load_model, pick_device
 
         adapter = job.get("adapter_dir")
-        if adapter in self.hf_models:
-            return self.hf_models[adapter], False, 0.0
+        device = pick_device(job.get("device", "auto"))
+        merge = adapter is not None and resolve_on_device(job.get("merge_adapter", "auto"), device)
+        key = (adapter, merge)
+        if key in self.hf_models:
+            return self.hf_models[key], False, 0.0
         if adapter is not None and not (Path(adapter) / "adapter_config.json").exists():
             from tunelens.errors import ModelError
 
             raise ModelError(f"adapter directory '{adapter}' has no adapter_config.json")
         while len(self.hf_models) >= 2:  # base + one adapter at most
             self.hf_models.pop(next(iter(self.hf_models)))
+        if self.hf_models and device == "cuda" and not _gpu_room_for(job["model_path"]):
+            log.info("not enough free GPU memory for a second copy of the weights: swapping")
+            self.hf_models.clear()
+            _free_gpu_cache()
         started = time.perf_counter()
-        self.hf_models[adapter] = load_model(job["model_path"], adapter_dir=adapter, device=job.get("device", "auto"))
-        return self.hf_models[adapter], True, time.perf_counter() - started
+        self.hf_models[key] = load_model(job["model_path"], adapter_dir=adapter, device=device, merge_adapter=merge)
+        return self.hf_models[key], True, time.perf_counter() - started
 
     def early_exit(self, job: dict) -> tuple[dict, list]:
         """An early_exit job (tunelens.probe.early_exit_output) on the hf model this server keeps. A server
@@ -242,11 +278,52 @@ class _Server:
                              "loaded": loaded, "request": self.requests}
         return meta, rows
 
+    def _task_model(self, job: dict) -> tuple[tuple, bool, float]:
+        """The hf model of a perplexity or logit_lens request (tunelens.served), as early_exit gets it."""
+        from tunelens.generate import resolve_backend
+
+        if self.engine is not None or resolve_backend(job.get("backend", "auto"), job.get("device", "auto"))[0] == "vllm":
+            raise Declined(f"this server generates with vLLM; {job.get('task')} needs the hf model")
+        return self._hf_model(job)
+
+    def _task_answer(self, output: dict, rows: list, loaded: bool, hf_model: tuple | None = None) -> tuple[dict, list]:
+        if hf_model is not None and getattr(hf_model[0], "tunelens_adapter_merged", False):
+            # On CUDA the server keeps the fine-tuned variant merged (generation.merge_adapter): say so in the output
+            # (absent otherwise, so outputs of the PEFT path keep their bytes).
+            output["adapter_merged"] = True
+        self.requests += 1
+        return {"output": output, "n_rows": len(rows), "execution": {
+            "mode": "server", "python": sys.executable, "server_pid": os.getpid(), "loaded": loaded,
+            "request": self.requests}}, rows
+
+    def perplexity(self, job: dict) -> tuple[dict, list]:
+        """A perplexity job (tunelens.perplexity.perplexity_output) on the hf model this server keeps. Imported
+        by name, not by an import statement: a generate job never runs it, so it must not count in the
+        generation code's hash (tunelens.codehash)."""
+        hf_model, loaded, load_time = self._task_model(job)
+        kwargs = {k: v for k, v in job.items() if k not in ("task", "backend", "gpus", "vllm_options")}
+        summary, rows = importlib.import_module("tunelens.perplexity").perplexity_output(
+            **kwargs, model_and_tokenizer=hf_model, load_time_s=load_time)
+        return self._task_answer(summary, rows, loaded, hf_model)
+
+    def logit_lens(self, job: dict) -> tuple[dict, list]:
+        """A logit_lens job (tunelens.probe.logit_lens_output, the lens without its plots) on the hf model this
+        server keeps; imported by name, as perplexity."""
+        hf_model, loaded, load_time = self._task_model(job)
+        kwargs = {k: v for k, v in job.items() if k not in ("task", "backend", "gpus", "vllm_options")}
+        lens = importlib.import_module("tunelens.probe").logit_lens_output(**kwargs, hf_model=hf_model,
+                                                                            load_time_s=load_time)
+        return self._task_answer(lens, [], loaded, hf_model)
+
     def generate(self, job: dict) -> tuple[dict, list]:
         from tunelens.generate import build_vllm_engine, generation_output, resolve_backend
 
         if job.get("task") == "early_exit":
             return self.early_exit(job)
+        if job.get("task") == "perplexity":
+            return self.perplexity(job)
+        if job.get("task") == "logit_lens":
+            return self.logit_lens(job)
         if job.get("task") == "bertscore":
             # Imported by name, not by an import statement: a generate job never runs the scoring code, so it
             # must not count in the generation code's hash (tunelens.codehash); the score jobs' hash has it.
@@ -299,7 +376,12 @@ class _Server:
             elif op == "generate":
                 with self.lock:
                     try:
-                        meta, rows = self.generate(request["job"])
+                        cpu_start = time.process_time()
+                        meta, rows = self.worker.submit(self.generate, request["job"]).result()
+                        # This request's server CPU seconds (a model load included) and the server's total so
+                        # far: the report bills the server's work to the jobs it served (tunelens.report.costs).
+                        meta["execution"].update(server_cpu_s=round(time.process_time() - cpu_start, 3),
+                                                 server_cpu_total_s=round(time.process_time(), 3))
                         answer = {"ok": True, "meta": meta, "rows": rows}
                     except Declined as exc:  # the client runs the job itself; this server stays
                         answer = {"ok": False, "declined": True, "message": str(exc)}
@@ -314,6 +396,7 @@ class _Server:
                 send_frame(conn, answer)
 
     def close(self) -> None:
+        self.worker.shutdown(wait=True)
         if self.engine is not None:
             self.engine.shutdown()
             self.engine = None

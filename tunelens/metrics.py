@@ -5,7 +5,11 @@ A metric is registered once, here (`register`), with everything any stage needs:
   label, decimals how the report shows it
   scale           its scale as score files and summary.csv write it; `scale_label` the report's wording
   higher_is_better  ranking direction (None: not ranked, e.g. length)
-  sentence_level  what a per-row value is (the per-row CSV; paired differences are means of these)
+  sentence_level  what a per-row value is (the per-row CSV)
+  corpus_stats    for corpus-level metrics (not a mean of rows: BLEU, CodeBLEU, perplexity), the per-row
+                  CSV's columns of sufficient statistics, and `corpus_reduce` the function turning their
+                  column sums into the corpus value. The report's paired differences of such a metric are
+                  differences of corpus values, bootstrapped from these columns (not means of per-row values)
   dataset_kinds   the dataset kinds (`dataset.kind`) it applies to; other kinds skip it with a reason
   compute         the function for metrics computed from generation files (tunelens.score); None for metrics
                   that their own stage writes (perplexity, judge, human)
@@ -25,6 +29,7 @@ Heavy libraries are imported inside the metric functions, so `import tunelens.me
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import dataclass, field
@@ -103,6 +108,13 @@ class Metric:
     dataset_kinds: tuple[str, ...] = DATASET_KINDS
     scale_label: str | None = None  # the report's wording of the scale; None = `scale`
     default: bool = True  # in the default `scoring.metrics` (computed metrics only)
+    corpus_stats: tuple[str, ...] = ()  # per-row CSV columns of sufficient statistics (corpus-level metrics)
+    corpus_reduce: Callable[[np.ndarray], float] | None = None  # column sums of corpus_stats -> corpus value
+
+    @property
+    def corpus_level(self) -> bool:
+        """The corpus value is reduced from summed per-row statistics, not the mean of per-row values."""
+        return self.corpus_reduce is not None
 
     @property
     def shown_scale(self) -> str:
@@ -127,17 +139,21 @@ METRICS: dict[str, Metric] = {}
 
 def register(name: str, *, label: str, scale: str, higher_is_better: bool | None, decimals: int,
              sentence_level: str, description: str, dataset_kinds: Sequence[str] = DATASET_KINDS,
-             scale_label: str | None = None, default: bool = True, compute: Callable | None = None):
+             scale_label: str | None = None, default: bool = True, compute: Callable | None = None,
+             corpus_stats: Sequence[str] = (), corpus_reduce: Callable[[np.ndarray], float] | None = None):
     """Register a metric. As a decorator, the decorated function is its `compute` (a metric of the score
     stage); called with `compute=None` and not used as a decorator, it declares a metric another stage writes.
-    Re-registering a name replaces it."""
+    A corpus-level metric names its per-row statistics columns (`corpus_stats`, in the order of
+    MetricResult.stats) and `corpus_reduce` (column sums -> corpus value). Re-registering a name replaces it."""
+    if bool(corpus_stats) != (corpus_reduce is not None):
+        raise ValueError(f"metric '{name}': corpus_stats and corpus_reduce go together")
     unknown = sorted(set(dataset_kinds) - set(DATASET_KINDS))
     if unknown:
         raise ValueError(f"metric '{name}': unknown dataset kind(s) {unknown}; known: {list(DATASET_KINDS)}")
 
     def add(fn: Callable | None) -> Callable | None:
         METRICS[name] = Metric(name, label, scale, higher_is_better, decimals, sentence_level, description,
-                               fn, tuple(dataset_kinds), scale_label, default)
+                               fn, tuple(dataset_kinds), scale_label, default, tuple(corpus_stats), corpus_reduce)
         return fn
 
     add(compute)
@@ -178,9 +194,27 @@ def _bleu_reduce(corpus_bleu) -> Callable[[np.ndarray], float]:
     return reduce
 
 
+def bleu_corpus_value(sums: np.ndarray) -> float:
+    """Corpus BLEU (0-100, the metric's settings: sacrebleu BLEU() defaults) from summed BLEU_STATS columns."""
+    return _default_bleu_reduce()(sums)
+
+
+@functools.lru_cache(maxsize=1)
+def _default_bleu_reduce() -> Callable[[np.ndarray], float]:
+    from sacrebleu.metrics.bleu import BLEU
+
+    return _bleu_reduce(BLEU())  # built once: BLEU() costs ~0.2 ms, a paired bootstrap reduces 2,000 times
+
+
+BLEU_ORDER = 4  # sacrebleu's default max n-gram order (BLEU())
+BLEU_STATS = ("bleu.sys_len", "bleu.ref_len", *(f"bleu.correct_{n}" for n in range(1, BLEU_ORDER + 1)),
+              *(f"bleu.total_{n}" for n in range(1, BLEU_ORDER + 1)))
+
+
 @register("bleu", label="BLEU", scale="0-100", higher_is_better=True, decimals=1,
           sentence_level="sacrebleu.sentence_bleu (exp smoothing, effective order)",
-          description="sacrebleu corpus BLEU (13a, exp smoothing); per row sacrebleu.sentence_bleu")
+          description="sacrebleu corpus BLEU (13a, exp smoothing); per row sacrebleu.sentence_bleu",
+          corpus_stats=BLEU_STATS, corpus_reduce=bleu_corpus_value)
 def bleu(generated: list[str], references: list[str], rows: list[dict], context: ScoringContext) -> MetricResult:
     """Corpus BLEU from summed n-gram statistics; no n-gram match at all gives exactly 0 (sacrebleu #141),
     and an empty output has brevity penalty 0, so gibberish or empty output cannot score above 0 by smoothing."""
@@ -307,6 +341,7 @@ def bertscore_runner(*, base: str | Path | None = None, start_timeout_s: float =
             log.warning("BERTScore server unavailable (%s); scoring without it", exc)
             return bertscore_f1(settings, device, generated, references)
         return {"f1": rows, "num_layers": meta["num_layers"], "device": meta["device"],
+                "server": meta.get("execution"),  # the request's server CPU, billed by the report's costs
                 "baseline_f1": meta["baseline_f1"]}
 
     return run
@@ -338,6 +373,9 @@ def bertscore(generated: list[str], references: list[str], rows: list[dict], con
             "model": str(context.bertscore.model), "num_layers": scored["num_layers"],
             "rescaled": context.bertscore.rescale_with_baseline, "baseline_path": context.bertscore.baseline_path,
             "device": scored["device"], "empty_pairs": int(empty.sum()),
+            # how the BERTScore server served this file (None: computed in the job); the score stage moves it
+            # out of the metric's entry into the score file's `metric_servers` (timings are not results)
+            "server": scored.get("server"),
         },
     )
 
@@ -452,9 +490,30 @@ def codebleu_components(sums: np.ndarray) -> dict[str, float]:
     }
 
 
+def codebleu_corpus_value(sums: np.ndarray) -> float:
+    """Corpus CodeBLEU (0-1) from summed CODEBLEU_STATS columns."""
+    return codebleu_components(sums)["codebleu"]
+
+
+CODEBLEU_STATS = (
+    *(f"codebleu.ngram_match_{n}" for n in range(1, _NGRAM + 1)), *(f"codebleu.ngram_total_{n}" for n in range(1, _NGRAM + 1)),
+    *(f"codebleu.weighted_match_{n}" for n in range(1, _NGRAM + 1)),
+    *(f"codebleu.weighted_total_{n}" for n in range(1, _NGRAM + 1)),
+    "codebleu.hyp_len", "codebleu.ref_len", "codebleu.syntax_match", "codebleu.syntax_total",
+    "codebleu.dataflow_match", "codebleu.dataflow_total", "codebleu.weighted_ref_len",
+)
+# Per row, codebleu's `dataflow_match_score or 1` gives a row without any data-flow match a free 0.25 (a
+# bare "0" against any program scores 0.25 with every component 0), so the per-row mean can move against the
+# corpus value; the report's paired differences use the corpus value (CODEBLEU_STATS), never this mean.
+CODEBLEU_PER_ROW_NOTE = ("per-row CodeBLEU is calc_codebleu on the row alone: a row whose data-flow match is 0 "
+                         "gets 0.25 for it (codebleu's `dataflow_match_score or 1`), so the mean of rows is not "
+                         "the corpus value and can move the other way")
+
+
 @register("codebleu", label="CodeBLEU", scale="0-1", higher_is_better=True, decimals=3,
-          sentence_level="calc_codebleu on the row alone", description="codebleu.calc_codebleu (weights 0.25 each)",
-          dataset_kinds=("code",))
+          sentence_level="calc_codebleu on the row alone (a data-flow score of 0 counts as 1)",
+          description="codebleu.calc_codebleu (weights 0.25 each)",
+          dataset_kinds=("code",), corpus_stats=CODEBLEU_STATS, corpus_reduce=codebleu_corpus_value)
 def codebleu(generated: list[str], references: list[str], rows: list[dict], context: ScoringContext) -> MetricResult:
     """Corpus CodeBLEU equal to codebleu.calc_codebleu(references, generated, lang); per row the same on one row."""
     tools = _codebleu_tools(context.code_language)
@@ -465,8 +524,9 @@ def codebleu(generated: list[str], references: list[str], rows: list[dict], cont
     components = codebleu_components(stats.sum(axis=0))
     return MetricResult(
         "codebleu", per_row, components.pop("codebleu"), stats=stats,
-        reduce=lambda sums: codebleu_components(sums)["codebleu"],
-        details={"language": context.code_language, "weights": list(CODEBLEU_WEIGHTS), "components": components},
+        reduce=codebleu_corpus_value,
+        details={"language": context.code_language, "weights": list(CODEBLEU_WEIGHTS), "components": components,
+                 "per_row_note": CODEBLEU_PER_ROW_NOTE},
     )
 
 
@@ -480,9 +540,15 @@ def exact_match(generated: list[str], references: list[str], rows: list[dict], c
 
 
 # Written by their own stages (tunelens.perplexity, tunelens.judge, tunelens.human), in the report's order.
+def perplexity_corpus_value(sums: np.ndarray) -> float:
+    """exp(summed NLL / summed tokens) from the perplexity rows' `nll` and `tokens` columns."""
+    return float(np.exp(sums[0] / sums[1])) if sums[1] > 0 else math.nan
+
+
 register("perplexity", label="Perplexity", scale=">=1 (lower is better)", scale_label=">=1, lower is better",
          higher_is_better=False, decimals=2, sentence_level="exp(NLL / tokens) of the reference",
-         description="exp(sum of response-token NLL / response tokens), teacher-forced reference")
+         description="exp(sum of response-token NLL / response tokens), teacher-forced reference",
+         corpus_stats=("nll", "tokens"), corpus_reduce=perplexity_corpus_value)
 register("judge", label="Judge", scale="0-1", higher_is_better=True, decimals=3,
          sentence_level="(judge rating 1-5 - 1) / 4", description="LLM judge rating, rescaled to 0-1; corpus = mean")
 register("human", label="Human", scale="0-1", higher_is_better=True, decimals=3,

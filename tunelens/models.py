@@ -162,8 +162,11 @@ def load_model(
     dtype: str = "auto",
     load_in_4bit: bool = False,
     revision: str | None = None,
+    merge_adapter: bool = False,
 ):
-    """Load (model, tokenizer) for inference, optionally with a PEFT adapter on top (not merged).
+    """Load (model, tokenizer) for inference, optionally with a PEFT adapter on top: applied per layer by PEFT,
+    or with `merge_adapter` merged into the (non-quantised) weights (W + scale * B @ A) and unloaded, which
+    decodes at the base model's speed. A merged model has `tunelens_adapter_merged = True`.
 
     The model is in eval mode on `device`; float32 on CPU, bfloat16 on CUDA unless `dtype` says otherwise.
     """
@@ -200,6 +203,9 @@ def load_model(
         if not (adapter_dir / "adapter_config.json").exists():
             raise ModelError(f"adapter directory '{adapter_dir}' has no adapter_config.json")
         model = PeftModel.from_pretrained(model, str(adapter_dir))
+        if merge_adapter and not load_in_4bit:
+            model = model.merge_and_unload()
+            model.tunelens_adapter_merged = True
     model.eval()
     return model, tokenizer
 

@@ -135,6 +135,22 @@ def _fmt(value: float) -> str:
     return repr(float(value)) if math.isfinite(value) else str(value)
 
 
+def rows_columns(results: Sequence[MetricResult]) -> dict[str, np.ndarray]:
+    """The per-row table's numeric columns: each metric's per-row values, then the per-row sufficient
+    statistics of every corpus-level metric (METRICS[name].corpus_stats), from which the report recomputes
+    corpus values on paired resamples."""
+    columns: dict[str, np.ndarray] = {r.name: r.per_row for r in results}
+    for result in results:
+        names = METRICS[result.name].corpus_stats
+        if result.stats is None or not names:
+            continue
+        if result.stats.shape[1] != len(names):
+            raise ValueError(f"metric '{result.name}': {result.stats.shape[1]} statistics per row, "
+                             f"registered {len(names)} ({names})")
+        columns.update({name: result.stats[:, index] for index, name in enumerate(names)})
+    return columns
+
+
 def write_rows_csv(path: str | Path, ids: Sequence[str], columns: dict[str, Sequence[float]], extra: dict | None = None) -> None:
     """Per-row table: `id`, then `extra` text columns, then one column per metric (full float precision)."""
     extra = extra or {}
@@ -222,16 +238,21 @@ def score_generation_file(
     meta = read_generation_meta(generation_file, len(rows), meta_file)
     check_metric_names(metrics)
     results, skipped, seconds = score_rows(rows, metrics, context)
+    # Where a metric was computed by a server (BERTScore), its record of the request: kept out of `metrics`,
+    # which must not depend on where jobs ran; the report bills the server's CPU from it (report.costs).
+    servers = {r.name: r.details.pop("server") for r in results if r.details.get("server") is not None}
+    for r in results:
+        r.details.pop("server", None)
     n = len(rows)
     summary = score_record(
         model=model or (meta.get("model") or {}).get("name"), variant=variant or meta.get("variant"),
         config=config or (meta.get("decoding_config") or {}).get("name"), layer=layer, results=results, n=n,
         samples=samples, confidence=confidence, seed=seed, skipped=skipped, source=meta,
-        generation_file=str(generation_file), metric_time_s=seconds,
+        generation_file=str(generation_file), metric_time_s=seconds, metric_servers=servers,
         # answers with no text (after stop strings): a variant where every answer is empty is flagged in the
         # report, so its scores of 0 are not read as real results
         empty_generations=sum(not str(row.get("generated", "")).strip() for row in rows),
     )
-    write_rows_csv(rows_csv, [row["id"] for row in rows], {r.name: r.per_row for r in results})
+    write_rows_csv(rows_csv, [row["id"] for row in rows], rows_columns(results))
     write_json_atomic(scores_json, summary)
     return summary

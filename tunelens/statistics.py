@@ -6,8 +6,12 @@ Used by the scoring stage (corpus metrics with CIs over test rows, tunelens.scor
 - bootstrap_distribution   the statistic on each resample (a mean, or a reduce over summed row statistics);
 - percentile_ci            the percentile interval of a distribution;
 - bootstrap_ci             value + percentile CI of one corpus statistic;
-- paired_bootstrap / paired_difference   mean difference over the same rows, with a CI;
-- corpus_perplexity_difference           difference of two corpus perplexities over the same rows;
+- paired_bootstrap / paired_difference   mean difference over the same rows, with a CI and a p-value;
+- paired_corpus_difference               difference of two corpus statistics (BLEU, CodeBLEU, perplexity)
+                                         over the same rows, both recomputed on each joint resample;
+- corpus_perplexity_difference           the same for perplexity from id/nll/tokens tables;
+- bootstrap_p_value        two-sided bootstrap p-value of a difference;
+- adjust_p_values          Holm or Benjamini-Hochberg adjustment over a family of p-values;
 - rank_agreement           Kendall tau-b and Spearman rho with CIs.
 
 All of them are deterministic in their seed. numpy/scipy only (no torch), so the report job starts fast.
@@ -108,6 +112,57 @@ def bootstrap_ci(
     return {"value": value, "ci_low": low, "ci_high": high}
 
 
+P_VALUE_METHOD = ("two-sided bootstrap p-value: twice the share of bootstrap differences at or beyond 0 on the "
+                  "side opposite the observed difference, with the +1 correction, (1 + count) / (1 + resamples), "
+                  "capped at 1; 1 when the observed difference is 0")
+ADJUSTMENTS = {
+    "holm": "Holm (family-wise error rate)",
+    "bh": "Benjamini-Hochberg (false discovery rate)",
+    "none": "none (each comparison at its own level)",
+}
+
+
+def bootstrap_p_value(distribution: np.ndarray, observed: float) -> float:
+    """Two-sided bootstrap p-value of H0 "difference = 0" (P_VALUE_METHOD).
+
+    `distribution`: the difference on each bootstrap resample (non-finite resamples are left out);
+    `observed`: the difference on the rows themselves. NaN when nothing is finite.
+    """
+    distribution = np.asarray(distribution, dtype=np.float64)
+    distribution = distribution[np.isfinite(distribution)]
+    if distribution.size == 0 or not math.isfinite(observed):
+        return math.nan
+    if observed == 0:
+        return 1.0
+    beyond = np.count_nonzero(distribution <= 0) if observed > 0 else np.count_nonzero(distribution >= 0)
+    return float(min(1.0, 2.0 * (1 + beyond) / (1 + distribution.size)))
+
+
+def adjust_p_values(p_values: Sequence[float] | np.ndarray, method: str) -> np.ndarray:
+    """Adjusted p-values over one family of comparisons: 'holm' (step-down, family-wise error rate),
+    'bh' (Benjamini-Hochberg step-up, false discovery rate) or 'none'. NaN entries stay NaN and do not
+    count in the family. Same definitions as statsmodels.stats.multitest.multipletests."""
+    if method not in ADJUSTMENTS:
+        raise ValueError(f"multiple-comparison adjustment '{method}': expected one of {list(ADJUSTMENTS)}")
+    p_values = np.asarray(p_values, dtype=np.float64)
+    out = np.full(p_values.shape, math.nan)
+    finite = np.flatnonzero(np.isfinite(p_values))
+    m = finite.size
+    if m == 0:
+        return out
+    if method == "none":
+        out[finite] = p_values[finite]
+        return out
+    order = finite[np.argsort(p_values[finite], kind="stable")]
+    ranked = p_values[order]
+    if method == "holm":
+        adjusted = np.maximum.accumulate((m - np.arange(m)) * ranked)
+    else:
+        adjusted = np.minimum.accumulate((ranked * m / np.arange(1, m + 1))[::-1])[::-1]
+    out[order] = np.minimum(adjusted, 1.0)
+    return out
+
+
 def paired_bootstrap(
     a: Sequence[float] | np.ndarray,
     b: Sequence[float] | np.ndarray,
@@ -118,8 +173,8 @@ def paired_bootstrap(
 ) -> dict[str, float]:
     """Paired bootstrap of mean(a) - mean(b) over the same rows (a[i] and b[i] belong to one test row).
 
-    Returns {"diff", "ci_low", "ci_high", "p_value", "n"}; p_value is two-sided: twice the share of
-    resampled differences on the other side of 0 (capped at 1). Units are those of the inputs.
+    Returns {"diff", "ci_low", "ci_high", "p_value", "n"}; p_value: bootstrap_p_value (P_VALUE_METHOD).
+    Units are those of the inputs.
     """
     a = np.asarray(a, dtype=np.float64)
     b = np.asarray(b, dtype=np.float64)
@@ -129,10 +184,7 @@ def paired_bootstrap(
     distribution = bootstrap_distribution(diff, samples=samples, seed=seed)
     low, high = percentile_ci(distribution, confidence)
     observed = float(diff.mean())
-    if np.all(distribution == 0):
-        p_value = 1.0
-    else:
-        p_value = min(1.0, 2 * min(np.mean(distribution <= 0), np.mean(distribution >= 0)))
+    p_value = 1.0 if np.all(distribution == 0) else bootstrap_p_value(distribution, observed)
     return {"diff": observed, "ci_low": low, "ci_high": high, "p_value": float(p_value), "n": int(a.shape[0])}
 
 
@@ -140,11 +192,45 @@ def paired_difference(a: np.ndarray, b: np.ndarray, *, samples: int, confidence:
                       seed: int) -> tuple[float, float, float]:
     """Mean of (b - a) over paired rows (a[i], b[i] = one test row) with a percentile bootstrap CI:
     (difference, low, high), NaN for no rows. Same resampling as the score files' CIs."""
-    if len(a) == 0:
-        return math.nan, math.nan, math.nan
-    result = paired_bootstrap(np.asarray(b, dtype=float), np.asarray(a, dtype=float), samples=samples,
-                              confidence=confidence, seed=seed)
+    result = paired_mean_difference(a, b, samples=samples, confidence=confidence, seed=seed)
     return result["diff"], result["ci_low"], result["ci_high"]
+
+
+def paired_mean_difference(a: np.ndarray, b: np.ndarray, *, samples: int, confidence: float, seed: int) -> dict:
+    """paired_bootstrap of mean(b) - mean(a) (b the second, e.g. fine-tuned, a the base), NaN for no rows."""
+    if len(a) == 0:
+        return {"diff": math.nan, "ci_low": math.nan, "ci_high": math.nan, "p_value": math.nan, "n": 0}
+    return paired_bootstrap(np.asarray(b, dtype=float), np.asarray(a, dtype=float), samples=samples,
+                            confidence=confidence, seed=seed)
+
+
+def paired_corpus_difference(stats_a: np.ndarray, stats_b: np.ndarray, reduce: Callable[[np.ndarray], float], *,
+                             samples: int, confidence: float, seed: int) -> dict:
+    """reduce(sums of stats_b) - reduce(sums of stats_a): the difference of two corpus statistics over the
+    same rows (row i of both = one test row), e.g. fine-tuned minus base corpus BLEU.
+
+    Each bootstrap resample draws row ids once and recomputes both corpus values on it, so the CI is that of
+    the paired difference of the corpus values, and the point estimate is the difference of the two corpus
+    values the score files show (on the same rows). Returns {"diff", "ci_low", "ci_high", "p_value", "n"};
+    resamples where a corpus value is not finite are left out of the CI and the p-value.
+    """
+    stats_a = np.asarray(stats_a, dtype=np.float64)
+    stats_b = np.asarray(stats_b, dtype=np.float64)
+    if stats_a.shape != stats_b.shape or stats_a.ndim != 2:
+        raise ValueError(f"paired_corpus_difference needs two (rows, statistics) arrays of one shape, got "
+                         f"{stats_a.shape} and {stats_b.shape}")
+    n = stats_a.shape[0]
+    if n == 0:
+        return {"diff": math.nan, "ci_low": math.nan, "ci_high": math.nan, "p_value": math.nan, "n": 0}
+    observed = float(reduce(stats_b.sum(axis=0))) - float(reduce(stats_a.sum(axis=0)))
+    counts = resample_counts(n, samples, seed)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        distribution = (bootstrap_distribution(stats=stats_b, reduce=reduce, counts=counts)
+                        - bootstrap_distribution(stats=stats_a, reduce=reduce, counts=counts))
+    low, high = percentile_ci(distribution, confidence, finite_only=True)
+    finite = distribution[np.isfinite(distribution)]
+    p_value = 1.0 if finite.size and np.all(finite == 0) else bootstrap_p_value(distribution, observed)
+    return {"diff": observed, "ci_low": low, "ci_high": high, "p_value": p_value, "n": n}
 
 
 def corpus_perplexity_difference(base, tuned, *, samples: int, confidence: float,
@@ -158,15 +244,11 @@ def corpus_perplexity_difference(base, tuned, *, samples: int, confidence: float
     pair = base.merge(tuned, on="id", suffixes=("_base", "_tuned")).dropna().sort_values("id")
     if pair.empty:
         return math.nan, math.nan, math.nan, 0
-
-    def perplexity(counts: np.ndarray, side: str) -> np.ndarray:
-        return np.exp((counts @ pair[f"nll_{side}"].to_numpy()) / (counts @ pair[f"tokens_{side}"].to_numpy()))
-
-    ones = np.ones((1, len(pair)))
-    value = float((perplexity(ones, "tuned") - perplexity(ones, "base"))[0])
-    counts = resample_counts(len(pair), samples, seed)
-    low, high = percentile_ci(perplexity(counts, "tuned") - perplexity(counts, "base"), confidence, finite_only=True)
-    return value, low, high, len(pair)
+    result = paired_corpus_difference(
+        pair[["nll_base", "tokens_base"]].to_numpy(), pair[["nll_tuned", "tokens_tuned"]].to_numpy(),
+        lambda sums: float(np.exp(sums[0] / sums[1])) if sums[1] > 0 else math.nan,
+        samples=samples, confidence=confidence, seed=seed)
+    return result["diff"], result["ci_low"], result["ci_high"], len(pair)
 
 
 def rank_agreement(x: np.ndarray, y: np.ndarray, *, samples: int, confidence: float,

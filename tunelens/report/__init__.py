@@ -37,7 +37,7 @@ from tunelens.report.common import (
     CSV_COLUMNS, DATE_PREFIX, DIFF_VARIANT, POOLED, MetricInfo, ReportSettings, metric_info, metric_order,
 )
 from tunelens.report.comparisons import agreement, best_configs, paired_differences
-from tunelens.report.costs import cost_rows, cost_section, study_costs
+from tunelens.report.costs import cost_rows, cost_section, server_requests, study_costs
 from tunelens.report.document import EvaluationSetResults, build_summary, config_fields, swept_fields
 from tunelens.report.inputs import (
     ScoreFile, load_finetune_records, load_score_file, load_score_files, long_rows, read_rows_csv, tidy_scores,
@@ -88,7 +88,10 @@ def write_report(*, score_files: Sequence[str | Path] = (), perplexity_files: Se
     finetune = load_finetune_records(finetune_metrics_files)
     summary = summary_table(files, settings)
     extra = [_evaluation_set_results(name, inputs, settings) for name, inputs in (evaluation_sets or {}).items()]
-    costs = study_costs(files, bench_dir=benchmarks_dir, job_gpus=job_gpus, device=device) if benchmarks_dir else None
+    requests = server_requests(files) + [request for results in extra
+                                         for request in server_requests(results.files, results.name)]
+    costs = (study_costs(files, bench_dir=benchmarks_dir, job_gpus=job_gpus, device=device, requests=requests)
+             if benchmarks_dir else None)
     parts = [summary, *(results.summary for results in extra)]
     if costs:
         parts.append(cost_rows(costs, settings.evaluation_set))

@@ -15,8 +15,8 @@ POOLED = "all"  # model/variant/config of statistics pooled over several of them
 REFERENCE_METRICS = ("judge", "human")  # what automatic metrics are compared against
 CSV_COLUMNS = (
     "evaluation_set", "model", "variant", "config", "layer", "metric", "statistic", "value", "ci_low", "ci_high", "n",
-    "scale",
-)
+    "scale", "p_value", "p_adjusted",
+)  # p_value / p_adjusted: paired differences only (tunelens.statistics.P_VALUE_METHOD, adjust_p_values)
 DATE_PREFIX = "Generated: "
 
 
@@ -60,6 +60,9 @@ class ReportSettings:
     config_hash / git_commit: provenance, computed by the rule.
     evaluation_set: label of the training data's own test split (the default set; dataset.name), the
     `evaluation_set` of its summary.csv rows.
+    multiple_comparisons: scoring.multiple_comparisons, the p-value adjustment over each model's paired
+    comparisons ('bh' (default), 'holm' or 'none'; tunelens.statistics.adjust_p_values); a paired cell is marked
+    significant when its adjusted p-value is below 1 - confidence.
     """
 
     decoding_configs: dict[str, dict]
@@ -70,6 +73,19 @@ class ReportSettings:
     config_hash: str = "unknown"
     git_commit: str = "unknown"
     evaluation_set: str = "test"
+    multiple_comparisons: str = "bh"
+
+    def __post_init__(self) -> None:
+        from tunelens.statistics import ADJUSTMENTS
+
+        if self.multiple_comparisons not in ADJUSTMENTS:
+            raise ValueError(f"scoring.multiple_comparisons: '{self.multiple_comparisons}'; expected one of "
+                             f"{list(ADJUSTMENTS)}")
+
+    @property
+    def alpha(self) -> float:
+        """The significance level of the paired tables: 1 - confidence."""
+        return 1.0 - self.confidence
 
     @property
     def ci_label(self) -> str:

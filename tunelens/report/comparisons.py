@@ -1,6 +1,7 @@
 """Statistics the report derives from per-row tables: rows of summary.csv besides the score files' own.
 
-- paired_differences: fine-tuned minus base per model, config, layer and metric (rows paired by id);
+- paired_differences: fine-tuned minus base per model, config, layer and metric (rows paired by id; corpus
+                      metrics as differences of corpus values), with p-values adjusted per model;
 - best_configs:       best decoding config per model, variant and metric, and its gain over the default;
 - agreement:          rank agreement of each automatic metric with Judge / Human ratings.
 The bootstrap itself is tunelens.statistics.
@@ -17,62 +18,100 @@ from tunelens.report.common import (
     order_index,
 )
 from tunelens.report.inputs import ScoreFile
-from tunelens.statistics import comparison_rng, corpus_perplexity_difference, paired_difference, rank_agreement
+from tunelens.metrics import METRICS
+from tunelens.statistics import (
+    adjust_p_values, comparison_rng, paired_corpus_difference, paired_mean_difference, rank_agreement,
+)
 
 
-def _perplexity_rows(score: ScoreFile) -> pd.DataFrame | None:
-    if score.kind != "perplexity" or score.rows is None or not {"nll", "tokens"} <= set(score.rows.columns):
+def corpus_stats_table(score: ScoreFile | None, metric: str) -> pd.DataFrame | None:
+    """id + the per-row sufficient statistics of a corpus-level metric (METRICS[metric].corpus_stats) from a
+    score file's rows table; None for a metric that is a mean of rows, or a rows table without the columns
+    (score files written before the score stage recorded them)."""
+    spec = METRICS.get(metric)
+    if score is None or score.rows is None or spec is None or not spec.corpus_level:
         return None
-    return score.rows[["id", "nll", "tokens"]]
+    columns = list(spec.corpus_stats)
+    if not set(columns) <= set(score.rows.columns):
+        return None
+    return score.rows[["id", *columns]]
+
+
+def score_file_index(files: Sequence[ScoreFile]) -> dict[tuple, ScoreFile]:
+    """(model, variant, config, layer or -1, metric) -> the score file holding that metric."""
+    index = {}
+    for score in files:
+        for metric in score.metrics:
+            index[(score.model, score.variant, score.config, -1 if score.layer is None else score.layer, metric)] = score
+    return index
+
+
+def _paired_result(base_values: pd.Series, tuned_values: pd.Series, base_stats: pd.DataFrame | None,
+                   tuned_stats: pd.DataFrame | None, metric: str, settings: ReportSettings) -> dict | None:
+    """Fine-tuned (or best) minus base (or default) over the ids both sides have: for a corpus-level metric
+    with statistics on both sides the paired bootstrap of the corpus values (paired_corpus_difference),
+    else the paired bootstrap of the mean of per-row differences."""
+    if base_stats is not None and tuned_stats is not None:
+        pair = base_stats.merge(tuned_stats, on="id", suffixes=("_a", "_b")).dropna().sort_values("id")
+        if pair.empty:
+            return None
+        columns = METRICS[metric].corpus_stats
+        result = paired_corpus_difference(
+            pair[[f"{c}_a" for c in columns]].to_numpy(), pair[[f"{c}_b" for c in columns]].to_numpy(),
+            METRICS[metric].corpus_reduce, samples=settings.bootstrap_samples, confidence=settings.confidence,
+            seed=settings.seed)
+        return {**result, "n": len(pair)}
+    wide = pd.concat({"a": base_values, "b": tuned_values}, axis=1).dropna().sort_index()
+    if wide.empty:
+        return None
+    result = paired_mean_difference(wide["a"].to_numpy(), wide["b"].to_numpy(), samples=settings.bootstrap_samples,
+                                    confidence=settings.confidence, seed=settings.seed)
+    return {**result, "n": len(wide)}
+
+
+def adjust_family(table: pd.DataFrame, method: str) -> pd.DataFrame:
+    """`p_adjusted` over each model's rows of one statistic (one family per model and table)."""
+    if table.empty:
+        return table
+    table = table.copy()
+    table["p_adjusted"] = float("nan")
+    for _, group in table.groupby(["model", "statistic"], sort=False):
+        table.loc[group.index, "p_adjusted"] = adjust_p_values(group["p_value"].to_numpy(dtype=float), method)
+    return table
 
 
 def paired_differences(rows: pd.DataFrame, settings: ReportSettings,
                        files: Sequence[ScoreFile] = ()) -> pd.DataFrame:
-    """Fine-tuned minus base per (model, config, layer, metric), rows paired by id, with bootstrap CIs.
+    """Fine-tuned minus base per (model, config, layer, metric), rows paired by id, with bootstrap CIs,
+    p-values and p-values adjusted over each model's comparisons (settings.multiple_comparisons).
 
-    The difference is the mean of per-row differences, except for perplexity with per-row `nll` and
-    `tokens`: there it is the difference of the corpus perplexities (see corpus_perplexity_difference).
+    Corpus-level metrics (BLEU, CodeBLEU, perplexity: METRICS[m].corpus_level) whose rows tables hold their
+    statistics: the difference of the corpus values, both recomputed on each joint resample of row ids, so
+    the point estimate is the difference of the printed columns. Other metrics: the mean of per-row
+    differences (for a mean-of-rows metric the same thing).
     """
     records = []
-    corpus = {}
-    by_model: dict[str, dict[str, pd.DataFrame]] = {}
-    for score in files:
-        table = _perplexity_rows(score)
-        if table is not None:
-            by_model.setdefault(score.model, {})[score.variant] = table
-    for model, tables in by_model.items():
-        if {"base", "finetuned"} <= set(tables):
-            corpus[model] = corpus_perplexity_difference(
-                tables["base"], tables["finetuned"], samples=settings.bootstrap_samples,
-                confidence=settings.confidence, seed=settings.seed)
-    for model, (value, low, high, n) in corpus.items():
-        records.append({
-            "model": model, "variant": DIFF_VARIANT, "config": "", "layer": None, "metric": "perplexity",
-            "statistic": "paired_difference", "value": value, "ci_low": low, "ci_high": high, "n": n,
-            "scale": metric_info("perplexity").scale,
-        })
-    if rows.empty:
-        return pd.DataFrame.from_records(records, columns=list(CSV_COLUMNS))
-    keys = ["model", "config", "layer", "metric"]
-    for (model, config, layer, metric), group in rows.groupby(keys, sort=False):
-        if metric == "perplexity" and config == "" and model in corpus:
-            continue
-        wide = group.pivot(index="id", columns="variant", values="value")
-        if not {"base", "finetuned"} <= set(wide.columns):
-            continue
-        wide = wide[["base", "finetuned"]].dropna().sort_index()
-        if wide.empty:
-            continue
-        value, low, high = paired_difference(
-            wide["base"].to_numpy(), wide["finetuned"].to_numpy(),
-            samples=settings.bootstrap_samples, confidence=settings.confidence, seed=settings.seed,
-        )
-        records.append({
-            "model": model, "variant": DIFF_VARIANT, "config": config, "layer": None if layer == -1 else layer,
-            "metric": metric, "statistic": "paired_difference", "value": value, "ci_low": low, "ci_high": high,
-            "n": len(wide), "scale": metric_info(metric).scale,
-        })
-    return pd.DataFrame.from_records(records, columns=list(CSV_COLUMNS))
+    index = score_file_index(files)
+    if not rows.empty:
+        keys = ["model", "config", "layer", "metric"]
+        for (model, config, layer, metric), group in rows.groupby(keys, sort=False):
+            wide = group.pivot(index="id", columns="variant", values="value")
+            if not {"base", "finetuned"} <= set(wide.columns):
+                continue
+            result = _paired_result(
+                wide["base"], wide["finetuned"],
+                corpus_stats_table(index.get((model, "base", config, layer, metric)), metric),
+                corpus_stats_table(index.get((model, "finetuned", config, layer, metric)), metric), metric, settings)
+            if result is None:
+                continue
+            records.append({
+                "model": model, "variant": DIFF_VARIANT, "config": config, "layer": None if layer == -1 else layer,
+                "metric": metric, "statistic": "paired_difference", "value": result["diff"],
+                "ci_low": result["ci_low"], "ci_high": result["ci_high"], "n": result["n"],
+                "scale": metric_info(metric).scale, "p_value": result["p_value"],
+            })
+    table = pd.DataFrame.from_records(records, columns=list(CSV_COLUMNS))
+    return adjust_family(table, settings.multiple_comparisons)
 
 
 def agreement(rows: pd.DataFrame, settings: ReportSettings) -> pd.DataFrame:
@@ -114,12 +153,15 @@ def agreement(rows: pd.DataFrame, settings: ReportSettings) -> pd.DataFrame:
     return pd.DataFrame.from_records(records, columns=columns)
 
 
-def best_configs(scores: pd.DataFrame, rows: pd.DataFrame, settings: ReportSettings) -> pd.DataFrame:
+def best_configs(scores: pd.DataFrame, rows: pd.DataFrame, settings: ReportSettings,
+                 files: Sequence[ScoreFile] = ()) -> pd.DataFrame:
     """Best decoding config per (model, variant, metric) among the decoding and judge scores.
 
     Ties keep the earlier config in study order. Also gives the paired difference best - default
-    (statistic 'best_minus_default') when both have per-row values.
+    (statistic 'best_minus_default') when both have per-row values, computed as paired_differences does
+    (corpus metrics as differences of corpus values), with p-values adjusted over each model's rows.
     """
+    index = score_file_index(files)
     order = order_index(scores["config"], settings.decoding_configs)
     table = scores[scores["kind"].isin(["decoding", "judge", "human"])].copy()
     records = []
@@ -143,13 +185,17 @@ def best_configs(scores: pd.DataFrame, rows: pd.DataFrame, settings: ReportSetti
         wide = selected.pivot_table(index="id", columns="config", values="value", aggfunc="first")
         if not {best["config"], settings.default_config} <= set(wide.columns):
             continue
-        pair = wide[[settings.default_config, best["config"]]].dropna().sort_index()
-        if pair.empty:
+        result = _paired_result(
+            wide[settings.default_config], wide[best["config"]],
+            corpus_stats_table(index.get((model, variant, settings.default_config, -1, metric)), metric),
+            corpus_stats_table(index.get((model, variant, best["config"], -1, metric)), metric), metric, settings)
+        if result is None:
             continue
-        value, low, high = paired_difference(
-            pair.iloc[:, 0].to_numpy(), pair.iloc[:, 1].to_numpy(), samples=settings.bootstrap_samples,
-            confidence=settings.confidence, seed=settings.seed,
-        )
-        records.append({**record, "statistic": "best_minus_default", "value": value, "ci_low": low,
-                        "ci_high": high, "n": len(pair), "scale": metric_info(metric).scale})
-    return pd.DataFrame.from_records(records, columns=list(CSV_COLUMNS))
+        records.append({**record, "statistic": "best_minus_default", "value": result["diff"],
+                        "ci_low": result["ci_low"], "ci_high": result["ci_high"], "n": result["n"],
+                        "scale": metric_info(metric).scale, "p_value": result["p_value"]})
+    table = pd.DataFrame.from_records(records, columns=list(CSV_COLUMNS))
+    best_rows = table["statistic"] == "best_minus_default"
+    if best_rows.any():
+        table["p_adjusted"] = adjust_family(table[best_rows], settings.multiple_comparisons)["p_adjusted"]
+    return table

@@ -26,11 +26,14 @@ from tunelens.report.common import (
     DATE_PREFIX, POOLED, REFERENCE_METRICS, VARIANT_ORDER, ReportSettings, metric_info, metric_order, order_index,
     variants,
 )
+from tunelens.metrics import METRICS
+from tunelens.report.comparisons import corpus_stats_table, score_file_index
 from tunelens.report.inputs import ScoreFile
 from tunelens.report.provenance import finetune_section, notes_section, provenance_section
 from tunelens.report.tables import (
-    Cell, Document, Table, estimate_cell, format_estimate, format_number, mark_best, significance,
+    Cell, Document, Table, estimate_cell, format_estimate, format_number, format_p, mark_best, significance,
 )
+from tunelens.statistics import ADJUSTMENTS
 
 
 def config_fields(settings: ReportSettings, files: Sequence[ScoreFile]) -> dict[str, dict]:
@@ -112,14 +115,14 @@ def build_summary(files: Sequence[ScoreFile], summary: pd.DataFrame, settings: R
     ctx = _context(files, summary, settings, finetune, human_sheets)
     doc = Document()
     header_section(doc, ctx, generated)
-    data_checks_section(doc, files, finetune, split_manifest)
+    data_checks_section(doc, files, finetune, split_manifest, evaluation_sets)
     for section in (overview_section, decoding_section, layers_section, best_config_section, agreement_section,
                     paired_section):
         section(doc, ctx)
     if evaluation_sets:
         evaluation_sets_section(doc, ctx, evaluation_sets)
     finetune_section(doc, finetune)
-    notes_section(doc, files)
+    notes_section(doc, files, settings.evaluation_set, [(results.name, results.files) for results in evaluation_sets])
     provenance_section(doc, files, settings, finetune)
     return doc
 
@@ -141,14 +144,18 @@ def _reason_counts(counts: dict | None) -> str:
 
 
 def data_checks_section(doc: Document, files: Sequence[ScoreFile], finetune: dict[str, dict],
-                        split_manifest: dict | None) -> None:
-    """Warnings first (variants with only empty answers), then every row the stages left out, by reason."""
+                        split_manifest: dict | None,
+                        evaluation_sets: Sequence["EvaluationSetResults"] = ()) -> None:
+    """Warnings first (variants with only empty answers), then every row the stages left out, by reason: the
+    split, each evaluation set (its manifest) and each fine-tune."""
+    named = [("", files)] + [(f"{results.name}: ", results.files) for results in evaluation_sets]
     warnings = [
-        f"**{model} / {variant}: every answer is empty** in all {n} decoding config(s): its scores measure "
+        f"**{where}{model} / {variant}: every answer is empty** in all {n} decoding config(s): its scores measure "
         "nothing (a collapsed fine-tune? check its loss and the generation log)"
-        for (model, variant), n in empty_variants(files).items()
+        for where, scored in named for (model, variant), n in empty_variants(scored).items()
     ]
-    partly = [f"{s.model} / {s.variant} / {s.config}: {s.empty_generations} of {s.n} answers empty" for s in files
+    partly = [f"{where}{s.model} / {s.variant} / {s.config}: {s.empty_generations} of {s.n} answers empty"
+              for where, scored in named for s in scored
               if s.kind == "decoding" and s.empty_generations and s.n and s.empty_generations < s.n]
     items = []
     if split_manifest:
@@ -163,6 +170,16 @@ def data_checks_section(doc: Document, files: Sequence[ScoreFile], finetune: dic
                      f"{counts.get('train', '?')} train / {counts.get('test', '?')} test; dropped: {detail}")
         for field, column in (split_manifest.get("absent_columns") or {}).items():
             items.append(f"split: column '{column}' (dataset.fields.{field}) is not in the data: every {field} is empty")
+    for results in evaluation_sets:
+        counts = (results.manifest or {}).get("counts")
+        if not counts:
+            items.append(f"evaluation set {results.name}: no manifest, drops unknown")
+            continue
+        detail = _reason_counts(counts.get("dropped"))
+        if counts.get("beyond_max_rows"):
+            detail += f"; beyond max_rows {counts['beyond_max_rows']}"
+        items.append(f"evaluation set {results.name}: {counts.get('read', '?')} records read, "
+                      f"{counts.get('usable', '?')} usable, {counts.get('test', '?')} evaluated; dropped: {detail}")
     for model, record in finetune.items():
         metrics = record.get("metrics") or {}
         if "train_rows" in metrics:
@@ -308,12 +325,14 @@ def best_config_section(doc: Document, ctx: SummaryContext) -> None:
             else:
                 d = diff.iloc[0]
                 diff_text = format_estimate(d["value"], d["ci_low"], d["ci_high"], decimals, signed=True)
-                diff_text += significance(d["ci_low"], d["ci_high"])
+                diff_text += significance(d["p_adjusted"], ctx.settings.alpha)
             rows.append([Cell(r.model), Cell(r.variant), Cell(metric_info(r.metric).label), Cell(f"`{r.config}`"),
                          Cell(format_estimate(r.value, r.ci_low, r.ci_high, decimals)),
                          estimate_cell(default_entry, r.metric), Cell(diff_text)])
-        doc.paragraph(f"best − default: mean paired difference over rows (by id) with a bootstrap {ci}; "
-                      "* = the CI excludes 0. Ties go to the earlier config in study order.")
+        doc.paragraph(f"best − default: paired difference over rows (by id) with a bootstrap {ci}, computed as in "
+                      f"section 6 (corpus metrics as differences of corpus values); * = p-value adjusted "
+                      f"({_adjustment_text(ctx.settings)} over each model's rows of this table) below "
+                      f"{ctx.settings.alpha:g}. Ties go to the earlier config in study order.")
         doc.table(Table(["Model", "Variant", "Metric", "Best config", "Best", "Default", "Best − default"], rows,
                         ["l", "l", "l", "l", "r", "r", "r"]))
 
@@ -368,12 +387,39 @@ def paired_section(doc: Document, ctx: SummaryContext,
     if not tuned_models:
         doc.paragraph("No model has both a base and a fine-tuned variant.")
     else:
-        doc.paragraph(f"At the default config: fine-tuned − base, mean of per-row differences with rows paired by "
-                      f"id and a bootstrap {ci}; * = the CI excludes 0. Per-row values of corpus metrics (BLEU) are "
-                      "sentence-level, so their mean can differ from the corpus value; perplexity is the difference "
-                      "of the corpus perplexities (same resampled references for both). Every config and layer is "
-                      "in summary.csv.")
+        settings = ctx.settings
+        family = {model: int(diffs[(diffs["model"] == model)]["p_value"].notna().sum()) for model in tuned_models}
+        corpus_labels = [metric_info(m).label for m in metric_order(set(diffs["metric"]) | set(scores["metric"]))
+                         if m in METRICS and METRICS[m].corpus_level]
+        doc.paragraph(
+            f"At the default config: fine-tuned − base over the rows both variants have (paired by id), with an "
+            f"unadjusted bootstrap {ci}. Corpus metrics ({', '.join(corpus_labels) or 'none here'}) are the "
+            "difference of the two corpus values, both recomputed on each bootstrap resample of row ids, so the "
+            "difference is the gap between the Base and Fine-tuned columns; the other metrics are means of rows, "
+            "and their difference is the mean of per-row differences (the same gap). p: two-sided bootstrap "
+            "p-value (twice the share of resampled differences at or beyond 0, opposite the observed one, "
+            f"(1 + count) / (1 + resamples)); p adj.: {_adjustment_text(settings)} over each model's "
+            "paired comparisons (every config, layer and metric of this evaluation set in summary.csv: "
+            + ", ".join(f"{family[m]} for {m}" for m in tuned_models)
+            + f"); * = p adj. below {settings.alpha:g}. `scoring.multiple_comparisons` chooses the adjustment "
+            "(bh, holm, none; default bh). With "
+            f"{settings.bootstrap_samples} resamples the smallest p-value is {2 / (settings.bootstrap_samples + 1):.4f}."
+        )
+        if settings.multiple_comparisons == "holm":
+            blind = [m for m in tuned_models if 2 * family[m] / (settings.bootstrap_samples + 1) >= settings.alpha]
+            if blind:
+                needed = math.ceil(2 * max(family[m] for m in blind) / settings.alpha)
+                doc.paragraph(f"**Holm cannot mark any comparison of {', '.join(blind)}**: {max(family[m] for m in blind)} "
+                              f"comparisons times the smallest p-value reach {settings.alpha:g}; raise "
+                              f"`scoring.bootstrap_samples` to at least {needed} or use bh.")
+        if "codebleu" in set(scores["metric"]):
+            doc.paragraph("CodeBLEU: the per-row values in the `.rows.csv` files are calc_codebleu on each row "
+                          "alone, where a row whose data-flow match is 0 gets 0.25 for it (codebleu's "
+                          "`dataflow_match_score or 1`; e.g. the answer `0` scores 0.25 against any program). Their "
+                          "mean is not the corpus value and can move the other way, so the difference here is "
+                          "that of the corpus values.")
         rows = []
+        fallback = False
         for model in tuned_models:
             part = diffs[(diffs["model"] == model) & diffs["config"].isin([default, ""])]
             metrics = metric_order(list(part["metric"]) + list(scores[(scores["model"] == model)
@@ -384,10 +430,15 @@ def paired_section(doc: Document, ctx: SummaryContext,
                 base = by_key.get((model, "base", config, None, metric))
                 tuned = by_key.get((model, "finetuned", config, None, metric))
                 match = part[part["metric"] == metric]
+                p_text = p_adj_text = "–"
                 if not match.empty:
                     d = match.iloc[0]
                     diff_text = format_estimate(d["value"], d["ci_low"], d["ci_high"], decimals, signed=True)
-                    diff_text += significance(d["ci_low"], d["ci_high"])
+                    diff_text += significance(d["p_adjusted"], settings.alpha)
+                    if _per_row_fallback(ctx.files, model, config, metric):
+                        diff_text += " †"
+                        fallback = True
+                    p_text, p_adj_text = format_p(d["p_value"]), format_p(d["p_adjusted"])
                     n = str(int(d["n"]))
                 elif base is not None and tuned is not None:
                     diff_text = format_estimate(tuned["value"] - base["value"], math.nan, math.nan, decimals,
@@ -396,10 +447,26 @@ def paired_section(doc: Document, ctx: SummaryContext,
                 else:
                     continue
                 rows.append([Cell(model), Cell(metric_info(metric).label), estimate_cell(base, metric),
-                             estimate_cell(tuned, metric), Cell(diff_text), Cell(n)])
-        doc.table(Table(["Model", "Metric", "Base", "Fine-tuned", "Fine-tuned − base", "n pairs"], rows,
-                        ["l", "l", "r", "r", "r", "r"]))
+                             estimate_cell(tuned, metric), Cell(diff_text), Cell(p_text), Cell(p_adj_text), Cell(n)])
+        doc.table(Table(["Model", "Metric", "Base", "Fine-tuned", "Fine-tuned − base", "p", "p adj.", "n pairs"],
+                        rows, ["l", "l", "r", "r", "r", "r", "r", "r"]))
+        if fallback:
+            doc.paragraph("† mean of per-row differences: the rows tables hold no corpus statistics for this corpus "
+                          "metric (score files written before they were recorded; rerun the score jobs for the "
+                          "corpus-level difference).")
 
+
+def _adjustment_text(settings: ReportSettings) -> str:
+    return ADJUSTMENTS[settings.multiple_comparisons]
+
+
+def _per_row_fallback(files: Sequence[ScoreFile], model: str, config: str, metric: str) -> bool:
+    """A corpus-level metric whose base or fine-tuned rows table lacks its statistics (difference of means)."""
+    if metric not in METRICS or not METRICS[metric].corpus_level:
+        return False
+    index = score_file_index(files)
+    return any(corpus_stats_table(index.get((model, variant, config, -1, metric)), metric) is None
+               for variant in VARIANT_ORDER)
 
 
 def _manifest_counts(manifest: dict | None) -> tuple[str, str, str, str]:

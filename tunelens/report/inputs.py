@@ -48,6 +48,7 @@ class ScoreFile:
     versions: dict
     rows: pd.DataFrame | None = None  # columns: id, then one per metric
     empty_generations: int | None = None  # answers with no text (generation score files)
+    bertscore_server: dict | None = None  # metric_servers.bertscore: the BERTScore server's record of the request
 
 
 def rows_path_candidates(path: Path) -> list[Path]:
@@ -144,6 +145,7 @@ def load_score_file(path: str | Path, kind: str) -> ScoreFile:
         source=data.get("source"),
         versions=dict(data.get("versions") or {}),
         empty_generations=data.get("empty_generations"),
+        bertscore_server=(data.get("metric_servers") or {}).get("bertscore"),
     )
     for candidate in rows_path_candidates(path):
         if candidate.exists():

@@ -9,6 +9,7 @@ from tunelens.io import library_versions
 from tunelens.report.common import ReportSettings, metric_info
 from tunelens.report.inputs import ScoreFile
 from tunelens.report.tables import Cell, Document, Table
+from tunelens.training.outputs import loss_windows, window_text
 
 
 def finetune_section(doc: Document, finetune: dict[str, dict]) -> None:
@@ -26,14 +27,26 @@ def finetune_section(doc: Document, finetune: dict[str, dict]) -> None:
         losses = [r for r in log_rows if isinstance(r.get("loss"), (int, float))]
         items = [f"`{k}`: {_scalar_text(v)}" for k, v in scalars.items()]
         if losses:
-            items.append(f"train loss: {losses[0]['loss']:.4f} at step {losses[0].get('step', '?')} → "
-                         f"{losses[-1]['loss']:.4f} at step {losses[-1].get('step', '?')} ({len(losses)} logged steps)")
+            items.append(loss_summary(losses))
         doc.bullets(items or ["metrics.json has no scalar values"])
 
 
-# Keys of the finetune stage's metrics.json shown in the summary (the rest stays in the file).
+def loss_summary(losses: list[dict]) -> str:
+    """The training loss as the mean of the first and of the last 10% of logged steps (the divergence check's
+    windows, tunelens.training.outputs.loss_windows), with the window and the single steps' range stated."""
+    window = loss_windows(losses)
+    values = [float(r["loss"]) for r in losses]
+    return (f"train loss (mean cross-entropy per response token, nats): {window['first']:.4f} "
+            f"({window_text(window['first_steps'])}) → {window['last']:.4f} ({window_text(window['last_steps'])}); "
+            f"windows: the first and last {window['fraction']:.0%} of {window['logged']} logged steps, "
+            f"{window['size']} step(s) each (one logged step is one batch); single steps range "
+            f"{min(values):.4f}–{max(values):.4f}")
+
+
+# Keys of the finetune stage's metrics.json shown in the summary (the rest stays in the file). Its single-step
+# first_loss / final_loss are left out: the loss line gives the windowed means.
 FINETUNE_FIELDS = ("method", "train_rows", "trainable_params", "trainable_percent", "steps", "epochs",
-                   "first_loss", "final_loss", "train_time_s", "tokens_per_s")
+                   "train_time_s", "tokens_per_s")
 
 
 def _scalar_text(value: Any) -> str:
@@ -42,15 +55,19 @@ def _scalar_text(value: Any) -> str:
     return "–" if value is None else str(value)
 
 
-def notes_section(doc: Document, files: Sequence[ScoreFile]) -> None:
-    skipped: dict[tuple[str, str], list[str]] = {}
-    for score in files:
-        for metric, reason in score.skipped.items():
-            skipped.setdefault((metric, str(reason)), []).append(score.model)
+def notes_section(doc: Document, files: Sequence[ScoreFile], evaluation_set: str = "test",
+                  evaluation_sets: Sequence[tuple[str, Sequence[ScoreFile]]] = ()) -> None:
+    """Skipped metrics, each with the evaluation set it was skipped on (the training data's own test split
+    `evaluation_set`, or an extra set), the reason and the models."""
+    skipped: dict[tuple[str, str, str], list[str]] = {}
+    for name, scored in [(evaluation_set, files), *evaluation_sets]:
+        for score in scored:
+            for metric, reason in score.skipped.items():
+                skipped.setdefault((metric, name, str(reason)), []).append(score.model)
     if skipped:
         doc.heading(2, "Skipped metrics")
-        doc.bullets([f"{metric_info(m).label}: {reason} ({', '.join(dict.fromkeys(models))})"
-                     for (m, reason), models in skipped.items()])
+        doc.bullets([f"{metric_info(m).label} on `{name}`: {reason} ({', '.join(dict.fromkeys(models))})"
+                     for (m, name, reason), models in skipped.items()])
 
 
 def provenance(files: Sequence[ScoreFile], settings: ReportSettings,

@@ -158,9 +158,16 @@ def format_estimate(value: float, low: float, high: float, decimals: int, signed
     return f"{point} [{format_number(low, decimals)}, {format_number(high, decimals)}]"
 
 
-def significance(low: float, high: float) -> str:
-    """' *' when a CI excludes 0."""
-    return " *" if math.isfinite(low) and math.isfinite(high) and (low > 0 or high < 0) else ""
+def significance(p_adjusted: float, alpha: float) -> str:
+    """' *' when a comparison's (adjusted) p-value is below alpha."""
+    return " *" if p_adjusted is not None and math.isfinite(p_adjusted) and p_adjusted < alpha else ""
+
+
+def format_p(value: float) -> str:
+    """A p-value with 3 decimals ('–' when there is none)."""
+    if value is None or not math.isfinite(value):
+        return "–"
+    return f"{value:.3f}"
 
 
 def estimate_cell(entry: dict | pd.Series | None, metric: str) -> Cell:

@@ -30,7 +30,7 @@ def summary_table(files: Sequence[ScoreFile], settings: ReportSettings,
     scores = tidy_scores(files)
     rows = long_rows(files)
     parts = [scores.drop(columns="kind"), paired_differences(rows, settings, files),
-             best_configs(scores, rows, settings),
+             best_configs(scores, rows, settings, files),
              agreement(rows, settings)]
     table = pd.concat([p for p in parts if not p.empty], ignore_index=True)
     table["evaluation_set"] = settings.evaluation_set if evaluation_set is None else evaluation_set
@@ -53,7 +53,7 @@ def _sort_summary(table: pd.DataFrame, settings: ReportSettings) -> pd.DataFrame
     table = table.loc[order].reset_index(drop=True)
     table["layer"] = pd.array(table["layer"].astype("Float64"), dtype="Int64")
     table["n"] = pd.array(pd.to_numeric(table["n"], errors="coerce").astype("Float64"), dtype="Int64")
-    for column in ("value", "ci_low", "ci_high"):
+    for column in ("value", "ci_low", "ci_high", "p_value", "p_adjusted"):
         table[column] = table[column].astype(float)
     for column in ("evaluation_set", "model", "variant", "config", "metric", "statistic", "scale"):
         table[column] = table[column].fillna("").astype(str)
@@ -70,12 +70,13 @@ def read_summary_csv(path: str | Path) -> pd.DataFrame:
     path = Path(path)
     table = pd.read_csv(path, dtype={c: str for c in ("evaluation_set", "model", "variant", "config", "metric",
                                                       "statistic", "scale")},
-                        keep_default_na=False, na_values={c: [""] for c in ("layer", "value", "ci_low", "ci_high", "n")})
+                        keep_default_na=False, na_values={c: [""] for c in ("layer", "value", "ci_low", "ci_high", "n", "p_value",
+                                                  "p_adjusted")})
     missing = [c for c in CSV_COLUMNS if c not in table.columns]
     if missing:
         raise DataError(f"{path}: missing column(s) {missing}; expected {list(CSV_COLUMNS)}")
     table["layer"] = table["layer"].astype("Int64")
     table["n"] = table["n"].astype("Int64")
-    for column in ("value", "ci_low", "ci_high"):
+    for column in ("value", "ci_low", "ci_high", "p_value", "p_adjusted"):
         table[column] = table[column].astype(float)
     return table[list(CSV_COLUMNS)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import resource
 from pathlib import Path
 from typing import Any
@@ -18,17 +19,46 @@ class DivergenceError(TunelensError):
     """Training diverged: the adapter would be garbage, and its scores would look like real results."""
 
 
-# A last logged loss above this multiple of the first (and this much higher) is divergence, not noise.
+# The last window's mean loss above this multiple of the first window's (and this much higher) is divergence.
 DIVERGENCE_FACTOR = 2.0
 DIVERGENCE_MIN_RISE = 0.5
+# Share of the logged steps whose mean loss stands for the start and the end of training: one logged step is
+# one batch (4 rows in the demo), whose loss alone swings by more than the whole run's improvement.
+LOSS_WINDOW_FRACTION = 0.1
+
+
+def loss_windows(rows: list[dict], fraction: float = LOSS_WINDOW_FRACTION) -> dict:
+    """The mean loss over the first and over the last `fraction` of the logged steps (at least one step
+    each; rows in step order): {"first", "last" (nats per response token), "size" (steps per window),
+    "logged" (steps logged), "first_steps", "last_steps" ((first step, last step) of each window)}."""
+    losses = [(row["step"], float(row["loss"])) for row in rows if isinstance(row.get("loss"), (int, float))]
+    if not losses:
+        raise ValueError("loss_windows: no logged loss")
+    size = max(1, math.ceil(fraction * len(losses)))
+    first, last = losses[:size], losses[-size:]
+    return {"first": math.fsum(v for _, v in first) / size, "last": math.fsum(v for _, v in last) / size,
+            "size": size, "logged": len(losses), "fraction": fraction,
+            "first_steps": (first[0][0], first[-1][0]), "last_steps": (last[0][0], last[-1][0])}
+
+
+def loss_window_record(rows: list[dict]) -> dict:
+    """metrics.json's windowed loss keys: the first and last windows' mean loss and the window's size."""
+    window = loss_windows(rows)
+    return {"first_loss_window_mean": round(window["first"], 6), "last_loss_window_mean": round(window["last"], 6),
+            "loss_window_steps": window["size"], "loss_window_fraction": window["fraction"],
+            "logged_steps": window["logged"]}
+
+
+def window_text(steps: tuple) -> str:
+    """'step 3' for a one-step window, else 'mean of steps 1-4'."""
+    return f"step {steps[0]}" if steps[0] == steps[1] else f"mean of steps {steps[0]}-{steps[1]}"
 
 
 def check_divergence(rows: list[dict], settings: dict, name: str, model=None) -> None:
     """Fail when training blew up: a logged loss or gradient norm is not finite, the gradient vanished
-    for good (a collapsed model: every logged step after the first has gradient norm 0), the last loss
-    ends far above the first, or (given `model`) a trained parameter is not finite."""
-    import math
-
+    for good (a collapsed model: every logged step after the first has gradient norm 0), the mean loss of the
+    last 10% of logged steps ends far above that of the first 10% (loss_windows; single batches are too noisy
+    to compare), or (given `model`) a trained parameter is not finite."""
     lr = settings.get("learning_rate")
     for row in rows:
         for key in ("loss", "grad_norm"):
@@ -50,11 +80,15 @@ def check_divergence(rows: list[dict], settings: dict, name: str, model=None) ->
             if param.requires_grad and not bool(param.detach().isfinite().all()):
                 raise DivergenceError(f"fine-tune of '{name}' diverged: trained parameter {param_name} holds "
                                       f"non-finite values; lower finetune.learning_rate ({lr})")
-    first, last = float(rows[0]["loss"]), float(rows[-1]["loss"])
-    if len(rows) > 1 and last > DIVERGENCE_FACTOR * first and last - first > DIVERGENCE_MIN_RISE:
+    if len(rows) < 2:
+        return
+    window = loss_windows(rows)
+    first, last = window["first"], window["last"]
+    if last > DIVERGENCE_FACTOR * first and last - first > DIVERGENCE_MIN_RISE:
         raise DivergenceError(
-            f"fine-tune of '{name}' diverged: loss rose from {first:.4g} (step {rows[0]['step']}) to {last:.4g} "
-            f"(step {rows[-1]['step']}), more than {DIVERGENCE_FACTOR:g}x; lower finetune.learning_rate ({lr})"
+            f"fine-tune of '{name}' diverged: loss rose from {first:.4g} ({window_text(window['first_steps'])}) to "
+            f"{last:.4g} ({window_text(window['last_steps'])}), more than {DIVERGENCE_FACTOR:g}x (windows: the "
+            f"first and last {window['size']} of {window['logged']} logged steps); lower finetune.learning_rate ({lr})"
         )
 
 

@@ -1,0 +1,189 @@
+"""What one generate request costs inside a long-lived process, and what the static cache and the merged adapter buy.
+
+Issue 21: in the GPU study DAG a generation-server request decoded at ~70 ms a step, a bare process's first call
+at 67 ms and its later calls at 26-29 ms. This bench runs the same request (the preset's rows, tunelens'
+hf_generate_batched with its own GenerationConfig, stop string on) in one process, interleaved, and times:
+
+  part threads   dynamic cache, base model: each call on the main thread / on a new thread per call (what the
+                 server did) / on one long-lived worker thread (what it does now)
+  part static    the static cache with each compile backend (eager, cudagraphs, inductor): first call (compile
+                 included) and the later calls, against the dynamic cache; greedy agreement with the dynamic cache
+  part merged    the fine-tuned variant (LoRA r=16 on all linear layers, random non-zero B): PEFT's per-layer
+                 adapter vs merged into the bf16 weights, dynamic and static cache; greedy agreement
+
+    python bench/bench_server_requests.py --model gpu-study/llama2-7b-random --data code_alpaca.json \\
+        --parts threads,static,merged --out requests.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def prompts_from(data: Path, rows: int, tokenizer) -> list[str]:
+    from tunelens.prompts import build_prompt  # the generation stage's own template
+
+    records = json.loads(data.read_text())[-rows:]
+    return [build_prompt({"instruction": r["instruction"], "input": r.get("input", "")}, "alpaca", tokenizer)
+            for r in records]
+
+
+def timed(fn) -> tuple[float, object]:
+    import torch
+
+    torch.cuda.synchronize() if torch.cuda.is_available() else None
+    started = time.perf_counter()
+    out = fn()
+    torch.cuda.synchronize() if torch.cuda.is_available() else None
+    return time.perf_counter() - started, out
+
+
+def spread(values: list[float]) -> dict:
+    return {"median": round(statistics.median(values), 3), "min": round(min(values), 3), "max": round(max(values), 3),
+            "all": [round(v, 3) for v in values]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--rows", type=int, default=36)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--parts", default="threads,static,merged")
+    parser.add_argument("--backends", default="cudagraphs,inductor")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+
+    import torch
+
+    from tunelens.agreement import token_agreement
+    from tunelens.decoding import DecodingConfig
+    from tunelens.generate import GenerationSettings, hf_generate_batched
+    from tunelens.models import load_model
+
+    results: dict = {"rows": args.rows, "max_new_tokens": args.max_new_tokens, "device": args.device,
+                     "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+    started = time.perf_counter()
+    model, tokenizer = load_model(args.model, device=args.device)
+    results["load_s"] = round(time.perf_counter() - started, 1)
+    prompts = prompts_from(args.data, args.rows, tokenizer)
+    sampling = DecodingConfig(temperature=0.8, top_k=50)
+    greedy = DecodingConfig(temperature=0.0)
+    base_settings = GenerationSettings(max_new_tokens=args.max_new_tokens, stop=("### Instruction:",), seed=1234)
+    steps = args.max_new_tokens
+
+    def request(m=model, config=sampling, settings=base_settings):
+        return hf_generate_batched(m, tokenizer, prompts, config, settings)
+
+    def save():
+        if args.out:
+            args.out.write_text(json.dumps(results, indent=1))
+
+    parts = args.parts.split(",")
+    if "threads" in parts:
+        request()  # the process's first call (CUDA context, cuBLAS, kernels): not a case
+        worker = ThreadPoolExecutor(max_workers=1)
+        cases = {
+            "main thread": lambda: timed(request)[0],
+            "new thread per call (server before)": lambda: _on_new_thread(lambda: timed(request)[0]),
+            "one worker thread (server now)": lambda: worker.submit(lambda: timed(request)[0]).result(),
+            "new thread, torch 1 thread": lambda: _on_new_thread(lambda: _one_thread(lambda: timed(request)[0])),
+        }
+        times = {name: [] for name in cases}
+        for _ in range(args.repeats):
+            for name, case in cases.items():
+                times[name].append(case())
+                print(f"threads: {name}: {times[name][-1]:.2f} s", flush=True)
+        results["threads"] = {name: spread(v) | {"ms_per_step": round(1000 * statistics.median(v) / steps, 1)}
+                              for name, v in times.items()}
+        worker.shutdown()
+        save()
+
+    if "static" in parts:
+        static = {}
+        dyn_greedy = request(config=greedy)
+        for backend in ["eager"] + [b for b in args.backends.split(",") if b]:
+            settings = replace(base_settings, static_cache=True, compile_backend=backend)
+            first, _ = timed(lambda: request(settings=settings))
+            later = [timed(lambda: request(settings=settings))[0] for _ in range(args.repeats)]
+            dyn = [timed(request)[0] for _ in range(args.repeats)]
+            agree = token_agreement([c.token_ids for c in dyn_greedy],
+                                    [c.token_ids for c in request(config=greedy, settings=settings)])
+            static[backend] = {"first_s": round(first, 2), "later": spread(later),
+                               "ms_per_step": round(1000 * statistics.median(later) / steps, 1),
+                               "dynamic_interleaved": spread(dyn),
+                               "greedy_agreement_with_dynamic": {k: agree[k] for k in ("exact_match", "mean_agreement")}}
+            print(f"static {backend}: {static[backend]}", flush=True)
+            results["static"] = static
+            save()
+
+    if "merged" in parts:
+        from peft import LoraConfig, get_peft_model
+
+        torch.manual_seed(0)
+        lora = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", init_lora_weights=False)
+        adapter_dir = Path("/tmp/bench_adapter")
+        get_peft_model(model, lora).save_pretrained(adapter_dir)  # wraps model in place: reload below
+        del model
+        torch.cuda.empty_cache()
+        backend = args.backends.split(",")[0] or "eager"
+        merged = {}
+        peft_model, _ = load_model(args.model, adapter_dir=adapter_dir, device=args.device)
+        merged_model, _ = load_model(args.model, adapter_dir=adapter_dir, device=args.device, merge_adapter=True)
+        static_settings = replace(base_settings, static_cache=True, compile_backend=backend)
+        variants = {"peft dynamic": (peft_model, base_settings), "merged dynamic": (merged_model, base_settings),
+                    "peft static": (peft_model, static_settings), "merged static": (merged_model, static_settings)}
+        for name, (m, s) in variants.items():
+            first, _ = timed(lambda: request(m=m, settings=s))
+            merged[name] = {"first_s": round(first, 2), "later": []}
+        for _ in range(args.repeats):
+            for name, (m, s) in variants.items():
+                merged[name]["later"].append(timed(lambda: request(m=m, settings=s))[0])
+        for name in variants:
+            later = merged[name]["later"]
+            merged[name] |= {"later": spread(later), "ms_per_step": round(1000 * statistics.median(later) / steps, 1)}
+        agree = token_agreement([c.token_ids for c in request(m=peft_model, config=greedy)],
+                                [c.token_ids for c in request(m=merged_model, config=greedy)])
+        merged["greedy_agreement_peft_vs_merged_bf16"] = {k: agree[k] for k in ("exact_match", "mean_agreement")}
+        print(f"merged: {merged}", flush=True)
+        results["merged"] = merged
+        save()
+    print(json.dumps(results, indent=1))
+
+
+def _on_new_thread(fn):
+    box = {}
+    thread = threading.Thread(target=lambda: box.setdefault("v", fn()))
+    thread.start()
+    thread.join()
+    return box["v"]
+
+
+def _one_thread(fn):
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(before)
+
+
+if __name__ == "__main__":
+    main()

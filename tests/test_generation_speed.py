@@ -1,0 +1,182 @@
+"""Generation at the GPU's speed (issue 21): one request thread per server, the static KV cache and the merged
+adapter, checked on CPU with tiny models (the speed itself is measured on the GPU: BENCHMARKS.md)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+from pathlib import Path
+
+import pytest
+
+from tunelens import genserver
+from tunelens.agreement import token_agreement
+from tunelens.backend_hf import plan_batches, row_bucket, static_cache_len
+from tunelens.decoding import DecodingConfig
+from tunelens.generate import (
+    STATIC_AUTO_MIN_NEW_TOKENS, GenerationSettings, generate, hf_generate_batched, resolve_on_device,
+    resolve_static_cache,
+)
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+ROWS = [
+    {"id": f"s-{i}", "instruction": text, "input": "", "output": "x"}
+    for i, text in enumerate(["Name a colour.", "Add the numbers 2 and 3 and say the result.", "Say hello.",
+                              "Write a Python function that returns the square of x, with a docstring.",
+                              "Name a fruit."])
+]
+GREEDY = DecodingConfig(temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_factory, tmp_path_factory):
+    """(model dir, LoRA adapter with random non-zero A and B on every linear layer, test file)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model_dir = tiny_model_factory("llama", 2)
+    work = tmp_path_factory.mktemp("speed")
+    torch.manual_seed(3)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    lora = LoraConfig(r=8, lora_alpha=32, target_modules="all-linear", init_lora_weights=False)
+    get_peft_model(model, lora).save_pretrained(work / "adapter")
+    test_file = work / "test.jsonl"
+    test_file.write_text("".join(json.dumps(row) + "\n" for row in ROWS))
+    return model_dir, work / "adapter", test_file
+
+
+def _generate(tiny, out: Path, **overrides) -> tuple[dict, list[dict]]:
+    model_dir, adapter_dir, test_file = tiny
+    kwargs = dict(model_name="tiny", model_path=model_dir, decoding_config=GREEDY.as_dict(), max_new_tokens=10,
+                  seed=7, backend="hf", batch_size=3, device="cpu")
+    if overrides.pop("variant", "base") == "finetuned":
+        kwargs.update(variant="finetuned", adapter_dir=adapter_dir)
+    kwargs.update(overrides)
+    meta = generate(test_file, out, **kwargs)
+    return meta, [json.loads(line) for line in Path(out).read_text().splitlines()]
+
+
+# --------------------------------------------------------------------------------------------- request thread
+def test_every_request_of_a_server_runs_on_one_thread(monkeypatch):
+    """Per-thread state (CUDA graphs, cuBLAS handles, grad mode) must survive between requests: the server used
+    to run each request on its connection's new thread, paying first-call costs every time."""
+    state = genserver._Server("k", idle_timeout_s=60)
+    seen: list[int] = []
+    initialised = threading.local()
+    inits = []
+
+    def stand_in(job):
+        if not getattr(initialised, "done", False):  # what a fresh thread pays once (a cuBLAS handle, a graph)
+            initialised.done = True
+            inits.append(threading.get_ident())
+        seen.append(threading.get_ident())
+        return {"execution": {}}, [job["n"]]
+
+    monkeypatch.setattr(state, "generate", stand_in)
+    answers = []
+    try:
+        for n in range(3):  # as serve() does: each connection handled on a thread of its own
+            server_end, client_end = socket.socketpair()
+            thread = threading.Thread(target=state.handle, args=(server_end,))
+            thread.start()
+            genserver.send_frame(client_end, {"op": "generate", "job": {"n": n}})
+            answers.append(genserver.recv_frame(client_end, 30))
+            thread.join()
+            client_end.close()
+    finally:
+        state.close()
+    assert [a["rows"] for a in answers] == [[0], [1], [2]]
+    assert len(set(seen)) == 1, "requests ran on different threads"
+    assert len(inits) == 1, "per-thread initialisation ran more than once"
+
+
+# --------------------------------------------------------------------------------------------- static cache
+def test_row_and_length_buckets():
+    assert [row_bucket(n) for n in (1, 2, 3, 5, 36, 64, 65, 196, 304)] == [1, 2, 4, 8, 64, 64, 128, 256, 320]
+    assert static_cache_len(166, 256) == 512 and static_cache_len(200, 56) == 256 and static_cache_len(1, 1) == 256
+
+
+def test_static_plan_charges_the_padded_cache():
+    settings = GenerationSettings(max_new_tokens=10)
+    lengths = [30] * 10
+    # budget 2,000 tokens of cache: a static cache of 256 tokens a row holds 4 rows (bucket 4 -> 1,024 tokens,
+    # bucket 8 -> 2,048 > 2,000); the dynamic plan charges only 40 tokens a row
+    static = plan_batches(lengths, list(range(10)), settings, 1, (2000, 0), kv_bytes=1, static_len=256)
+    dynamic = plan_batches(lengths, list(range(10)), settings, 1, (2000, 0), kv_bytes=1)
+    assert [len(b) for b in static] == [4, 4, 2]
+    assert [len(b) for b in dynamic] == [10]
+
+
+def test_static_cache_greedy_equals_the_dynamic_cache(tiny, tmp_path):
+    """transformers allows the static cache on CPU (uncompiled): greedy rows are token for token the dynamic
+    cache's although each batch of 3 rows is padded to 4 with a copy of its last prompt."""
+    dynamic_meta, dynamic = _generate(tiny, tmp_path / "d.jsonl", static_cache=False)
+    static_meta, static = _generate(tiny, tmp_path / "s.jsonl", static_cache=True)
+    assert dynamic_meta["kv_cache"] == "dynamic" and static_meta["kv_cache"] == "static"
+    assert static_meta["batches"][0] | {} == {"rows": 3, "prompt_tokens": static_meta["batches"][0]["prompt_tokens"],
+                                              "padded_rows": 4, "cache_len": 256}
+    assert "Static KV cache" in static_meta["semantics"] and "Static KV cache" not in dynamic_meta["semantics"]
+    assert [r["generated"] for r in static] == [r["generated"] for r in dynamic]
+    assert [r["num_generated_tokens"] for r in static] == [r["num_generated_tokens"] for r in dynamic]
+
+
+def test_static_cache_sampling_is_reproducible(tiny, tmp_path):
+    sampled = DecodingConfig(temperature=1.0, top_k=0).as_dict()
+    first = _generate(tiny, tmp_path / "a.jsonl", static_cache=True, decoding_config=sampled)[1]
+    second = _generate(tiny, tmp_path / "b.jsonl", static_cache=True, decoding_config=sampled)[1]
+    assert first == second
+
+
+def test_beam_search_keeps_the_dynamic_cache(tiny, tmp_path):
+    meta, _ = _generate(tiny, tmp_path / "b.jsonl", static_cache=True,
+                        decoding_config=DecodingConfig(num_beams=2, temperature=0.0).as_dict())
+    assert meta["kv_cache"] == "dynamic" and "Static KV cache" not in meta["semantics"]
+
+
+def test_auto_turns_both_on_for_cuda_only(tiny, tmp_path):
+    assert resolve_on_device("auto", "cuda:0") and not resolve_on_device("auto", "cpu")
+    assert resolve_on_device(True, "cpu") and not resolve_on_device(False, "cuda")
+    long, short = STATIC_AUTO_MIN_NEW_TOKENS, STATIC_AUTO_MIN_NEW_TOKENS - 1
+    assert resolve_static_cache("auto", "cuda:0", long) and not resolve_static_cache("auto", "cuda:0", short)
+    assert not resolve_static_cache("auto", "cpu", long) and resolve_static_cache(True, "cpu", 1)
+    meta, _ = _generate(tiny, tmp_path / "f.jsonl", variant="finetuned")  # defaults: auto, on CPU
+    assert meta["kv_cache"] == "dynamic" and meta["adapter_merged"] is False
+    assert "merged" not in meta["semantics"] and "Static" not in meta["semantics"]
+
+
+# --------------------------------------------------------------------------------------------- merged adapter
+def test_merged_adapter_agrees_with_peft_token_for_token(tiny, tmp_path):
+    peft_meta, peft_rows = _generate(tiny, tmp_path / "p.jsonl", variant="finetuned", merge_adapter=False)
+    merged_meta, merged_rows = _generate(tiny, tmp_path / "m.jsonl", variant="finetuned", merge_adapter=True)
+    base_rows = _generate(tiny, tmp_path / "b.jsonl")[1]
+    assert peft_meta["adapter_merged"] is False and merged_meta["adapter_merged"] is True
+    assert "LoRA adapter merged" in merged_meta["semantics"]
+    assert [r["generated"] for r in peft_rows] != [r["generated"] for r in base_rows], "the adapter changes nothing"
+    from tunelens.models import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny[0])
+    ids = lambda rows: [tokenizer(r["generated"], add_special_tokens=False)["input_ids"] for r in rows]  # noqa: E731
+    agreement = token_agreement(ids(peft_rows), ids(merged_rows))
+    assert agreement["exact_match"] == 1.0, agreement
+
+
+def test_server_keeps_the_merged_variant_and_serves_identical_rows(tiny, tmp_path):
+    model_dir, adapter_dir, test_file = tiny
+    base = tmp_path / "servers"
+    job = dict(test_file=str(test_file), model_name="tiny", model_path=str(model_dir), variant="finetuned",
+               adapter_dir=str(adapter_dir), decoding_config=GREEDY.as_dict(), max_new_tokens=8, seed=7,
+               backend="hf", device="cpu", batch_size=3, merge_adapter=True, static_cache=True)
+    try:
+        served = [genserver.run_generation_job(job, tmp_path / f"s{i}.jsonl", base=base, start_timeout_s=180)
+                  for i in range(2)]
+        alone = genserver.run_generation_job(job, tmp_path / "a.jsonl", server=False)
+    finally:
+        genserver.stop_servers(base)
+    assert [m["execution"]["loaded"] for m in served] == [True, False]
+    assert served[0]["adapter_merged"] is True and served[0]["kv_cache"] == "static"
+    assert (tmp_path / "s0.jsonl").read_bytes() == (tmp_path / "s1.jsonl").read_bytes() == \
+        (tmp_path / "a.jsonl").read_bytes()
