@@ -236,6 +236,20 @@ def test_bad_option_fails_clearly(tiny_llama_dir, train_jsonl, tmp_path, overrid
     assert not (tmp_path / "ckpt").exists()
 
 
+def test_epochs_over_a_hub_dataset_are_bounded_before_training(tiny_llama_dir, tmp_path):
+    """Issue 23: the DAG estimates the optimizer steps when the rows are known before the split (local data);
+    a hub dataset's rows are first known here: 1,001 rows x 1000 epochs at 1 row per step is over the bound."""
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({"id": f"t-{i}", "instruction": f"Task {i}", "input": "", "output": "ok"})
+                             + "\n" for i in range(1001)))
+    with pytest.raises(ConfigError) as error:
+        build_trainer(tiny_llama_dir, train, tmp_path / "ckpt", settings(max_steps=None, num_epochs=1000,
+                                                                         batch_size=1), "alpaca", seed=1, device="cpu")
+    assert "finetune.num_epochs: 1000 over 1001 training rows" in str(error.value)
+    assert "1001000 optimizer steps, at most 1000000" in str(error.value)
+    assert not (tmp_path / "ckpt").exists()
+
+
 def test_prompt_longer_than_max_seq_length_is_dropped_and_counted(tiny_llama_dir, train_jsonl, tmp_path):
     n_rows = len(train_jsonl.read_text().splitlines())
     run = build_trainer(tiny_llama_dir, train_jsonl, tmp_path / "ckpt", settings(max_seq_length=40), "alpaca",

@@ -295,6 +295,9 @@ LISTED: dict[str, str] = {
                          "have none",
     "models.*.num_layers": "only read when a hub model's config is not available offline, to plan probe layers; "
                            "embedded models have their config",
+    "models.*.context_length": "read before any job only (tunelens.preflight: max_new_tokens, early-exit "
+                               "max_new_tokens and max_seq_length must fit); tests/test_bad_inputs.py "
+                               "context_length-given-in-the-config",
     "decoding.defaults.name": "the canonical config name is derived from the values; a given name is not a "
                               "decoding knob",
     "probe.early_exit.decoding.name": "as decoding.defaults.name",

@@ -305,6 +305,13 @@ def build_trainer(
 
     tokenizer = load_tokenizer(model_path, revision)
     rows = load_train_rows(train_jsonl)
+    # The DAG estimated the work when the rows were known then (local or embedded data); a hub dataset's rows
+    # are known here, before any training step.
+    from tunelens.config import training_work_problems
+
+    problems = training_work_problems("finetune", settings, rows=len(rows))
+    if problems:
+        raise ConfigError("; ".join(problems))
     examples = training_examples(rows, prompt_format, tokenizer)
     tokenized, stats = tokenize_examples(rows, examples, tokenizer, settings["max_seq_length"], train_jsonl,
                                          on_bad_rows)

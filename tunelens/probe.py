@@ -42,7 +42,6 @@ from tunelens.models import (
     num_decoder_layers,
     set_decoder_layers,
 )
-from tunelens.probe_plots import _label, plot_lens_entropy, plot_lens_heatmap  # noqa: F401 (re-exported)
 from tunelens.prompts import build_prompt
 
 log = logging.getLogger(__name__)
@@ -370,6 +369,10 @@ def logit_lens_output(
 def write_logit_lens(lens: dict, output_json: str | Path, output_heatmap: str | Path,
                      output_entropy: str | Path) -> None:
     """A logit_lens job's files: the two plots, then lens.json."""
+    # Imported here, not at the top: generation imports this module (early exit through the server), and
+    # plotting is no code of generation (a plot fix must not rerun it; tunelens.codehash).
+    from tunelens.probe_plots import plot_lens_entropy, plot_lens_heatmap
+
     plot_lens_heatmap(lens, output_heatmap)
     plot_lens_entropy(lens, output_entropy)
     write_json_atomic(output_json, lens)  # last: its presence means the plots are complete too
