@@ -108,6 +108,8 @@ OUTPUTS = {
     "early_exit_meta": "probe/{model}/{variant}/early_exit/layer_{layer}.meta.json",
     "early_exit_scores": "probe/{model}/{variant}/early_exit/layer_{layer}.scores.json",
     "early_exit_rows": "probe/{model}/{variant}/early_exit/layer_{layer}.rows.csv",
+    "early_exit_judge": "probe/{model}/{variant}/early_exit/layer_{layer}.judge.json",
+    "early_exit_judge_rows": "probe/{model}/{variant}/early_exit/layer_{layer}.judge.rows.csv",
     "adapter": "finetune/{model}/adapter",
     "finetune_metrics": "finetune/{model}/metrics.json",
     "human_sheet": "human/sheet.csv",
@@ -630,6 +632,22 @@ def all_early_exit_score_files():
     ]
 
 
+def all_early_exit_judge_files():
+    """The judge's files of every early-exit generation: only when both the judge and early exit are on."""
+    if not (
+        STUDY.config["scoring"]["judge"]["enabled"]
+        and STUDY.config["probe"]["enabled"]
+        and STUDY.config["probe"]["early_exit"]["enabled"]
+    ):
+        return []
+    return [
+        out_path("early_exit_judge", model=model, variant=variant, layer=layer)
+        for model in MODELS
+        for variant in variants(model)
+        for layer in probe_layers(model)
+    ]
+
+
 def all_finetune_metrics():
     return [
         out_path("finetune_metrics", model=model)
@@ -672,6 +690,7 @@ def report_inputs(wildcards):
         "judge": all_judge_files(),
         "human": [path for path in human if path.endswith(".json")],
         "early_exit": all_early_exit_score_files(),
+        "early_exit_judge": all_early_exit_judge_files(),
         "finetune": all_finetune_metrics(),
         "human_sheet": [path for path in human if path.endswith(".csv")],
         "lens": all_lens_files(),
@@ -729,7 +748,7 @@ def report_job_gpus():
         "perplexity",
         "judge",
     ]
-    model_rules += ["logit_lens", "early_exit"]
+    model_rules += ["logit_lens", "early_exit", "judge_early_exit"]
     model_rules += ["generate_evalset", "perplexity_evalset", "judge_evalset"]
     gpus = {
         rule_name: {name: model_gpus(SimpleNamespace(model=name)) for name in MODELS}
