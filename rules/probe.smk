@@ -35,6 +35,7 @@ rule logit_lens:
         "../envs/torch.yaml"
     threads: model_threads
     resources:
+        **MODEL_JOB,
         gpu=model_gpus,
         mem_mb=model_resource("mem_mb"),
         runtime=model_resource("runtime"),
@@ -73,6 +74,7 @@ rule early_exit:
         "../envs/torch.yaml"
     threads: model_threads
     resources:
+        **MODEL_JOB,
         **SERVER_SLOTS,
         gpu=model_gpus,
         mem_mb=model_resource("mem_mb"),
