@@ -283,6 +283,28 @@ if STUDY.config["generation"]["server"] and workflow.nodes is None:
         workflow.register_resource(f"genserver_{_name}", 1)
 
 
+# On a cluster, profiles/slurm puts each (model, variant)'s generate, early_exit, logit_lens and perplexity jobs
+# into one group (`groups`, `group-components`): one allocation, one model load (docs/cluster.md). Snakemake
+# sums the resources of jobs it could run side by side in a group and takes the largest over jobs that run
+# one after the other; a limit of one `model_job` per group (scope local: each group's own, not the run's)
+# makes every member its own layer, so the group asks for its members' largest CPUs, memory and GPUs (its
+# runtime is their sum). Not registered on one machine, where it would serialise every model's jobs.
+MODEL_JOB = {}
+if workflow.nodes is not None:
+    MODEL_JOB["model_job"] = 1
+    workflow.register_resource("model_job", 1)
+
+
+resource_scopes:
+    model_job="local",
+
+
+# The allocation's Snakemake process tells the jobs it starts whether it runs more than them (tunelens.servers).
+from tunelens.servers import announce_job_runner
+
+announce_job_runner(remote=workflow.remote_exec, argv=sys.argv)
+
+
 # The critical path of a study is model -> fine-tune -> the fine-tuned variant's jobs, and a fine-tune is its
 # longest job. Snakemake starts ready jobs in priority order, so the model's download or materialisation
 # and its fine-tune go before the base variant's jobs that are ready as soon as the model is: the

@@ -102,6 +102,7 @@ rule perplexity:
     threads: model_threads
     resources:
         **SERVER_SLOTS,
+        **MODEL_JOB,
         gpu=model_gpus,
         mem_mb=model_resource("mem_mb"),
         runtime=model_resource("runtime"),
