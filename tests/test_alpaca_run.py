@@ -16,8 +16,10 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
+# ~390 tokens: far beyond finetune.max_seq_length (96), within the tiny model's 512-token context with the 6 new
+# tokens (a longer test prompt is now refused by the generate job, naming its row).
 LONG_PROMPT = "Summarise the following notes about the history of the printing press. " + " ".join(
-    f"Note {i}: the press spread from Mainz to Venice and Paris within decades." for i in range(40)
+    f"Note {i}: the press spread from Mainz to Venice and Paris within decades." for i in range(20)
 )
 LONG_ANSWER = " ".join(f"Point {i} of the answer explains one more detail." for i in range(40))
 

@@ -143,7 +143,10 @@ def test_allocation_runner_tells_its_jobs_whether_a_server_can_be_reused(monkeyp
     it runs one job; other Snakemake processes leave it alone."""
     from tunelens import servers
 
-    monkeypatch.delenv(servers.RUNNER_ENV, raising=False)
+    # setenv first, so that the teardown removes what announce_job_runner sets below (delenv of an unset name
+    # records nothing to undo): a leaked value made later servers in this worker watch the test process itself.
+    monkeypatch.setenv(servers.RUNNER_ENV, "unset")
+    monkeypatch.delenv(servers.RUNNER_ENV)
     monkeypatch.setattr(servers, "snakemake_ancestor", lambda: "4242:17")
     runner = ["python", "-m", "snakemake", "--snakefile", "Snakefile", "--target-jobs"]
     tail = ["--allowed-rules", "generate", "--executor", "slurm-jobstep", "--jobs", "1", "--mode", "remote"]
