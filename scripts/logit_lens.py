@@ -26,4 +26,5 @@ run_logit_lens(
     max_prompt_tokens=params.max_prompt_tokens,
     seed=params.seed,
     device=params.device,
+    gpus=snakemake.resources.gpu,
 )

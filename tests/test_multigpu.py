@@ -1,0 +1,192 @@
+"""Models larger than one GPU (issue 26), the parts a CPU can check: sharding over the job's GPUs in load_model
+(CUDA simulated), inputs on the input embedding's device, the job's GPU count reaching every loader, vLLM's
+tensor_parallel_size, and data-parallel fine-tuning that trains the same adapter as one process (gloo)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from tunelens import genserver
+from tunelens.errors import ModelError
+
+
+# --------------------------------------------------------------------------------------------- load_model
+@pytest.fixture
+def two_fake_gpus(monkeypatch, tmp_path):
+    """torch sees two 80 GiB CUDA devices; from_pretrained records its arguments and loads on the CPU."""
+    import torch
+    import transformers
+
+    gib = 2**30
+    monkeypatch.setenv(genserver.SERVER_DIR_ENV, str(tmp_path / "servers"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(total_memory=80 * gib))
+    calls: list[dict] = []
+    original = transformers.AutoModelForCausalLM.from_pretrained
+
+    def recording(path, **kwargs):
+        calls.append(kwargs)
+        return original(path, dtype=torch.float32)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", recording)
+    return calls
+
+
+def test_load_model_shards_over_the_jobs_gpus_with_per_gpu_caps(tiny_llama_dir, two_fake_gpus):
+    from tunelens.models import SHARD_WEIGHT_SHARE, load_model
+
+    load_model(tiny_llama_dir, device="cuda", gpus=2)
+    (kwargs,) = two_fake_gpus
+    assert kwargs["device_map"] == "balanced"
+    cap = int(SHARD_WEIGHT_SHARE * 80 * 2**30)
+    assert kwargs["max_memory"] == {0: cap, 1: cap}  # no "cpu"/"disk": never offloaded
+
+
+def test_a_job_asking_for_more_gpus_than_it_sees_fails_before_loading(tiny_llama_dir, two_fake_gpus):
+    from tunelens.models import load_model
+
+    with pytest.raises(ModelError, match=r"asks for 3 GPUs .* but sees 2"):
+        load_model(tiny_llama_dir, device="cuda", gpus=3)
+    assert two_fake_gpus == []
+
+
+def test_a_sharded_load_that_spilled_to_cpu_or_disk_is_an_error():
+    from tunelens.models import check_on_gpus
+
+    model = SimpleNamespace(hf_device_map={"model.embed_tokens": 0, "model.layers.0": 1, "model.layers.1": "cpu",
+                                           "lm_head": "disk"})
+    with pytest.raises(ModelError, match=r"model 'big/70b' does not fit 2 GPUs.*2 module\(s\)"):
+        check_on_gpus(model, "big/70b", 2)
+    check_on_gpus(SimpleNamespace(hf_device_map={"model.embed_tokens": 0, "lm_head": 1}), "ok", 2)
+
+
+# --------------------------------------------------------------------------------------------- input device
+@pytest.fixture
+def split_model(tiny_llama_dir):
+    """(model, tokenizer, plain model): a tiny Llama whose FIRST listed parameter lives on another device than
+    its input embedding, as in a model sharded over GPUs (the meta device stands in for the other GPU)."""
+    import torch
+
+    from tunelens.models import load_model
+
+    plain, tokenizer = load_model(tiny_llama_dir, device="cpu")
+    model, _ = load_model(tiny_llama_dir, device="cpu")
+    model.register_parameter("on_another_gpu", torch.nn.Parameter(torch.zeros(1, device="meta")))
+    assert next(model.parameters()).device.type == "meta"
+    return model, tokenizer, plain
+
+
+PROMPTS = ["Tell me a story about a cat.", "Why is the sky blue?", "List three colours"]
+
+
+def test_generation_perplexity_and_lens_feed_the_input_embeddings_device(split_model):
+    import torch
+
+    from tunelens.completions import GenerationSettings
+    from tunelens.decoding import DecodingConfig
+    from tunelens.generate import hf_generate_batched
+    from tunelens.models import input_device
+    from tunelens.perplexity import response_nll
+    from tunelens.probe import lens_log_probs
+
+    model, tokenizer, plain = split_model
+    assert input_device(model).type == "cpu"
+    greedy = DecodingConfig(temperature=0.0)
+    settings = GenerationSettings(max_new_tokens=6, batch_size=2)
+    got = hf_generate_batched(model, tokenizer, PROMPTS, greedy, settings)
+    want = hf_generate_batched(plain, tokenizer, PROMPTS, greedy, settings)
+    assert [c.token_ids for c in got] == [c.token_ids for c in want]
+    encoded = [(tokenizer(p)["input_ids"], tokenizer(" yes")["input_ids"]) for p in PROMPTS]
+    assert response_nll(model, tokenizer, encoded) == pytest.approx(response_nll(plain, tokenizer, encoded))
+    sequence = torch.tensor([tokenizer(PROMPTS[0])["input_ids"]])
+    with torch.inference_mode():
+        lens = lens_log_probs(model, sequence, [3, 5], [1, 2])
+        assert torch.allclose(lens[2], lens_log_probs(plain, sequence, [3, 5], [1, 2])[2])
+
+
+def test_a_sharded_model_generates_with_the_dynamic_cache_and_says_so(split_model, tmp_path):
+    from tunelens.generate import generation_output
+
+    model, tokenizer, _ = split_model
+    test_file = tmp_path / "test.jsonl"
+    test_file.write_text("".join(json.dumps({"id": f"r{i}", "instruction": p, "input": "", "output": "x"}) + "\n"
+                                 for i, p in enumerate(PROMPTS)))
+    meta, rows = generation_output(
+        test_file, model_name="m", model_path="unused", decoding_config={"name": "greedy", "temperature": 0.0},
+        max_new_tokens=4, backend="hf", device="cpu", static_cache=True, hf_model=(model, tokenizer), gpus=2,
+    )
+    assert meta["kv_cache"] == "dynamic"
+    assert meta["sharded_over"] == ["meta", "cpu"]
+    assert "sharded by decoder blocks over 2 GPUs" in meta["semantics"]
+    assert meta["device"] == "cpu" and len(rows) == 3
+
+
+# --------------------------------------------------------------------------------------------- the job's GPUs
+def test_the_generation_server_loads_with_the_jobs_gpu_count(monkeypatch, tiny_llama_dir):
+    import tunelens.models
+
+    seen = {}
+
+    def fake_load(path, **kwargs):
+        seen.update(kwargs)
+        return "model", "tokenizer"
+
+    monkeypatch.setattr(tunelens.models, "load_model", fake_load)
+    state = genserver._Server("k", idle_timeout_s=60)
+    try:
+        state._hf_model({"model_path": str(tiny_llama_dir), "device": "cpu", "gpus": 2})
+    finally:
+        state.close()
+    assert seen["gpus"] == 2
+
+
+def test_an_early_exit_job_in_process_keeps_its_gpu_count(monkeypatch, tmp_path):
+    import tunelens.probe
+
+    seen = {}
+
+    def fake_early_exit_output(**kwargs):
+        seen.update(kwargs)
+        return {}, []
+
+    monkeypatch.setattr(tunelens.probe, "early_exit_output", fake_early_exit_output)
+    monkeypatch.setattr(tunelens.probe, "write_early_exit", lambda *a: None)
+    genserver.run_early_exit_job({"model_path": "m", "layer": 1, "backend": "hf", "gpus": 2, "vllm_options": None},
+                                 tmp_path / "x.jsonl", tmp_path / "x.meta.json", server=False)
+    assert seen["gpus"] == 2 and "backend" not in seen
+
+
+def test_vllm_gets_the_jobs_gpus_as_tensor_parallel_size(monkeypatch, tmp_path):
+    """In a job and in the generation server (verification: this already held before issue 26)."""
+    import tunelens.generate
+
+    class Built(Exception):
+        pass
+
+    sizes = []
+
+    def fake_engine(model_path, *, tensor_parallel_size, **kwargs):
+        sizes.append(tensor_parallel_size)
+        raise Built
+
+    monkeypatch.setattr(tunelens.generate, "build_vllm_engine", fake_engine)
+    monkeypatch.setattr(tunelens.generate, "resolve_backend", lambda backend, device: ("vllm", "test"))
+    monkeypatch.setattr("tunelens.models.load_tokenizer", lambda *a, **k: SimpleNamespace())
+    monkeypatch.setattr(tunelens.generate, "load_prompt_rows", lambda *a, **k: [])
+    job = dict(model_name="m", model_path="m", decoding_config={"name": "greedy", "temperature": 0.0},
+               backend="vllm", device="cuda", gpus=2)
+    with pytest.raises(Built):
+        tunelens.generate.generation_output(tmp_path / "t.jsonl", **job)
+    state = genserver._Server("k", idle_timeout_s=60)
+    try:
+        with pytest.raises(Built):
+            state.generate({**job, "test_file": str(tmp_path / "t.jsonl")})
+    finally:
+        state.close()
+    assert sizes == [2, 2]
