@@ -190,3 +190,57 @@ def test_vllm_gets_the_jobs_gpus_as_tensor_parallel_size(monkeypatch, tmp_path):
     finally:
         state.close()
     assert sizes == [2, 2]
+
+
+# --------------------------------------------------------------------------------------------- data-parallel fine-tune
+def test_data_parallel_split_keeps_rows_per_step():
+    from tunelens.training.distributed import data_parallel_settings
+
+    split, how = data_parallel_settings({"batch_size": 4, "gradient_accumulation": 4, "autotune": True}, 2)
+    assert (split["batch_size"], split["gradient_accumulation"], split["autotune"]) == (4, 2, False)
+    split, _ = data_parallel_settings({"batch_size": 4, "gradient_accumulation": 1}, 2)
+    assert (split["batch_size"], split["gradient_accumulation"]) == (2, 1)
+    with pytest.raises(ValueError, match="cannot be split over 2 processes"):
+        data_parallel_settings({"batch_size": 3, "gradient_accumulation": 1}, 2)
+
+
+def test_two_gloo_processes_train_the_adapter_of_one(tiny_llama_dir, tmp_path):
+    """Data-parallel on CPU (torchrun, gloo): the same rows per optimizer step and the same loss normalisation
+    give the adapter and the losses of one process, within float rounding."""
+    from safetensors.torch import load_file
+
+    from tunelens.finetune import finetune
+
+    rows = [{"id": f"t-{i}", "instruction": f"Question {i}: what is {i} plus {i}?", "input": "" if i % 2 else "x",
+             "output": f"It is {2 * i}." + " Indeed." * (i % 3)} for i in range(16)]
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    settings = {
+        "enabled": True, "method": "lora", "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0,
+        "target_modules": "all-linear", "learning_rate": 5e-3, "lr_scheduler": "constant", "warmup_ratio": 0.0,
+        "weight_decay": 0.0, "num_epochs": 1, "max_steps": 3, "batch_size": 2, "gradient_accumulation": 2,
+        "max_seq_length": 128, "packing": False, "padding_free": False, "gradient_checkpointing": False,
+        "liger": False, "logging_steps": 1, "save_steps": 100,
+    }
+
+    def run(name, processes):
+        root = tmp_path / name
+        metrics = finetune(tiny_llama_dir, train, root / "adapter", root / "log.jsonl", root / "metrics.json",
+                           root / "loss.png", root / "ckpt", dict(settings), "alpaca", 5, device="cpu",
+                           processes=processes)
+        losses = [json.loads(line)["loss"] for line in (root / "log.jsonl").read_text().splitlines()]
+        return metrics, losses, load_file(str(root / "adapter" / "adapter_model.safetensors"))
+
+    one, one_losses, one_adapter = run("one", 1)
+    two, two_losses, two_adapter = run("two", 2)
+    assert two["data_parallel"]["processes"] == 2 and "2 processes x micro-batch 2" in two["data_parallel"]["split"]
+    assert two["gradient_accumulation_steps"] == 1 and one["gradient_accumulation_steps"] == 2
+    assert two["steps"] == one["steps"] == 3
+    assert two["train_tokens"] == one["train_tokens"]
+    assert two_losses == pytest.approx(one_losses, rel=1e-4)
+    assert two_adapter.keys() == one_adapter.keys()
+    moved = 0
+    for key, tensor in one_adapter.items():
+        assert (two_adapter[key] - tensor).abs().max() < 1e-5, key
+        moved += int(key.endswith("lora_B.weight") and tensor.abs().max() > 0)
+    assert moved  # training changed the adapter (lora_B starts at zero)

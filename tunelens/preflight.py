@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 from tunelens.config import EMBEDDED_PREFIX, HUB_ID, Study, source_kind
 from tunelens.errors import ConfigError, DataError
@@ -249,3 +249,114 @@ def preflight(study: Study, *, base_dir: str | Path = ".", environ: Mapping[str,
             problems.append(problem)
     if problems:
         raise ConfigError("the config cannot run here:\n  " + "\n  ".join(problems))
+
+
+# --------------------------------------------------------------------------------------------- GPU fit
+# Share of one GPU's memory an unsharded model's weights may take (the rest: KV cache, activations, logits). A model
+# sharded over several GPUs gets tunelens.models.SHARD_WEIGHT_SHARE of each, the cap load_model gives transformers.
+ONE_GPU_WEIGHT_SHARE = 0.95
+# 4-bit NF4 with double quantisation takes ~4.1 bits a quantised weight; the embeddings and LM head stay in 16 bits.
+# 0.6 byte a parameter bounds both for Llama shapes (70B: 0.55).
+NF4_BYTES_PER_PARAMETER = 0.6
+
+
+def safetensors_parameters(model_dir: str | Path) -> int | None:
+    """Parameters of the model in `model_dir`, read from its safetensors headers (no weights read); None when it
+    is not a local directory with safetensors files (a hub id, or not downloaded yet)."""
+    import json
+    import struct
+
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        return None
+    parameters = 0
+    for shard in sorted(model_dir.glob("*.safetensors")):
+        with shard.open("rb") as handle:  # 8-byte header length, then JSON with each tensor's shape
+            header = json.loads(handle.read(struct.unpack("<Q", handle.read(8))[0]))
+        for name, entry in header.items():
+            if name != "__metadata__":
+                count = 1
+                for dim in entry["shape"]:
+                    count *= dim
+                parameters += count
+    return parameters or None
+
+
+def gpu_fit_problem(model_name: str, model_dir: str | Path, gpus: int, dtype_bytes: float,
+                    gpu_memory: Sequence[int]) -> str | None:
+    """The problem when model `model_name`'s weights (from its safetensors headers, `dtype_bytes` a parameter)
+    do not fit the job's `gpus` GPUs, whose total memory (bytes) is `gpu_memory` (the first `gpus` are used);
+    None when they fit or the weights are not known. Sharded, each GPU may take SHARD_WEIGHT_SHARE of its memory."""
+    from tunelens.models import SHARD_WEIGHT_SHARE
+
+    parameters = safetensors_parameters(model_dir)
+    gpus = max(int(gpus or 1), 1)
+    if parameters is None or not gpu_memory:
+        return None
+    if len(gpu_memory) < gpus:
+        return (f"model '{model_name}': models.{model_name}.resources.gpus is {gpus}, but the node shows "
+                f"{len(gpu_memory)} GPU(s)")
+    share = ONE_GPU_WEIGHT_SHARE if gpus == 1 else SHARD_WEIGHT_SHARE
+    needed = parameters * dtype_bytes
+    room = share * sum(gpu_memory[:gpus])
+    if needed <= room:
+        return None
+    per_gpu = SHARD_WEIGHT_SHARE * min(gpu_memory)
+    enough = max(2, -(-int(needed) // int(per_gpu)))
+    advice = (f"set models.{model_name}.resources.gpus to at least {enough}" if enough <= len(gpu_memory)
+              else f"this node's {len(gpu_memory)} GPU(s) cannot hold it: use larger GPUs or 4-bit weights")
+    return (f"model '{model_name}' ({parameters / 1e9:.1f} B parameters x {dtype_bytes:g} bytes = "
+            f"{needed / 2**30:.1f} GiB of weights) does not fit {gpus} GPU(s) of {min(gpu_memory[:gpus]) / 2**30:.1f} "
+            f"GiB ({share:.0%} of their memory, {room / 2**30:.1f} GiB, may hold weights); {advice}")
+
+
+def check_model_fits_gpus(model_name: str, model_dir: str | Path, gpus: int, dtype_bytes: float) -> None:
+    """In a job, before it loads a model on CUDA: raise ModelError when the weights cannot fit the job's GPUs
+    (their memory as torch sees it on this node), instead of failing with out-of-memory minutes into the load."""
+    import torch
+
+    from tunelens.errors import ModelError
+
+    memory = [torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count())]
+    problem = gpu_fit_problem(model_name, model_dir, gpus, dtype_bytes, memory)
+    if problem:
+        raise ModelError(problem)
+
+
+def cuda_memory() -> list[int]:
+    """Total memory (bytes) of each CUDA device this process sees (driver API through ctypes: no torch import);
+    empty without a usable driver."""
+    import ctypes
+
+    for name in ("libcuda.so.1", "libcuda.so"):
+        try:
+            lib = ctypes.CDLL(name)
+            break
+        except OSError:
+            continue
+    else:
+        return []
+    count = ctypes.c_int(0)
+    if lib.cuInit(0) != 0 or lib.cuDeviceGetCount(ctypes.byref(count)) != 0:
+        return []
+    memory = []
+    for index in range(count.value):
+        device, total = ctypes.c_int(0), ctypes.c_size_t(0)
+        if lib.cuDeviceGet(ctypes.byref(device), index) != 0 or lib.cuDeviceTotalMem_v2(ctypes.byref(total), device):
+            return []
+        memory.append(total.value)
+    return memory
+
+
+def gpu_fit_problems(study: Study, model_dirs: Mapping[str, str | Path], gpu_memory: Sequence[int]) -> list[str]:
+    """DAG-time form of check_model_fits_gpus, for a local run whose GPUs are those of this machine
+    (`gpu_memory`): every model whose weights are already on disk (`model_dirs`: name -> directory) against its
+    resources.gpus, in the dtype its jobs load it in (bfloat16; the fine-tune's 4-bit base is smaller). Models not
+    on disk yet (to be downloaded or materialised) and cluster runs (the node is not known) are checked in the job."""
+    problems = []
+    for name, spec in study.models.items():
+        if name in model_dirs:
+            problem = gpu_fit_problem(name, model_dirs[name], spec.resources["gpus"], 2, gpu_memory)
+            if problem:
+                problems.append(problem)
+    return problems
