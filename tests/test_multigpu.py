@@ -244,3 +244,66 @@ def test_two_gloo_processes_train_the_adapter_of_one(tiny_llama_dir, tmp_path):
         assert (two_adapter[key] - tensor).abs().max() < 1e-5, key
         moved += int(key.endswith("lora_B.weight") and tensor.abs().max() > 0)
     assert moved  # training changed the adapter (lora_B starts at zero)
+
+
+# --------------------------------------------------------------------------------------------- fits the GPUs
+def fake_weights(folder: Path, parameters: int) -> Path:
+    """A model directory whose safetensors header declares `parameters` weights (no data: only headers are read)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    header = json.dumps({"model.w": {"dtype": "BF16", "shape": [parameters // 8192, 8192], "data_offsets": [0, 0]}})
+    (folder / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header.encode())
+    return folder
+
+
+H200 = 143_771 * 2**20  # bytes, as torch reports one H200
+
+
+def test_gpu_fit_check_names_the_model_and_the_memory_needed(tmp_path):
+    from tunelens.preflight import NF4_BYTES_PER_PARAMETER, gpu_fit_problem, gpu_fit_problems
+
+    model_70b = fake_weights(tmp_path / "70b", 70_553_706_496)
+    problem = gpu_fit_problem("llama-70b", model_70b, 1, 2, [H200, H200])
+    assert problem.startswith("model 'llama-70b' (70.6 B parameters x 2 bytes = 131.4 GiB of weights) does not fit 1 GPU")
+    assert "set models.llama-70b.resources.gpus to at least 2" in problem
+    assert gpu_fit_problem("llama-70b", model_70b, 2, 2, [H200, H200]) is None
+    assert gpu_fit_problem("llama-70b", model_70b, 1, NF4_BYTES_PER_PARAMETER, [H200]) is None  # QLoRA: one GPU
+    assert "node's 2 GPU(s) cannot hold it" in gpu_fit_problem("llama-70b", model_70b, 2, 2, [80 * 2**30] * 2)
+    assert "asks for 2 GPUs (models.llama-70b.resources.gpus) but sees 1" in gpu_fit_problem("llama-70b", model_70b, 2, 2, [H200])
+    assert gpu_fit_problem("hub", "org/not-local", 1, 2, [H200]) is None  # unknown here: checked in the job
+    study = SimpleNamespace(models={"big": SimpleNamespace(resources={"gpus": 1}),
+                                    "small": SimpleNamespace(resources={"gpus": 1})})
+    dirs = {"big": model_70b, "small": fake_weights(tmp_path / "7b", 6_738_415_616)}
+    (only,) = gpu_fit_problems(study, dirs, [H200])
+    assert only.startswith("model 'big'")
+
+
+def test_a_model_too_large_for_the_jobs_gpus_fails_before_loading(tmp_path, two_fake_gpus):
+    from tunelens.models import load_model
+
+    model_70b = fake_weights(tmp_path / "70b", 70_553_706_496)
+    with pytest.raises(ModelError, match=r"70b' \(70.6 B parameters x 2 bytes = 131.4 GiB of weights\) does not fit 2 GPU\(s\) of 80.0 GiB"):
+        load_model(model_70b, device="cuda", gpus=2)
+    assert two_fake_gpus == []  # nothing loaded
+
+
+def test_the_70b_preset_asks_two_gpus_for_every_model_job(tmp_path):
+    """configs/llama-70b.yaml through the SLURM profile (dry run): its model rules carry gpu=2 (the plugin's
+    --gpus / gres), the CPU rules none."""
+    import re
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", "--configfile", str(root / "configs/llama-70b.yaml"), "--snakefile",
+         str(root / "Snakefile"), "--directory", str(tmp_path), "--profile", str(root / "profiles/slurm")],
+        capture_output=True, text=True, timeout=300,
+        env={**__import__("os").environ, "HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    gpus = {}
+    for block in re.finditer(r"^rule (\w+):\n(?:    .*\n)*?    resources: (.*)$", result.stdout, re.M):
+        gpus.setdefault(block.group(1), set()).add(re.search(r"\bgpu=(\d+)", block.group(2)) and
+                                                   re.search(r"\bgpu=(\d+)", block.group(2)).group(1))
+    for rule in ("finetune", "generate", "early_exit", "logit_lens", "perplexity"):
+        assert gpus[rule] == {"2"}, (rule, gpus.get(rule))
+    assert gpus["split"] == {None}

@@ -252,9 +252,10 @@ def preflight(study: Study, *, base_dir: str | Path = ".", environ: Mapping[str,
 
 
 # --------------------------------------------------------------------------------------------- GPU fit
-# Share of one GPU's memory an unsharded model's weights may take (the rest: KV cache, activations, logits). A model
-# sharded over several GPUs gets tunelens.models.SHARD_WEIGHT_SHARE of each, the cap load_model gives transformers.
-ONE_GPU_WEIGHT_SHARE = 0.95
+# What a model needs on its GPUs, as tunelens.servers.gpu_bytes_to_load estimates a load: 1.25 x the weights (the
+# rest of each GPU holds the KV cache, activations and logits; sharded, load_model caps each GPU's weights at
+# SHARD_WEIGHT_SHARE = 1 / 1.25 of its memory) plus 2 GiB a GPU (CUDA context, allocator).
+GPU_RESERVE_BYTES = 2 * 2**30
 # 4-bit NF4 with double quantisation takes ~4.1 bits a quantised weight; the embeddings and LM head stay in 16 bits.
 # 0.6 byte a parameter bounds both for Llama shapes (70B: 0.55).
 NF4_BYTES_PER_PARAMETER = 0.6
@@ -283,31 +284,34 @@ def safetensors_parameters(model_dir: str | Path) -> int | None:
 
 
 def gpu_fit_problem(model_name: str, model_dir: str | Path, gpus: int, dtype_bytes: float,
-                    gpu_memory: Sequence[int]) -> str | None:
+                    gpu_memory: Sequence[int], setting: str | None = None) -> str | None:
     """The problem when model `model_name`'s weights (from its safetensors headers, `dtype_bytes` a parameter)
     do not fit the job's `gpus` GPUs, whose total memory (bytes) is `gpu_memory` (the first `gpus` are used);
-    None when they fit or the weights are not known. Sharded, each GPU may take SHARD_WEIGHT_SHARE of its memory."""
+    None when they fit or the weights are not known. Needed: weights / SHARD_WEIGHT_SHARE + GPU_RESERVE_BYTES a GPU.
+    `setting`: the config key of the GPU count (default models.<model_name>.resources.gpus)."""
     from tunelens.models import SHARD_WEIGHT_SHARE
 
+    setting = setting or f"models.{model_name}.resources.gpus"
     parameters = safetensors_parameters(model_dir)
     gpus = max(int(gpus or 1), 1)
     if parameters is None or not gpu_memory:
         return None
     if len(gpu_memory) < gpus:
-        return (f"model '{model_name}': models.{model_name}.resources.gpus is {gpus}, but the node shows "
-                f"{len(gpu_memory)} GPU(s)")
-    share = ONE_GPU_WEIGHT_SHARE if gpus == 1 else SHARD_WEIGHT_SHARE
-    needed = parameters * dtype_bytes
-    room = share * sum(gpu_memory[:gpus])
-    if needed <= room:
+        return f"model '{model_name}': the job asks for {gpus} GPUs ({setting}) but sees {len(gpu_memory)}"
+    weights = parameters * dtype_bytes
+
+    def needed(count: int) -> float:
+        return weights / SHARD_WEIGHT_SHARE + GPU_RESERVE_BYTES * count
+
+    if needed(gpus) <= sum(gpu_memory[:gpus]):
         return None
-    per_gpu = SHARD_WEIGHT_SHARE * min(gpu_memory)
-    enough = max(2, -(-int(needed) // int(per_gpu)))
-    advice = (f"set models.{model_name}.resources.gpus to at least {enough}" if enough <= len(gpu_memory)
-              else f"this node's {len(gpu_memory)} GPU(s) cannot hold it: use larger GPUs or 4-bit weights")
+    enough = next((n for n in range(gpus + 1, len(gpu_memory) + 1) if needed(n) <= sum(gpu_memory[:n])), None)
+    advice = (f"set {setting} to at least {enough}" if enough
+              else f"this node's {len(gpu_memory)} GPU(s) cannot hold it: use more or larger GPUs, or 4-bit weights")
     return (f"model '{model_name}' ({parameters / 1e9:.1f} B parameters x {dtype_bytes:g} bytes = "
-            f"{needed / 2**30:.1f} GiB of weights) does not fit {gpus} GPU(s) of {min(gpu_memory[:gpus]) / 2**30:.1f} "
-            f"GiB ({share:.0%} of their memory, {room / 2**30:.1f} GiB, may hold weights); {advice}")
+            f"{weights / 2**30:.1f} GiB of weights) does not fit {gpus} GPU(s) of {min(gpu_memory[:gpus]) / 2**30:.1f} "
+            f"GiB: it needs about {needed(gpus) / 2**30:.1f} GiB (weights x {1 / SHARD_WEIGHT_SHARE:g} for the KV cache "
+            f"and activations, + {GPU_RESERVE_BYTES / 2**30:g} GiB a GPU); {advice}")
 
 
 def check_model_fits_gpus(model_name: str, model_dir: str | Path, gpus: int, dtype_bytes: float) -> None:
@@ -318,7 +322,7 @@ def check_model_fits_gpus(model_name: str, model_dir: str | Path, gpus: int, dty
     from tunelens.errors import ModelError
 
     memory = [torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count())]
-    problem = gpu_fit_problem(model_name, model_dir, gpus, dtype_bytes, memory)
+    problem = gpu_fit_problem(model_name, model_dir, gpus, dtype_bytes, memory, "models.<name>.resources.gpus")
     if problem:
         raise ModelError(problem)
 
