@@ -74,7 +74,9 @@ def check_device_before_jobs():
         # Models already on disk against this machine's GPUs (the others: in the job, tunelens.models.load_model).
         from tunelens.preflight import cuda_memory, gpu_fit_problems
 
-        problems = gpu_fit_problems(STUDY, {n: model_dir(s) for n, s in MODELS.items()}, cuda_memory())
+        problems = gpu_fit_problems(
+            STUDY, {n: model_dir(s) for n, s in MODELS.items()}, cuda_memory()
+        )
         if problems:
             print("tunelens: ConfigError: " + "\n  ".join(problems), file=sys.stderr)
             raise SystemExit(1)
