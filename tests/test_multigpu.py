@@ -307,3 +307,22 @@ def test_the_70b_preset_asks_two_gpus_for_every_model_job(tmp_path):
     for rule in ("finetune", "generate", "early_exit", "logit_lens", "perplexity"):
         assert gpus[rule] == {"2"}, (rule, gpus.get(rule))
     assert gpus["split"] == {None}
+
+
+def test_a_local_run_with_fewer_gpus_than_a_model_asks_stops_before_any_job(tmp_path):
+    """Snakemake alone stops only when it reaches the first 2-GPU job, after the jobs before it ran."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    config = tmp_path / "two.yaml"
+    config.write_text((root / "config.yaml").read_text().replace(
+        "resources: {gpus: 1, cpus: 1, mem_mb: 8000", "resources: {gpus: 2, cpus: 1, mem_mb: 8000", 1))
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", "--cores", "1", "--resources", "gpu=1", "--configfile", str(config),
+         "--snakefile", str(root / "Snakefile"), "--directory", str(tmp_path), "--until", "split"],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "models.smollm2.resources.gpus is 2, above this run's gpu limit 1; run with --resources gpu=2" in \
+        result.stderr
+    assert not (tmp_path / "results").exists()
