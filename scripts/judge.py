@@ -19,6 +19,7 @@ judge_generation_file(
     config=snakemake.wildcards.decoding,
     batch_size=params.batch_size,
     device=params.device,
+    gpus=snakemake.resources.gpu,
     samples=params.samples,
     confidence=params.confidence,
     seed=params.seed,

@@ -85,7 +85,7 @@ def split_model(tiny_llama_dir):
 PROMPTS = ["Tell me a story about a cat.", "Why is the sky blue?", "List three colours"]
 
 
-def test_generation_perplexity_and_lens_feed_the_input_embeddings_device(split_model):
+def test_generation_perplexity_judge_and_lens_feed_the_input_embeddings_device(split_model):
     import torch
 
     from tunelens.completions import GenerationSettings
@@ -104,6 +104,9 @@ def test_generation_perplexity_and_lens_feed_the_input_embeddings_device(split_m
     assert [c.token_ids for c in got] == [c.token_ids for c in want]
     encoded = [(tokenizer(p)["input_ids"], tokenizer(" yes")["input_ids"]) for p in PROMPTS]
     assert response_nll(model, tokenizer, encoded) == pytest.approx(response_nll(plain, tokenizer, encoded))
+    from tunelens.judge import rate
+
+    assert rate(model, tokenizer, PROMPTS)[1] == pytest.approx(rate(plain, tokenizer, PROMPTS)[1])
     sequence = torch.tensor([tokenizer(PROMPTS[0])["input_ids"]])
     with torch.inference_mode():
         lens = lens_log_probs(model, sequence, [3, 5], [1, 2])
