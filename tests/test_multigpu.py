@@ -329,3 +329,30 @@ def test_a_local_run_with_fewer_gpus_than_a_model_asks_stops_before_any_job(tmp_
     assert "models.smollm2.resources.gpus is 2, above this run's gpu limit 1; run with --resources gpu=2" in \
         result.stderr
     assert not (tmp_path / "results").exists()
+
+
+def test_the_batch_budget_of_a_sharded_model_is_its_tightest_gpus(monkeypatch):
+    """KV cache lives with each block: 3 blocks on a GPU with 12 GiB free and 1 on a GPU with 2 GiB free leave
+    room for min(0.5 x 12 GiB / 3 blocks, 0.5 x 2 GiB / 1 block) of cache per block-token (the second GPU)."""
+    import torch
+
+    import tunelens.backend_hf as backend_hf
+    import tunelens.models as models
+
+    gib = 2**30
+
+    def on(device):
+        return SimpleNamespace(parameters=lambda: iter([SimpleNamespace(device=torch.device(device))]))
+
+    layers = [on("cuda:0"), on("cuda:0"), on("cuda:0"), on("cuda:1")]
+    model = SimpleNamespace(config=SimpleNamespace(get_text_config=lambda: SimpleNamespace(vocab_size=1000)))
+    monkeypatch.setattr(models, "input_device", lambda m: torch.device("cuda:0"))
+    monkeypatch.setattr(models, "decoder_layers", lambda m: layers)
+    monkeypatch.setattr(backend_hf, "kv_bytes_per_token", lambda m: 4 * 1024)  # 1 KiB a block
+    free = {0: 12 * gib, 1: 2 * gib}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (free[torch.device(device).index], 80 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 0)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 0)
+    tokens, row_bytes = backend_hf.auto_token_budget(model)
+    assert tokens == int(0.5 * 2 * gib / 1024)  # the second GPU's room (the first has room for twice as many)
+    assert row_bytes == 16 * 1000
