@@ -43,6 +43,8 @@ VARIANTS = {
     # The pipeline's defaults today (method/liger/checkpointing auto, the CUDA autotuner on).
     "auto": {},
     "auto+packing": {"packing": True},
+    # The default with TRL's own SFTTrainer and PEFT's own LoRA forward (the step before issue 24's cuts).
+    "auto+peft": {"_build": {"sync_free": False, "lean_layers": False}},
     # The pipeline's defaults before the autotuner (QLoRA + Liger + gradient checkpointing, as configured).
     "before": {"method": "qlora", "liger": True, "gradient_checkpointing": True, "autotune": False},
 }
@@ -58,7 +60,7 @@ def bench_settings(args, variant: str) -> dict:
         "gradient_checkpointing": "auto", "liger": "auto", "logging_steps": 1, "save_steps": 10**6,
         "autotune": True,
     }
-    settings.update(VARIANTS[variant])
+    settings.update({k: v for k, v in VARIANTS[variant].items() if k != "_build"})
     return settings
 
 
@@ -113,6 +115,7 @@ def run_one(args, variant: str, work: Path) -> dict:
         train_log=out / "train_log.jsonl", metrics_json=out / "metrics.json", loss_png=out / "loss.png",
         checkpoint_dir=out / "checkpoints", settings=bench_settings(args, variant), prompt_format=args.prompt_format,
         seed=args.seed, device=args.device, model_name=Path(args.model).name,
+        build_options=VARIANTS[variant].get("_build"),
     )
     log_rows = read_jsonl(out / "train_log.jsonl")
     steady = [row["tokens_per_s"] for row in log_rows if row["step"] > args.warmup] or \

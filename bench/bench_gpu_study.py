@@ -2,7 +2,8 @@
 
 Runs in parts of under 10 minutes each (a part rebuilds what it needs: the random 7B model takes ~40 s):
 
-    # 1. fine-tuning: the plain TRL + PEFT + bitsandbytes recipe vs tunelens' defaults (same rows, seed, batch)
+    # 1. fine-tuning: the plain TRL + PEFT + bitsandbytes recipe vs tunelens' defaults (same rows, seed, batch),
+    #    each variant --repeats times, interleaved; median and spread of each
     python bench/bench_gpu_study.py --part finetune --data code_alpaca_2k.json --tokenizer TOKDIR \
         --plain-script plain_trl_qlora.py --out finetune.json
     # 2. generation: fixed batch sizes vs batch_size auto; one prompt at a time for each of the 13 configs
@@ -62,36 +63,78 @@ def setup(args) -> dict:
 
 # --------------------------------------------------------------------------------------------- fine-tuning
 def part_finetune(args) -> dict:
-    """The plain recipe and tunelens variants, each in a fresh process, same rows/steps/batch/length/seed."""
-    results = {}
-    common = ["--rows", str(args.rows), "--batch-size", "8", "--steps", str(args.steps), "--max-length", "512",
-              "--seed", "1234"]
+    """The plain recipe and tunelens variants, each run in a fresh process with the same rows/steps/batch/length/seed,
+    `--repeats` times, interleaved (A B C A B C): one noisy run cannot make a ratio. Each variant reports the median
+    of its runs' tokens/s and their spread; runs that would start after `--deadline` s are skipped (recorded)."""
+    names = (["plain"] if args.plain_script else []) + args.variants.split(",")
     started = time.perf_counter()
-    out = Path(args.work) / "plain.json"
-    proc = subprocess.run([sys.executable, args.plain_script, "--model", str(MODEL_DIR), "--data", str(DATA_FILE),
-                           *common, "--out", str(out)], capture_output=True, text=True) if args.plain_script else None
-    if proc is None:
-        return _tunelens_variants(args)
-    if proc.returncode == 0 and out.exists():
-        results["plain"] = json.loads(out.read_text()) | {"wall_s": round(time.perf_counter() - started, 1)}
-    else:
-        results["plain"] = {"failed": proc.stderr[-3000:]}
-    print("plain:", {k: v for k, v in results["plain"].items() if k != "steps"}, flush=True)
-    return results | _tunelens_variants(args)
+    runs: dict[str, list] = {name: [] for name in names}
+    for round_no in range(args.repeats):
+        for name in names:
+            if time.perf_counter() - started > args.deadline:
+                runs[name].append({"skipped": f"past --deadline {args.deadline} s"})
+                continue
+            begin = time.perf_counter()
+            summary = _run_plain(args, round_no) if name == "plain" else _run_tunelens(args, name, round_no)
+            summary["wall_s"] = round(time.perf_counter() - begin, 1)
+            summary["round"] = round_no
+            runs[name].append(summary)
+            print(f"round {round_no} {name}:", summary.get("tokens_per_s_median", summary.get("failed", "")[-300:]),
+                  "tok/s", summary["wall_s"], "s", flush=True)
+    return summarise_runs(runs)
 
 
-def _tunelens_variants(args) -> dict:
+def summarise_runs(runs: dict[str, list]) -> dict:
+    """Per variant: the first good run's record, plus the median and spread of every good run's tokens/s; per
+    variant and round, the ratio to the plain recipe's run of the same round."""
     results = {}
-    out = Path(args.work) / "tunelens.json"
+    for name, name_runs in runs.items():
+        good = [r for r in name_runs if "tokens_per_s_median" in r]
+        if not good:
+            results[name] = {"failed": next((r.get("failed") or r.get("skipped") for r in name_runs), "no run"),
+                             "runs": name_runs}
+            continue
+        tps = [r["tokens_per_s_median"] for r in good]
+        median = statistics.median(tps)
+        results[name] = {**good[0], "tokens_per_s_runs": tps, "tokens_per_s_median": median,
+                         "spread": round((max(tps) - min(tps)) / median, 3), "repeats": len(good),
+                         "runs": [{k: r.get(k) for k in ("round", "tokens_per_s_median", "wall_s", "first_loss",
+                                                         "final_loss", "micro_batch_size", "gradient_checkpointing")}
+                                  for r in name_runs]}
+    plain = results.get("plain", {})
+    if "tokens_per_s_runs" in plain:
+        by_round = {r["round"]: r["tokens_per_s_median"] for r in plain["runs"] if r.get("tokens_per_s_median")}
+        for name, entry in results.items():
+            if name == "plain" or "tokens_per_s_runs" not in entry:
+                continue
+            entry["vs_plain_median"] = round(entry["tokens_per_s_median"] / plain["tokens_per_s_median"], 2)
+            entry["vs_plain_by_round"] = [round(r["tokens_per_s_median"] / by_round[r["round"]], 2)
+                                          for r in entry["runs"] if r.get("tokens_per_s_median") and r["round"] in by_round]
+    return results
+
+
+def _run_plain(args, round_no: int) -> dict:
+    out = Path(args.work) / f"plain-{round_no}.json"
+    proc = subprocess.run([sys.executable, args.plain_script, "--model", str(MODEL_DIR), "--data", str(DATA_FILE),
+                           "--rows", str(args.rows), "--batch-size", "8", "--steps", str(args.steps),
+                           "--max-length", "512", "--seed", "1234", "--out", str(out)], capture_output=True, text=True)
+    if proc.returncode == 0 and out.exists():
+        return json.loads(out.read_text())
+    return {"failed": proc.stderr[-3000:]}
+
+
+def _run_tunelens(args, variant: str, round_no: int) -> dict:
+    out = Path(args.work) / f"tunelens-{variant}-{round_no}.json"
     proc = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "bench_finetune.py"), "--model", str(MODEL_DIR),
                            "--data", str(DATA_FILE), "--rows", str(args.rows), "--batch-size", "8",
                            "--steps", str(args.steps), "--max-seq-length", "512", "--seed", "1234",
-                           "--variants", args.variants, "--learning-rate", str(args.learning_rate),
+                           "--variants", variant, "--learning-rate", str(args.learning_rate),
                            "--lr-scheduler", args.lr_scheduler, "--warmup-ratio", str(args.warmup_ratio),
-                           "--out", str(out)], text=True)
-    for summary in json.loads(out.read_text()) if out.exists() else []:
-        results[summary["variant"]] = summary
-    return results
+                           "--out", str(out)], text=True, capture_output=True)
+    summaries = json.loads(out.read_text()) if out.exists() else []
+    if summaries and "failed" not in summaries[0]:
+        return summaries[0]
+    return {"failed": (summaries[0].get("failed") if summaries else None) or proc.stderr[-3000:]}
 
 
 # --------------------------------------------------------------------------------------------- generation
@@ -203,6 +246,16 @@ def compute_time(root: Path, rule: str, wildcards: str) -> dict:
             meta = json.loads(meta_path.read_text())
             return {"compute_s": meta["generation_time_s"], "model_load_s": meta["load_time_s"],
                     "generated_tokens": meta.get("generated_tokens"), "batches": meta.get("batches")}
+        if rule == "perplexity":
+            model, variant = Path(wildcards).parts
+            record = json.loads((results / "perplexity" / model / f"{variant}.json").read_text())
+            return {"compute_s": record["source"]["score_time_s"], "model_load_s": record["source"]["load_time_s"],
+                    "execution": record.get("execution")}
+        if rule == "logit_lens":
+            model, variant = Path(wildcards).parts
+            lens = json.loads((results / "probe" / model / variant / "lens.json").read_text())
+            return {"compute_s": lens["lens_time_s"], "model_load_s": lens["load_time_s"],
+                    "execution": lens.get("execution")}
     except (OSError, ValueError, KeyError):
         return {}
     return {}
@@ -243,19 +296,23 @@ def table(paths: list[Path]) -> str:
     if "finetune" in parts:
         ft = parts["finetune"]
         plain = ft.get("plain", {}).get("tokens_per_s_median")
-        lines += ["", "| fine-tune variant | tok/s (median step) | vs plain | peak MiB | micro x accum | ckpt | loss first -> last |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += ["", "| fine-tune variant | tok/s (median of runs) | runs | spread | vs plain (by round) | peak MiB | "
+                      "micro x accum | ckpt | loss first -> last |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for name, s in ft.items():
             if not isinstance(s, dict):
                 continue
             if "failed" in s:
-                lines.append(f"| {name} | FAILED | | | | | |")
+                lines.append(f"| {name} | FAILED | | | | | | | |")
                 continue
             tps = s["tokens_per_s_median"]
             micro = s.get("micro_batch_size") or 8
-            lines.append(f"| {name} | {tps:.0f} | {tps / plain:.2f}x | {s.get('peak_mib', 0):.0f} | {micro} x {8 // micro} | "
+            runs = ", ".join(f"{t:.0f}" for t in s.get("tokens_per_s_runs", [tps]))
+            by_round = ", ".join(f"{r:.2f}" for r in s.get("vs_plain_by_round", []))
+            lines.append(f"| {name} | {tps:.0f} | {runs} | {s.get('spread', 0):.0%} | "
+                         f"{tps / plain:.2f}x ({by_round}) | {s.get('peak_mib', 0):.0f} | {micro} x {8 // micro} | "
                          f"{s.get('gradient_checkpointing')} | {s['first_loss']:.3f} -> {s['final_loss']:.3f} |"
-                         if plain else f"| {name} | {tps:.0f} | | | | | |")
+                         if plain else f"| {name} | {tps:.0f} | {runs} | | | | | | |")
         plain_losses = [row["loss"] for row in ft.get("plain", {}).get("steps", [])]
         for name, s in ft.items():
             if isinstance(s, dict) and s.get("losses") and plain_losses and not s.get("packing"):
@@ -288,9 +345,12 @@ def main() -> None:
     parser.add_argument("--data", type=Path, help="Alpaca-format JSON list (Code Alpaca)")
     parser.add_argument("--tokenizer", type=Path, help="tokenizer dir for the random 7B shape")
     parser.add_argument("--plain-script", help="../shared/gpu/plain_trl_qlora.py")
-    parser.add_argument("--variants", default="before,auto,auto+packing")
+    parser.add_argument("--variants", default="auto,auto+packing")
     parser.add_argument("--rows", type=int, default=256, help="fine-tuning rows")
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--repeats", type=int, default=2, help="runs per fine-tune variant, interleaved (A B C A B C)")
+    parser.add_argument("--deadline", type=float, default=float("inf"),
+                        help="seconds after which no further fine-tune run starts (the GPU call's limit)")
     parser.add_argument("--learning-rate", type=float, default=2e-4)
     parser.add_argument("--lr-scheduler", default="cosine")
     parser.add_argument("--warmup-ratio", type=float, default=0.03)

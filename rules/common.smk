@@ -27,27 +27,16 @@ def _load_study():
         with_defaults = load_default_config(workflow.basedir, overrides=config)
         config.clear()
         config.update(with_defaults)
-    # Validates (schema + semantic checks) and fills defaults; a bad value stops here, before any job.
-    study = load_config(config)
-    if workflow.is_main_process:
-        # Files, model references, hub cache, CUDA, memory estimates: once, in the main process (jobs
-        # re-parse the workflow; on a cluster their node, not the login node, has the GPU).
-        from tunelens.preflight import preflight
+    if not workflow.is_main_process:
+        # Validates (schema + semantic checks) and fills defaults; the main process checked everything.
+        return load_config(config)
+    # Once, in the main process (jobs re-parse the workflow): the config, then its files, model references,
+    # hub cache, usable rows, evaluation sets, memory estimates. Every problem in one message, before any job.
+    # Hub models/datasets already downloaded into results/hub/ need neither the hub nor its cache.
+    # CUDA: check_device_before_jobs (onstart), once the executor is known.
+    from tunelens.preflight import check_config
 
-        # CUDA: check_device_before_jobs (onstart), once the executor is known.
-        # Hub models/datasets already downloaded into results/hub/ need neither the hub nor its cache.
-        from tunelens.hub import downloaded_sources
-
-        preflight(
-            study, check_cuda=False, downloaded=downloaded_sources(study, "results")
-        )
-        if study.evaluation_sets:
-            # A missing column, or an evaluation set left without rows after the leakage check, stops here
-            # naming the set (hub sets are checked by their `evalset` job; tunelens.data).
-            from tunelens.data import check_evaluation_sets
-
-            check_evaluation_sets(study)
-    return study
+    return check_config(config, check_cuda=False, results="results")
 
 
 try:
@@ -301,7 +290,8 @@ def model_threads(wildcards):
 
 
 # On one machine (--cores, no --jobs) a model's generation server (tunelens/genserver.py) runs one request at a
-# time, so two of its generate or early_exit jobs side by side leave a core idle while one waits on the other.
+# time, so two of its generate, early_exit, perplexity or logit_lens jobs side by side leave a core idle while
+# one waits on the other.
 # A resource per model with a limit of 1 makes Snakemake run another model's job or a scoring job beside it
 # instead. A cluster job has its own allocation and server: no limit there, and none without servers.
 def _server_slot(name):

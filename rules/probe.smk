@@ -35,6 +35,7 @@ rule logit_lens:
         "../envs/torch.yaml"
     threads: model_threads
     resources:
+        **SERVER_SLOTS,
         gpu=model_gpus,
         mem_mb=model_resource("mem_mb"),
         runtime=model_resource("runtime"),

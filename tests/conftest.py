@@ -159,12 +159,15 @@ def tiny_llama_dir(tiny_model_factory) -> Path:
 
 def gpu_study_standins(root: Path) -> Path:
     """What bench/bench_gpu_study.py writes for configs/gpu-study.yaml, as stand-ins under `root`: a 32-layer
-    model config (no weights: parse-time checks and dry runs load none) and 100 Alpaca-format rows."""
+    model config and a safetensors file holding no tensor (parse-time checks read headers, dry runs load no
+    weights) and 100 Alpaca-format rows."""
     import json
 
     model = root / "gpu-study" / "llama2-7b-random"
     model.mkdir(parents=True, exist_ok=True)
-    (model / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 32}))
+    (model / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"],
+                                                   "num_hidden_layers": 32, "max_position_embeddings": 4096}))
+    (model / "model.safetensors").write_bytes((2).to_bytes(8, "little") + b"{}")
     (root / "gpu-study" / "code_alpaca.json").write_text(json.dumps(
         [{"instruction": f"Write code number {i}.", "input": "", "output": f"print({i})"} for i in range(100)]))
     return root

@@ -5,7 +5,7 @@ culprit (key and value, or file and line), or handled and counted (the split man
 and why). No case may end in another exception type (a traceback for the user) or pass silently.
 
 The config cases run in-process through exactly what Snakemake runs when it builds the DAG (duplicate-key
-check of the YAML file, tunelens.config.load_config, tunelens.preflight.preflight), so ~70 cases take seconds;
+check of the YAML file, then tunelens.preflight.check_config: load_config and preflight), so ~70 cases take seconds;
 a few go through `snakemake -n` to show the same errors reach the user as one clean message, before any job.
 """
 
@@ -22,10 +22,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tunelens.config import check_yaml_duplicates, load_config
+from tunelens.config import check_yaml_duplicates
 from tunelens.data import split_dataset
 from tunelens.errors import ConfigError, DataError, TunelensError
-from tunelens.preflight import cuda_device_count, preflight
+from tunelens.preflight import check_config, cuda_device_count
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = {
@@ -41,7 +41,7 @@ def run_checks(config: dict, workdir: Path, *, check_cuda: bool = False) -> None
     configfile = workdir / "config.yaml"
     configfile.write_text(yaml.safe_dump(config, sort_keys=False))
     check_yaml_duplicates(configfile)
-    preflight(load_config(config, base_dir=workdir), base_dir=workdir, environ=environ, check_cuda=check_cuda)
+    check_config(config, base_dir=workdir, environ=environ, check_cuda=check_cuda, results=workdir / "results")
 
 
 def at(path: str, value):
@@ -85,6 +85,10 @@ def mkdir(name: str, then):
 
 def models(entries: dict):
     return at("models", entries)
+
+
+def jsonl(rows) -> str:
+    return "".join((row if isinstance(row, str) else json.dumps(row)) + "\n" for row in rows)
 
 
 SMOL = {"source": "embedded:smollm2-135m-instruct"}
@@ -219,6 +223,261 @@ REJECTED.append(("parquet-mapped-column-missing", _parquet, ["dataset.fields.ins
                                                              "['a', 'q']"]))
 
 
+# ----------------------------------------------------------------------------------------- issue 23 cases
+# The twelve cases (and the misleading messages) a skeptical trial found, then cases of our own. Written before
+# the code that handles them.
+def tiny_config(**overrides) -> dict:
+    """config.json of a 2-layer Llama-shaped causal LM with a 512-token context."""
+    return {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 16,
+            "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 2,
+            "max_position_embeddings": 512, "vocab_size": 64, **overrides}
+
+
+TINY_TENSORS = {
+    "model.embed_tokens.weight": [64, 16],
+    **{f"model.layers.{i}.self_attn.{p}.weight": [16, 16] for i in range(2) for p in ("q_proj", "k_proj", "v_proj",
+                                                                                          "o_proj")},
+    **{f"model.layers.{i}.mlp.{p}.weight": shape for i in range(2)
+       for p, shape in (("gate_proj", [32, 16]), ("up_proj", [32, 16]), ("down_proj", [16, 32]))},
+    "model.norm.weight": [16],
+    "lm_head.weight": [64, 16],
+}
+
+
+def safetensors_bytes(tensors: dict = TINY_TENSORS, *, cut: int = 0) -> bytes:
+    """A float32 safetensors file of zeros (8-byte little-endian header length, JSON header, data), less
+    its last `cut` bytes."""
+    header, offset = {}, 0
+    for name, shape in tensors.items():
+        size = 4
+        for dim in shape:
+            size *= dim
+        header[name] = {"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header).encode()
+    data = len(text).to_bytes(8, "little") + text + bytes(offset)
+    return data[:len(data) - cut] if cut else data
+
+
+def model_dir(name: str, config: dict | str | bytes | None = None, files: dict | None = None, *, model="tiny",
+              then=None):
+    """A change: write a local model directory `name` (config.json + model.safetensors unless `files` says
+    otherwise: name -> bytes, or None to leave a file out) and make it models.<model>.source."""
+
+    def change(cfg, workdir):
+        directory = workdir / name
+        directory.mkdir(parents=True, exist_ok=True)
+        contents = {"config.json": tiny_config() if config is None else config,
+                    "model.safetensors": safetensors_bytes(), **(files or {})}
+        for file_name, content in contents.items():
+            if content is None:
+                continue
+            if isinstance(content, (dict, list)):
+                content = json.dumps(content)
+            (directory / file_name).write_bytes(content if isinstance(content, bytes) else content.encode())
+        if model is not None:
+            cfg["models"] = {model: {"source": f"./{name}"}}
+        if then is not None:
+            then(cfg, workdir)
+
+    return change
+
+
+def changes(*steps):
+    def change(config, workdir):
+        for step in steps:
+            step(config, workdir)
+
+    return change
+
+
+def numbered_rows(count: int) -> str:
+    return "".join(json.dumps({"instruction": f"Task number {i}", "input": "", "output": f"answer {i}"}) + "\n"
+                   for i in range(count))
+
+
+BERT_CONFIG = {"model_type": "bert", "architectures": ["BertForMaskedLM"], "hidden_size": 16,
+               "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 32,
+               "max_position_embeddings": 512, "vocab_size": 64}
+SURROGATE_ROW = '{"instruction": "Say \\ud800", "input": "", "output": "o"}'  # a lone surrogate escape
+GRID_8000 = {"top_k": list(range(1, 21)), "temperature": [round(0.05 * i, 2) for i in range(1, 21)],
+             "top_p": [round(0.05 * i, 2) for i in range(1, 21)]}
+
+# A fragment starting with "!" must NOT be in the message.
+REJECTED += [
+    # ---- the trial's cases
+    ("issue-bert-encoder-as-model", model_dir("bert", BERT_CONFIG, model="enc"),
+     ["models.enc.source", "'bert'", "encoder-only", "not a causal language model"]),
+    ("issue-temperature-inf", at("decoding.defaults", {"temperature": float("inf")}),
+     ["decoding.defaults.temperature: inf", "finite"]),
+    ("issue-num_epochs-1e9", at("finetune", {"num_epochs": 1e9}), ["finetune.num_epochs: 1000000000", "at most 1000"]),
+    ("issue-max_new_tokens-beyond-context", model_dir("tiny", then=at("decoding.max_new_tokens", 1000)),
+     ["decoding.max_new_tokens: 1000", "models.tiny", "context length 512"]),
+    ("issue-max_new_tokens-beyond-embedded-context", at("decoding.max_new_tokens", 20000),
+     ["decoding.max_new_tokens: 20000", "models.smollm2", "context length 8192"]),
+    ("issue-grid-empty-axis", at("decoding", {"mode": "grid", "sweep": {"top_k": [], "temperature": [0.5, 1.0]}}),
+     ["decoding.sweep.top_k", "empty"]),
+    ("issue-list-duplicate-parameters",
+     at("decoding", {"mode": "list", "configs": [{"name": "a", "temperature": 0.0}, {"name": "b", "temperature": 0.0}]}),
+     ["'a'", "'b'", "same parameters"]),
+    ("issue-learning_rate-nan", at("finetune", {"learning_rate": float("nan")}), ["finetune.learning_rate: nan", "finite"]),
+    ("issue-bertscore-num_layers-beyond-depth", at("scoring", {"bertscore": {"num_layers": 12}}),
+     ["scoring.bertscore.num_layers: 12", "6 layers"]),
+    ("issue-lone-surrogate-on-bad-rows-error", data_file("rows.jsonl", JSONL + SURROGATE_ROW + "\n", on_bad_rows="error"),
+     ["rows.jsonl", "line 11", "row 11", "lone surrogate"]),
+    ("issue-corrupt-config-json", model_dir("tiny", '{"model_type": "llama",'),
+     ["tiny/config.json", "not valid JSON", "line 1"]),
+    ("issue-config-json-a-list", model_dir("tiny", [tiny_config()]), ["tiny/config.json", "JSON object", "list"]),
+    ("issue-truncated-safetensors", model_dir("tiny", files={"model.safetensors": safetensors_bytes(cut=100)}),
+     ["tiny/model.safetensors", "truncated"]),
+    ("issue-lora_alpha-inf", at("finetune", {"lora_alpha": float("inf")}),
+     ["finetune.lora_alpha: inf", "finite", "!learning rate", "!learning_rate"]),
+    ("issue-directory-as-data-source", mkdir("mydata", at("dataset.source", "./mydata")),
+     ["dataset.source: './mydata'", "is a directory", "!does not exist"]),
+    ("issue-all-identical-rows", data_file("rows.jsonl", jsonl([ROWS[0]] * 10), test_size=2),
+     ["rows.jsonl", "1 usable row", "duplicate 9", "dataset.test_size: 2"]),
+    ("issue-all-numeric-outputs",
+     data_file("rows.jsonl", jsonl([{"instruction": f"t{i}", "input": "", "output": i} for i in range(10)])),
+     ["rows.jsonl", "0 usable rows", "non_string_output 10"]),
+    ("issue-three-errors-at-once",
+     changes(at("seed", "abc"), at("probe", {"layers": [40]}), at("scoring", {"judge": {"enabled": True, "model": "smolm2"}}),
+             at("dataset.source", "data/rows.jsonl")),
+     ["seed", "'abc'", "probe layer 40", "scoring.judge.model: 'smolm2'", "dataset.source: 'data/rows.jsonl'"]),
+    # ---- our own: every number finite
+    ("confidence-nan", at("scoring", {"confidence": float("nan")}), ["scoring.confidence: nan", "finite"]),
+    ("probe-layer-nan", at("probe", {"layers": [0.5, float("nan")]}), ["probe.layers[1]: nan"]),
+    ("warmup_ratio-nan", at("finetune", {"warmup_ratio": float("nan")}), ["finetune.warmup_ratio: nan"]),
+    ("weight_decay-inf", at("finetune", {"weight_decay": float("inf")}), ["finetune.weight_decay: inf"]),
+    ("top_p-nan", at("decoding.defaults", {"top_p": float("nan")}), ["decoding.defaults.top_p: nan"]),
+    ("test_size-inf", at("dataset.test_size", float("inf")), ["dataset.test_size: inf"]),
+    ("per-model-learning_rate-inf", models({"smollm2": {**SMOL, "finetune": {"learning_rate": float("inf")}}}),
+     ["models.smollm2.finetune.learning_rate: inf"]),
+    ("sweep-value-nan", at("decoding.sweep", {"temperature": [0.5, float("nan")]}),
+     ["decoding.sweep.temperature[1]: nan"]),
+    ("early-exit-temperature-inf", at("probe", {"early_exit": {"decoding": {"temperature": float("-inf")}}}),
+     ["probe.early_exit.decoding.temperature: -inf"]),
+    ("vllm-memory-fraction-nan", at("generation", {"vllm_gpu_memory_utilization": float("nan")}),
+     ["generation.vllm_gpu_memory_utilization: nan"]),
+    # ---- our own: work bounded or estimated
+    ("max_steps-huge", at("finetune", {"max_steps": 10**9}), ["finetune.max_steps: 1000000000", "at most"]),
+    ("num_epochs-above-bound", at("finetune", {"num_epochs": 2000}), ["finetune.num_epochs: 2000", "at most 1000"]),
+    ("training-token-estimate",
+     at("finetune", {"max_steps": 10**6, "batch_size": 64, "gradient_accumulation": 64, "max_seq_length": 512}),
+     ["models.smollm2.finetune", "training tokens"]),
+    ("optimizer-steps-estimate-from-rows",
+     changes(data_file("rows.jsonl", numbered_rows(2000), test_size=100),
+             at("finetune", {"num_epochs": 1000, "batch_size": 1})),
+     ["finetune.num_epochs: 1000", "1900 training rows", "optimizer steps"]),
+    ("grid-too-many-configs", at("decoding", {"mode": "grid", "sweep": GRID_8000}), ["8000 decoding configs", "at most"]),
+    # ---- our own: decoding configs
+    ("one-at-a-time-empty-axis", at("decoding.sweep", {"num_beams": [], "top_k": [10]}),
+     ["decoding.sweep.num_beams", "empty"]),
+    ("sweep-axis-duplicate-value", at("decoding", {"mode": "grid", "sweep": {"top_k": [10, 10, 40]}}),
+     ["decoding.sweep.top_k", "10", "more than once"]),
+    ("list-duplicate-through-defaults",
+     at("decoding", {"mode": "list", "defaults": {"temperature": 0.7},
+                     "configs": [{"name": "warm", "temperature": 0.7}, {"name": "plain"}]}),
+     ["'warm'", "'plain'", "same parameters"]),
+    ("list-same-name-twice",
+     at("decoding", {"mode": "list", "configs": [{"name": "greedy", "temperature": 0.0},
+                                                 {"name": "greedy", "temperature": 0.5}]}), ["'greedy'"]),
+    ("stop-string-whitespace", at("decoding.stop", [" "]), ["decoding.stop[0]", "whitespace"]),
+    # ---- our own: models
+    ("encoder-decoder-t5", model_dir("t5", {"model_type": "t5", "architectures": ["T5ForConditionalGeneration"],
+                                             "is_encoder_decoder": True, "num_layers": 2, "d_model": 16}, model="t5"),
+     ["models.t5.source", "'t5'", "encoder-decoder"]),
+    ("sequence-classification-checkpoint",
+     model_dir("cls", tiny_config(architectures=["LlamaForSequenceClassification"]), model="cls"),
+     ["models.cls.source", "LlamaForSequenceClassification", "not a causal language model"]),
+    ("config-json-empty", model_dir("tiny", ""), ["tiny/config.json", "empty"]),
+    ("safetensors-header-length-beyond-file",
+     model_dir("tiny", files={"model.safetensors": (10**9).to_bytes(8, "little") + b'{"a": 1}'}),
+     ["tiny/model.safetensors", "header"]),
+    ("safetensors-header-not-json",
+     model_dir("tiny", files={"model.safetensors": (12).to_bytes(8, "little") + b"not json at!" + bytes(64)}),
+     ["tiny/model.safetensors", "header", "not valid JSON"]),
+    ("safetensors-empty", model_dir("tiny", files={"model.safetensors": b""}), ["tiny/model.safetensors", "truncated"]),
+    ("sharded-index-names-a-missing-shard",
+     model_dir("tiny", files={"model.safetensors": None,
+                              "model-00001-of-00002.safetensors": safetensors_bytes(),
+                              "model.safetensors.index.json": {"metadata": {}, "weight_map": {
+                                  "model.embed_tokens.weight": "model-00001-of-00002.safetensors",
+                                  "lm_head.weight": "model-00002-of-00002.safetensors"}}}),
+     ["model.safetensors.index.json", "model-00002-of-00002.safetensors", "missing"]),
+    ("no-weight-files", model_dir("tiny", files={"model.safetensors": None}), ["models.tiny.source", "no weight files"]),
+    ("model-source-is-a-file",
+     lambda c, w: ((w / "weights.safetensors").write_bytes(safetensors_bytes()),
+                   models({"tiny": {"source": "./weights.safetensors"}})(c, w)),
+     ["models.tiny.source", "not a directory"]),
+    ("judge-is-an-encoder",
+     model_dir("bert", BERT_CONFIG, model=None, then=at("scoring", {"judge": {"enabled": True, "model": "./bert"}})),
+     ["scoring.judge.model", "'bert'", "encoder-only"]),
+    ("num_layers-contradicts-config-json",
+     model_dir("tiny", then=lambda c, w: c["models"]["tiny"].update(num_layers=5)),
+     ["models.tiny.num_layers: 5", "config.json", "2 layers"]),
+    ("early-exit-max_new_tokens-beyond-context",
+     model_dir("tiny", then=at("probe", {"early_exit": {"max_new_tokens": 600}})),
+     ["probe.early_exit.max_new_tokens: 600", "context length 512"]),
+    ("max_seq_length-beyond-context", model_dir("tiny", then=at("finetune", {"max_seq_length": 1024})),
+     ["finetune.max_seq_length: 1024", "models.tiny", "context length 512"]),
+    ("context_length-given-in-the-config",
+     model_dir("tiny", then=lambda c, w: (c["models"]["tiny"].update(context_length=256),
+                                          at("decoding.max_new_tokens", 300)(c, w))),
+     ["decoding.max_new_tokens: 300", "models.tiny", "context length 256"]),
+    ("bertscore-local-model-num_layers-beyond-depth",
+     model_dir("enc", BERT_CONFIG, model=None,
+               then=at("scoring", {"bertscore": {"model": "./enc", "num_layers": 4}})),
+     ["scoring.bertscore.num_layers: 4", "2 layers", "!encoder-only"]),
+    ("hub-model-in-the-cache-is-an-encoder",
+     lambda c, w: (model_dir("hf-home/hub/models--someorg--bert/snapshots/" + "a" * 40, BERT_CONFIG, model=None)(c, w),
+                   models({"bert": {"source": "someorg/bert", "num_layers": 2}})(c, w)),
+     ["models.bert.source", "models--someorg--bert", "'bert'", "encoder-only"]),
+    ("hub-model-in-the-offline-cache-truncated",
+     lambda c, w: (model_dir("hf-home/hub/models--someorg--tiny/snapshots/" + "a" * 40, model=None,
+                             files={"model.safetensors": safetensors_bytes(cut=1)})(c, w),
+                   models({"tiny": {"source": "someorg/tiny", "num_layers": 2}})(c, w)),
+     ["models.tiny.source", "models--someorg--tiny", "model.safetensors: truncated"]),
+    ("target-module-typo", model_dir("tiny", then=at("finetune", {"target_modules": ["q_proj", "qproj"]})),
+     ["finetune.target_modules", "'qproj'", "models.tiny", "!'q_proj'"]),
+    ("target-modules-empty", at("finetune", {"target_modules": []}), ["finetune.target_modules", "empty"]),
+    ("two-models-beyond-depth",
+     models({"smollm2": {**SMOL, "probe_layers": [40]}, "gemma": {"source": "embedded:gemma3-270m", "probe_layers": [40]}}),
+     ["beyond its depth (30", "beyond its depth (18"]),
+    # ---- our own: data
+    ("fields-same-column", data_file("rows.jsonl", JSONL, fields={"instruction": "output", "output": "output"}),
+     ["dataset.fields.output: 'output'", "same column as dataset.fields.instruction"]),
+    ("all-lines-malformed", data_file("rows.jsonl", '{"instruction": "a", "out\n[1, 2\nnot json\n'),
+     ["rows.jsonl", "0 usable rows", "malformed_json_line 3"]),
+    ("bad-row-with-on-bad-rows-error-before-any-job",
+     data_file("rows.jsonl", jsonl([*ROWS, {"instruction": "no answer", "input": ""}]), on_bad_rows="error"),
+     ["rows.jsonl", "row 11: missing output"]),
+    ("evaluation-set-is-a-directory",
+     mkdir("evaldir", at("evaluation_sets", [{"name": "extra", "source": "./evaldir"}])),
+     ["evaluation_sets[0].source: './evaldir'", "is a directory"]),
+    ("evaluation-set-without-usable-rows",
+     lambda c, w: ((w / "extra.jsonl").write_text(jsonl([{"instruction": f"q{i}", "output": ""} for i in range(4)])),
+                   at("evaluation_sets", [{"name": "extra", "source": "extra.jsonl"}])(c, w)),
+     ["evaluation_sets[name=extra]", "extra.jsonl", "0 usable rows"]),
+    ("ratings-dir-is-a-file",
+     lambda c, w: ((w / "ratings").write_text("x"), at("scoring", {"human": {"ratings_dir": "ratings"}})(c, w)),
+     ["scoring.human.ratings_dir: 'ratings'", "not a directory"]),
+    ("probe-fraction-above-one", at("probe", {"layers": [0.5, 2.5]}), ["probe", "2.5"]),
+]
+
+
+def _numeric_parquet(config, workdir):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"instruction": [1, 2, 3], "input": ["", "", ""], "output": ["x", "y", "z"]}),
+                   workdir / "rows.parquet")
+    config["dataset"]["source"] = "rows.parquet"
+
+
+REJECTED.append(("numeric-parquet-instructions", _numeric_parquet,
+                 ["rows.parquet", "0 usable rows", "non_string_instruction 3"]))
+
+
 @pytest.mark.parametrize("case, change, fragments", REJECTED, ids=[case[0] for case in REJECTED])
 def test_rejected_before_any_job_naming_the_culprit(case, change, fragments, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # relative paths in a config are relative to where snakemake runs
@@ -228,7 +487,10 @@ def test_rejected_before_any_job_naming_the_culprit(case, change, fragments, tmp
         run_checks(config, tmp_path)
     message = str(error.value)
     for fragment in fragments:
-        assert fragment in message, f"{case}: {fragment!r} not in: {message}"
+        if fragment.startswith("!"):
+            assert fragment[1:] not in message, f"{case}: {fragment[1:]!r} in: {message}"
+        else:
+            assert fragment in message, f"{case}: {fragment!r} not in: {message}"
     assert "Traceback" not in message
 
 
@@ -282,10 +544,6 @@ def split(tmp_path: Path, name: str, content, **options) -> dict:
                          manifest_path=out / "manifest.json", **kwargs)
 
 
-def jsonl(rows) -> str:
-    return "".join((row if isinstance(row, str) else json.dumps(row)) + "\n" for row in rows)
-
-
 HANDLED = [
     # (id, file name, content, {reason: count} expected in counts.dropped)
     ("bom-json", "rows.json", b"\xef\xbb\xbf" + json.dumps(ROWS).encode(), {}),
@@ -304,6 +562,12 @@ HANDLED = [
     ("non-string-output", "rows.jsonl", jsonl([*ROWS, {"instruction": "n", "input": "", "output": 42}]),
      {"non_string_output": 1}),
     ("duplicate-rows", "rows.jsonl", jsonl([*ROWS, ROWS[0], ROWS[1]]), {"duplicate": 2}),
+    # issue 23: a lone surrogate escape is valid JSON but no UTF-8 text (a raw UnicodeEncodeError before)
+    ("lone-surrogate-jsonl", "rows.jsonl", jsonl([*ROWS, '{"instruction": "Say \\ud800", "input": "", "output": "o"}']),
+     {"lone_surrogate": 1}),
+    ("lone-surrogate-json", "rows.json", "[" + ", ".join([*(json.dumps(r) for r in ROWS),
+                                                         '{"instruction": "i", "input": "", "output": "\\udfff x"}']) + "]",
+     {"lone_surrogate": 1}),
 ]
 
 
@@ -332,6 +596,49 @@ def test_on_bad_rows_error_turns_each_into_an_error_naming_the_row(case, name, c
     reason = next(iter(dropped)).replace("_", " ")
     assert reason in str(error.value) and name in str(error.value)
     assert "line " in str(error.value) or "row " in str(error.value) or "item " in str(error.value)
+
+
+def test_lone_surrogate_error_names_file_line_and_row(tmp_path):
+    with pytest.raises(DataError) as error:
+        split(tmp_path, "rows.jsonl", jsonl([*ROWS, '{"instruction": "ok", "input": "", "output": "o"}',
+                                             '{"instruction": "Say \\ud800", "input": "", "output": "o"}']),
+              on_bad_rows="error")
+    message = str(error.value)
+    assert "rows.jsonl" in message and "line 12" in message and "row 12" in message, message
+    assert "lone surrogate" in message and "instruction" in message, message
+
+
+def test_a_good_local_model_directory_passes(tmp_path, monkeypatch):
+    """The model checks are not rejecting every local directory: a 2-layer causal LM with an intact
+    safetensors file, a context long enough and a target module it has pass."""
+    monkeypatch.chdir(tmp_path)
+    config = copy.deepcopy(BASE)
+    model_dir("tiny", then=at("finetune", {"target_modules": ["q_proj", "v_proj"], "max_seq_length": 256}))(
+        config, tmp_path)
+    config["decoding"] = {"max_new_tokens": 200}
+    config["probe"] = {"layers": [1, 2]}
+    run_checks(config, tmp_path)
+
+
+@pytest.mark.parametrize("change, fragments", [
+    (changes(at("dataset.fields", "x"), at("probe", {"layers": [40]})), ["dataset.fields: 'x'", "probe layer 40"]),
+    (changes(at("decoding", {"mode": "list", "configs": [1, {"name": "a"}]}), at("finetune", {"lora_alpha": -1}),
+             at("models.smollm2.resources", 1), at("scoring", {"judge": {"enabled": True, "model": "smolm2"}})),
+     ["decoding.configs[0]: 1", "finetune.lora_alpha: -1", "models.smollm2.resources: 1", "scoring.judge.model"]),
+    (changes(at("probe", {"layers": "all"}), at("scoring", {"confidence": float("nan")}),
+             at("decoding.sweep", {"top_k": []})),
+     ["probe.layers: 'all'", "scoring.confidence: nan", "decoding.sweep.top_k: empty"]),
+], ids=["fields-a-string", "list-entry-not-an-object", "layers-a-string"])
+def test_schema_errors_come_with_the_other_problems_and_never_a_traceback(change, fragments, tmp_path, monkeypatch):
+    """Values of the wrong type leave the other checks a half-valid config: they still run, and only
+    ConfigErrors come out, all in one message."""
+    monkeypatch.chdir(tmp_path)
+    config = copy.deepcopy(BASE)
+    change(config, tmp_path)
+    with pytest.raises(ConfigError) as error:
+        run_checks(config, tmp_path)
+    for fragment in fragments:
+        assert fragment in str(error.value), f"{fragment!r} not in: {error.value}"
 
 
 def test_corpus_size():
@@ -370,6 +677,23 @@ def test_snakemake_reports_one_clean_message_and_runs_nothing(case, text, fragme
     assert not (tmp_path / "results").exists()
 
 
+def test_snakemake_reports_every_error_of_a_config_in_one_message(tmp_path):
+    """Schema, semantic and file errors together (issue 23: they came one per run, schema errors first)."""
+    configfile = tmp_path / "study.yaml"
+    configfile.write_text("seed: abc\ndataset: {name: d, source: data/rows.jsonl, test_size: 2}\nmodels:\n"
+                          "  smollm2: {source: embedded:smollm2-135m-instruct}\nprobe: {layers: [40]}\n"
+                          "finetune: {learning_rate: .nan}\nscoring: {judge: {enabled: true, model: smolm2}}\n")
+    result = snakemake(tmp_path, configfile, "-n")
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert output.count("tunelens: ConfigError") == 1, output
+    for fragment in ("seed", "'abc'", "probe layer 40", "finetune.learning_rate: nan",
+                     "scoring.judge.model: 'smolm2'", "dataset.source: 'data/rows.jsonl'"):
+        assert fragment in output, f"{fragment!r} not in: {output}"
+    assert "Traceback" not in output and 'File "' not in output
+    assert not (tmp_path / "results").exists()
+
+
 @pytest.mark.skipif(cuda_device_count() > 0, reason="this machine has CUDA")
 def test_device_cuda_without_cuda_stops_a_real_run_before_any_job(tmp_path):
     configfile = tmp_path / "study.yaml"
@@ -404,11 +728,17 @@ def test_job_log_holds_the_traceback_of_a_failed_job(tmp_path):
 
 
 def test_a_failing_rule_writes_its_error_to_its_own_log(tmp_path):
-    """Rule `split` on a file with a row missing its output, dataset.on_bad_rows: error (known only in the job)."""
+    """Rule `split` on a row missing its output, dataset.on_bad_rows: error. A local file's rows are checked
+    before any job (issue 23), so the rows come from a hub dataset already downloaded into results/hub/: only
+    the split job reads those."""
     rows = ROWS + [{"instruction": "no answer", "input": ""}]
-    (tmp_path / "rows.jsonl").write_text(jsonl(rows))
+    download = tmp_path / "results/hub/datasets/d"
+    download.mkdir(parents=True)
+    (download / "train.jsonl").write_text(jsonl(rows))
+    (download / "tunelens_source.json").write_text(json.dumps({"hub_id": "someorg/rows", "repo_type": "dataset",
+                                                               "revision": "0" * 40, "from": "cache"}))
     configfile = tmp_path / "study.yaml"
-    configfile.write_text(yaml.safe_dump({**BASE, "dataset": {"name": "d", "source": "rows.jsonl", "test_size": 2,
+    configfile.write_text(yaml.safe_dump({**BASE, "dataset": {"name": "d", "source": "someorg/rows", "test_size": 2,
                                                               "on_bad_rows": "error"}}))
     result = snakemake(tmp_path, configfile, "--cores", "1", "results/data/d/manifest.json")
     assert result.returncode != 0

@@ -230,6 +230,16 @@ def test_alpaca_preset_is_the_study_design():
     assert (humaneval.source_kind, humaneval.kind, humaneval.hub_split) == ("hub", "code", "test")
 
 
+@pytest.mark.parametrize("preset", ["configs/alpaca-7b.yaml", "configs/gpu-study.yaml"])
+def test_7b_presets_pack_rows(preset, tmp_path, monkeypatch):
+    """On GPUs packing is the recommended setting (issue 24: no padding, 2.6-2.7x the tokens/s on an H200 with
+    the rows kept apart); the 7B presets turn it on for every model."""
+    if preset.endswith("gpu-study.yaml"):
+        monkeypatch.chdir(gpu_study_standins(tmp_path))
+    study = load_config(yaml.safe_load((ROOT / preset).read_text()))
+    assert all(spec.finetune["packing"] for spec in study.models.values())
+
+
 # ----------------------------------------------------------------------------------------- evaluation sets
 def eval_set_file(tmp_path: Path, name: str = "extra.jsonl") -> str:
     path = tmp_path / name

@@ -236,6 +236,20 @@ def test_bad_option_fails_clearly(tiny_llama_dir, train_jsonl, tmp_path, overrid
     assert not (tmp_path / "ckpt").exists()
 
 
+def test_epochs_over_a_hub_dataset_are_bounded_before_training(tiny_llama_dir, tmp_path):
+    """Issue 23: the DAG estimates the optimizer steps when the rows are known before the split (local data);
+    a hub dataset's rows are first known here: 1,001 rows x 1000 epochs at 1 row per step is over the bound."""
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({"id": f"t-{i}", "instruction": f"Task {i}", "input": "", "output": "ok"})
+                             + "\n" for i in range(1001)))
+    with pytest.raises(ConfigError) as error:
+        build_trainer(tiny_llama_dir, train, tmp_path / "ckpt", settings(max_steps=None, num_epochs=1000,
+                                                                         batch_size=1), "alpaca", seed=1, device="cpu")
+    assert "finetune.num_epochs: 1000 over 1001 training rows" in str(error.value)
+    assert "1001000 optimizer steps, at most 1000000" in str(error.value)
+    assert not (tmp_path / "ckpt").exists()
+
+
 def test_prompt_longer_than_max_seq_length_is_dropped_and_counted(tiny_llama_dir, train_jsonl, tmp_path):
     n_rows = len(train_jsonl.read_text().splitlines())
     run = build_trainer(tiny_llama_dir, train_jsonl, tmp_path / "ckpt", settings(max_seq_length=40), "alpaca",
@@ -538,3 +552,152 @@ def test_autotune_does_not_change_the_training(tiny_llama_dir, train_jsonl, tmp_
     after = run.trainer.model.train()(**batch).loss.item()
     assert after == before
     assert all(torch.equal(v, weights[k]) for k, v in run.trainer.model.named_parameters() if v.requires_grad)
+
+
+# ------------------------------------------------------------------------------------------ step speed (issue 24)
+def _count_ops(names: tuple[str, ...], unless_called_from: str | None = None):
+    """A TorchDispatchMode counting calls of the given aten ops (e.g. `_local_scalar_dense`: every `.item()`,
+    `bool(tensor)` and `float(tensor)`, i.e. every host sync on a GPU), except those made from a module whose
+    file name contains `unless_called_from`."""
+    import traceback
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Counter(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.count = 0
+            self.total = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.total += not func.is_view  # views launch no kernel
+            if func.__name__.split(".")[0] in names and not (
+                    unless_called_from and any(unless_called_from in f.filename for f in traceback.extract_stack())):
+                self.count += 1
+            return func(*args, **(kwargs or {}))
+
+    return Counter()
+
+
+def test_training_steps_between_log_rows_read_nothing_back_from_the_device(tiny_llama_dir, train_jsonl, tmp_path):
+    """TRL turns its metrics into floats on every micro-batch and the Trainer reads the loss and the token count
+    back on every micro-batch: each a device sync on a GPU. tunelens' trainer keeps them on the device until a
+    row is logged: the steps between log rows read nothing back (but for transformers' attention-mask builder,
+    which checks whether the padding mask is all ones). The logged rows are TRL's, value for value."""
+    from transformers import TrainerCallback
+
+    counter = _count_ops(("_local_scalar_dense",), unless_called_from="masking_utils")
+    per_step: list[int] = []
+
+    class Steps(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.start = counter.count
+
+        def on_step_end(self, args, state, control, **kwargs):
+            per_step.append(counter.count - self.start)
+
+    logs = {}
+    for sync_free in (True, False):
+        per_step.clear()
+        run = build_trainer(tiny_llama_dir, train_jsonl, tmp_path / f"ckpt{sync_free}",
+                            settings(max_steps=6, logging_steps=3, save_steps=100, lora_dropout=0.1), "alpaca",
+                            seed=3, device="cpu", callbacks=[Steps()], sync_free=sync_free)
+        with counter:
+            run.trainer.train()
+        logs[sync_free] = [row for row in run.trainer.state.log_history if "loss" in row]
+        if sync_free:
+            assert per_step == [0] * 6, per_step  # the log rows' reads happen after on_step_end
+            tokens_seen = run.trainer.state.num_input_tokens_seen
+        else:
+            assert min(per_step) >= 3, per_step  # TRL and the Trainer: several reads per micro-batch
+            assert run.trainer.state.num_input_tokens_seen == tokens_seen
+    assert [row["step"] for row in logs[True]] == [1, 3, 6]
+    for fast, slow in zip(logs[True], logs[False]):
+        for key in ("loss", "grad_norm", "mean_token_accuracy", "entropy", "num_tokens"):
+            assert fast[key] == pytest.approx(slow[key], rel=1e-6, abs=1e-9), key
+
+
+def test_lean_lora_forward_computes_the_peft_forward_in_fewer_ops(tiny_llama_dir):
+    """The lean LoRA forward (base + dropout + lora_A + one addmm) gives PEFT's outputs and gradients, draws the
+    same dropout masks, and runs fewer operators per step: the scaling and the addition go into the matmul, two
+    kernels fewer per layer and step (on a 4-bit base also the clone and, with the dequantized weights, the
+    dequantization; bitsandbytes is not on this CPU machine)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from tunelens.finetune import lean_lora_forward
+
+    def model_and_step():
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.2, target_modules="all-linear",
+                                                 init_lora_weights=False, task_type="CAUSAL_LM"))
+        model.train()
+        ids = torch.randint(0, 1000, (2, 12))
+
+        def step():
+            torch.manual_seed(5)  # the dropout masks
+            model.zero_grad()
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+            return loss.detach(), grads
+
+        return model, step
+
+    model, step = model_and_step()
+    counter = _count_ops(())
+    with counter:
+        loss_peft, grads_peft = step()
+    ops_peft = counter.total
+    assert lean_lora_forward(model) == 4 * 7  # 4 layers x q, k, v, o, gate, up, down
+    counter = _count_ops(())
+    with counter:
+        loss_lean, grads_lean = step()
+    assert counter.total <= ops_peft - 2 * 28, (counter.total, ops_peft)
+    assert float(loss_lean) == pytest.approx(float(loss_peft), abs=1e-5)
+    for name, grad in grads_peft.items():
+        torch.testing.assert_close(grads_lean[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    with model.disable_adapter():  # adapters off: PEFT's own path, the base model's loss
+        torch.manual_seed(5)
+        assert lean_lora_forward(model) == 0  # already lean
+
+
+def test_dequantized_4bit_base_gives_bitsandbytes_results(tiny_llama_dir):
+    """The autotuner's dequantized base (`dequantize_base_weights`) computes with the very numbers bitsandbytes
+    dequantizes on every call: loss and LoRA gradients are bit-identical. Runs where bitsandbytes is installed
+    (the GPU image; on this CPU machine with its wheel on PYTHONPATH: bitsandbytes 0.50.2 has a CPU 4-bit path)."""
+    pytest.importorskip("bitsandbytes")
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from tunelens.training.speed import dense_base_bytes, dequantize_base_weights, lean_lora_forward
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=quant, dtype=torch.bfloat16,
+                                                 device_map={"": device})
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules="all-linear",
+                                             init_lora_weights=False, task_type="CAUSAL_LM"))
+    model.train()
+    ids = torch.randint(0, 1000, (2, 16), device=device)
+
+    def step():
+        torch.manual_seed(5)
+        model.zero_grad()
+        with torch.autocast(device, dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    assert lean_lora_forward(model) == 4 * 7
+    loss_4bit, grads_4bit = step()
+    expected = dense_base_bytes(model)
+    assert dequantize_base_weights(model) == expected > 0
+    loss_dense, grads_dense = step()
+    assert torch.equal(loss_dense, loss_4bit)
+    for name, grad in grads_4bit.items():
+        assert torch.equal(grads_dense[name], grad), name

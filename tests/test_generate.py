@@ -207,6 +207,17 @@ def test_over_long_prompt_fails_naming_the_row_and_limit(tiny, tmp_path):
     assert rows[2]["id"] == "t-long"
 
 
+def test_prompt_plus_max_new_tokens_beyond_the_context_fails_naming_the_row(tiny, tmp_path):
+    """Issue 23: max_new_tokens plus the longest prompt against the model's context length (512 positions in
+    the tiny model's config.json), before any generation; nothing compared them before."""
+    long_row = {"id": "t-long", "instruction": "Summarise: " + "word " * 150, "input": "", "output": "x"}
+    bad = write_rows(tmp_path / "test.jsonl", ROWS[:2] + [long_row])
+    with pytest.raises(DataError, match=r"test.jsonl, line 3 \(id t-long\): prompt has \d+ tokens; with "
+                                        r"decoding.max_new_tokens=400 that is \d+, beyond the context length 512"):
+        run(tiny, bad, tmp_path / "out.jsonl", max_new_tokens=400)
+    assert not list(tmp_path.glob("out*"))
+
+
 def test_max_test_rows_limits_rows(tiny, test_file, tmp_path):
     rows, meta = run(tiny, test_file, tmp_path / "out.jsonl", max_test_rows=2)
     assert [r["id"] for r in rows] == ["t-1", "t-2"] and meta["n_rows"] == 2

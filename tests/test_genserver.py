@@ -330,3 +330,129 @@ def test_score_jobs_get_the_same_bertscore_from_one_server(run_dir, tmp_path, mo
     infos = list(genserver.server_dir(run_dir).glob("*.json"))
     assert len(infos) == 1  # one server for both settings (same model, device and threads)
     assert "listening" in (infos[0].with_suffix(".log")).read_text()
+
+
+# --------------------------------------------------------------------------------------------- perplexity, logit lens
+SERVER_KEYS = ("backend", "gpus", "vllm_options")
+
+
+def make_perplexity_job(tiny, variant="base", **overrides):
+    model_dir, adapter_dir, test_file = tiny
+    job = dict(test_file=str(test_file), model_name="tiny", model_path=str(model_dir), model_source="local",
+               variant=variant, adapter_dir=str(adapter_dir) if variant == "finetuned" else None,
+               prompt_format="chat", batch_size=3, samples=100, seed=7, device="cpu", backend="hf", gpus=1,
+               vllm_options=None)  # fmt: skip
+    job.update(overrides)
+    return job
+
+
+def make_lens_job(tiny, variant="base", **overrides):
+    model_dir, adapter_dir, test_file = tiny
+    job = dict(model_name="tiny", source="local", model_path=str(model_dir),
+               adapter_dir=str(adapter_dir) if variant == "finetuned" else None, variant=variant,
+               test_path=str(test_file), layer_specs=[2, 4], expected_layers=[2, 4], prompt_format="chat",
+               lens_prompts=["Name a colour."], lens_test_prompts=2, top_k=3, new_tokens=3, seed=7, device="cpu",
+               backend="hf", gpus=1, vllm_options=None)  # fmt: skip
+    job.update(overrides)
+    return job
+
+
+def run_perplexity(tiny, out, name, *, base, variant="base", **overrides):
+    """What scripts/perplexity.py runs: (summary, its two files)."""
+    from tunelens.perplexity import run_perplexity_job
+
+    files = (out / f"{name}.json", out / f"{name}.rows.csv")
+    return run_perplexity_job(make_perplexity_job(tiny, variant, **overrides), *files, base=base,
+                              start_timeout_s=180), files
+
+
+def run_lens(tiny, out, name, *, base, variant="base", **overrides):
+    """What scripts/logit_lens.py runs: (lens, its three files)."""
+    from tunelens.probe import run_logit_lens_job
+
+    files = (out / f"{name}.json", out / f"{name}.heatmap.png", out / f"{name}.entropy.png")
+    return run_logit_lens_job(make_lens_job(tiny, variant, **overrides), *files, base=base, start_timeout_s=180), files
+
+
+def _without(record: dict, varying: dict) -> str:
+    """The JSON text of `record` without its timing keys (`varying`: top-level keys, and {key: subkeys})."""
+    record = {k: v for k, v in record.items() if k not in varying or varying[k]}
+    for key, subkeys in varying.items():
+        if subkeys and key in record:
+            record[key] = {k: v for k, v in record[key].items() if k not in subkeys}
+    return json.dumps(record)
+
+
+PERPLEXITY_TIMINGS = {"execution": None, "source": ("load_time_s", "score_time_s", "rows_per_s")}
+LENS_TIMINGS = {"execution": None, "load_time_s": None, "lens_time_s": None}
+
+
+def test_perplexity_and_logit_lens_through_the_server_write_the_bytes_of_an_in_process_job(tiny, run_dir, tmp_path):
+    """scripts/perplexity.py and scripts/logit_lens.py send their job to the model's generation server: the
+    per-row CSV and both plots are the bytes that today's in-process functions (reference_perplexity,
+    run_logit_lens) write, and the JSON files equal theirs apart from the timings and `execution`."""
+    from tunelens.perplexity import reference_perplexity
+    from tunelens.probe import run_logit_lens
+
+    for variant in ("base", "finetuned"):
+        served, (ppl_json, ppl_csv) = run_perplexity(tiny, tmp_path, f"ppl-{variant}", base=run_dir, variant=variant)
+        job = {k: v for k, v in make_perplexity_job(tiny, variant).items() if k not in SERVER_KEYS}
+        alone = reference_perplexity(job.pop("test_file"), tmp_path / f"ppl-{variant}.alone.json",
+                                     tmp_path / f"ppl-{variant}.alone.rows.csv", **job)
+        assert ppl_csv.read_bytes() == (tmp_path / f"ppl-{variant}.alone.rows.csv").read_bytes(), variant
+        written = json.loads(ppl_json.read_text())
+        assert _without(written, PERPLEXITY_TIMINGS) == _without(alone, PERPLEXITY_TIMINGS), variant
+        assert written["execution"]["mode"] == "server" and written["execution"]["loaded"] is True
+        assert written["source"]["load_time_s"] > 0  # the load this request paid
+
+        lens, (lens_json, heatmap, entropy) = run_lens(tiny, tmp_path, f"lens-{variant}", base=run_dir,
+                                                       variant=variant)
+        job = {k: v for k, v in make_lens_job(tiny, variant).items() if k not in SERVER_KEYS}
+        alone_files = {"output_json": tmp_path / f"lens-{variant}.alone.json",
+                       "output_heatmap": tmp_path / f"lens-{variant}.alone.heatmap.png",
+                       "output_entropy": tmp_path / f"lens-{variant}.alone.entropy.png"}
+        alone = run_logit_lens(**job, **alone_files)
+        assert heatmap.read_bytes() == alone_files["output_heatmap"].read_bytes(), variant
+        assert entropy.read_bytes() == alone_files["output_entropy"].read_bytes(), variant
+        written = json.loads(lens_json.read_text())
+        assert _without(written, LENS_TIMINGS) == _without(alone, LENS_TIMINGS), variant
+        assert written["execution"]["mode"] == "server" and written["execution"]["loaded"] is False  # perplexity's
+        assert written["execution"]["server_pid"] == served["execution"]["server_pid"]
+
+
+def test_a_models_jobs_load_it_once_per_variant(tiny, run_dir, tmp_path):
+    """The GPU jobs of one model in DAG order (both variants' generate, early exit, perplexity and logit lens,
+    interleaved as Snakemake may run them): one server serves them all, and it loads each variant's model
+    exactly once; no perplexity or logit_lens job loads a model of its own."""
+    executions = []  # (variant, job kind, execution)
+    for variant in ("base", "finetuned"):
+        executions.append((variant, "perplexity", run_perplexity(tiny, tmp_path, f"p-{variant}", base=run_dir,
+                                                                 variant=variant)[0]["execution"]))
+        executions.append((variant, "generate", run(tiny, tmp_path, f"g-{variant}", base=run_dir,
+                                                    variant=variant)[0]["execution"]))
+    for variant in ("finetuned", "base"):
+        executions.append((variant, "logit_lens", run_lens(tiny, tmp_path, f"l-{variant}", base=run_dir,
+                                                           variant=variant)[0]["execution"]))
+        meta = genserver.run_early_exit_job(make_early_exit_job(tiny, variant, 2), tmp_path / f"e-{variant}.jsonl",
+                                            tmp_path / f"e-{variant}.meta.json", base=run_dir, start_timeout_s=180)
+        executions.append((variant, "early_exit", meta["execution"]))
+        executions.append((variant, "generate", run(tiny, tmp_path, f"g2-{variant}", base=run_dir, variant=variant,
+                                                    config="sampled")[0]["execution"]))
+    assert {e["mode"] for _, _, e in executions} == {"server"}, executions
+    assert len({e["server_pid"] for _, _, e in executions}) == 1
+    loads = {variant: [kind for v, kind, e in executions if v == variant and e["loaded"]]
+             for variant in ("base", "finetuned")}
+    assert loads == {"base": ["perplexity"], "finetuned": ["perplexity"]}, loads
+    # The files record it too (what the cost report and bench/bench_genserver.py read).
+    for name in ("p-base.json", "p-finetuned.json", "l-base.json", "l-finetuned.json"):
+        assert json.loads((tmp_path / name).read_text())["execution"]["mode"] == "server", name
+    assert [e["request"] for _, _, e in executions] == list(range(1, len(executions) + 1))
+
+
+def test_perplexity_and_lens_of_a_vllm_model_run_in_the_job(tiny, run_dir, tmp_path):
+    """A model generated with vLLM: its server holds an engine, not the hf model, so the jobs run themselves."""
+    ppl, _ = run_perplexity(tiny, tmp_path, "ppl", base=run_dir, backend="vllm")
+    assert ppl["execution"]["mode"] == "in-process" and ppl["execution"]["loaded"] is True
+    lens, _ = run_lens(tiny, tmp_path, "lens", base=run_dir, backend="vllm")
+    assert lens["execution"]["mode"] == "in-process"
+    assert list(genserver.server_dir(run_dir).glob("*.json")) == []

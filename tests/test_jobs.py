@@ -36,8 +36,10 @@ def test_use_job_threads_pins_torch_and_the_openmp_variables(monkeypatch):
 
 
 def _job_threads(log: Path) -> int:
-    match = re.search(r"torch threads: (\d+)", log.read_text())
-    assert match, f"{log} does not say how many threads torch used"
+    """The threads a job ran with: torch's in the job, or the OpenMP variables that a server it starts inherits
+    (a thin client of the model's generation server: tunelens.jobs.use_job_threads(torch=False))."""
+    match = re.search(r"job threads: (\d+) \((?:torch threads: \1|OpenMP/BLAS)\)", log.read_text())
+    assert match, f"{log} does not say how many threads the job used"
     return int(match.group(1))
 
 
@@ -81,10 +83,10 @@ def test_two_model_jobs_on_two_cores_never_take_two_threads_each(tmp_path, tiny_
 
 
 def test_a_models_server_jobs_never_run_side_by_side_on_one_machine(tmp_path, tiny_llama_dir):
-    """--cores 2, one model: its generate and early_exit jobs all go to one generation server, which serves
-    one request at a time, so Snakemake runs them one after the other (resource genserver_<model> = 1,
-    rules/common.smk) and never leaves a core idle behind a waiting client. A job without the server (logit
-    lens) may still run beside them."""
+    """--cores 2, one model: its generate, early_exit, perplexity and logit_lens jobs all go to one generation
+    server, which serves one request at a time, so Snakemake runs them one after the other (resource
+    genserver_<model> = 1, rules/common.smk) and never leaves a core idle behind a waiting client. That server
+    loads the model once: no perplexity or logit_lens job loads one of its own."""
     config = {
         "seed": 1, "device": "cpu",
         "dataset": {"name": "demo", "source": "embedded:demo", "test_size": 4, "max_train": 16},
@@ -99,7 +101,8 @@ def test_a_models_server_jobs_never_run_side_by_side_on_one_machine(tmp_path, ti
     temps = ("0.0", "0.7")
     server_jobs = [f"generations/tiny/base/top_k_50_num_beams_1_temp_{t}" for t in temps] + [
         f"probe/tiny/base/early_exit/layer_{layer}" for layer in (2, 4)]
-    targets = [f"results/{job}.jsonl" for job in server_jobs] + ["results/probe/tiny/base/lens.json"]
+    targets = [f"results/{job}.jsonl" for job in server_jobs] + ["results/probe/tiny/base/lens.json",
+                                                                 "results/perplexity/tiny/base.json"]
     result = subprocess.run(
         [sys.executable, "-m", "snakemake", *targets, "--cores", "2", "--snakefile", str(ROOT / "Snakefile"),
          "--directory", str(tmp_path), "--configfile", str(tmp_path / "study.yaml")],
@@ -107,10 +110,14 @@ def test_a_models_server_jobs_never_run_side_by_side_on_one_machine(tmp_path, ti
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     benches = [f"benchmarks/generate/tiny/base/top_k_50_num_beams_1_temp_{t}.tsv" for t in temps] + [
-        f"benchmarks/early_exit/tiny/base/layer_{layer}.tsv" for layer in (2, 4)]
+        f"benchmarks/early_exit/tiny/base/layer_{layer}.tsv" for layer in (2, 4)] + [
+        "benchmarks/logit_lens/tiny/base.tsv", "benchmarks/perplexity/tiny/base.tsv"]
     intervals = sorted(_interval(tmp_path / bench) for bench in benches)
     for (_, end), (start, _) in zip(intervals, intervals[1:]):
         assert start >= end - 1, intervals  # 1 s slack for file times
-    metas = [json.loads((tmp_path / f"results/{job}.meta.json").read_text()) for job in server_jobs]
+    metas = [json.loads((tmp_path / f"results/{job}.meta.json").read_text()) for job in server_jobs] + [
+        json.loads((tmp_path / f"results/{name}.json").read_text()) for name in ("probe/tiny/base/lens",
+                                                                                  "perplexity/tiny/base")]
     assert {meta["execution"]["mode"] for meta in metas} == {"server"}
     assert len({meta["execution"]["server_pid"] for meta in metas}) == 1
+    assert sum(meta["execution"]["loaded"] for meta in metas) == 1  # one model load for the six jobs

@@ -83,6 +83,13 @@ def test_closure_follows_lazy_and_transitive_tunelens_imports():
     generate = codehash.code_modules(REPO / "scripts" / "generate.py")
     assert "tunelens.metrics" not in generate and "tunelens.report" not in generate
     assert "tunelens.data" not in generate  # config.py keeps the embedded dataset registry itself
+    # Perplexity and logit-lens jobs are requests to the generation server, which imports their compute code by
+    # name: a generate job's hash holds no perplexity code, and a perplexity job's (a thin client of the same
+    # server) no generation code.
+    assert "tunelens.perplexity" not in generate and "tunelens.score" not in generate
+    perplexity = codehash.code_modules(REPO / "scripts" / "perplexity.py")
+    assert {"tunelens.perplexity", "tunelens.served"} <= set(perplexity)
+    assert "tunelens.generate" not in perplexity and "tunelens.genserver" not in perplexity
     assert "tunelens.report" in codehash.code_modules(REPO / "scripts" / "report.py")
 
 
@@ -208,6 +215,51 @@ def test_editing_metrics_code_reruns_scoring_and_report_not_generation(study):
     # every job whose code imports tunelens.metrics: scores, early-exit scores, perplexity, the human
     # sheet (tunelens.human) and the report; generation, fine-tune, probe and split are untouched.
     assert planned == SCORE | SCORE_EARLY_EXIT | PERPLEXITY | AGGREGATES
+
+
+LOGIT_LENS = per_variant("logit_lens")
+
+
+def test_editing_lens_plot_code_reruns_only_the_lens_jobs_and_the_report(study):
+    """Issue 23: generate imported genserver -> probe -> probe_plots, so a plot fix reran every generation.
+    Both kinds of edit: a function body and a new top-level statement."""
+    flow = study[0]
+    plots = module_file(flow, "probe_plots")
+    with edited(plots, '    text = text if len(text) <= width', '    width = max(width, 4)\n    text = text if len(text) <= width'), \
+            appended(plots, "\nPLOT_EDIT = 1\n"):
+        planned = plan(study)
+    assert planned == LOGIT_LENS | {job("report"), job("all")}
+
+
+def test_editing_one_io_function_reruns_only_the_jobs_that_call_it(study):
+    """Issue 23: an io.py edit reran every job, fine-tunes included. tunelens.io.read_json is called by the
+    score jobs (scripts/score.py, also run by score_early_exit) and the report only."""
+    flow = study[0]
+    with edited(module_file(flow, "io"), "def read_json(path: str | Path) -> Any:\n",
+                "def read_json(path: str | Path) -> Any:\n    _unused = 0\n"):
+        planned = plan(study)
+    assert planned == SCORE | SCORE_EARLY_EXIT | AGGREGATES - {job("human_sheet")}
+    assert not {rule for rule, _ in planned} & {"split", "finetune", "generate", "early_exit", "logit_lens"}
+
+
+def test_a_function_no_job_calls_is_no_code_of_any_job(study):
+    """A new function in tunelens.io (imported by every job) reruns nothing until something calls it."""
+    flow = study[0]
+    with appended(module_file(flow, "io"), "\n\ndef describe(path):\n    return str(path)\n"):
+        assert plan(study) == set()
+
+
+def test_closure_is_per_function():
+    """What the plans above rest on: read_json is code of the score and report jobs, not of generation or
+    fine-tuning; the lens plots are code of the logit_lens job only."""
+    functions = {script: codehash.code_functions(REPO / "scripts" / f"{script}.py")
+                 for script in ("generate", "early_exit", "finetune", "split", "score", "report", "logit_lens")}
+    for script in ("score", "report"):
+        assert "tunelens.io#read_json" in functions[script]
+    for script in ("generate", "early_exit", "finetune", "split"):
+        assert "tunelens.io#read_json" not in functions[script], script
+        assert "tunelens.probe_plots" not in codehash.code_modules(REPO / "scripts" / f"{script}.py"), script
+    assert "tunelens.probe_plots#plot_lens_heatmap" in functions["logit_lens"]
 
 
 def test_comment_docstring_edit_and_touch_rerun_nothing(study):

@@ -174,6 +174,30 @@ def load_prompt_rows(
     return out
 
 
+def check_context_room(prompt_rows: Sequence[PromptRow], max_new_tokens: int, model_path: str | Path,
+                       where: str | Path | None = None) -> None:
+    """Every prompt plus max_new_tokens within the model's context length (its config.json says it; nothing is
+    checked when it does not): a row that would run past the model's positions fails, naming its line and id,
+    before any generation. The DAG checked max_new_tokens alone (tunelens.preflight); prompt lengths need the
+    tokenizer, so they are checked here."""
+    from tunelens.modelfiles import ModelFileProblem, context_length, read_config_json
+
+    try:
+        context = context_length(read_config_json(model_path))
+    except ModelFileProblem:
+        return  # a directory without config.json (e.g. a GGUF checkpoint): nothing to compare against
+    if not context:
+        return
+    for line_no, row in enumerate(prompt_rows, start=1):
+        if row.num_prompt_tokens + max_new_tokens > context:
+            raise DataError(
+                f"{where or 'prompt rows'}, line {line_no} (id {row.id}): prompt has {row.num_prompt_tokens} tokens; "
+                f"with decoding.max_new_tokens={max_new_tokens} that is {row.num_prompt_tokens + max_new_tokens}, "
+                f"beyond the context length {context} of {model_path}; lower max_new_tokens or "
+                "generation.max_prompt_tokens (which fails such rows by their length alone)"
+            )
+
+
 def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
     """Cut `text` before the earliest stop string; (text, whether one was found)."""
     positions = [text.find(s) for s in stop if s in text]

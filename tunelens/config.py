@@ -10,9 +10,9 @@ Kept free of torch/transformers imports: Snakemake imports it on every invocatio
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
-import json
 import math
 import os
 import re
@@ -25,7 +25,9 @@ from tunelens.decoding import DecodingConfig, knob_names
 from tunelens.decoding import check as check_decoding_config
 from tunelens.errors import ConfigError
 # re-exported: callers and tests import the schema helpers from here
-from tunelens.schema import SCHEMA_PATH, _key_path, _load_schema, schema_errors, validate_schema  # noqa: F401
+from tunelens.schema import (  # noqa: F401
+    SCHEMA_PATH, _key_path, _load_schema, fill_defaults_leniently, schema_errors, schema_message, validate_schema,
+)
 from tunelens.sources import DATA_EXTENSIONS, EMBEDDED_DATASETS, EMBEDDED_PREFIX, source_kind  # noqa: F401
 
 
@@ -35,6 +37,78 @@ RESERVED_MODEL_NAMES = {"bertscore"}
 # Tokens of one fine-tune micro-batch (batch_size x max_seq_length): above this, logits alone
 # (tokens x vocabulary x 4 bytes) exceed any GPU's memory for a 32k vocabulary.
 MAX_MICRO_BATCH_TOKENS = 1_048_576
+# Work bounds: a fine-tune of more optimizer steps or training tokens than these is a typo (1e9 epochs), not
+# a study: 1e11 tokens is ~a year of QLoRA on one H200 for a 7B model.
+MAX_OPTIMIZER_STEPS = 1_000_000
+MAX_TRAINING_TOKENS = 10**11
+MAX_DECODING_CONFIGS = 1000  # generation jobs = models x variants x configs (x evaluation sets)
+
+
+# --------------------------------------------------------------------------------------------- problems
+def config_error(problems: list[str]) -> ConfigError:
+    """One ConfigError listing every problem (its `.problems`), so a user fixes them all in one run."""
+    problems = list(dict.fromkeys(problems))
+    message = problems[0] if len(problems) == 1 else f"{len(problems)} problems:\n  " + "\n  ".join(problems)
+    error = ConfigError(message)
+    error.problems = problems
+    return error
+
+
+class Problems:
+    """Collects the problems of a config instead of stopping at the first one.
+
+    `with problems.check():` around one independent check records its ConfigError. Once the config has
+    schema errors (`broken`), a later check may meet a value of the wrong type or a missing key; such an
+    exception is the schema error's consequence, already reported, and is dropped.
+    """
+
+    def __init__(self, messages: list[str] | None = None):
+        self.messages: list[str] = messages if messages is not None else []
+        self.broken = False
+
+    def add(self, message: str) -> None:
+        self.messages.append(message)
+
+    @contextlib.contextmanager
+    def check(self):
+        try:
+            yield
+        except ConfigError as exc:
+            self.messages.extend(getattr(exc, "problems", None) or [str(exc)])
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError):
+            if not self.broken:
+                raise
+
+    def raise_any(self) -> None:
+        if self.messages:
+            raise config_error(self.messages)
+
+
+def non_finite_numbers(node, path: str = "") -> list[tuple[str, float]]:
+    """(key path, value) of every NaN or infinite number anywhere in the config."""
+    found = []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            found += non_finite_numbers(value, f"{path}.{key}" if path else str(key))
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            found += non_finite_numbers(value, f"{path}[{index}]")
+    elif isinstance(node, float) and not math.isfinite(node):
+        found.append((path, node))
+    return found
+
+
+def _drop_non_finite(node) -> None:
+    """Remove NaN/infinite values (already reported) so the other checks see defaults, not NaN."""
+    if isinstance(node, dict):
+        for key in [k for k, v in node.items() if isinstance(v, float) and not math.isfinite(v)]:
+            del node[key]
+        for value in node.values():
+            _drop_non_finite(value)
+    elif isinstance(node, list):
+        node[:] = [v for v in node if not (isinstance(v, float) and not math.isfinite(v))]
+        for value in node:
+            _drop_non_finite(value)
 
 
 # --------------------------------------------------------------------------------------------- jobs
@@ -62,10 +136,25 @@ def _expand_decoding(decoding: dict) -> list[DecodingConfig]:
     if mode == "list":
         if not decoding["configs"]:
             raise ConfigError("decoding.configs: empty, but decoding.mode is 'list'; give at least one config")
-        return [DecodingConfig.from_dict(entry, defaults) for entry in decoding["configs"]]
+        configs = [DecodingConfig.from_dict(entry, defaults) for entry in decoding["configs"]]
+        _check_duplicate_parameters(configs)
+        return configs
     if decoding["configs"]:
         raise ConfigError(f"decoding.configs: only used with decoding.mode 'list' (mode is '{mode}')")
+    problems = []
+    for key, values in decoding["sweep"].items():
+        repeated = sorted({repr(v) for v in values if values.count(v) > 1})
+        if repeated:
+            problems.append(f"decoding.sweep.{key}: value(s) {', '.join(repeated)} given more than once")
+    if problems:
+        raise config_error(problems)
     sweep = {key: values for key, values in decoding["sweep"].items() if values}
+    count = 1 + sum(map(len, sweep.values())) if mode == "one_at_a_time" else math.prod(map(len, sweep.values()))
+    if count > MAX_DECODING_CONFIGS:
+        raise ConfigError(
+            f"decoding.sweep: mode '{mode}' over {', '.join(f'{k} ({len(v)})' for k, v in sweep.items())} makes "
+            f"{count} decoding configs, at most {MAX_DECODING_CONFIGS} (each is a generation and scoring job per "
+            "model and variant); sweep fewer values, or use mode one_at_a_time")
     configs = [DecodingConfig.from_dict({}, defaults)]
     if mode == "one_at_a_time":
         for key, values in sweep.items():
@@ -75,6 +164,21 @@ def _expand_decoding(decoding: dict) -> list[DecodingConfig]:
         for combo in itertools.product(*(sweep[key] for key in keys)):
             configs.append(DecodingConfig.from_dict(dict(zip(keys, combo)), defaults))
     return configs
+
+
+def _check_duplicate_parameters(configs: list[DecodingConfig]) -> None:
+    """List mode: two names for the same parameters would generate (and score) the same thing twice."""
+    first: dict[tuple, str] = {}
+    problems = []
+    for config in configs:
+        parameters = tuple(value for key, value in config.as_dict().items() if key != "name")
+        if parameters in first and first[parameters] != config.name:
+            settings = ", ".join(f"{k}={v}" for k, v in config.as_dict().items() if k != "name")
+            problems.append(f"decoding.configs: '{first[parameters]}' and '{config.name}' have the same parameters "
+                            f"({settings}, after decoding.defaults); keep one")
+        first.setdefault(parameters, config.name)
+    if problems:
+        raise config_error(problems)
 
 
 # --------------------------------------------------------------------------------------------- layers
@@ -136,16 +240,14 @@ class ModelSpec:
         return self.source[len(EMBEDDED_PREFIX):] if self.source_kind == "embedded" else None
 
 
-def _local_num_layers(path: Path) -> int | None:
-    config_file = path / "config.json"
-    if not config_file.exists():
-        return None
-    data = json.loads(config_file.read_text())
-    for holder in (data, data.get("text_config") or {}):
-        for key in ("num_hidden_layers", "n_layer", "num_layers"):
-            if isinstance(holder.get(key), int):
-                return holder[key]
-    return None
+def _local_num_layers(path: Path, where: str) -> int | None:
+    """Depth from a local model's config.json; an unreadable or corrupt one fails naming its path."""
+    from tunelens.modelfiles import ModelFileProblem, num_layers, read_config_json
+
+    try:
+        return num_layers(read_config_json(path))
+    except ModelFileProblem as exc:
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 def generation_server_fields(config: dict, model: str) -> dict:
@@ -158,6 +260,30 @@ def generation_server_fields(config: dict, model: str) -> dict:
         "vllm_options": {"max_lora_rank": generation["vllm_max_lora_rank"],
                          "gpu_memory_utilization": generation["vllm_gpu_memory_utilization"]},
     }
+
+
+def training_work_problems(where: str, finetune: dict, rows: int | None) -> list[str]:
+    """A fine-tune's work against MAX_OPTIMIZER_STEPS and MAX_TRAINING_TOKENS: from max_steps when set, else
+    from num_epochs and the training rows (`rows`, when known). `where`: the key of these settings
+    ('models.<name>.finetune')."""
+    rows_per_step = finetune["batch_size"] * finetune["gradient_accumulation"]
+    if finetune["max_steps"]:
+        steps, basis = finetune["max_steps"], f"max_steps {finetune['max_steps']}"
+    elif rows:
+        steps = math.ceil(rows * finetune["num_epochs"] / rows_per_step)
+        basis = (f"num_epochs: {finetune['num_epochs']:g} over {rows} training rows / (batch_size "
+                 f"{finetune['batch_size']} x gradient_accumulation {finetune['gradient_accumulation']})")
+    else:
+        return []
+    if steps > MAX_OPTIMIZER_STEPS:
+        return [f"{where}.{basis} = {steps} optimizer steps, at most {MAX_OPTIMIZER_STEPS}; "
+                "lower num_epochs or max_steps (or raise batch_size)"]
+    tokens = steps * rows_per_step * finetune["max_seq_length"]
+    if tokens > MAX_TRAINING_TOKENS:
+        return [f"{where}: {basis} = {steps} steps x {rows_per_step} rows x max_seq_length "
+                f"{finetune['max_seq_length']} = up to {tokens:.2g} training tokens, at most {MAX_TRAINING_TOKENS:.0e}; "
+                "lower max_steps, num_epochs, batch_size, gradient_accumulation or max_seq_length"]
+    return []
 
 
 def _model_spec(name: str, entry: dict, config: dict, finetune_schema: dict) -> ModelSpec:
@@ -175,11 +301,18 @@ def _model_spec(name: str, entry: dict, config: dict, finetune_schema: dict) -> 
         num_layers = num_layers or EMBEDDED_MODELS[key]["num_layers"]
     elif kind == "local":
         path = Path(source).expanduser()
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"{where}.source: '{source}' is a file, not a directory; give the Hugging Face model "
+                              "directory that holds it (config.json, weights, tokenizer)")
         if not path.is_dir():
             raise ConfigError(f"{where}.source: local model directory '{source}' does not exist")
         if not (path / "config.json").exists():
             raise ConfigError(f"{where}.source: '{source}' has no config.json; expected a Hugging Face model directory")
-        num_layers = num_layers or _local_num_layers(path)
+        depth = _local_num_layers(path, f"{where}.source")
+        if num_layers and depth and num_layers != depth:
+            raise ConfigError(f"{where}.num_layers: {num_layers}, but {path / 'config.json'} says {depth} layers; "
+                              "leave num_layers out for a local model")
+        num_layers = num_layers or depth
     elif not HUB_ID.match(source):
         raise ConfigError(f"{where}.source: '{source}' is neither an embedded model, an existing path nor a hub id")
     elif "/" in source and Path(source.split("/", 1)[0]).exists():
@@ -197,17 +330,30 @@ def _model_spec(name: str, entry: dict, config: dict, finetune_schema: dict) -> 
     merged = {**config["finetune"], **overrides}
     import jsonschema
 
-    for error in jsonschema.Draft202012Validator(finetune_schema).iter_errors(merged):
-        raise ConfigError(f"{where}.finetune.{_key_path(error.absolute_path)}: {error.message}")
+    # A bad top-level `finetune` value is the schema's error already; here only this model's overrides.
+    errors = [schema_message(error, f"{where}.finetune.")
+              for error in jsonschema.Draft202012Validator(finetune_schema).iter_errors(merged)
+              if not error.absolute_path or error.absolute_path[0] in overrides]
+    if errors:
+        raise config_error(errors)
+    problems = []
     tokens = merged["batch_size"] * merged["max_seq_length"]
     if tokens > MAX_MICRO_BATCH_TOKENS:
-        raise ConfigError(
+        problems.append(
             f"{where}.finetune: batch_size {merged['batch_size']} x max_seq_length {merged['max_seq_length']} = "
             f"{tokens} tokens per micro-batch (over {MAX_MICRO_BATCH_TOKENS}: activations and logits would not fit "
             "any GPU); lower batch_size and raise gradient_accumulation"
         )
+    if merged["enabled"] and merged["max_steps"]:
+        problems += training_work_problems(f"{where}.finetune", merged, rows=None)
+    if isinstance(merged["target_modules"], list) and not merged["target_modules"]:
+        problems.append(f"{where}.finetune.target_modules: empty list; name the modules to adapt, or 'all-linear'")
+    if problems:
+        raise config_error(problems)
 
     layer_specs = entry.get("probe_layers") or config["probe"]["layers"]
+    if not isinstance(layer_specs, list):
+        raise TypeError("probe layers are not a list")  # a schema error, reported already
     spec = ModelSpec(
         name=name,
         source=source,
@@ -271,8 +417,10 @@ def _check_data_source(source: str, where: str, base_dir: Path) -> str:
     elif kind == "local":
         path = Path(source).expanduser()
         path = path if path.is_absolute() else base_dir / path
+        if path.is_dir():
+            raise ConfigError(f"{where}: '{source}' is a directory; expected a .json/.jsonl/.csv/.parquet file")
         if not path.is_file():
-            raise ConfigError(f"{where}: file '{source}' does not exist")
+            raise ConfigError(f"{where}: '{source}': file does not exist ({path.resolve()})")
         if path.suffix not in DATA_EXTENSIONS:
             raise ConfigError(f"{where}: '{source}' has suffix '{path.suffix}'; expected one of {DATA_EXTENSIONS}")
     elif not HUB_ID.match(source):
@@ -349,74 +497,145 @@ def check_removed_keys(config: dict) -> None:
             raise ConfigError(f"{section}.{key}: {holder[key]!r}: {section}.{key} {message}")
 
 
-def load_config(config: dict, *, base_dir: str | Path = ".") -> Study:
+def load_config(config: dict, *, base_dir: str | Path = ".", problems: list[str] | None = None) -> Study:
     """Validate `config` (defaults are filled in place) and return the Study built from it.
 
-    Raises ConfigError naming the key and value at fault, before any job runs.
+    Every problem is collected (schema, values, references between keys), then raised as one ConfigError
+    naming each key and value. With `problems` (a list), they are appended there instead and the Study
+    returned holds what could be built (tunelens.preflight adds the machine's checks and raises them all).
     """
     if not isinstance(config, dict) or not config:
         raise ConfigError("the config is empty; pass --configfile or keep config.yaml next to the Snakefile")
-    check_removed_keys(config)
-    given_fields = ((config.get("dataset") or {}).get("fields") or {}) if isinstance(config.get("dataset"), dict) else {}
+    found = Problems(problems)
+    for path, value in non_finite_numbers(config):
+        found.add(f"{path}: {value!r}: every number in the config must be finite (no .inf or .nan)")
+    with found.check():
+        check_removed_keys(config)
+    # Checked on the config as given: default filling puts [] under every parameter (a config that went
+    # through load_config already, every key present and all empty, is not a user's empty axis).
+    sweep = config["decoding"].get("sweep") if isinstance(config.get("decoding"), dict) else None
+    if isinstance(sweep, dict) and not (set(sweep) == set(knob_names()) and not any(sweep.values())):
+        for key, values in sweep.items():
+            if values == []:
+                found.add(f"decoding.sweep.{key}: empty list; give the values to sweep, or leave the key out")
+    given_fields = config["dataset"].get("fields") if isinstance(config.get("dataset"), dict) else None
+    given_fields = given_fields if isinstance(given_fields, dict) else {}
     mapped_fields = ("instruction", "output") + (("input",) if given_fields.get("input") is not None else ())
-    validate_schema(config)
+    found.broken = bool(found.messages)
+    _drop_non_finite(config)
+    given_decoding = config.get("decoding") if isinstance(config.get("decoding"), dict) else {}
+    listed = copy.deepcopy(given_decoding.get("configs")) if isinstance(given_decoding.get("configs"), list) else None
+    schema_problems = schema_errors(config)
+    found.messages += schema_problems
+    found.broken = bool(found.messages)
+    if schema_problems:
+        fill_defaults_leniently(config)
+    else:
+        validate_schema(config)
+    with found.check():
+        if listed:
+            # The schema filled each list entry with the parameters' own defaults; a parameter an entry leaves
+            # out takes decoding.defaults instead (the documented meaning).
+            defaults = config["decoding"]["defaults"]
+            config["decoding"]["configs"] = [
+                {**{key: defaults[key] for key in knob_names() if key in defaults}, **entry} if isinstance(entry, dict)
+                else entry for entry in listed]
     schema = _load_schema()
     base_dir = Path(base_dir)
 
-    dataset = config["dataset"]
-    _check_data_source(dataset["source"], "dataset.source", base_dir)
-    evaluation_sets = _evaluation_sets(config, base_dir)
-    check_case_collisions("evaluation_sets names", evaluation_sets)
-    test_size = dataset["test_size"]
-    if test_size >= 1 and not float(test_size).is_integer():
-        raise ConfigError(f"dataset.test_size: {test_size} is neither a fraction below 1 nor a whole count")
+    dataset = config.get("dataset") if isinstance(config.get("dataset"), dict) else {}
+    with found.check():
+        _check_data_source(dataset["source"], "dataset.source", base_dir)
+    evaluation_sets: dict[str, EvaluationSet] = {}
+    with found.check():
+        evaluation_sets = _evaluation_sets(config, base_dir)
+    with found.check():
+        check_case_collisions("evaluation_sets names", evaluation_sets)
+    with found.check():
+        test_size = dataset["test_size"]
+        if test_size >= 1 and not float(test_size).is_integer():
+            raise ConfigError(f"dataset.test_size: {test_size} is neither a fraction below 1 nor a whole count")
+    with found.check():
+        fields = dataset["fields"]
+        for field, other in (("input", "instruction"), ("output", "instruction"), ("output", "input")):
+            if fields.get(field) is not None and fields.get(field) == fields.get(other):
+                raise ConfigError(f"dataset.fields.{field}: '{fields[field]}' is the same column as "
+                                  f"dataset.fields.{other}; map each field to its own column")
 
-    check_case_collisions("models", config["models"])
-    reserved = sorted(set(config["models"]) & RESERVED_MODEL_NAMES)
-    if reserved:
-        raise ConfigError(f"models: name(s) {reserved} are reserved (results/models/bertscore holds the BERTScore model)")
-    models = {
-        name: _model_spec(name, entry, config, schema["$defs"]["finetune"]) for name, entry in config["models"].items()
-    }
+    models: dict[str, ModelSpec] = {}
+    with found.check():
+        check_case_collisions("models", config["models"])
+    with found.check():
+        reserved = sorted(set(config["models"]) & RESERVED_MODEL_NAMES)
+        if reserved:
+            raise ConfigError(f"models: name(s) {reserved} are reserved (results/models/bertscore holds the BERTScore "
+                              "model)")
+    for name, entry in (config["models"].items() if isinstance(config.get("models"), dict) else ()):
+        with found.check():
+            models[name] = _model_spec(name, entry, config, schema["$defs"]["finetune"])
 
-    decoding = config["decoding"]
+    decoding = config.get("decoding") or {}
     backends = {spec.generation_backend for spec in models.values()}
-    configs = _expand_decoding(decoding)
     by_name: dict[str, DecodingConfig] = {}
-    for index, decoding_config in enumerate(configs):
-        where = f"decoding.configs[{index}]" if decoding["mode"] == "list" else f"decoding ({decoding_config.name})"
-        check_decoding_config(decoding_config, decoding["beam_mode"], backends, where)
-        if decoding_config.name in by_name and by_name[decoding_config.name] != decoding_config:
-            raise ConfigError(f"{where}: name '{decoding_config.name}' is used by two different configs")
-        by_name.setdefault(decoding_config.name, decoding_config)
+    with found.check():
+        configs = _expand_decoding(decoding)
+        for index, decoding_config in enumerate(configs):
+            where = f"decoding.configs[{index}]" if decoding["mode"] == "list" else f"decoding ({decoding_config.name})"
+            with found.check():
+                check_decoding_config(decoding_config, decoding["beam_mode"], backends, where)
+            if decoding_config.name in by_name and by_name[decoding_config.name] != decoding_config:
+                found.add(f"{where}: name '{decoding_config.name}' is used by two different configs")
+            by_name.setdefault(decoding_config.name, decoding_config)
+    with found.check():
+        check_case_collisions("decoding config names", by_name)
+    default_name = None
+    with found.check():
+        default_name = config["report"]["default_config"] or (next(iter(by_name)) if by_name else None)
+        if by_name and default_name not in by_name:
+            raise ConfigError(f"report.default_config: '{default_name}' is not a decoding config; known: "
+                              f"{sorted(by_name)}")
+    with found.check():
+        for index, stop in enumerate(decoding["stop"]):
+            if not stop.strip():
+                found.add(f"decoding.stop[{index}]: {stop!r} is only whitespace; it would cut every answer at its "
+                          "first space or line break")
 
-    check_case_collisions("decoding config names", by_name)
-    default_name = config["report"]["default_config"] or configs[0].name
-    if default_name not in by_name:
-        raise ConfigError(f"report.default_config: '{default_name}' is not a decoding config; known: {sorted(by_name)}")
+    with found.check():
+        early = config["probe"]["early_exit"]
+        check_decoding_config(
+            DecodingConfig.from_dict(early["decoding"]), decoding["beam_mode"], backends, "probe.early_exit.decoding"
+        )
 
-    early = config["probe"]["early_exit"]
-    check_decoding_config(
-        DecodingConfig.from_dict(early["decoding"]), decoding["beam_mode"], backends, "probe.early_exit.decoding"
-    )
+    with found.check():
+        judge = config["scoring"]["judge"]
+        if judge["enabled"] and not judge["model"]:
+            raise ConfigError("scoring.judge.model: required when scoring.judge.enabled is true")
 
-    judge = config["scoring"]["judge"]
-    if judge["enabled"] and not judge["model"]:
-        raise ConfigError("scoring.judge.model: required when scoring.judge.enabled is true")
+    with found.check():
+        bertscore = config["scoring"]["bertscore"]
+        if "bertscore" in config["scoring"]["metrics"] and source_kind(bertscore["model"]) == "embedded":
+            from tunelens.models import EMBEDDED_MODELS
 
-    bertscore_model = config["scoring"]["bertscore"]["model"]
-    if "bertscore" in config["scoring"]["metrics"] and source_kind(bertscore_model) == "embedded":
-        from tunelens.models import EMBEDDED_MODELS
+            key = bertscore["model"][len(EMBEDDED_PREFIX):]
+            if EMBEDDED_MODELS.get(key, {}).get("role") != "encoder":
+                choices = sorted(k for k, v in EMBEDDED_MODELS.items() if v.get("role") == "encoder")
+                raise ConfigError(f"scoring.bertscore.model: unknown embedded encoder '{key}'; choices: {choices}")
+            depth = EMBEDDED_MODELS[key]["num_layers"]
+            if bertscore["num_layers"] and bertscore["num_layers"] > depth:
+                raise ConfigError(f"scoring.bertscore.num_layers: {bertscore['num_layers']} is beyond the depth of "
+                                  f"{bertscore['model']} ({depth} layers)")
 
-        key = bertscore_model[len(EMBEDDED_PREFIX):]
-        if EMBEDDED_MODELS.get(key, {}).get("role") != "encoder":
-            choices = sorted(k for k, v in EMBEDDED_MODELS.items() if v.get("role") == "encoder")
-            raise ConfigError(f"scoring.bertscore.model: unknown embedded encoder '{key}'; choices: {choices}")
-
-    return Study(
-        config=config, models=models, decoding=by_name, default_decoding=default_name, evaluation_sets=evaluation_sets,
-        mapped_fields=mapped_fields,
-    )
+    if problems is None:
+        found.raise_any()
+    try:
+        return Study(
+            config=config, models=models, decoding=by_name, default_decoding=default_name,
+            evaluation_sets=evaluation_sets, mapped_fields=mapped_fields,
+        )
+    except (KeyError, TypeError, AttributeError):
+        if not found.broken:
+            raise
+        raise config_error(found.messages) from None  # too broken for the checks that need a Study
 
 
 def check_case_collisions(where: str, names) -> None:

@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import logging
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,8 @@ def read_source(source: str, *, hub_split: str = "train", base_dir: str | Path =
         return rows, info, BadRows(on_bad_rows)
     path = Path(source).expanduser()
     path = path if path.is_absolute() else Path(base_dir) / path
+    if path.is_dir():
+        raise DataError(f"'{path}' is a directory; expected a .json/.jsonl/.csv/.parquet file")
     if not path.is_file():
         raise DataError(f"dataset file '{path}' does not exist")
     bad = BadRows(on_bad_rows, where=str(path))
@@ -67,6 +70,14 @@ class BadRows:
         self.mode, self.where = on_bad_rows, where
         self.counts: Counter = Counter()
         self.examples: dict[str, list[str]] = {}
+        # Where each row that was read sits in the file ("line 12"), by row index; empty when the format has
+        # no lines (parquet, hub datasets).
+        self.positions: list[str] = []
+
+    def row(self, index: int) -> str:
+        """'line 12, row 11' (the file's line, when known, and the 1-based row number among rows read)."""
+        line = self.positions[index] if index < len(self.positions) else None
+        return f"{line}, row {index + 1}" if line and line != f"row {index + 1}" else f"row {index + 1}"
 
     def add(self, reason: str, at: str, detail: str = "") -> None:
         if self.mode == "error":
@@ -131,6 +142,7 @@ def _read_file(path: Path, bad: "BadRows | None" = None) -> list[dict]:
                         f"in the header, more in this row")
                 continue
             rows.append(row)
+            bad.positions.append(f"line {reader.line_num}")
         return rows
     if suffix == ".parquet":
         import pyarrow.parquet as pq
@@ -145,6 +157,7 @@ def _objects(items, bad: BadRows) -> list[dict]:
     for where, value in items:
         if isinstance(value, dict):
             rows.append(value)
+            bad.positions.append(where)
         else:
             bad.add("not_an_object", where, f"a JSON {type(value).__name__}")
     return rows
@@ -201,20 +214,24 @@ def clean_rows(raw_rows: list[dict], fields: dict, dataset: str, where: str,
     row that would be dropped fails instead (duplicates are always dropped).
     """
     bad = bad if bad is not None else BadRows()
+    if not raw_rows and not bad.counts:
+        raise DataError(f"{where}: no rows")
     if not raw_rows:
-        raise DataError(f"{where}: the dataset has no rows")
+        raise DataError(f"{where}: no usable rows (0 usable rows of {sum(bad.counts.values())} read; dropped: "
+                        f"{_reasons(bad.counts)})")
     columns = set().union(*(row.keys() for row in raw_rows[:1000]))
     for field in FIELDS:
         column = fields.get(field)
         if column is not None and column not in columns and field in required_fields:
             raise ConfigError(
                 f"{fields_key}.{field}: column '{column}' is not in {where}; columns found: {sorted(columns)}"
+                + (f" (set {fields_key}.input: null when the data has no input column)" if field == "input" else "")
             )
     dropped: Counter = Counter()
     seen: set[tuple[str, str, str]] = set()
     rows = []
     for index, raw in enumerate(raw_rows):
-        row, reason = {}, None
+        row, reason, detail = {}, None, ""
         for field in FIELDS:
             column = fields.get(field)
             value = raw.get(column) if column is not None else ""
@@ -229,9 +246,13 @@ def clean_rows(raw_rows: list[dict], fields: dict, dataset: str, where: str,
             if field in REQUIRED and not value.strip():
                 reason = f"empty_{field}"
                 break
+            if _SURROGATE.search(value):
+                # valid JSON ("\ud800") but no text: it cannot be written as UTF-8 (or hashed into a row id)
+                reason, detail = "lone_surrogate", f"{field} holds a lone surrogate {_SURROGATE.search(value).group()!a}"
+                break
             row[field] = value
         if reason:
-            bad.add(reason, f"row {index + 1}")
+            bad.add(reason, bad.row(index), detail)
             continue
         key = (row["instruction"], row["input"], row["output"])
         if key in seen:
@@ -241,8 +262,18 @@ def clean_rows(raw_rows: list[dict], fields: dict, dataset: str, where: str,
         rows.append({"id": row_id(dataset, row), **row})
     dropped.update(bad.counts)
     if not rows:
-        raise DataError(f"{where}: no usable rows ({len(raw_rows)} read; dropped by reason: {dict(dropped)})")
+        read = len(raw_rows) + sum(count for reason, count in bad.counts.items() if reason in READ_REASONS)
+        raise DataError(f"{where}: no usable rows (0 usable rows of {read} read; dropped: {_reasons(dropped)})")
     return rows, dropped
+
+
+# Reasons counted while reading a file (the record never became a row), not while cleaning rows.
+READ_REASONS = ("malformed_json_line", "malformed_csv_row", "not_an_object")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _reasons(counts) -> str:
+    return ", ".join(f"{reason} {count}" for reason, count in sorted(counts.items()))
 
 
 # --------------------------------------------------------------------------------------------- splitting
@@ -258,8 +289,9 @@ def resolve_test_count(test_size: float, n_prompts: int) -> int:
         count = int(test_size)
     if count >= n_prompts:
         raise DataError(
-            f"dataset.test_size: {test_size} asks for {count} test prompts but only {n_prompts} distinct prompts "
-            "are usable; nothing would be left for training"
+            f"dataset.test_size: {test_size} asks for {count} test prompts but only {n_prompts} "
+            f"{'row' if n_prompts == 1 else 'rows'} with distinct prompts {'is' if n_prompts == 1 else 'are'} usable; "
+            "nothing would be left for training (use a fraction below 1 or a smaller count)"
         )
     return count
 
@@ -435,11 +467,13 @@ def prepare_evaluation_set(*, name: str, source: str, fields: dict, seed: int, m
     return manifest
 
 
-def check_evaluation_sets(study, base_dir: str | Path = ".") -> dict[str, dict]:
+def check_evaluation_sets(study, base_dir: str | Path = ".", *, train_prompts: set | None = None,
+                          problems: list[str] | None = None) -> dict[str, dict]:
     """Check every evaluation set whose rows can be read now (local files, embedded sets) before any job:
     the field mapping names existing columns, and rows are left after cleaning and after the leakage check
     against the training split (computed in memory exactly as rule `split` computes it, when the training data
-    is local or embedded). Raises naming the set; returns {name: counts} of the sets checked.
+    is local or embedded; `train_prompts` when the caller has it). Returns {name: counts} of the sets checked;
+    a problem raises naming the set, or with `problems` (a list) is appended there and the next set checked.
 
     Hub sets (and the leakage check against hub training data) are checked by their `evalset` job, which
     every generation job of that set waits for.
@@ -448,21 +482,32 @@ def check_evaluation_sets(study, base_dir: str | Path = ".") -> dict[str, dict]:
     if not readable:
         return {}
     dataset = study.config["dataset"]
-    train_prompts: set[tuple[str, str]] = set()
-    if study.dataset_kind != "hub":
-        raw, _, _ = read_source(dataset["source"], hub_split=dataset["hub_split"], base_dir=base_dir)
-        rows, _ = clean_rows(raw, dataset["fields"], dataset["name"], where=f"dataset '{dataset['source']}'",
-                             required_fields=study.mapped_fields)
-        train, _, _ = split_rows(rows, seed=study.config["seed"], test_size=dataset["test_size"],
-                                 max_train=dataset["max_train"])
-        train_prompts = training_prompts(train)
+    if train_prompts is None:
+        train_prompts = set()
+        if study.dataset_kind != "hub":
+            raw, _, _ = read_source(dataset["source"], hub_split=dataset["hub_split"], base_dir=base_dir)
+            rows, _ = clean_rows(raw, dataset["fields"], dataset["name"], where=f"dataset '{dataset['source']}'",
+                                 required_fields=study.mapped_fields)
+            train, _, _ = split_rows(rows, seed=study.config["seed"], test_size=dataset["test_size"],
+                                     max_train=dataset["max_train"])
+            train_prompts = training_prompts(train)
     checked = {}
     for spec in readable:
-        raw, _, bad = read_source(spec.source, hub_split=spec.hub_split, base_dir=base_dir)
-        _, counts, _ = evaluation_set_rows(
-            raw, bad=bad, name=spec.name, fields=spec.fields, train_prompts=train_prompts, seed=study.config["seed"],
-            max_rows=spec.max_rows, where=f"evaluation set '{spec.name}' ({spec.source})",
-            fields_key=evaluation_set_fields_key(spec.name),
-        )
+        try:
+            try:
+                raw, _, bad = read_source(spec.source, hub_split=spec.hub_split, base_dir=base_dir)
+            except DataError as exc:
+                raise DataError(f"evaluation_sets[name={spec.name}].source: '{spec.source}': {exc}") from None
+            _, counts, _ = evaluation_set_rows(
+                raw, bad=bad, name=spec.name, fields=spec.fields, train_prompts=train_prompts,
+                seed=study.config["seed"], max_rows=spec.max_rows,
+                where=f"evaluation_sets[name={spec.name}]: evaluation set '{spec.name}' ({spec.source})",
+                fields_key=evaluation_set_fields_key(spec.name),
+            )
+        except (DataError, ConfigError) as exc:
+            if problems is None:
+                raise
+            problems.append(str(exc))
+            continue
         checked[spec.name] = counts
     return checked

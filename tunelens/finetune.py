@@ -53,8 +53,9 @@ from tunelens.training.outputs import (  # noqa: F401
     DIVERGENCE_FACTOR, DIVERGENCE_MIN_RISE, LOG_KEYS, DivergenceError, _model_source, _peak_memory, check_divergence,
     loss_window_record, plot_loss, train_log_rows,
 )
+from tunelens.training.trainer import sft_trainer_class
 from tunelens.training.speed import (  # noqa: F401
-    VARLEN_ATTENTION, _probe, autotune_cuda, packed_attention_mask, separate_packed_rows,
+    VARLEN_ATTENTION, _probe, autotune_cuda, lean_lora_forward, packed_attention_mask, separate_packed_rows,
 )
 
 log = logging.getLogger(__name__)
@@ -184,6 +185,9 @@ def sft_config(settings: dict, plan: TrainingPlan, checkpoint_dir: str | Path, s
         # Two, not one: if a job is killed while writing the newest, the previous one is still whole.
         save_total_limit=2,
         include_num_input_tokens_seen="non_padding",
+        # Off: the filter reads every micro-batch's loss on the host (a device sync per micro-batch) to hide a NaN
+        # from the log; a NaN loss should reach train_log.jsonl, where check_divergence fails the job on it.
+        logging_nan_inf_filter=False,
         report_to="none",
         disable_tqdm=True,
         dataloader_num_workers=0,
@@ -289,10 +293,16 @@ def build_trainer(
     revision: str | None = None,
     callbacks: Sequence = (),
     on_bad_rows: str = "count",
+    sync_free: bool = True,
+    lean_layers: bool = True,
     processes: int = 1,
 ) -> PreparedRun:
     """Validate everything cheap first (settings, device, target modules, data), then load the model and
-    build the SFTTrainer. Nothing is trained and nothing but `checkpoint_dir` is written."""
+    build the SFTTrainer. Nothing is trained and nothing but `checkpoint_dir` is written.
+
+    `sync_free` False builds TRL's own SFTTrainer, which syncs with the device on every micro-batch for its
+    metrics (tunelens.training.trainer); `lean_layers` False keeps PEFT's own LoRA forward (`lean_lora_forward`).
+    Only benchmarks turn them off."""
     model_path = str(model_path)
     check_settings(settings)
     meta_model = _meta_model(model_path, revision)
@@ -305,6 +315,13 @@ def build_trainer(
 
     tokenizer = load_tokenizer(model_path, revision)
     rows = load_train_rows(train_jsonl)
+    # The DAG estimated the work when the rows were known then (local or embedded data); a hub dataset's rows
+    # are known here, before any training step.
+    from tunelens.config import training_work_problems
+
+    problems = training_work_problems("finetune", settings, rows=len(rows))
+    if problems:
+        raise ConfigError("; ".join(problems))
     examples = training_examples(rows, prompt_format, tokenizer)
     tokenized, stats = tokenize_examples(rows, examples, tokenizer, settings["max_seq_length"], train_jsonl,
                                          on_bad_rows)
@@ -338,7 +355,8 @@ def build_trainer(
         row_separation = separate_packed_rows(model)
         log.info("packed rows are kept apart by: %s", row_separation)
     log_callback = _make_log_callback()
-    trainer = SFTTrainer(
+    trainer_class = sft_trainer_class() if sync_free else SFTTrainer
+    trainer = trainer_class(
         model=model,
         args=sft_config(settings, plan, checkpoint_dir, seed, max_length=max_length),
         # Already tokenized: TRL builds labels from completion_mask (completion_only_loss), truncates, packs.
@@ -349,6 +367,8 @@ def build_trainer(
     )
     # With tqdm off, the Trainer prints every log dict to stdout; our callback logs them instead.
     trainer.remove_callback(PrinterCallback)
+    if lean_layers:
+        log.info("lean LoRA forward on %d layers", lean_lora_forward(trainer.model))
     autotune = None
     if plan.device == "cuda" and settings["autotune"]:
         autotune = autotune_cuda(trainer, settings, plan, Path(checkpoint_dir))
@@ -381,6 +401,7 @@ def finetune(
     model_name: str | None = None,
     callbacks: Sequence = (),
     on_bad_rows: str = "count",
+    build_options: dict | None = None,
     gpus: int = 1,
     processes: int | None = None,
     data_parallel: str | None = None,
@@ -389,6 +410,7 @@ def finetune(
 
     `settings` is the model's merged `finetune` config section (schemas/config.schema.yaml).
     `callbacks` are extra transformers TrainerCallbacks (tests use one to kill a run mid-way; one process only).
+    `build_options` go to `build_trainer` (benchmarks turn the speed-ups off with them).
     Resumes from `checkpoint_dir` when it holds a checkpoint of the same run; deletes it on success.
     `gpus`: the job's GPU count; on CUDA with more than one, training is data-parallel over them
     (tunelens.training.distributed: same rows per optimizer step and loss as one GPU). `processes` overrides the
@@ -429,7 +451,7 @@ def finetune(
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     run = build_trainer(model_path, train_jsonl, checkpoint_dir, settings, prompt_format, seed, device,
-                        revision, callbacks, on_bad_rows=on_bad_rows, processes=processes)
+                        revision, callbacks, on_bad_rows=on_bad_rows, processes=processes, **(build_options or {}))
     trainer, plan = run.trainer, run.plan
     if run.resume_from is not None:
         log.info("resuming from %s", run.resume_from)

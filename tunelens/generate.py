@@ -50,7 +50,7 @@ from tunelens.backend_vllm import (  # noqa: F401
 )
 from tunelens.completions import (  # noqa: F401
     BACKENDS, FINISH_REASONS, SPLIT_FIELDS, Completion, GenerationSettings, PromptRow, _row_seed, as_decoding_config,
-    cut_at_stop, describe_semantics, load_prompt_rows,
+    check_context_room, cut_at_stop, describe_semantics, load_prompt_rows,
 )
 
 log = logging.getLogger(__name__)
@@ -91,6 +91,7 @@ def run_completions(
         prompt_rows = load_prompt_rows(
             test_file, prompt_format, tokenizer, max_prompt_tokens=settings.max_prompt_tokens, max_rows=max_rows
         )
+    check_context_room(prompt_rows, settings.max_new_tokens, model_path, test_file)
     prompts = [row.prompt for row in prompt_rows]
     batches: list[dict] = []  # hf: the batches actually run (rows, padded prompt length, out-of-memory splits)
     started = time.perf_counter()

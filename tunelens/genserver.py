@@ -30,7 +30,8 @@ they become thin clients of a generation server:
 Every meta file records how its rows were produced under `execution` (mode, server pid, whether this
 request loaded the model or built the engine, and the load time it paid; for a served request also the server
 CPU seconds it took, `server_cpu_s`, and the server's total so far, `server_cpu_total_s`: the report bills the
-server's work to the jobs it served).
+server's work to the jobs it served). early_exit, perplexity and logit_lens jobs are requests to the same server
+(run_early_exit_job; tunelens.served), on its hf model.
 """
 
 from __future__ import annotations
@@ -279,11 +280,52 @@ class _Server:
                              "loaded": loaded, "request": self.requests}
         return meta, rows
 
+    def _task_model(self, job: dict) -> tuple[tuple, bool, float]:
+        """The hf model of a perplexity or logit_lens request (tunelens.served), as early_exit gets it."""
+        from tunelens.generate import resolve_backend
+
+        if self.engine is not None or resolve_backend(job.get("backend", "auto"), job.get("device", "auto"))[0] == "vllm":
+            raise Declined(f"this server generates with vLLM; {job.get('task')} needs the hf model")
+        return self._hf_model(job)
+
+    def _task_answer(self, output: dict, rows: list, loaded: bool, hf_model: tuple | None = None) -> tuple[dict, list]:
+        if hf_model is not None and getattr(hf_model[0], "tunelens_adapter_merged", False):
+            # On CUDA the server keeps the fine-tuned variant merged (generation.merge_adapter): say so in the output
+            # (absent otherwise, so outputs of the PEFT path keep their bytes).
+            output["adapter_merged"] = True
+        self.requests += 1
+        return {"output": output, "n_rows": len(rows), "execution": {
+            "mode": "server", "python": sys.executable, "server_pid": os.getpid(), "loaded": loaded,
+            "request": self.requests}}, rows
+
+    def perplexity(self, job: dict) -> tuple[dict, list]:
+        """A perplexity job (tunelens.perplexity.perplexity_output) on the hf model this server keeps. Imported
+        by name, not by an import statement: a generate job never runs it, so it must not count in the
+        generation code's hash (tunelens.codehash)."""
+        hf_model, loaded, load_time = self._task_model(job)
+        kwargs = {k: v for k, v in job.items() if k not in ("task", "backend", "gpus", "vllm_options")}
+        summary, rows = importlib.import_module("tunelens.perplexity").perplexity_output(
+            **kwargs, model_and_tokenizer=hf_model, load_time_s=load_time)
+        return self._task_answer(summary, rows, loaded, hf_model)
+
+    def logit_lens(self, job: dict) -> tuple[dict, list]:
+        """A logit_lens job (tunelens.probe.logit_lens_output, the lens without its plots) on the hf model this
+        server keeps; imported by name, as perplexity."""
+        hf_model, loaded, load_time = self._task_model(job)
+        kwargs = {k: v for k, v in job.items() if k not in ("task", "backend", "gpus", "vllm_options")}
+        lens = importlib.import_module("tunelens.probe").logit_lens_output(**kwargs, hf_model=hf_model,
+                                                                            load_time_s=load_time)
+        return self._task_answer(lens, [], loaded, hf_model)
+
     def generate(self, job: dict) -> tuple[dict, list]:
         from tunelens.generate import build_vllm_engine, generation_output, resolve_backend
 
         if job.get("task") == "early_exit":
             return self.early_exit(job)
+        if job.get("task") == "perplexity":
+            return self.perplexity(job)
+        if job.get("task") == "logit_lens":
+            return self.logit_lens(job)
         if job.get("task") == "bertscore":
             # Imported by name, not by an import statement: a generate job never runs the scoring code, so it
             # must not count in the generation code's hash (tunelens.codehash); the score jobs' hash has it.

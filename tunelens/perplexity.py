@@ -100,10 +100,8 @@ def perplexity_result(nll_stats: np.ndarray) -> MetricResult:
     )
 
 
-def reference_perplexity(
+def perplexity_output(
     test_file: str | Path,
-    output_json: str | Path,
-    rows_csv: str | Path,
     *,
     model_name: str,
     model_path: str | Path,
@@ -119,11 +117,14 @@ def reference_perplexity(
     confidence: float = 0.95,
     seed: int = 1234,
     model_and_tokenizer=None,
-) -> dict:
-    """Score the test references under one model variant; write the perplexity JSON + per-row CSV atomically.
+    load_time_s: float | None = None,
+) -> tuple[dict, list[dict]]:
+    """Rule `perplexity` computed but not written: (summary, rows), the perplexity JSON and one dict per test
+    row ({"id", "perplexity", "nll", "tokens"}: the per-row CSV's columns), as write_perplexity writes them.
 
     `max_rows` keeps the first N test rows (the rows generation uses, decoding.max_test_rows).
-    `model_and_tokenizer` lets a caller reuse a loaded model (the model loads once per job otherwise).
+    `model_and_tokenizer` lets a caller reuse a loaded model (the model loads once per call otherwise), as the
+    generation server (tunelens.genserver) does; `load_time_s` is then what that load cost this request.
     `gpus`: the job's GPU count; on CUDA with more than one the model is sharded over them (load_model).
     """
     from tunelens.models import input_device, load_model
@@ -138,7 +139,7 @@ def reference_perplexity(
         model, tokenizer = load_model(model_path, adapter_dir=adapter_dir, device=device, gpus=gpus)
     else:
         model, tokenizer = model_and_tokenizer
-    load_time = time.perf_counter() - start
+    load_time = time.perf_counter() - start if load_time_s is None else load_time_s
     context = getattr(model.config, "max_position_embeddings", None)
     encoded = encode_rows(rows, tokenizer, prompt_format, max_tokens=context, source=str(test_file))
     start = time.perf_counter()
@@ -166,7 +167,37 @@ def reference_perplexity(
             "rows_per_s": round(len(rows) / score_time, 3) if score_time > 0 else None,
         },
     )
+    per_row = [{"id": row["id"], "perplexity": float(ppl), "nll": float(nll), "tokens": float(tokens)}
+               for row, ppl, (nll, tokens) in zip(rows, result.per_row, nll_stats)]
+    return summary, per_row
+
+
+def write_perplexity(output_json: str | Path, rows_csv: str | Path, summary: dict, rows: list[dict]) -> None:
+    """A perplexity job's two files: the per-row CSV, then the JSON (its presence means the job completed)."""
     write_rows_csv(rows_csv, [row["id"] for row in rows],
-                   {"perplexity": result.per_row, "nll": nll_stats[:, 0], "tokens": nll_stats[:, 1]})
+                   {column: [row[column] for row in rows] for column in ("perplexity", "nll", "tokens")})
     write_json_atomic(output_json, summary)
+
+
+def reference_perplexity(test_file: str | Path, output_json: str | Path, rows_csv: str | Path, **job) -> dict:
+    """Score the test references under one model variant in this process; write the perplexity JSON + per-row
+    CSV atomically (perplexity_output's keyword arguments). Returns the summary."""
+    summary, rows = perplexity_output(test_file, **job)
+    write_perplexity(output_json, rows_csv, summary, rows)
+    return summary
+
+
+def run_perplexity_job(job: dict, output_json: str | Path, rows_csv: str | Path, **server_options) -> dict:
+    """Rule `perplexity` (and `perplexity_evalset`): `job` = perplexity_output's keyword arguments plus what keys
+    the model's generation server (backend, gpus, vllm_options, as its generate jobs give them). A request to
+    that server, which keeps the model loaded, else in this process (tunelens.served.run_model_task, whose
+    keyword arguments `server_options` are). The files are the bytes perplexity_output + write_perplexity
+    give in this process, apart from the timings and `execution` (how it ran). Returns the summary."""
+    from tunelens.served import run_model_task
+
+    summary, rows, execution = run_model_task("perplexity", job, perplexity_output, **server_options)
+    summary["execution"] = execution
+    write_perplexity(output_json, rows_csv, summary, rows)
+    log.info("perplexity of %s (%s): %s -> %s", job.get("model_name"), job.get("variant"), execution["mode"],
+             output_json)
     return summary

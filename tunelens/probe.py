@@ -43,7 +43,6 @@ from tunelens.models import (
     num_decoder_layers,
     set_decoder_layers,
 )
-from tunelens.probe_plots import _label, plot_lens_entropy, plot_lens_heatmap  # noqa: F401 (re-exported)
 from tunelens.prompts import build_prompt
 
 log = logging.getLogger(__name__)
@@ -292,7 +291,7 @@ def _check_prompt_lengths(ids: Sequence[Sequence[int]], row_ids: Sequence[str], 
             )
 
 
-def run_logit_lens(
+def logit_lens_output(
     *,
     model_name: str,
     source: str,
@@ -300,9 +299,6 @@ def run_logit_lens(
     adapter_dir: str | Path | None,
     variant: str,
     test_path: str | Path,
-    output_json: str | Path,
-    output_heatmap: str | Path,
-    output_entropy: str | Path,
     layer_specs: Sequence[float],
     expected_layers: Sequence[int] | None,
     prompt_format: str,
@@ -314,8 +310,12 @@ def run_logit_lens(
     seed: int = 0,
     device: str = "auto",
     gpus: int = 1,
+    hf_model: tuple | None = None,
+    load_time_s: float = 0.0,
 ) -> dict:
-    """Rule `logit_lens`: lens.json plus its two plots for one (model, variant). Returns the lens dict.
+    """Rule `logit_lens` computed but not written: the lens dict (lens.json) of one (model, variant).
+    `hf_model`: (model, tokenizer) already loaded by load_model(model_path, adapter_dir, device), as the
+    generation server (tunelens.genserver) keeps it, and `load_time_s` what that load cost this request.
     `gpus`: the job's GPU count; on CUDA with more than one the model is sharded over them (load_model)."""
     import torch
 
@@ -331,8 +331,8 @@ def run_logit_lens(
     check_variant(model_name, variant, adapter_dir)
 
     started = time.perf_counter()
-    model, tokenizer = load_model(model_path, adapter_dir=adapter_dir, device=device, gpus=gpus)
-    load_time = time.perf_counter() - started
+    model, tokenizer = hf_model or load_model(model_path, adapter_dir=adapter_dir, device=device, gpus=gpus)
+    load_time = time.perf_counter() - started if hf_model is None else load_time_s
     layers = check_probe_layers(layer_specs, expected_layers, model, model_name)
     prompts = [build_prompt(item, prompt_format, tokenizer) for item in items]
     ids = encode_prompts(tokenizer, prompts)
@@ -368,11 +368,44 @@ def run_logit_lens(
             for item, prompt, readout in zip(items, prompts, readouts)
         ],
     }
+    log.info("logit lens of %s (%s): %d prompts x %d layers in %.1f s", model_name, variant, len(items),
+             len(layers), lens_time)
+    return lens
+
+
+def write_logit_lens(lens: dict, output_json: str | Path, output_heatmap: str | Path,
+                     output_entropy: str | Path) -> None:
+    """A logit_lens job's files: the two plots, then lens.json."""
+    # Imported here, not at the top: generation imports this module (early exit through the server), and
+    # plotting is no code of generation (a plot fix must not rerun it; tunelens.codehash).
+    from tunelens.probe_plots import plot_lens_entropy, plot_lens_heatmap
+
     plot_lens_heatmap(lens, output_heatmap)
     plot_lens_entropy(lens, output_entropy)
     write_json_atomic(output_json, lens)  # last: its presence means the plots are complete too
-    log.info("logit lens of %s (%s): %d prompts x %d layers in %.1f s", model_name, variant, len(items),
-             len(layers), lens_time)
+
+
+def run_logit_lens(*, output_json: str | Path, output_heatmap: str | Path, output_entropy: str | Path,
+                   **job) -> dict:
+    """Rule `logit_lens` in this process: logit_lens_output(**job) written as lens.json plus its two plots.
+    Returns the lens dict."""
+    lens = logit_lens_output(**job)
+    write_logit_lens(lens, output_json, output_heatmap, output_entropy)
+    return lens
+
+
+def run_logit_lens_job(job: dict, output_json: str | Path, output_heatmap: str | Path, output_entropy: str | Path,
+                       **server_options) -> dict:
+    """Rule `logit_lens`: `job` = logit_lens_output's keyword arguments plus what keys the model's generation
+    server (backend, gpus, vllm_options). A request to that server, which keeps the model loaded, else in this
+    process (tunelens.served.run_model_task, whose keyword arguments `server_options` are); the plots are drawn
+    here either way. Same bytes as in this process, apart from the timings and `execution`. Returns the lens."""
+    from tunelens.served import run_model_task
+
+    lens, _, execution = run_model_task("logit_lens", job, lambda **kwargs: (logit_lens_output(**kwargs), []),
+                                        **server_options)
+    lens["execution"] = execution
+    write_logit_lens(lens, output_json, output_heatmap, output_entropy)
     return lens
 
 

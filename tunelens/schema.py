@@ -47,8 +47,7 @@ def _load_schema() -> dict:
     return schema
 
 
-def _fill_defaults(config: dict, schema: dict) -> None:
-    """Fill schema defaults into `config` in place, as snakemake.utils.validate(set_default=True) does."""
+def _defaults_validator(schema: dict):
     import jsonschema
 
     base = jsonschema.Draft202012Validator
@@ -62,7 +61,21 @@ def _fill_defaults(config: dict, schema: dict) -> None:
                     instance.setdefault(name, copy.deepcopy(property_schema["default"]))
         yield from validate_properties(validator, properties, instance, subschema)
 
-    jsonschema.validators.extend(base, {"properties": set_defaults})(schema).validate(config)
+    return jsonschema.validators.extend(base, {"properties": set_defaults})(schema)
+
+
+def _fill_defaults(config: dict, schema: dict) -> None:
+    """Fill schema defaults into `config` in place, as snakemake.utils.validate(set_default=True) does."""
+    _defaults_validator(schema).validate(config)
+
+
+def fill_defaults_leniently(config: dict) -> None:
+    """Fill defaults into a config that has schema errors (already reported), wherever the schema reaches,
+    so the other checks can still run and report their problems in the same message."""
+    validator = _defaults_validator(_load_schema())
+    for _ in range(2):  # nested objects given as `default: {}` get their own defaults on the second pass
+        for _ in validator.iter_errors(config):
+            pass
 
 
 def _key_path(parts) -> str:
@@ -80,13 +93,21 @@ def schema_errors(config: dict) -> list[str]:
     messages = []
     for error in sorted(validator.iter_errors(config), key=lambda e: list(map(str, e.absolute_path))):
         where = _key_path(error.absolute_path)
-        if error.validator == "additionalProperties":
-            allowed = sorted(error.schema.get("properties", {}))
-            extra = sorted(set(error.instance) - set(allowed)) if isinstance(error.instance, dict) else []
-            messages.append(f"{where}: unknown key(s) {extra}; allowed: {allowed}")
-        else:
-            messages.append(f"{where}: {error.message}")
+        messages.append(schema_message(error))
     return messages
+
+
+def schema_message(error, prefix: str = "") -> str:
+    """'key.path: problem' for one jsonschema error; bounds say the value and the bound."""
+    where = prefix + _key_path(error.absolute_path) if prefix else _key_path(error.absolute_path)
+    if error.validator == "additionalProperties":
+        allowed = sorted(error.schema.get("properties", {}))
+        extra = sorted(set(error.instance) - set(allowed)) if isinstance(error.instance, dict) else []
+        return f"{where}: unknown key(s) {extra}; allowed: {allowed}"
+    if error.validator in ("maximum", "exclusiveMaximum"):
+        return f"{where}: {error.instance!r}: at most {error.validator_value}" + (
+            " (exclusive)" if error.validator == "exclusiveMaximum" else "")
+    return f"{where}: {error.message}"
 
 
 def validate_schema(config: dict) -> None:

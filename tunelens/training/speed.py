@@ -63,6 +63,111 @@ def separate_packed_rows(model) -> str:
 
 
 
+# --------------------------------------------------------------------------------------------- lean LoRA layers
+def _is_4bit(module) -> bool:
+    return type(module).__name__ == "Linear4bit" and hasattr(getattr(module, "weight", None), "quant_state")
+
+
+def lean_lora_forward(model) -> int:
+    """Give every LoRA linear layer of `model` (PEFT) a shorter forward: the same computation in fewer kernels.
+
+    PEFT's forward per layer runs `base(x)`, a defensive `clone()` (4-bit bases), `lora_B(lora_A(dropout(x)))`,
+    `* scaling` and `+ result`: six kernels and their backward, plus Python checks, for each of the 224 layers of a
+    7B model with all-linear targets. Here: `base(x)`, dropout, `lora_A`, and one `addmm` that adds
+    `scaling * lora_B(...)` to the base output (the multiply and the add happen in the matmul's epilogue, rounded
+    once instead of three times). The dropout module is the same, so it draws the same random numbers. The base is
+    the dequantized weight when `dequantize_base_weights` left one. Layers in any other state (adapters disabled or
+    merged, several adapters, DoRA or other variants, a LoRA bias, extra arguments) take PEFT's own forward.
+    Returns the number of layers changed.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:  # pragma: no cover - peft is a dependency of the stage
+        return 0
+    changed = 0
+    for module in model.modules():
+        if not isinstance(module, LoraLayer) or not isinstance(module, torch.nn.Module):
+            continue
+        if not hasattr(module, "base_layer") or not isinstance(getattr(module, "lora_A", None), torch.nn.ModuleDict):
+            continue
+        if getattr(module, "_tunelens_lean", False):
+            continue
+        original = module.forward
+
+        def forward(x, *args, _module=module, _original=original, **kwargs):
+            m = _module
+            active = m.active_adapters
+            if (args or kwargs or m.disable_adapters or m.merged or len(active) != 1 or active[0] not in m.lora_A
+                    or active[0] in m.lora_variant or m.lora_B[active[0]].bias is not None):
+                return _original(x, *args, **kwargs)
+            name = active[0]
+            lora_a, lora_b = m.lora_A[name], m.lora_B[name]
+            autocast = torch.is_autocast_enabled(x.device.type)
+            dense = getattr(m.base_layer, "_tunelens_dense_weight", None)
+            if dense is not None:  # bitsandbytes' Linear4bit forward, with the weight already dequantized
+                bias = m.base_layer.bias
+                result = F.linear(x.to(dense.dtype), dense, None if bias is None else bias.to(dense.dtype)).to(x.dtype)
+            else:
+                result = m.base_layer(x)
+            if not autocast and not (result.dtype == x.dtype == lora_a.weight.dtype == lora_b.weight.dtype):
+                return _original(x)
+            hidden = lora_a(m.lora_dropout[name](x))
+            out = torch.addmm(result.reshape(-1, result.shape[-1]), hidden.reshape(-1, hidden.shape[-1]),
+                              lora_b.weight.t(), alpha=m.scaling[name])
+            return out.view(result.shape)
+
+        module.forward = forward
+        module._tunelens_lean = True
+        changed += 1
+    return changed
+
+
+def dequantize_base_weights(model) -> int:
+    """Keep a dequantized copy (the compute dtype, usually bf16) of every 4-bit base weight under a LoRA layer.
+
+    The frozen NF4 weights are dequantized by bitsandbytes in every forward and every backward of every layer:
+    ~450 dequantizations per step for a 7B model, each a few kernels and Python calls. The dequantized values
+    never change, so they are computed once here; the matmuls then read the same numbers they would have read.
+    The training is QLoRA's (the NF4-rounded base model); the memory is LoRA's (2 bytes per base weight instead
+    of ~0.5). Returns the bytes added; the autotuner decides whether the GPU has room (`autotune_cuda`).
+    """
+    import torch
+
+    total = 0
+    for module in model.modules():
+        base = getattr(module, "base_layer", None)
+        if base is None or not _is_4bit(base) or getattr(base, "_tunelens_dense_weight", None) is not None:
+            continue
+        import bitsandbytes.functional as bnbf
+
+        state = base.weight.quant_state
+        dtype = base.compute_dtype or state.dtype or torch.bfloat16
+        with torch.no_grad():
+            dense = bnbf.dequantize_4bit(base.weight.data, state).to(dtype)
+        base._tunelens_dense_weight = dense
+        total += dense.numel() * dense.element_size()
+    return total
+
+
+def drop_dequantized_weights(model) -> None:
+    for module in model.modules():
+        if getattr(module, "_tunelens_dense_weight", None) is not None:
+            module._tunelens_dense_weight = None
+
+
+def dense_base_bytes(model) -> int:
+    """Bytes `dequantize_base_weights` would add (0 when the base is not 4-bit)."""
+    total = 0
+    for module in model.modules():
+        base = getattr(module, "base_layer", None)
+        if base is not None and _is_4bit(base):
+            total += 2 * base.weight.quant_state.shape.numel()
+    return total
+
+
 def _checkpointing_key(args) -> str:
     return "activation_checkpointing" if hasattr(args, "activation_checkpointing") else "gradient_checkpointing"
 
@@ -120,6 +225,29 @@ def _probe(trainer, batch: dict, repeats: int = 3) -> tuple[float, int]:
     return statistics.median(times[1:] if len(times) > 1 else times), peak
 
 
+# The dequantized base may take at most this share of the memory this process can use (the rest is for activations).
+DENSE_BASE_MAX_SHARE = 0.25
+
+
+def _choose_dense_base(trainer) -> dict:
+    """Dequantize the 4-bit base once when it takes at most DENSE_BASE_MAX_SHARE of the GPU memory left."""
+    import torch
+
+    if not any(getattr(m, "_tunelens_lean", False) for m in trainer.model.modules()):
+        return {"on": False, "reason": "PEFT's own LoRA forward (it dequantizes on every call)"}
+    need = dense_base_bytes(trainer.model)
+    if not need:
+        return {"on": False, "reason": "base not 4-bit"}
+    free, _ = torch.cuda.mem_get_info()
+    room = free + torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
+    gib = round(need / 2**30, 2)
+    if need > DENSE_BASE_MAX_SHARE * room:
+        return {"on": False, "gib": gib, "reason": f"{gib} GiB dequantized would exceed {DENSE_BASE_MAX_SHARE:.0%} of the "
+                                                    f"{room / 2**30:.0f} GiB free"}
+    dequantize_base_weights(trainer.model)
+    return {"on": True, "gib": gib, "reason": f"{gib} GiB dequantized once, of {room / 2**30:.0f} GiB free"}
+
+
 def autotune_cuda(trainer, settings: dict, plan: TrainingPlan, checkpoint_dir: Path) -> dict:
     """Choose activation checkpointing and the micro-batch by measuring them on this GPU.
 
@@ -137,11 +265,14 @@ def autotune_cuda(trainer, settings: dict, plan: TrainingPlan, checkpoint_dir: P
     if record_path.exists():
         choice = json.loads(record_path.read_text(encoding="utf-8"))
         if choice.get("rows_per_step") == rows_per_step:
+            if (choice.get("dense_base") or {}).get("on"):
+                dequantize_base_weights(trainer.model)
             _set_checkpointing(trainer, choice["gradient_checkpointing"])
             _apply_micro_batch(trainer, choice["micro_batch_size"], rows_per_step)
             log.info("autotune: reusing the choice of the interrupted run: %s", choice["reason"])
             return choice
 
+    dense = _choose_dense_base(trainer)
     configured = settings["gradient_checkpointing"]
     checkpointing_options = [False, True] if configured == "auto" else [bool(configured)]
     micro_options = [m for m in range(rows_per_step, 0, -1) if rows_per_step % m == 0]
@@ -195,6 +326,10 @@ def autotune_cuda(trainer, settings: dict, plan: TrainingPlan, checkpoint_dir: P
         torch.cuda.set_rng_state_all(rng[1])
         trainer.model.train(was_training)
     fitting = [t for t in trials if t["fits"]]
+    if not fitting and dense["on"]:
+        drop_dequantized_weights(trainer.model)
+        torch.cuda.empty_cache()
+        dense = {**dense, "on": False, "reason": dense["reason"] + "; dropped: no micro-batch fitted beside it"}
     if not fitting:
         best = {"gradient_checkpointing": True if configured == "auto" else bool(configured),
                 "micro_batch_size": settings["batch_size"] if rows_per_step % settings["batch_size"] == 0 else 1}
@@ -208,7 +343,7 @@ def autotune_cuda(trainer, settings: dict, plan: TrainingPlan, checkpoint_dir: P
     _set_checkpointing(trainer, best["gradient_checkpointing"])
     _apply_micro_batch(trainer, best["micro_batch_size"], rows_per_step)
     choice = {"rows_per_step": rows_per_step, "gradient_checkpointing": best["gradient_checkpointing"],
-              "micro_batch_size": best["micro_batch_size"], "reason": reason, "trials": trials,
+              "micro_batch_size": best["micro_batch_size"], "reason": reason, "trials": trials, "dense_base": dense,
               "gpu_total_mib": round(total / 2**20)}
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(record_path, choice)
