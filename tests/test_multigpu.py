@@ -356,3 +356,17 @@ def test_the_batch_budget_of_a_sharded_model_is_its_tightest_gpus(monkeypatch):
     tokens, row_bytes = backend_hf.auto_token_budget(model)
     assert tokens == int(0.5 * 2 * gib / 1024)  # the second GPU's room (the first has room for twice as many)
     assert row_bytes == 16 * 1000
+
+
+def test_perplexity_and_lens_jobs_in_process_keep_their_gpu_count():
+    from tunelens.served import run_model_task
+
+    seen = {}
+
+    def compute(**kwargs):
+        seen.update(kwargs)
+        return {}, []
+
+    run_model_task("perplexity", {"model_path": "m", "backend": "hf", "gpus": 2, "vllm_options": None}, compute,
+                   server=False)
+    assert seen == {"model_path": "m", "gpus": 2}
