@@ -27,7 +27,6 @@ job = dict(
     batch_size=params.batch_size,
     max_rows=params.max_rows,
     device=params.device,
-    gpus=snakemake.resources.gpu,
     samples=params.samples,
     confidence=params.confidence,
     seed=params.seed,
