@@ -54,8 +54,9 @@ class PlannedJob:
         return (self.rule, self.wildcards)
 
 
-_JOB_HEADER = re.compile(r"^(local)?rule (\S+):$")
-_JOB_FIELD = re.compile(r"^    (\w+): (.*)$")
+# A group job's members (profiles/slurm groups each model's and variant's jobs) are listed indented by 4 more.
+_JOB_HEADER = re.compile(r"^(?: {4})?(local)?rule (\S+):$")
+_JOB_FIELD = re.compile(r"^ {4}(?: {4})?(\w+): (.*)$")
 
 
 def parse_dry_run(text: str) -> list[PlannedJob]:

@@ -136,6 +136,8 @@ OUTPUTS = {
     "early_exit_meta": "probe/{model}/{variant}/early_exit/layer_{layer}.meta.json",
     "early_exit_scores": "probe/{model}/{variant}/early_exit/layer_{layer}.scores.json",
     "early_exit_rows": "probe/{model}/{variant}/early_exit/layer_{layer}.rows.csv",
+    "early_exit_judge": "probe/{model}/{variant}/early_exit/layer_{layer}.judge.json",
+    "early_exit_judge_rows": "probe/{model}/{variant}/early_exit/layer_{layer}.judge.rows.csv",
     "adapter": "finetune/{model}/adapter",
     "finetune_metrics": "finetune/{model}/metrics.json",
     "human_sheet": "human/sheet.csv",
@@ -307,6 +309,28 @@ if STUDY.config["generation"]["server"] and workflow.nodes is None:
     for _name in MODELS:
         SERVER_SLOTS[f"genserver_{_name}"] = _server_slot(_name)
         workflow.register_resource(f"genserver_{_name}", 1)
+
+
+# On a cluster, profiles/slurm puts each (model, variant)'s generate, early_exit, logit_lens and perplexity jobs
+# into one group (`groups`, `group-components`): one allocation, one model load (docs/cluster.md). Snakemake
+# sums the resources of jobs it could run side by side in a group and takes the largest over jobs that run
+# one after the other; a limit of one `model_job` per group (scope local: each group's own, not the run's)
+# makes every member its own layer, so the group asks for its members' largest CPUs, memory and GPUs (its
+# runtime is their sum). Not registered on one machine, where it would serialise every model's jobs.
+MODEL_JOB = {}
+if workflow.nodes is not None:
+    MODEL_JOB["model_job"] = 1
+    workflow.register_resource("model_job", 1)
+
+
+resource_scopes:
+    model_job="local",
+
+
+# The allocation's Snakemake process tells the jobs it starts whether it runs more than them (tunelens.servers).
+from tunelens.servers import announce_job_runner
+
+announce_job_runner(remote=workflow.remote_exec, argv=sys.argv)
 
 
 # The critical path of a study is model -> fine-tune -> the fine-tuned variant's jobs, and a fine-tune is its
@@ -658,6 +682,22 @@ def all_early_exit_score_files():
     ]
 
 
+def all_early_exit_judge_files():
+    """The judge's files of every early-exit generation: only when both the judge and early exit are on."""
+    if not (
+        STUDY.config["scoring"]["judge"]["enabled"]
+        and STUDY.config["probe"]["enabled"]
+        and STUDY.config["probe"]["early_exit"]["enabled"]
+    ):
+        return []
+    return [
+        out_path("early_exit_judge", model=model, variant=variant, layer=layer)
+        for model in MODELS
+        for variant in variants(model)
+        for layer in probe_layers(model)
+    ]
+
+
 def all_finetune_metrics():
     return [
         out_path("finetune_metrics", model=model)
@@ -700,6 +740,7 @@ def report_inputs(wildcards):
         "judge": all_judge_files(),
         "human": [path for path in human if path.endswith(".json")],
         "early_exit": all_early_exit_score_files(),
+        "early_exit_judge": all_early_exit_judge_files(),
         "finetune": all_finetune_metrics(),
         "human_sheet": [path for path in human if path.endswith(".csv")],
         "lens": all_lens_files(),
@@ -757,7 +798,7 @@ def report_job_gpus():
         "perplexity",
         "judge",
     ]
-    model_rules += ["logit_lens", "early_exit"]
+    model_rules += ["logit_lens", "early_exit", "judge_early_exit"]
     model_rules += ["generate_evalset", "perplexity_evalset", "judge_evalset"]
     gpus = {
         rule_name: {name: model_gpus(SimpleNamespace(model=name)) for name in MODELS}

@@ -29,6 +29,7 @@ rule generate:
         generation_conda_env
     threads: model_threads
     resources:
+        **MODEL_JOB,
         **SERVER_SLOTS,
         gpu=model_gpus,
         mem_mb=model_resource("mem_mb"),

@@ -36,6 +36,7 @@ rule logit_lens:
     threads: model_threads
     resources:
         **SERVER_SLOTS,
+        **MODEL_JOB,
         gpu=model_gpus,
         mem_mb=model_resource("mem_mb"),
         runtime=model_resource("runtime"),
@@ -74,6 +75,7 @@ rule early_exit:
         "../envs/torch.yaml"
     threads: model_threads
     resources:
+        **MODEL_JOB,
         **SERVER_SLOTS,
         gpu=model_gpus,
         mem_mb=model_resource("mem_mb"),

@@ -102,6 +102,7 @@ rule perplexity:
     threads: model_threads
     resources:
         **SERVER_SLOTS,
+        **MODEL_JOB,
         gpu=model_gpus,
         mem_mb=model_resource("mem_mb"),
         runtime=model_resource("runtime"),
@@ -153,6 +154,23 @@ rule judge:
         device=lookup(dpath="device", within=config),
     script:
         "../scripts/judge.py"
+
+
+# The judge on each early-exit generation (probe.early_exit), when the judge is on: the per-layer table's Judge
+# column. Same params, script and score-file format as `judge`; the file carries the layer (from the wildcard).
+use rule judge as judge_early_exit with:
+    input:
+        generations=out("early_exit"),
+        meta=out("early_exit_meta"),
+        test=SPLIT["test"],
+        judge_model=judge_model_input,
+    output:
+        scores=out("early_exit_judge"),
+        rows=out("early_exit_judge_rows"),
+    log:
+        "logs/judge_early_exit/{model}/{variant}/layer_{layer}.log",
+    benchmark:
+        "benchmarks/judge_early_exit/{model}/{variant}/layer_{layer}.tsv"
 
 
 rule human_sheet:

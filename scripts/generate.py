@@ -10,6 +10,7 @@ from pathlib import Path
 
 from tunelens.genserver import run_generation_job
 from tunelens.jobs import job_log, use_job_threads
+from tunelens.servers import server_reusable
 
 job_log(snakemake.log[0])  # errors and tracebacks go to the rule's log too
 use_job_threads(snakemake.threads, torch=False)  # the OpenMP variables; a server started here inherits them
@@ -50,7 +51,8 @@ run_generation_job(
     snakemake.output.generations,
     snakemake.output.meta,
     vllm_python=vllm_python,
-    server=generation["server"],
+    # Not for a job its allocation runs alone (SLURM without grouping): no other job could use the server.
+    server=generation["server"] and server_reusable(),
     threads=snakemake.threads,
     start_timeout_s=generation["server_start_timeout_s"],
     idle_timeout_s=generation["server_idle_timeout_s"],

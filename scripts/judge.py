@@ -1,4 +1,6 @@
-"""Snakemake entry point of rule `judge` (see tunelens.judge.judge_generation_file)."""
+"""Snakemake entry point of rules `judge`, `judge_evalset` and `judge_early_exit` (see
+tunelens.judge.judge_generation_file). An early-exit file has no {decoding} wildcard (its config name comes from
+the generation meta) and a {layer} one."""
 
 from tunelens.jobs import job_log, use_job_threads
 from tunelens.judge import judge_generation_file
@@ -6,6 +8,7 @@ from tunelens.judge import judge_generation_file
 job_log(snakemake.log[0])  # errors and tracebacks go to the rule's log too
 use_job_threads(snakemake.threads)
 params = snakemake.params
+layer = snakemake.wildcards.get("layer")
 judge_generation_file(
     snakemake.input.generations,
     snakemake.input.test,
@@ -16,7 +19,8 @@ judge_generation_file(
     judge_path=params.judge_path,
     model=snakemake.wildcards.model,
     variant=snakemake.wildcards.variant,
-    config=snakemake.wildcards.decoding,
+    config=snakemake.wildcards.get("decoding"),
+    layer=None if layer is None else int(layer),
     batch_size=params.batch_size,
     device=params.device,
     gpus=snakemake.resources.gpu,

@@ -26,6 +26,7 @@ write_report(
     human_files=list(inputs.get("human") or []),
     human_sheet_files=list(inputs.get("human_sheet") or []),
     early_exit_files=list(inputs.get("early_exit") or []),
+    early_exit_judge_files=list(inputs.get("early_exit_judge") or []),
     finetune_metrics_files=list(inputs.get("finetune") or []),
     summary_md=snakemake.output.summary_md,
     summary_csv=snakemake.output.summary_csv,

@@ -137,6 +137,50 @@ def test_local_profile_gpu_limit_serialises_gpu_jobs(tmp_path):
     assert second[0] < first[1], "two gpu=1 jobs did not run together with --resources gpu=2"
 
 
+def test_allocation_runner_tells_its_jobs_whether_a_server_can_be_reused(monkeypatch):
+    """The Snakemake process of a SLURM allocation (`--executor slurm-jobstep --mode remote --target-jobs ...`)
+    sets TUNELENS_ALLOCATION_RUNNER for its jobs: itself (pid:starttime) when it runs a group, 'single' when
+    it runs one job; other Snakemake processes leave it alone."""
+    from tunelens import servers
+
+    monkeypatch.delenv(servers.RUNNER_ENV, raising=False)
+    monkeypatch.setattr(servers, "snakemake_ancestor", lambda: "4242:17")
+    runner = ["python", "-m", "snakemake", "--snakefile", "Snakefile", "--target-jobs"]
+    tail = ["--allowed-rules", "generate", "--executor", "slurm-jobstep", "--jobs", "1", "--mode", "remote"]
+    group = [*runner, "generate:model=m,variant=base,decoding=a", "early_exit:model=m,variant=base,layer=2", *tail]
+    one = [*runner, "generate:model=m,variant=base,decoding=a", *tail]
+    step = [*runner, "generate:model=m,variant=base,decoding=a", "--cores", "all", "--mode", "remote"]
+
+    # Locally (no runner): servers as configured, watching the nearest Snakemake process.
+    assert servers.announce_job_runner(remote=False, argv=group) is None
+    assert servers.server_reusable() and servers.server_watch() == "4242:17"
+    # A group's allocation: servers watch the allocation's Snakemake process, not the job's own.
+    me = f"{os.getpid()}:{servers._start_time(os.getpid())}"
+    assert servers.announce_job_runner(remote=True, argv=group) == me
+    assert os.environ[servers.RUNNER_ENV] == me
+    assert servers.server_reusable() and servers.server_watch() == me
+    # The Snakemake process of one job step inside it (local executor) keeps what the runner said.
+    assert servers.announce_job_runner(remote=True, argv=step) is None
+    assert servers.server_watch() == me
+    # An allocation for one job: no server (no other job could use it).
+    assert servers.announce_job_runner(remote=True, argv=one) == servers.RUNNER_SINGLE
+    assert not servers.server_reusable()
+    assert servers.announce_job_runner(remote=True, argv=[*group[:-6], "--executor=slurm-jobstep", "--mode", "remote"]) == me
+
+
+def test_slurm_profiles_group_each_model_and_variants_jobs():
+    """Both SLURM profiles put the four model-job rules (and the evaluation-set twins) of one (model, variant)
+    into one group, spanning all its jobs; the local profile groups nothing."""
+    expected = {f"{rule}=model_{{model}}_{{variant}}" for rule in
+                ("generate", "generate_evalset", "early_exit", "logit_lens", "perplexity", "perplexity_evalset")}  # fmt: skip
+    for name in ("slurm", "slurm-local"):
+        profile = load_profile(name)
+        assert set(profile["groups"]) == expected, name
+        ((group, count),) = [item.split("=") for item in profile["group-components"]]
+        assert group == "model_{model}_{variant}" and int(count) >= 1000, name
+    assert "groups" not in load_profile("local")
+
+
 # =========================================================================================== real SLURM
 # The cluster fixture (`slurm_cluster`) lives in tests/conftest.py: one cluster per test session, shared by
 # the xdist workers, stopped when the session ends.
@@ -296,8 +340,38 @@ def comparable_results(workdir: Path) -> dict[str, object]:
     return comparable
 
 
+# Rules whose jobs profiles/slurm runs in one allocation per (model, variant) (its `groups`).
+GROUPED_RULES = {"generate", "early_exit", "logit_lens", "perplexity"}
+
+
+def model_loads(workdir: Path) -> dict[tuple[str, str], int]:
+    """(model, variant) -> how many of its jobs loaded the model (or built the engine), from the `execution`
+    record of every output that has one (generate and early_exit metas; any other job that asks the server)."""
+    loads: dict[tuple[str, str], int] = {}
+    results = workdir / "results"
+    for path in sorted(results.rglob("*.json")):
+        try:
+            data = json.loads(path.read_text())
+        except ValueError:
+            continue
+        if not (isinstance(data, dict) and isinstance(data.get("execution"), dict)):
+            continue
+        parts = path.relative_to(results).parts  # <kind>/<model>/<variant>/... or perplexity/<model>/<variant>.json
+        key = (parts[1], parts[2].split(".")[0])
+        loads[key] = loads.get(key, 0) + int(bool(data["execution"].get("loaded")))
+    return loads
+
+
+def server_starts(workdir: Path) -> int:
+    """Generation servers started in `workdir` (each logs one 'listening on' line in .tunelens/servers/<host>/)."""
+    return sum(log.read_text().count(" listening on ") for log in (workdir / ".tunelens" / "servers").rglob("*.log"))
+
+
 @pytest.mark.slurm
 def test_smoke_study_under_slurm_equals_local_run(slurm_cluster, failure_and_timeout_run, tiny_llama_dir, tmp_path):
+    """The smoke study under profiles/slurm-local and locally: the same results; on SLURM, each (model, variant)'s
+    model jobs in one allocation that asks for one job's resources and loads the model once; afterwards a
+    deleted generation plans exactly its own job and what reads it."""
     smoke = tiny_smoke_config(tmp_path, tiny_llama_dir)
     planned, _ = dry_run(tmp_path / "slurm", smoke)
     # Both runs at once: the SLURM run mostly waits on sbatch and status polls, the local one computes.
@@ -305,23 +379,56 @@ def test_smoke_study_under_slurm_equals_local_run(slurm_cluster, failure_and_tim
     slurm_process = start_study(tmp_path / "slurm", smoke, "--profile", "profiles/slurm-local")
     local_process = start_study(tmp_path / "local", smoke, "--profile", "profiles/local", "--cores", "2")
     slurm = finish_study(slurm_process, tmp_path / "slurm")
+    slurm_seconds = time.perf_counter() - started
     local = finish_study(local_process, tmp_path / "local")
     both_seconds = time.perf_counter() - started
     assert slurm.returncode == 0, slurm.stdout[-6000:]
     # Every planned job went through sbatch, once, and SLURM says it completed; only localrules and the
-    # output-less target rule `all` run inside Snakemake itself.
+    # output-less target rule `all` run inside Snakemake itself. The model jobs of one (model, variant) went
+    # as one group job (comment rule_<group>_<its rules>).
     jobs = submitted_slurm_jobs(slurm.stdout)
-    assert sorted(jobs.values()) == sorted(job.rule for job in planned if not job.local and job.outputs)
+    submitted = [job for job in planned if not job.local and job.outputs]
+    pairs = sorted({(dict(job.wildcards)["model"], dict(job.wildcards)["variant"]) for job in submitted
+                    if job.rule in GROUPED_RULES})  # fmt: skip
+    groups = [f"model_{model}_{variant}_{'_'.join(sorted(GROUPED_RULES))}" for model, variant in pairs]
+    assert sorted(jobs.values()) == sorted([job.rule for job in submitted if job.rule not in GROUPED_RULES] + groups)
     assert set(slurm_states(jobs).values()) == {"COMPLETED"}
+    # A group asks for its largest member's CPUs and memory (they run one after the other), not their sum.
+    (resources,) = [model["resources"] for model in yaml.safe_load(smoke.read_text())["models"].values()]
+    for job_id in (job_id for job_id, name in jobs.items() if name in groups):
+        granted = scontrol_job(job_id)
+        assert granted["NumCPUs"] == str(resources["cpus"]), granted
+        assert granted["MinMemoryNode"] == f"{resources['mem_mb']}M", granted
+    # One model load per (model, variant), by the one server of its allocation; today each job loaded it.
+    loads = model_loads(tmp_path / "slurm")
+    assert sorted(loads) == pairs
+    assert loads == {pair: 1 for pair in pairs}, loads
+    assert server_starts(tmp_path / "slurm") == len(pairs)
+    # ... and the servers ended with their allocations.
+    from tunelens.servers import marked_processes, server_dir, server_mark
+
+    mark = server_mark(server_dir(tmp_path / "slurm" / ".tunelens" / "servers"), "")
+    deadline = time.monotonic() + 10
+    while marked_processes(mark) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert marked_processes(mark) == []
+
     assert local.returncode == 0, local.stdout[-6000:]
     assert "submitted with SLURM jobid" not in local.stdout
-
     on_slurm, on_local = comparable_results(tmp_path / "slurm"), comparable_results(tmp_path / "local")
     assert "summary.csv" in on_local
     assert any(name.startswith("generations/") for name in on_local)
     assert any(name.startswith("scores/") for name in on_local)
     assert on_slurm == on_local
-    print(f"smoke study under SLURM ({len(jobs)} jobs) and locally, side by side: {both_seconds:.0f} s")
+
+    # A partial rerun under the grouping profile plans the stale job and its readers only, not the other jobs
+    # of its group: nothing after the run, one generation redone (docs/cluster.md) -> it, its score, aggregates.
+    assert dry_run(tmp_path / "slurm", smoke, "--profile", "profiles/slurm-local")[0] == []
+    stale = next(job for job in submitted if job.rule == "generate")
+    rerun, _ = dry_run(tmp_path / "slurm", smoke, "--profile", "profiles/slurm-local", "--forcerun", stale.outputs[0])
+    assert {job.key for job in rerun} == {stale.key, job("score", **dict(stale.wildcards))} | AGGREGATES
+    print(f"smoke study under SLURM ({len(jobs)} SLURM jobs, {server_starts(tmp_path / 'slurm')} servers, "
+          f"loads {loads}): {slurm_seconds:.0f} s; with the local run side by side: {both_seconds:.0f} s")
 
 
 @pytest.mark.slurm

@@ -186,6 +186,52 @@ def test_layer_table_puts_variants_side_by_side(full):
     assert rows[2][1].startswith("**14.8**") or rows[2][1].startswith("**14.7**")
 
 
+def test_layer_table_gains_a_judge_column_from_the_early_exit_judge_files(tmp_path):
+    """Issue 22: the judge's files of the early-exit layers (rule judge_early_exit) give the per-layer table a
+    Judge column per variant, with the files' CIs, and paired fine-tuned - base rows per layer; they stay out of
+    the best-config table and the agreement statistics (early exit is not a decoding config)."""
+    files = build_study(tmp_path, models=("smol",), layers=(2, 4))
+    files["early_exit_judge_files"] = []
+    for v_index, variant in enumerate(("base", "finetuned")):
+        for layer in (2, 4):
+            judge = np.asarray([0.25 * ((i + layer + v_index) % 5) for i in range(len(IDS))])
+            path = write_score(tmp_path / f"probe/smol/{variant}/early_exit/layer_{layer}.judge.json", "smol",
+                               variant, "top_k_50_num_beams_1_temp_0.0", {"judge": list(judge)}, layer=layer)
+            # the file's own CI, as the judge stage writes it (here: a hand percentile bootstrap of the rows)
+            draws = np.random.default_rng(layer).integers(0, len(IDS), size=(SAMPLES, len(IDS)))
+            low, high = np.quantile(judge[draws].mean(axis=1), [0.025, 0.975])
+            payload = json.loads(path.read_text())
+            payload["metrics"]["judge"].update(ci_low=float(low), ci_high=float(high))
+            path.write_text(json.dumps(payload))
+            files["early_exit_judge_files"].append(path)
+    paths = run(tmp_path, files)
+    rows = table_rows(section(paths["summary_md"].read_text(), "3. Early exit"))
+    assert rows[0] == ["Layer", "BLEU base", "BLEU finetuned", "ROUGE-L base", "ROUGE-L finetuned", "Judge base",
+                       "Judge finetuned"]
+    for row, layer in zip(rows[1:], (2, 4)):
+        for column, variant in ((5, "base"), (6, "finetuned")):
+            entry = json.loads((tmp_path / f"probe/smol/{variant}/early_exit/layer_{layer}.judge.json").read_text())
+            judge = entry["metrics"]["judge"]
+            assert row[column].replace("**", "") == \
+                f"{judge['value']:.3f} [{judge['ci_low']:.3f}, {judge['ci_high']:.3f}]"
+    table = read_summary_csv(paths["summary_csv"])
+    layered = table[(table["metric"] == "judge") & table["layer"].notna()]
+    assert set(zip(layered["variant"], layered["statistic"], layered["layer"])) == {
+        (variant, statistic, layer) for layer in (2, 4)
+        for variant, statistic in (("base", "score"), ("finetuned", "score"), ("finetuned-base", "paired_difference"))}
+    diff = layered[(layered["statistic"] == "paired_difference") & (layered["layer"] == 4)]
+    base4 = [0.25 * ((i + 4) % 5) for i in range(len(IDS))]
+    tuned4 = [0.25 * ((i + 5) % 5) for i in range(len(IDS))]
+    assert diff["value"].iloc[0] == pytest.approx(np.mean(tuned4) - np.mean(base4))
+    # best configs and agreement: the same as without the early-exit judge files
+    without = build_study(tmp_path / "without", models=("smol",), layers=(2, 4))
+    plain = read_summary_csv(run(tmp_path / "without", without)["summary_csv"])
+    for pattern in ("_vs_", "best_config"):
+        pick = lambda t: t[t["statistic"].str.contains(pattern)].reset_index(drop=True)  # noqa: E731
+        assert len(pick(table)) > 0
+        pd.testing.assert_frame_equal(pick(table), pick(plain))
+
+
 def test_paired_difference_pairs_rows_by_id(full):
     _, _, paths = full
     table = read_summary_csv(paths["summary_csv"])

@@ -293,6 +293,21 @@ def test_raising_the_evaluation_size_plans_no_finetune(study):
     assert not {rule for rule, _ in planned} & {"split", "finetune", "materialize_model"}
 
 
+def test_turning_the_judge_on_plans_one_judge_job_per_generation_and_exit_layer(study):
+    """scoring.judge on, in a finished study: the judge rates every decoding config's generations and every
+    early-exit layer's (judge_early_exit, issue 22), and nothing else but the report reruns."""
+    config = copy.deepcopy(CONFIG)
+    config["scoring"] = {"judge": {"enabled": True, "model": "smollm2", "batch_size": 2}}
+    planned = plan(study, config)
+    judge_early_exit = per_variant("judge_early_exit", layer=LAYER)
+    assert planned == per_variant("judge", decoding="greedy") | judge_early_exit | {job("report"), job("all")}
+    config["probe"] = {"layers": [0.5, 1.0]}  # a second exit layer (15 of 30): one judge job per layer
+    planned = plan(study, config)
+    assert {(rule, wildcards) for rule, wildcards in planned if rule == "judge_early_exit"} == (
+        judge_early_exit | per_variant("judge_early_exit", layer="15"))
+    assert per_variant("early_exit", layer="15") | per_variant("score_early_exit", layer="15") <= planned
+
+
 def test_removed_max_test_key_is_rejected_with_its_replacement():
     from tunelens.config import load_config
     from tunelens.errors import ConfigError

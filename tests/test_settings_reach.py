@@ -368,6 +368,21 @@ def test_non_default_values_reach_the_jobs(dag, checks):
     assert not failures, "keys that did not reach their job:\n" + "\n".join(failures)
 
 
+def test_the_judge_settings_reach_the_early_exit_judge_jobs(dag):
+    """scoring.judge on: one judge_early_exit job per early_exit job (model, variant, layer; issue 22), with the
+    judge's settings, and the report reads their files."""
+    _, jobs = dag
+    key = lambda job: (job.wildcards.model, job.wildcards.variant, job.wildcards.layer)  # noqa: E731
+    planned = sorted(map(key, jobs.get("judge_early_exit", [])))
+    assert planned == sorted(map(key, jobs["early_exit"])) and len(planned) == 6  # gemma3 2 layers, smollm2 1
+    for job in jobs["judge_early_exit"]:
+        values = dict(job.params.items())
+        assert (values["judge_model"], values["batch_size"], values["samples"], values["confidence"]) == (
+            "gemma3", 2, 321, 0.9)
+    report_inputs = set(map(str, jobs["report"][0].input))
+    assert {str(job.output.scores) for job in jobs["judge_early_exit"]} <= report_inputs
+
+
 def test_finetune_settings_reach_lora_and_sft_config(dag):
     """From the fine-tune job's params into the objects the trainer is built from."""
     from tunelens.finetune import lora_config, sft_config

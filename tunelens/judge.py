@@ -109,6 +109,7 @@ def judge_generation_file(
     model: str | None = None,
     variant: str | None = None,
     config: str | None = None,
+    layer: int | None = None,
     batch_size: int = 8,
     device: str = "auto",
     gpus: int = 1,
@@ -119,8 +120,9 @@ def judge_generation_file(
     meta_file: str | Path | None = None,
 ) -> dict:
     """Rate every row of a generation file; write the judge JSON (score-file format, metric `judge`, 0-1)
-    and the per-row CSV (`judge`, `judge_rating` 1-5, `judge_expected`). `gpus`: the job's GPU count; on CUDA
-    with more than one the judge model is sharded over them (load_model)."""
+    and the per-row CSV (`judge`, `judge_rating` 1-5, `judge_expected`). `layer`: the exit layer of an
+    early-exit generation file (None for a decoding config's). `gpus`: the job's GPU count; on CUDA with more than
+    one the judge model is sharded over them (load_model)."""
     from tunelens.models import load_model
 
     rows = read_generations(generation_file)
@@ -149,7 +151,7 @@ def judge_generation_file(
     n = len(rows)
     summary = score_record(
         model=model or (meta.get("model") or {}).get("name"), variant=variant or meta.get("variant"),
-        config=config or (meta.get("decoding_config") or {}).get("name"), layer=None, results=[result], n=n,
+        config=config or (meta.get("decoding_config") or {}).get("name"), layer=layer, results=[result], n=n,
         samples=samples, confidence=confidence, seed=seed, source=meta,
         judge={
             "model": judge_model, "path": str(judge_path), "rubric_version": RUBRIC_VERSION, "rubric": RUBRIC,

@@ -313,6 +313,62 @@ def snakemake_ancestor() -> str | None:
     return None
 
 
+# --------------------------------------------------------------------------------------------- the job's runner
+# Under the SLURM executor, every allocation runs `snakemake --executor slurm-jobstep --jobs 1 --target-jobs ...`
+# in its batch step (the allocation's runner), which starts each of its jobs in a job step of its own (srun),
+# under a Snakemake process of that step. A server started by one job would end with that job's Snakemake
+# process, although the next job of a group (profiles/slurm: one allocation per model and variant) could use it.
+# The runner tells its jobs about itself through the environment (srun passes it on): its pid:starttime when it
+# runs several jobs (the servers watch it instead), RUNNER_SINGLE when it runs one (no server: nothing could
+# reuse it). Not set: the jobs run under the main Snakemake process (locally), as before.
+RUNNER_ENV = "TUNELENS_ALLOCATION_RUNNER"
+RUNNER_SINGLE = "single"
+
+
+def _argv_option(argv: list[str], *names: str) -> list[str]:
+    """The values of a Snakemake option in `argv` (`--name v1 v2 ...` up to the next option, or `--name=v`)."""
+    for i, arg in enumerate(argv):
+        if arg in names:
+            values = []
+            for value in argv[i + 1:]:
+                if value.startswith("-"):
+                    break
+                values.append(value)
+            return values
+        for name in names:
+            if name.startswith("--") and arg.startswith(name + "="):
+                return [arg.split("=", 1)[1]]
+    return []
+
+
+def announce_job_runner(*, remote: bool, argv: list[str]) -> str | None:
+    """Called by rules/common.smk in every Snakemake process (when it parses the workflow; the target jobs are
+    read from `argv`, Snakemake's settings do not hold them yet). In an allocation's runner (remote mode,
+    executor slurm-jobstep) sets RUNNER_ENV for the jobs it starts: its own pid:starttime when it runs more than
+    one job (a group), else RUNNER_SINGLE. Elsewhere (the main process, the Snakemake process of one job step)
+    leaves the environment as it is. Returns the value set, or None."""
+    if not (remote and _argv_option(argv, "--executor", "-e") == ["slurm-jobstep"]):
+        return None
+    several = len(_argv_option(argv, "--target-jobs")) > 1
+    value = f"{os.getpid()}:{_start_time(os.getpid())}" if several else RUNNER_SINGLE
+    os.environ[RUNNER_ENV] = value
+    return value
+
+
+def server_reusable() -> bool:
+    """Whether a server started by this job can serve another job: not when the job's allocation runs only it."""
+    return os.environ.get(RUNNER_ENV) != RUNNER_SINGLE
+
+
+def server_watch() -> str | None:
+    """'pid:starttime' of the Snakemake process a new server must end with: the allocation's runner when the
+    job runs in a group's allocation, else the nearest Snakemake ancestor (locally: the main process)."""
+    runner = os.environ.get(RUNNER_ENV)
+    if runner and runner != RUNNER_SINGLE:
+        return runner
+    return snakemake_ancestor()
+
+
 def _watched_alive(watch: str | None) -> bool:
     if not watch:
         return True
@@ -324,7 +380,7 @@ def _start_server(python: str, folder: Path, key: str, idle_timeout_s: float, de
     log_file = folder / f"{key}.log"
     cmd = [python, "-m", "tunelens.genserver", "serve", "--dir", str(folder), "--key", key,
            "--socket", _socket_path(folder, key), "--idle-timeout", str(idle_timeout_s), "--device", device]
-    watch = snakemake_ancestor()
+    watch = server_watch()
     if watch:  # the server ends with the Snakemake process that runs its jobs, however that one ends
         cmd += ["--watch", watch]
     log.info("starting generation server: %s (log %s)", " ".join(cmd), log_file)

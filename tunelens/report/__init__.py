@@ -61,7 +61,8 @@ __all__ = [
 
 def write_report(*, score_files: Sequence[str | Path] = (), perplexity_files: Sequence[str | Path] = (),
                  judge_files: Sequence[str | Path] = (), human_files: Sequence[str | Path] = (),
-                 early_exit_files: Sequence[str | Path] = (), human_sheet_files: Sequence[str | Path] = (),
+                 early_exit_files: Sequence[str | Path] = (), early_exit_judge_files: Sequence[str | Path] = (),
+                 human_sheet_files: Sequence[str | Path] = (),
                  finetune_metrics_files: Sequence[str | Path] = (), summary_md: str | Path,
                  summary_csv: str | Path, summary_html: str | Path, plots_dir: str | Path,
                  settings: ReportSettings, now: _dt.datetime | None = None,
@@ -70,7 +71,8 @@ def write_report(*, score_files: Sequence[str | Path] = (), perplexity_files: Se
                  job_gpus: Mapping[str, Mapping[str, int]] | None = None, device: str = "auto") -> dict[str, Any]:
     """Build every report output from score files. Returns {'rows': n csv rows, 'plots': [paths]}.
 
-    The named file lists are the training data's own test split (the default set). `evaluation_sets`:
+    The named file lists are the training data's own test split (the default set); `early_exit_judge_files`
+    are the judge's files of the early-exit generations (the per-layer table's Judge column). `evaluation_sets`:
     set name -> {"scores", "perplexity", "judge", "human", "human_sheet": [paths], "manifest": path} for each
     extra set (results/eval/<name>/), in study order.
     `split_manifest`: the split's manifest.json (rows dropped by reason, shown under "Data checks").
@@ -79,7 +81,8 @@ def write_report(*, score_files: Sequence[str | Path] = (), perplexity_files: Se
     (tunelens.report.costs; `job_gpus` rule -> model -> GPUs asked for, `device` the study's device).
     """
     files = load_score_files({"decoding": score_files, "perplexity": perplexity_files, "judge": judge_files,
-                              "human": human_files, "early_exit": early_exit_files})
+                              "human": human_files, "early_exit": early_exit_files,
+                              "early_exit_judge": early_exit_judge_files})
     if not files:
         raise DataError("report: no score files given; expected results/scores/{model}/{variant}/{decoding}.json")
     if settings.default_config not in settings.decoding_configs:

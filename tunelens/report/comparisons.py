@@ -118,7 +118,8 @@ def agreement(rows: pd.DataFrame, settings: ReportSettings) -> pd.DataFrame:
     """Rank agreement of each automatic metric with Judge / Human, over answers (rows paired by id).
 
     Pooled per model over variants and decoding configs (each answer is one observation), and over
-    all models (model 'all'). Early-exit rows are left out: they are not rated.
+    all models (model 'all'). Early-exit rows are left out (the judge may rate them, but agreement is over the
+    decoding configs' answers).
     """
     columns = list(CSV_COLUMNS)
     if rows.empty:

@@ -6,6 +6,7 @@ Inputs are only the files other stages write (formats in docs/ARCHITECTURE.md):
 - judge files           `judge/{model}/{variant}/{decoding}.json` (+ `.rows.csv`)
 - human scores          `human/scores/{model}/{variant}/{decoding}.json` (+ `.rows.csv`), once sheets are rated
 - early-exit scores     `probe/{model}/{variant}/early_exit/layer_{layer}.scores.json` (+ rows)
+- early-exit judge      `probe/{model}/{variant}/early_exit/layer_{layer}.judge.json` (+ `.judge.rows.csv`)
 - fine-tune records     `finetune/{model}/metrics.json` (+ sibling `train_log.jsonl`)
 
 Loaded into two tables every other part of the report works from: `tidy_scores` (one row per metric
@@ -30,13 +31,15 @@ from tunelens.report.common import CSV_COLUMNS, metric_info
 
 log = logging.getLogger(__name__)
 
+LAYER_KINDS = ("early_exit", "early_exit_judge")  # files of one exit layer (score files and the judge's)
+
 
 @dataclass
 class ScoreFile:
     """One score file (any kind) and its per-row table when one was written next to it."""
 
     path: Path
-    kind: str  # decoding | perplexity | judge | human | early_exit
+    kind: str  # decoding | perplexity | judge | human | early_exit | early_exit_judge
     model: str
     variant: str
     config: str  # "" when not applicable (perplexity)
@@ -127,7 +130,7 @@ def load_score_file(path: str | Path, kind: str) -> ScoreFile:
             "scale": entry.get("scale") or metric_info(name).scale,
         }
     layer = data.get("layer")
-    if kind == "early_exit" and layer is None:
+    if kind in LAYER_KINDS and layer is None:
         match = re.search(r"layer_(\d+)", path.name)
         if not match:
             raise DataError(f"{path}: key 'layer' is null and the file name has no layer_N; expected the probed layer")
@@ -155,7 +158,8 @@ def load_score_file(path: str | Path, kind: str) -> ScoreFile:
 
 
 def load_score_files(paths_by_kind: dict[str, Sequence[str | Path]]) -> list[ScoreFile]:
-    """Load every score file; kinds are 'decoding', 'perplexity', 'judge', 'human', 'early_exit'."""
+    """Load every score file; kinds are 'decoding', 'perplexity', 'judge', 'human', 'early_exit' and
+    'early_exit_judge' (the judge's file of an early-exit generation)."""
     files = [load_score_file(path, kind) for kind, paths in paths_by_kind.items() for path in paths]
     seen: dict[tuple, Path] = {}
     for score in files:
