@@ -59,6 +59,34 @@ def check_device_before_jobs():
         if problem:
             print(f"tunelens: ConfigError: {problem}", file=sys.stderr)
             raise SystemExit(1)
+    if workflow.local_exec and STUDY.config["device"] != "cpu":
+        # Snakemake itself would stop only when it reaches the first such job, after the others ran.
+        limit = workflow.global_resources.get("gpu")
+        limit = getattr(
+            limit, "value", limit
+        )  # a snakemake Resource (9.x) or a plain int
+        wide = [
+            n
+            for n, s in MODELS.items()
+            if isinstance(limit, int) and s.resources["gpus"] > limit
+        ]
+        if wide:
+            print(
+                f"tunelens: ConfigError: models.{wide[0]}.resources.gpus is "
+                f"{MODELS[wide[0]].resources['gpus']}, above this run's gpu limit {limit}; run with "
+                f"--resources gpu={max(MODELS[n].resources['gpus'] for n in wide)} (the machine's GPU count)",
+                file=sys.stderr,
+            )
+            raise SystemExit(1)
+        # Models already on disk against this machine's GPUs (the others: in the job, tunelens.models.load_model).
+        from tunelens.preflight import cuda_memory, gpu_fit_problems
+
+        problems = gpu_fit_problems(
+            STUDY, {n: model_dir(s) for n, s in MODELS.items()}, cuda_memory()
+        )
+        if problems:
+            print("tunelens: ConfigError: " + "\n  ".join(problems), file=sys.stderr)
+            raise SystemExit(1)
 
 
 R = "results"

@@ -32,4 +32,5 @@ finetune(
     revision=params.revision,
     model_name=snakemake.wildcards.model,
     on_bad_rows=params.on_bad_rows,
+    gpus=snakemake.resources.gpu,
 )

@@ -23,6 +23,7 @@ judge_generation_file(
     layer=None if layer is None else int(layer),
     batch_size=params.batch_size,
     device=params.device,
+    gpus=snakemake.resources.gpu,
     samples=params.samples,
     confidence=params.confidence,
     seed=params.seed,

@@ -122,19 +122,34 @@ def kv_bytes_per_token(model) -> int:
 
 
 def auto_token_budget(model) -> tuple[int, int] | None:
-    """(tokens of KV cache one batch may hold, bytes per row for logits) on this device; None on CPU."""
+    """(tokens of KV cache one batch may hold, bytes per row for logits) on this device; None on CPU.
+
+    A model sharded over several GPUs keeps each decoder block's cache on that block's GPU: the budget is the
+    smallest over its GPUs of (free memory / the cache bytes per token of the blocks it holds)."""
     import torch
 
-    device = next(model.parameters()).device
-    if device.type != "cuda":
+    from tunelens.models import decoder_layers, input_device
+
+    if input_device(model).type != "cuda":
         return None
-    free, _ = torch.cuda.mem_get_info(device)
-    # Memory the allocator holds but no tensor uses is free to this process too.
-    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    layers_on: dict = {}
+    for layer in decoder_layers(model):
+        where = next(layer.parameters()).device
+        layers_on[where] = layers_on.get(where, 0) + 1
+    per_layer = kv_bytes_per_token(model) / max(sum(layers_on.values()), 1)
+    tokens = None
+    for device, count in layers_on.items():
+        if device.type != "cuda":
+            continue
+        free, _ = torch.cuda.mem_get_info(device)
+        # Memory the allocator holds but no tensor uses is free to this process too.
+        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        room = int(KV_MEMORY_SHARE * free / (per_layer * count))
+        tokens = room if tokens is None else min(tokens, room)
     vocab = model.config.get_text_config().vocab_size
     # The step's logits and the warpers' sorted copies grow with rows (and beams), not with tokens: plan_batches
     # charges each row 16 bytes x vocab of them, converted to KV-cache tokens.
-    return int(KV_MEMORY_SHARE * free / kv_bytes_per_token(model)), 16 * vocab
+    return int(tokens or 0), 16 * vocab
 
 
 def plan_batches(lengths: Sequence[int], order: Sequence[int], settings: GenerationSettings, num_beams: int,
@@ -196,7 +211,9 @@ def hf_generate_batched(
     generation_config = hf_generation_config(model, tokenizer, decoding_config, settings)
     eos_ids = set(generation_config.eos_token_id)
     pad_id = generation_config.pad_token_id
-    device = next(model.parameters()).device
+    from tunelens.models import input_device
+
+    device = input_device(model)  # a sharded model's first block and embeddings: where the inputs go
     old_side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # decoder-only: new tokens must follow the prompt directly
     lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]

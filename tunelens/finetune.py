@@ -67,8 +67,9 @@ ADAPTER_RECORD = "tunelens_adapter.json"
 
 # --------------------------------------------------------------------------------------------- checkpoints
 def run_fingerprint(model_path: str, train_jsonl: str | Path, settings: dict, prompt_format: str, seed: int,
-                    plan: TrainingPlan, revision: str | None = None) -> dict:
-    """What must match for a checkpoint to be resumed: inputs, settings, seed and the resolved plan."""
+                    plan: TrainingPlan, revision: str | None = None, processes: int = 1) -> dict:
+    """What must match for a checkpoint to be resumed: inputs, settings, seed, the resolved plan and the number
+    of data-parallel processes (each process's settings differ with it)."""
     model_dir = Path(model_path)
     model_id = {"path": str(model_path), "revision": revision}
     if (model_dir / "config.json").exists():
@@ -84,6 +85,8 @@ def run_fingerprint(model_path: str, train_jsonl: str | Path, settings: dict, pr
         "seed": seed,
         "plan": {"method": plan.method, "device": plan.device, "compute_dtype": plan.compute_dtype,
                  "gradient_checkpointing": plan.gradient_checkpointing, "liger": plan.liger},
+        # Only when > 1: one-process fingerprints (and their checkpoints) stay as they were.
+        **({"data_parallel_processes": processes} if processes > 1 else {}),
     }
 
 
@@ -200,6 +203,12 @@ def _load_base_model(model_path: str, plan: TrainingPlan, revision: str | None):
 
         release_gpu_for_this_job()  # an idle generation server must not hold the GPU memory training needs
     dtype = getattr(torch, plan.compute_dtype)
+    if plan.device == "cuda":
+        from tunelens.preflight import NF4_BYTES_PER_PARAMETER, check_model_fits_gpus
+
+        # Each data-parallel process holds the whole model on its own GPU: the check is against one GPU.
+        check_model_fits_gpus(str(model_path), model_path, 1,
+                              NF4_BYTES_PER_PARAMETER if plan.method == "qlora" else dtype.itemsize)
     kwargs: dict[str, Any] = {"dtype": dtype, "revision": revision}
     if plan.method == "qlora":
         from transformers import BitsAndBytesConfig
@@ -286,6 +295,7 @@ def build_trainer(
     on_bad_rows: str = "count",
     sync_free: bool = True,
     lean_layers: bool = True,
+    processes: int = 1,
 ) -> PreparedRun:
     """Validate everything cheap first (settings, device, target modules, data), then load the model and
     build the SFTTrainer. Nothing is trained and nothing but `checkpoint_dir` is written.
@@ -330,7 +340,7 @@ def build_trainer(
     log.info("train set: %d rows, %d prompt tokens, %d response tokens (loss-bearing) per epoch, longest row %d",
              stats.rows, stats.prompt_tokens, stats.completion_tokens, stats.max_row_tokens)
 
-    fingerprint = run_fingerprint(model_path, train_jsonl, settings, prompt_format, seed, plan, revision)
+    fingerprint = run_fingerprint(model_path, train_jsonl, settings, prompt_format, seed, plan, revision, processes)
     resume_from = prepare_checkpoint_dir(checkpoint_dir, fingerprint)
 
     from datasets import Dataset
@@ -392,23 +402,56 @@ def finetune(
     callbacks: Sequence = (),
     on_bad_rows: str = "count",
     build_options: dict | None = None,
+    gpus: int = 1,
+    processes: int | None = None,
+    data_parallel: str | None = None,
 ) -> dict:
     """Fine-tune a LoRA adapter on `train_jsonl` and write the stage's outputs. Returns the metrics dict.
 
     `settings` is the model's merged `finetune` config section (schemas/config.schema.yaml).
-    `callbacks` are extra transformers TrainerCallbacks (tests use one to kill a run mid-way).
+    `callbacks` are extra transformers TrainerCallbacks (tests use one to kill a run mid-way; one process only).
     `build_options` go to `build_trainer` (benchmarks turn the speed-ups off with them).
     Resumes from `checkpoint_dir` when it holds a checkpoint of the same run; deletes it on success.
+    `gpus`: the job's GPU count; on CUDA with more than one, training is data-parallel over them
+    (tunelens.training.distributed: same rows per optimizer step and loss as one GPU). `processes` overrides the
+    number of data-parallel processes (CPU included: gloo); `data_parallel` is set by that module in its workers.
     """
     import torch
+
+    from tunelens.training import distributed
 
     wall_start = time.perf_counter()
     if not settings.get("enabled", True):
         raise ConfigError(f"finetune.enabled is false for model '{model_name or model_path}'; nothing to train")
+    if processes is None:
+        from tunelens.models import pick_device
+
+        processes = int(gpus or 1) if pick_device(device) == "cuda" else 1
+    if processes > 1 and not distributed.in_worker():
+        try:
+            split, how = distributed.data_parallel_settings(settings, processes)
+        except ValueError as exc:
+            log.warning("%s: training in one process", exc)
+            processes, data_parallel = 1, f"one process: {exc}"
+        else:
+            check_settings(split)
+            meta_model = _meta_model(str(model_path), revision)
+            plan = resolve_plan(split, device, vocab_size=meta_model.config.get_text_config().vocab_size)
+            # Here, once: the workers find it prepared (no two processes deleting stale checkpoints at once).
+            prepare_checkpoint_dir(checkpoint_dir, run_fingerprint(
+                str(model_path), train_jsonl, split, prompt_format, seed, plan, revision, processes))
+            distributed.launch(dict(
+                model_path=str(model_path), train_jsonl=str(train_jsonl), adapter_dir=str(adapter_dir),
+                train_log=str(train_log), metrics_json=str(metrics_json), loss_png=str(loss_png),
+                checkpoint_dir=str(checkpoint_dir), settings=split, prompt_format=prompt_format, seed=seed,
+                device=device, revision=revision, model_name=model_name, on_bad_rows=on_bad_rows,
+                processes=processes, data_parallel=how,
+            ), processes, Path(checkpoint_dir))
+            return json.loads(Path(metrics_json).read_text())
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     run = build_trainer(model_path, train_jsonl, checkpoint_dir, settings, prompt_format, seed, device,
-                        revision, callbacks, on_bad_rows=on_bad_rows, **(build_options or {}))
+                        revision, callbacks, on_bad_rows=on_bad_rows, processes=processes, **(build_options or {}))
     trainer, plan = run.trainer, run.plan
     if run.resume_from is not None:
         log.info("resuming from %s", run.resume_from)
@@ -416,6 +459,8 @@ def finetune(
     train_start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from else None)
     train_time_s = time.perf_counter() - train_start
+    if not distributed.is_main_process():
+        return {}  # process 0 writes the outputs
 
     rows = train_log_rows(trainer.state.log_history)
     if not rows:
@@ -451,6 +496,8 @@ def finetune(
         "autotune": run.autotune,
         "micro_batch_size": trainer.args.per_device_train_batch_size,
         "gradient_accumulation_steps": trainer.args.gradient_accumulation_steps,
+        # processes, and how each optimizer step's rows were split over them (None: one process, as configured)
+        "data_parallel": {"processes": processes, "split": data_parallel},
         "plan_reasons": list(plan.reasons),
         "settings": settings,
         "prompt_format": prompt_format,

@@ -96,18 +96,22 @@ def run_completions(
     batches: list[dict] = []  # hf: the batches actually run (rows, padded prompt length, out-of-memory splits)
     started = time.perf_counter()
     if backend == "hf":
-        from tunelens.models import load_model, pick_device
+        from tunelens.models import input_device, load_model, model_devices, pick_device
 
         # hf_model: (model, tokenizer) already loaded with this adapter (the generation server's cache).
         model, tokenizer = hf_model or load_model(
             model_path, adapter_dir=adapter_dir, device=device,
-            merge_adapter=resolve_on_device(merge_adapter, pick_device(device)),
+            merge_adapter=resolve_on_device(merge_adapter, pick_device(device)), gpus=tensor_parallel_size,
         )
-        used_device = str(next(model.parameters()).device)
+        used_device = str(input_device(model))
+        devices = model_devices(model)
+        sharded_over = devices if len(devices) > 1 else None
         load_time = time.perf_counter() - started
         started = time.perf_counter()
-        settings = dataclasses.replace(
-            settings, static_cache=resolve_static_cache(static_cache, used_device, settings.max_new_tokens))
+        # A model sharded over GPUs decodes with the dynamic cache: the compiled static-cache step is measured on
+        # one GPU only (BENCHMARKS.md issue 21), and accelerate's per-block device hooks break its graphs.
+        settings = dataclasses.replace(settings, static_cache=not sharded_over and resolve_static_cache(
+            static_cache, used_device, settings.max_new_tokens))
         completions = hf_generate_batched(model, tokenizer, prompts, decoding_config, settings, batches)
         kv_cache = "static" if uses_static_cache(decoding_config, settings) else "dynamic"
         merged = bool(getattr(model, "tunelens_adapter_merged", False))
@@ -127,7 +131,7 @@ def run_completions(
                 seed=settings.seed, device=device, **options,
             )
         used_device = "cpu" if engine.on_cpu else "cuda"
-        kv_cache, merged = "paged (vLLM)", False
+        kv_cache, merged, sharded_over = "paged (vLLM)", False, None
         load_time = time.perf_counter() - started if owned else 0.0
         started = time.perf_counter()
         try:
@@ -147,6 +151,7 @@ def run_completions(
         "batches": batches or None,
         "kv_cache": kv_cache,
         "adapter_merged": merged if adapter_dir is not None else None,
+        "sharded_over": sharded_over,
     }
     return list(prompt_rows), completions, timing
 
@@ -281,6 +286,9 @@ def generation_output(
         merge_adapter=merge_adapter,
     )
     semantics += speed_semantics(timing["kv_cache"], timing["adapter_merged"], compile_backend, timing["device"])
+    if timing["sharded_over"]:
+        semantics += (f" Model sharded by decoder blocks over {len(timing['sharded_over'])} GPUs "
+                      f"({', '.join(timing['sharded_over'])}); dynamic KV cache (the static cache is off when sharded).")
     summary = completion_summary(completions, timing["generation_time_s"])
     meta = {
         "backend": concrete,
@@ -300,6 +308,8 @@ def generation_output(
         "batches": timing["batches"],
         "kv_cache": timing["kv_cache"],
         "adapter_merged": timing["adapter_merged"],
+        # hf on several GPUs: the devices the model's blocks are on (absent on one device: old sidecars' bytes).
+        **({"sharded_over": timing["sharded_over"]} if timing["sharded_over"] else {}),
         **summary,
         "versions": library_versions(),
     }

@@ -183,7 +183,7 @@ def run_early_exit_job(job: dict, output_file: str | Path, meta_file: str | Path
             from tunelens.jobs import use_job_threads
 
             use_job_threads(threads)
-        kwargs = {k: v for k, v in job.items() if k not in ("backend", "gpus", "vllm_options")}
+        kwargs = {k: v for k, v in job.items() if k not in ("backend", "vllm_options")}
         meta, rows = early_exit_output(**kwargs)
         meta["execution"] = {"mode": "in-process", "python": sys.executable, "loaded": True,
                              "client_wait_s": round(time.perf_counter() - started, 3)}
@@ -253,12 +253,14 @@ class _Server:
             raise ModelError(f"adapter directory '{adapter}' has no adapter_config.json")
         while len(self.hf_models) >= 2:  # base + one adapter at most
             self.hf_models.pop(next(iter(self.hf_models)))
-        if self.hf_models and device == "cuda" and not _gpu_room_for(job["model_path"]):
+        gpus = int(job.get("gpus") or 1)  # > 1 on CUDA: sharded over the job's GPUs, one copy (no room for two)
+        if self.hf_models and device == "cuda" and (gpus > 1 or not _gpu_room_for(job["model_path"])):
             log.info("not enough free GPU memory for a second copy of the weights: swapping")
             self.hf_models.clear()
             _free_gpu_cache()
         started = time.perf_counter()
-        self.hf_models[key] = load_model(job["model_path"], adapter_dir=adapter, device=device, merge_adapter=merge)
+        self.hf_models[key] = load_model(job["model_path"], adapter_dir=adapter, device=device, merge_adapter=merge,
+                                         gpus=gpus)
         return self.hf_models[key], True, time.perf_counter() - started
 
     def early_exit(self, job: dict) -> tuple[dict, list]:

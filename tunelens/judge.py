@@ -73,7 +73,9 @@ def rate(model, tokenizer, prompts: list[str], *, batch_size: int = 8) -> tuple[
     """(ratings 1..5, expected ratings) for each prompt, from the next-token logits of the rating tokens."""
     import torch
 
-    device = next(model.parameters()).device
+    from tunelens.models import input_device
+
+    device = input_device(model)  # a model sharded over GPUs takes its inputs on its first block's GPU
     options = rating_token_ids(tokenizer)
     ratings = np.zeros(len(prompts))
     expected = np.zeros(len(prompts))
@@ -110,6 +112,7 @@ def judge_generation_file(
     layer: int | None = None,
     batch_size: int = 8,
     device: str = "auto",
+    gpus: int = 1,
     samples: int = 1000,
     confidence: float = 0.95,
     seed: int = 1234,
@@ -118,7 +121,8 @@ def judge_generation_file(
 ) -> dict:
     """Rate every row of a generation file; write the judge JSON (score-file format, metric `judge`, 0-1)
     and the per-row CSV (`judge`, `judge_rating` 1-5, `judge_expected`). `layer`: the exit layer of an
-    early-exit generation file (None for a decoding config's)."""
+    early-exit generation file (None for a decoding config's). `gpus`: the job's GPU count; on CUDA with more than
+    one the judge model is sharded over them (load_model)."""
     from tunelens.models import load_model
 
     rows = read_generations(generation_file)
@@ -129,7 +133,7 @@ def judge_generation_file(
         raise DataError(f"{generation_file}: row id(s) {missing[:5]} are not in the test split {test_file}")
     start = time.perf_counter()
     if model_and_tokenizer is None:
-        judge, tokenizer = load_model(judge_path, device=device)
+        judge, tokenizer = load_model(judge_path, device=device, gpus=gpus)
     else:
         judge, tokenizer = model_and_tokenizer
     load_time = time.perf_counter() - start

@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -163,22 +164,37 @@ def load_model(
     load_in_4bit: bool = False,
     revision: str | None = None,
     merge_adapter: bool = False,
+    gpus: int = 1,
 ):
     """Load (model, tokenizer) for inference, optionally with a PEFT adapter on top: applied per layer by PEFT,
     or with `merge_adapter` merged into the (non-quantised) weights (W + scale * B @ A) and unloaded, which
     decodes at the base model's speed. A merged model has `tunelens_adapter_merged = True`.
 
     The model is in eval mode on `device`; float32 on CPU, bfloat16 on CUDA unless `dtype` says otherwise.
+    `gpus` (the job's GPU count, models.<name>.resources.gpus): on CUDA with more than one, the model is sharded
+    by decoder blocks over the first `gpus` visible GPUs (transformers' `device_map="balanced"` with per-GPU
+    caps of SHARD_WEIGHT_SHARE of each GPU's memory, never offloaded to CPU or disk); inputs then go to
+    `input_device(model)`, and the outputs come back there.
     """
     from transformers import AutoModelForCausalLM
 
     device = pick_device(device)
     torch_dtype = pick_dtype(device, dtype)
+    shard = device == "cuda" and int(gpus or 1) > 1
     if device == "cuda":
         from tunelens.servers import gpu_bytes_to_load, release_gpu_for_this_job
 
-        release_gpu_for_this_job(gpu_bytes_to_load(path_or_id, 1 if load_in_4bit else torch_dtype.itemsize))
+        needed = gpu_bytes_to_load(path_or_id, 1 if load_in_4bit else torch_dtype.itemsize)
+        # Sharded, each GPU holds about 1/gpus of the weights.
+        release_gpu_for_this_job(needed // int(gpus) if shard and needed else needed)
+        from tunelens.preflight import NF4_BYTES_PER_PARAMETER, check_model_fits_gpus
+
+        # Before minutes of loading: weights x dtype against this node's GPUs (an error naming the memory needed).
+        check_model_fits_gpus(str(path_or_id), path_or_id, int(gpus or 1),
+                              NF4_BYTES_PER_PARAMETER if load_in_4bit else torch_dtype.itemsize)
     kwargs: dict[str, Any] = {"dtype": torch_dtype, "revision": revision}
+    if shard:
+        kwargs["device_map"], kwargs["max_memory"] = "balanced", shard_max_memory(int(gpus))
     if load_in_4bit:
         if device != "cuda":
             raise ModelError("load_in_4bit needs CUDA (bitsandbytes NF4); use device cpu without 4-bit")
@@ -188,14 +204,16 @@ def load_model(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch_dtype,
         )
-        kwargs["device_map"] = {"": 0}
+        kwargs.setdefault("device_map", {"": 0})
     tokenizer = load_tokenizer(path_or_id, revision)
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path_or_id), **kwargs)
     except OSError as exc:
         raise ModelError(f"cannot load model '{path_or_id}': {exc}") from None
-    if not load_in_4bit:
+    if "device_map" not in kwargs:
         model.to(device)
+    elif shard:
+        check_on_gpus(model, path_or_id, int(gpus))
     if adapter_dir is not None:
         from peft import PeftModel
 
@@ -208,6 +226,50 @@ def load_model(
             model.tunelens_adapter_merged = True
     model.eval()
     return model, tokenizer
+
+
+# Share of each GPU's memory a sharded model's weights may take; the rest holds the KV cache, activations, logits.
+SHARD_WEIGHT_SHARE = 0.8
+
+
+def shard_max_memory(gpus: int) -> dict:
+    """Per-GPU weight caps (bytes) for sharding over the first `gpus` visible GPUs: {0: cap, 1: cap, ...}.
+    No "cpu" or "disk" entry: a model that does not fit fails (check_on_gpus) rather than crawl offloaded."""
+    import torch
+
+    visible = torch.cuda.device_count()
+    if visible < gpus:
+        raise ModelError(
+            f"the job asks for {gpus} GPUs (models.<name>.resources.gpus) but sees {visible} "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})"
+        )
+    return {i: int(SHARD_WEIGHT_SHARE * torch.cuda.get_device_properties(i).total_memory) for i in range(gpus)}
+
+
+def check_on_gpus(model, path_or_id, gpus: int) -> None:
+    """Raise if a sharded load put any module on the CPU or disk (the GPUs were too small for the weights)."""
+    device_map = getattr(model, "hf_device_map", None) or {}
+    offloaded = sorted(name for name, where in device_map.items() if str(where) in ("cpu", "disk"))
+    if offloaded:
+        raise ModelError(
+            f"model '{path_or_id}' does not fit {gpus} GPUs at {SHARD_WEIGHT_SHARE:.0%} of their memory each: "
+            f"{len(offloaded)} module(s) would be offloaded ({', '.join(offloaded[:3])}, ...); ask for more GPUs "
+            "(models.<name>.resources.gpus) or larger ones"
+        )
+
+
+def input_device(model):
+    """Where a model's inputs go: its input embedding's device. A model sharded over several GPUs has its
+    parameters on several devices, so `next(model.parameters()).device` is not "the" device."""
+    return _unwrap(model).get_input_embeddings().weight.device
+
+
+def model_devices(model) -> list[str]:
+    """The distinct devices holding the model's parameters, in order (one entry unless sharded)."""
+    seen: dict[str, None] = {}
+    for parameter in model.parameters():
+        seen.setdefault(str(parameter.device), None)
+    return list(seen)
 
 
 # --------------------------------------------------------------------------------------------- architecture

@@ -52,7 +52,9 @@ def response_nll(model, tokenizer, encoded: Sequence[tuple[list[int], list[int]]
     length (right padding, padded and prompt positions masked), so padding does not change any value."""
     import torch
 
-    device = next(model.parameters()).device
+    from tunelens.models import input_device
+
+    device = input_device(model)  # a model sharded over GPUs takes its inputs on its first block's GPU
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out = np.zeros((len(encoded), 2), dtype=np.float64)
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]) + len(encoded[i][1]))
@@ -72,7 +74,7 @@ def response_nll(model, tokenizer, encoded: Sequence[tuple[list[int], list[int]]
                 labels[slot, len(prompt_ids) : len(ids)] = torch.tensor(response_ids)
             logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits
             # Position t predicts token t+1; float32 log-softmax so bf16 models lose no precision here.
-            targets = labels[:, 1:].to(device)
+            targets = labels[:, 1:].to(logits.device)
             nll = torch.nn.functional.cross_entropy(
                 logits[:, :-1].float().transpose(1, 2), targets, ignore_index=-100, reduction="none"
             )
@@ -110,6 +112,7 @@ def perplexity_output(
     batch_size: int = 8,
     max_rows: int | None = None,
     device: str = "auto",
+    gpus: int = 1,
     samples: int = 1000,
     confidence: float = 0.95,
     seed: int = 1234,
@@ -122,8 +125,9 @@ def perplexity_output(
     `max_rows` keeps the first N test rows (the rows generation uses, decoding.max_test_rows).
     `model_and_tokenizer` lets a caller reuse a loaded model (the model loads once per call otherwise), as the
     generation server (tunelens.genserver) does; `load_time_s` is then what that load cost this request.
+    `gpus`: the job's GPU count; on CUDA with more than one the model is sharded over them (load_model).
     """
-    from tunelens.models import load_model
+    from tunelens.models import input_device, load_model
 
     rows = read_jsonl(test_file, required=SPLIT_FIELDS)
     if max_rows is not None:
@@ -132,7 +136,7 @@ def perplexity_output(
         raise DataError(f"{test_file}: no rows to score")
     start = time.perf_counter()
     if model_and_tokenizer is None:
-        model, tokenizer = load_model(model_path, adapter_dir=adapter_dir, device=device)
+        model, tokenizer = load_model(model_path, adapter_dir=adapter_dir, device=device, gpus=gpus)
     else:
         model, tokenizer = model_and_tokenizer
     load_time = time.perf_counter() - start if load_time_s is None else load_time_s
@@ -155,7 +159,7 @@ def perplexity_output(
             "prompt_format": prompt_format,
             "test_file": str(test_file),
             "n_rows": len(rows),
-            "device": str(param.device),
+            "device": str(input_device(model)),
             "dtype": str(param.dtype).removeprefix("torch."),
             "batch_size": batch_size,
             "load_time_s": round(load_time, 3),

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 from tunelens.config import EMBEDDED_PREFIX, HUB_ID, Problems, Study, load_config, source_kind
 from tunelens.errors import ConfigError, DataError
@@ -456,3 +456,118 @@ def preflight(study: Study, *, base_dir: str | Path = ".", environ: Mapping[str,
         if problem:
             found.add(problem)
     found.raise_any()
+
+
+# --------------------------------------------------------------------------------------------- GPU fit
+# What a model needs on its GPUs, as tunelens.servers.gpu_bytes_to_load estimates a load: 1.25 x the weights (the
+# rest of each GPU holds the KV cache, activations and logits; sharded, load_model caps each GPU's weights at
+# SHARD_WEIGHT_SHARE = 1 / 1.25 of its memory) plus 2 GiB a GPU (CUDA context, allocator).
+GPU_RESERVE_BYTES = 2 * 2**30
+# 4-bit NF4 with double quantisation takes ~4.1 bits a quantised weight; the embeddings and LM head stay in 16 bits.
+# 0.6 byte a parameter bounds both for Llama shapes (70B: 0.55).
+NF4_BYTES_PER_PARAMETER = 0.6
+
+
+def safetensors_parameters(model_dir: str | Path) -> int | None:
+    """Parameters of the model in `model_dir`, read from its safetensors headers (no weights read); None when it
+    is not a local directory with safetensors files (a hub id, or not downloaded yet)."""
+    import json
+    import struct
+
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        return None
+    parameters = 0
+    for shard in sorted(model_dir.glob("*.safetensors")):
+        with shard.open("rb") as handle:  # 8-byte header length, then JSON with each tensor's shape
+            header = json.loads(handle.read(struct.unpack("<Q", handle.read(8))[0]))
+        for name, entry in header.items():
+            if name != "__metadata__":
+                count = 1
+                for dim in entry["shape"]:
+                    count *= dim
+                parameters += count
+    return parameters or None
+
+
+def gpu_fit_problem(model_name: str, model_dir: str | Path, gpus: int, dtype_bytes: float,
+                    gpu_memory: Sequence[int], setting: str | None = None) -> str | None:
+    """The problem when model `model_name`'s weights (from its safetensors headers, `dtype_bytes` a parameter)
+    do not fit the job's `gpus` GPUs, whose total memory (bytes) is `gpu_memory` (the first `gpus` are used);
+    None when they fit or the weights are not known. Needed: weights / SHARD_WEIGHT_SHARE + GPU_RESERVE_BYTES a GPU.
+    `setting`: the config key of the GPU count (default models.<model_name>.resources.gpus)."""
+    from tunelens.models import SHARD_WEIGHT_SHARE
+
+    setting = setting or f"models.{model_name}.resources.gpus"
+    parameters = safetensors_parameters(model_dir)
+    gpus = max(int(gpus or 1), 1)
+    if parameters is None or not gpu_memory:
+        return None
+    if len(gpu_memory) < gpus:
+        return f"model '{model_name}': the job asks for {gpus} GPUs ({setting}) but sees {len(gpu_memory)}"
+    weights = parameters * dtype_bytes
+
+    def needed(count: int) -> float:
+        return weights / SHARD_WEIGHT_SHARE + GPU_RESERVE_BYTES * count
+
+    if needed(gpus) <= sum(gpu_memory[:gpus]):
+        return None
+    enough = next((n for n in range(gpus + 1, len(gpu_memory) + 1) if needed(n) <= sum(gpu_memory[:n])), None)
+    advice = (f"set {setting} to at least {enough}" if enough
+              else f"this node's {len(gpu_memory)} GPU(s) cannot hold it: use more or larger GPUs, or 4-bit weights")
+    return (f"model '{model_name}' ({parameters / 1e9:.1f} B parameters x {dtype_bytes:g} bytes = "
+            f"{weights / 2**30:.1f} GiB of weights) does not fit {gpus} GPU(s) of {min(gpu_memory[:gpus]) / 2**30:.1f} "
+            f"GiB: it needs about {needed(gpus) / 2**30:.1f} GiB (weights x {1 / SHARD_WEIGHT_SHARE:g} for the KV cache "
+            f"and activations, + {GPU_RESERVE_BYTES / 2**30:g} GiB a GPU); {advice}")
+
+
+def check_model_fits_gpus(model_name: str, model_dir: str | Path, gpus: int, dtype_bytes: float) -> None:
+    """In a job, before it loads a model on CUDA: raise ModelError when the weights cannot fit the job's GPUs
+    (their memory as torch sees it on this node), instead of failing with out-of-memory minutes into the load."""
+    import torch
+
+    from tunelens.errors import ModelError
+
+    memory = [torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count())]
+    problem = gpu_fit_problem(model_name, model_dir, gpus, dtype_bytes, memory, "models.<name>.resources.gpus")
+    if problem:
+        raise ModelError(problem)
+
+
+def cuda_memory() -> list[int]:
+    """Total memory (bytes) of each CUDA device this process sees (driver API through ctypes: no torch import);
+    empty without a usable driver."""
+    import ctypes
+
+    for name in ("libcuda.so.1", "libcuda.so"):
+        try:
+            lib = ctypes.CDLL(name)
+            break
+        except OSError:
+            continue
+    else:
+        return []
+    count = ctypes.c_int(0)
+    if lib.cuInit(0) != 0 or lib.cuDeviceGetCount(ctypes.byref(count)) != 0:
+        return []
+    memory = []
+    for index in range(count.value):
+        device, total = ctypes.c_int(0), ctypes.c_size_t(0)
+        if lib.cuDeviceGet(ctypes.byref(device), index) != 0 or lib.cuDeviceTotalMem_v2(ctypes.byref(total), device):
+            return []
+        memory.append(total.value)
+    return memory
+
+
+def gpu_fit_problems(study: Study, model_dirs: Mapping[str, str | Path], gpu_memory: Sequence[int]) -> list[str]:
+    """DAG-time form of check_model_fits_gpus, for a local run whose GPUs are those of this machine
+    (`gpu_memory`): every model whose weights are already on disk (`model_dirs`: name -> directory) against its
+    resources.gpus, in the dtype its jobs load it in (bfloat16; the fine-tune's 4-bit base is smaller). Models not
+    on disk yet (to be downloaded or materialised) and cluster runs (the node is not known) are checked in the job."""
+    problems = []
+    for name, spec in study.models.items():
+        if name in model_dirs:
+            problem = gpu_fit_problem(name, model_dirs[name], spec.resources["gpus"], 2, gpu_memory)
+            if problem:
+                problems.append(problem)
+    return problems

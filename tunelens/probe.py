@@ -37,6 +37,7 @@ from tunelens.io import library_versions, read_jsonl, write_json_atomic, write_j
 from tunelens.models import (
     decoder_layers,
     final_norm,
+    input_device,
     lm_head,
     load_model,
     num_decoder_layers,
@@ -164,7 +165,7 @@ def _lens_one_prompt(model, tokenizer, ids: list[int], layers: list[int], depth:
                      eos_ids: set[int], pad: int) -> dict:
     import torch
 
-    device = next(model.parameters()).device
+    device = input_device(model)
     prompt = torch.tensor([ids], dtype=torch.long, device=device)
     generated = model.generate(
         input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
@@ -233,16 +234,20 @@ def lens_log_probs(model, sequence, positions: Sequence[int], layers: Sequence[i
     index = torch.tensor(list(positions), device=sequence.device)
     read_layers = sorted(set(layers) | {depth})
     norm = final_norm(model)
+    # A model sharded over GPUs has its norm and head on the last GPU: every read-out goes there.
+    head_device = lm_head(model).weight.device
     # hidden_states[depth] already went through the final norm inside the model; the others get it here.
     stacked = torch.cat([
-        hidden_states[layer][0, index] if layer == depth else norm(hidden_states[layer][0, index])
+        (hidden_states[layer][0, index.to(hidden_states[layer].device)] if layer == depth
+         else norm(hidden_states[layer][0, index.to(hidden_states[layer].device)])).to(head_device)
         for layer in read_layers
     ])
     # One LM-head GEMM for all layers: at a few positions the head is bound by reading its weights
     # (vocab x hidden), so per-layer GEMMs would read them once per layer (measured 3.9x a forward on CPU).
     logp = torch.log_softmax(_readout(model, stacked, apply_norm=False), dim=-1)
     per_layer = dict(zip(read_layers, logp.split(len(positions))))
-    _check_last_layer(per_layer[depth], outputs.logits[0, index - first].float(), model)
+    own_logits = outputs.logits[0, (index - first).to(outputs.logits.device)].float().to(head_device)
+    _check_last_layer(per_layer[depth], own_logits, model)
     return per_layer
 
 
@@ -304,12 +309,14 @@ def logit_lens_output(
     max_prompt_tokens: int = 1024,
     seed: int = 0,
     device: str = "auto",
+    gpus: int = 1,
     hf_model: tuple | None = None,
     load_time_s: float = 0.0,
 ) -> dict:
     """Rule `logit_lens` computed but not written: the lens dict (lens.json) of one (model, variant).
     `hf_model`: (model, tokenizer) already loaded by load_model(model_path, adapter_dir, device), as the
-    generation server (tunelens.genserver) keeps it, and `load_time_s` what that load cost this request."""
+    generation server (tunelens.genserver) keeps it, and `load_time_s` what that load cost this request.
+    `gpus`: the job's GPU count; on CUDA with more than one the model is sharded over them (load_model)."""
     import torch
 
     from tunelens.generate import adapter_record, check_variant
@@ -324,7 +331,7 @@ def logit_lens_output(
     check_variant(model_name, variant, adapter_dir)
 
     started = time.perf_counter()
-    model, tokenizer = hf_model or load_model(model_path, adapter_dir=adapter_dir, device=device)
+    model, tokenizer = hf_model or load_model(model_path, adapter_dir=adapter_dir, device=device, gpus=gpus)
     load_time = time.perf_counter() - started if hf_model is None else load_time_s
     layers = check_probe_layers(layer_specs, expected_layers, model, model_name)
     prompts = [build_prompt(item, prompt_format, tokenizer) for item in items]
@@ -350,7 +357,7 @@ def logit_lens_output(
         "units": {"prob": "0-1", "entropy": "nats", "kl_to_final": "KL(p_final || p_layer), nats"},
         "seed": seed,
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-        "device": str(next(model.parameters()).device),
+        "device": str(input_device(model)),
         "load_time_s": round(load_time, 3),
         "lens_time_s": round(lens_time, 3),
         "versions": library_versions(),
@@ -423,6 +430,7 @@ def early_exit_output(
     max_prompt_tokens: int = 1024,
     seed: int = 0,
     device: str = "auto",
+    gpus: int = 1,
     hf_model: tuple | None = None,
 ) -> tuple[dict, list[dict]]:
     """Rule `early_exit` computed but not written: (meta, rows), the answers to the first `max_test_rows` test
@@ -457,7 +465,7 @@ def early_exit_output(
     check_variant(model_name, variant, adapter_dir)
 
     started = time.perf_counter()
-    model, tokenizer = hf_model or load_model(model_path, adapter_dir=adapter_dir, device=device)
+    model, tokenizer = hf_model or load_model(model_path, adapter_dir=adapter_dir, device=device, gpus=gpus)
     load_time = time.perf_counter() - started if hf_model is None else 0.0
     layers = check_probe_layers(layer_specs, expected_layers, model, model_name)
     if layer not in layers:
@@ -488,7 +496,7 @@ def early_exit_output(
         **settings.as_meta(),
         "prompt_format": prompt_format,
         "test_file": str(test_path),
-        "device": str(next(model.parameters()).device),
+        "device": str(input_device(model)),
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "load_time_s": round(load_time, 3),
         **summary,

@@ -55,7 +55,8 @@ def run_model_task(task: str, job: dict, compute: Callable[..., tuple[dict, list
         from tunelens.jobs import use_job_threads
 
         use_job_threads(threads)
-    output, rows = compute(**{k: v for k, v in job.items() if k not in SERVER_KEYS})
+    # The job's GPU count stays: in this process the model is loaded here, sharded over them when more than one.
+    output, rows = compute(**{k: v for k, v in job.items() if k not in SERVER_KEYS or k == "gpus"})
     execution = {"mode": "in-process", "python": sys.executable, "loaded": True,
                  "client_wait_s": round(time.perf_counter() - started, 3)}
     return output, rows, execution
