@@ -187,3 +187,24 @@ def weight_files_problems(directory: str | Path) -> tuple[list[str], set[str]]:
 def module_names(tensor_names: set[str]) -> set[str]:
     """Module names LoRA can target ('q_proj' of 'model.layers.0.self_attn.q_proj.weight')."""
     return {name.split(".")[-2] for name in tensor_names if name.count(".") >= 1}
+
+
+def safetensors_parameters(model_dir: str | Path) -> int | None:
+    """Parameters of the model in `model_dir`, read from its safetensors headers (no weights read); None when it
+    is not a local directory with safetensors files (a hub id, or not downloaded yet)."""
+    import struct
+
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        return None
+    parameters = 0
+    for shard in sorted(model_dir.glob("*.safetensors")):
+        with shard.open("rb") as handle:  # 8-byte header length, then JSON with each tensor's shape
+            header = json.loads(handle.read(struct.unpack("<Q", handle.read(8))[0]))
+        for name, entry in header.items():
+            if name != "__metadata__":
+                count = 1
+                for dim in entry["shape"]:
+                    count *= dim
+                parameters += count
+    return parameters or None

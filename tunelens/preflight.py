@@ -111,19 +111,24 @@ def check_model_reference(where: str, value: str, *, model_names=(), base_dir: P
 
 
 # --------------------------------------------------------------------------------------------- cuda
-def cuda_device_count() -> int:
-    """CUDA devices usable by this process (driver API through ctypes: no torch import, ~1 ms)."""
+def _libcuda():
+    """The CUDA driver library (ctypes), or None without one."""
     import ctypes
 
     for name in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
         try:
-            lib = ctypes.CDLL(name)
-            break
+            return ctypes.CDLL(name)
         except OSError:
             continue
-    else:
-        return 0
-    if lib.cuInit(0) != 0:
+    return None
+
+
+def cuda_device_count() -> int:
+    """CUDA devices usable by this process (driver API through ctypes: no torch import, ~1 ms)."""
+    import ctypes
+
+    lib = _libcuda()
+    if lib is None or lib.cuInit(0) != 0:
         return 0
     count = ctypes.c_int(0)
     if lib.cuDeviceGetCount(ctypes.byref(count)) != 0:
@@ -468,28 +473,6 @@ GPU_RESERVE_BYTES = 2 * 2**30
 NF4_BYTES_PER_PARAMETER = 0.6
 
 
-def safetensors_parameters(model_dir: str | Path) -> int | None:
-    """Parameters of the model in `model_dir`, read from its safetensors headers (no weights read); None when it
-    is not a local directory with safetensors files (a hub id, or not downloaded yet)."""
-    import json
-    import struct
-
-    model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        return None
-    parameters = 0
-    for shard in sorted(model_dir.glob("*.safetensors")):
-        with shard.open("rb") as handle:  # 8-byte header length, then JSON with each tensor's shape
-            header = json.loads(handle.read(struct.unpack("<Q", handle.read(8))[0]))
-        for name, entry in header.items():
-            if name != "__metadata__":
-                count = 1
-                for dim in entry["shape"]:
-                    count *= dim
-                parameters += count
-    return parameters or None
-
-
 def gpu_fit_problem(model_name: str, model_dir: str | Path, gpus: int, dtype_bytes: float,
                     gpu_memory: Sequence[int], setting: str | None = None) -> str | None:
     """The problem when model `model_name`'s weights (from its safetensors headers, `dtype_bytes` a parameter)
@@ -499,6 +482,8 @@ def gpu_fit_problem(model_name: str, model_dir: str | Path, gpus: int, dtype_byt
     from tunelens.models import SHARD_WEIGHT_SHARE
 
     setting = setting or f"models.{model_name}.resources.gpus"
+    from tunelens.modelfiles import safetensors_parameters
+
     parameters = safetensors_parameters(model_dir)
     gpus = max(int(gpus or 1), 1)
     if parameters is None or not gpu_memory:
@@ -539,13 +524,8 @@ def cuda_memory() -> list[int]:
     empty without a usable driver."""
     import ctypes
 
-    for name in ("libcuda.so.1", "libcuda.so"):
-        try:
-            lib = ctypes.CDLL(name)
-            break
-        except OSError:
-            continue
-    else:
+    lib = _libcuda()
+    if lib is None:
         return []
     count = ctypes.c_int(0)
     if lib.cuInit(0) != 0 or lib.cuDeviceGetCount(ctypes.byref(count)) != 0:

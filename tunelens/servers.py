@@ -215,20 +215,9 @@ def gpu_bytes_to_load(path: str | Path, dtype_bytes: int = 2) -> int | None:
     """About what loading the model at `path` takes on the GPU in `dtype_bytes`-wide weights, with headroom
     for activations and the allocator: 1.25 x the weights + 2 GiB. None when `path` is not a local directory
     (a hub id: its size is unknown here)."""
-    path = Path(path)
-    if not path.is_dir():
-        return None
-    parameters = 0
-    for index in path.glob("*.safetensors"):
-        with index.open("rb") as handle:  # safetensors header: 8-byte length, then JSON with each tensor's shape
-            length = struct.unpack("<Q", handle.read(8))[0]
-            header = json.loads(handle.read(length))
-        for name, entry in header.items():
-            if name != "__metadata__":
-                count = 1
-                for dim in entry["shape"]:
-                    count *= dim
-                parameters += count
+    from tunelens.modelfiles import safetensors_parameters
+
+    parameters = safetensors_parameters(path)
     if not parameters:
         return None
     return int(1.25 * parameters * dtype_bytes) + 2 * 2**30
