@@ -43,6 +43,8 @@ VARIANTS = {
     # The pipeline's defaults today (method/liger/checkpointing auto, the CUDA autotuner on).
     "auto": {},
     "auto+packing": {"packing": True},
+    # The default with padding-free batches: the same rows per step, concatenated, no pad tokens (TRL padding_free).
+    "auto+padfree": {"padding_free": True},
     # The default with TRL's own SFTTrainer and PEFT's own LoRA forward (the step before issue 24's cuts).
     "auto+peft": {"_build": {"sync_free": False, "lean_layers": False}},
     # The pipeline's defaults before the autotuner (QLoRA + Liger + gradient checkpointing, as configured).

@@ -266,11 +266,13 @@ def stage_table(dag: dict) -> list[dict]:
     stages: dict[str, dict] = {}
     for job in dag["jobs"]:
         stage = stages.setdefault(job["rule"], {"rule": job["rule"], "jobs": 0, "wall_s": 0.0, "gpu_s": 0.0,
-                                                "compute_s": 0.0, "known_compute": 0, "peak_rss_mb": 0.0})
+                                                "compute_s": 0.0, "known_compute": 0, "peak_rss_mb": 0.0,
+                                                "load_s": 0.0})
         stage["jobs"] += 1
         stage["wall_s"] += job["wall_s"]
         stage["gpu_s"] += job["wall_s"] if job["gpu"] else 0.0
         stage["peak_rss_mb"] = max(stage["peak_rss_mb"], job.get("max_rss_mb") or 0.0)
+        stage["load_s"] += job.get("model_load_s") or 0.0
         if "compute_s" in job:
             stage["compute_s"] += job["compute_s"]
             stage["known_compute"] += 1
@@ -286,12 +288,15 @@ def table(paths: list[Path]) -> str:
         dag = parts["dag"]
         lines += [f"DAG: `{dag['command']}`: exit {dag['returncode']}, {dag['wall_s']:.0f} s wall, "
                   f"summary.md {'written' if dag['summary_exists'] else 'MISSING'}", "",
-                  "| stage | jobs | GPU-s | wall s (sum) | compute s | loading share | peak RSS MB |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| stage | jobs | GPU-s | of which model loads | GPU-s less loads | wall s (sum) | compute s | "
+                  "loading share | peak RSS MB |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for stage in stage_table(dag):
             share = (f"{1 - stage['compute_s'] / stage['wall_s']:.0%}"
                      if stage["known_compute"] == stage["jobs"] and stage["wall_s"] else "n/a")
-            lines.append(f"| {stage['rule']} | {stage['jobs']} | {stage['gpu_s']:.0f} | {stage['wall_s']:.0f} | "
+            loads = stage["load_s"] if stage["gpu_s"] else 0.0
+            lines.append(f"| {stage['rule']} | {stage['jobs']} | {stage['gpu_s']:.0f} | {loads:.0f} | "
+                         f"{stage['gpu_s'] - loads:.0f} | {stage['wall_s']:.0f} | "
                          f"{stage['compute_s']:.0f} | {share} | {stage['peak_rss_mb']:.0f} |")
     if "finetune" in parts:
         ft = parts["finetune"]
