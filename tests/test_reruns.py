@@ -76,20 +76,20 @@ def test_hash_ignores_comments_docstrings_and_formatting(tmp_path):
 
 
 def test_closure_follows_lazy_and_transitive_tunelens_imports():
-    # scripts/score.py imports tunelens.score, which imports metrics; metrics imports models inside a function.
+    # scripts/score.py imports tunelens.scoring.score, which imports metrics; metrics imports models inside a function.
     modules = codehash.code_modules(REPO / "scripts" / "score.py")
-    assert {"tunelens.score", "tunelens.metrics", "tunelens.models", "tunelens.io"} <= set(modules)
-    assert "tunelens.generate" not in modules and "tunelens.report" not in modules
+    assert {"tunelens.scoring.score", "tunelens.scoring.metrics", "tunelens.models", "tunelens.io"} <= set(modules)
+    assert "tunelens.generation.generate" not in modules and "tunelens.report" not in modules
     generate = codehash.code_modules(REPO / "scripts" / "generate.py")
-    assert "tunelens.metrics" not in generate and "tunelens.report" not in generate
-    assert "tunelens.data" not in generate  # config.py keeps the embedded dataset registry itself
+    assert "tunelens.scoring.metrics" not in generate and "tunelens.report" not in generate
+    assert "tunelens.data.data" not in generate  # config.py keeps the embedded dataset registry itself
     # Perplexity and logit-lens jobs are requests to the generation server, which imports their compute code by
     # name: a generate job's hash holds no perplexity code, and a perplexity job's (a thin client of the same
     # server) no generation code.
-    assert "tunelens.perplexity" not in generate and "tunelens.score" not in generate
+    assert "tunelens.scoring.perplexity" not in generate and "tunelens.scoring.score" not in generate
     perplexity = codehash.code_modules(REPO / "scripts" / "perplexity.py")
-    assert {"tunelens.perplexity", "tunelens.served"} <= set(perplexity)
-    assert "tunelens.generate" not in perplexity and "tunelens.genserver" not in perplexity
+    assert {"tunelens.scoring.perplexity", "tunelens.generation.served"} <= set(perplexity)
+    assert "tunelens.generation.generate" not in perplexity and "tunelens.generation.genserver" not in perplexity
     assert "tunelens.report" in codehash.code_modules(REPO / "scripts" / "report.py")
 
 
@@ -164,7 +164,7 @@ def plan(study, config: dict | None = None) -> set:
 
 
 def module_file(flow: Path, module: str) -> Path:
-    """tunelens/<module>.py, or its package's __init__.py once a module becomes a package."""
+    """tunelens/<module>.py ("scoring/metrics" for a stage's module), or its package's __init__.py."""
     path = flow / "tunelens" / f"{module}.py"
     return path if path.exists() else flow / "tunelens" / module / "__init__.py"
 
@@ -210,10 +210,10 @@ def test_editing_report_code_reruns_only_the_report(study):
 
 def test_editing_metrics_code_reruns_scoring_and_report_not_generation(study):
     flow = study[0]
-    with appended(module_file(flow, "metrics"), "\nMETRICS_EDIT = 1\n"):
+    with appended(module_file(flow, "scoring/metrics"), "\nMETRICS_EDIT = 1\n"):
         planned = plan(study)
-    # every job whose code imports tunelens.metrics: scores, early-exit scores, perplexity, the human
-    # sheet (tunelens.human) and the report; generation, fine-tune, probe and split are untouched.
+    # every job whose code imports tunelens.scoring.metrics: scores, early-exit scores, perplexity, the human
+    # sheet (tunelens.scoring.human) and the report; generation, fine-tune, probe and split are untouched.
     assert planned == SCORE | SCORE_EARLY_EXIT | PERPLEXITY | AGGREGATES
 
 
@@ -221,10 +221,10 @@ LOGIT_LENS = per_variant("logit_lens")
 
 
 def test_editing_lens_plot_code_reruns_only_the_lens_jobs_and_the_report(study):
-    """Issue 23: generate imported genserver -> probe -> probe_plots, so a plot fix reran every generation.
+    """Issue 23: generate imported genserver -> probe -> probe_plots (now probe/plots.py), so a plot fix reran every generation.
     Both kinds of edit: a function body and a new top-level statement."""
     flow = study[0]
-    plots = module_file(flow, "probe_plots")
+    plots = module_file(flow, "probe/plots")
     with edited(plots, '    text = text if len(text) <= width', '    width = max(width, 4)\n    text = text if len(text) <= width'), \
             appended(plots, "\nPLOT_EDIT = 1\n"):
         planned = plan(study)
@@ -258,19 +258,19 @@ def test_closure_is_per_function():
         assert "tunelens.io#read_json" in functions[script]
     for script in ("generate", "early_exit", "finetune", "split"):
         assert "tunelens.io#read_json" not in functions[script], script
-        assert "tunelens.probe_plots" not in codehash.code_modules(REPO / "scripts" / f"{script}.py"), script
-    assert "tunelens.probe_plots#plot_lens_heatmap" in functions["logit_lens"]
+        assert "tunelens.probe.plots" not in codehash.code_modules(REPO / "scripts" / f"{script}.py"), script
+    assert "tunelens.probe.plots#plot_lens_heatmap" in functions["logit_lens"]
 
 
 def test_comment_docstring_edit_and_touch_rerun_nothing(study):
     flow = study[0]
-    metrics = module_file(flow, "metrics")
+    metrics = module_file(flow, "scoring/metrics")
     text = metrics.read_text()
     with edited(metrics, '"""', '"""Edited docstring.\n\n'), appended(metrics, "\n# a new comment\n\n"):
         later = time.time() + 5
         for script in (flow / "scripts").glob("*.py"):
             os.utime(script, (later, later))
-        for module in (flow / "tunelens").glob("*.py"):
+        for module in (flow / "tunelens").rglob("*.py"):
             os.utime(module, (later, later))
         assert plan(study) == set()
     assert metrics.read_text() == text

@@ -12,9 +12,9 @@ reran every generation for a lens-plot fix, and every job, fine-tunes included, 
   - conservative where names are dynamic: a module object used as a value (`getattr(errors, name)`) makes all
     of that module reachable; a class makes all its methods reachable; a definition with a decorator that
     may register it (anything but dataclass, lru_cache, property, contextmanager...) is reachable whenever
-    its module runs. A module imported by a *string* (`importlib.import_module("tunelens.metrics")`) is
+    its module runs. A module imported by a *string* (`importlib.import_module("tunelens.scoring.metrics")`) is
     deliberately not followed: that is how a module keeps code it only passes along (names, not calls) out of
-    a job's hash (tunelens.schema, tunelens.genserver).
+    a job's hash (tunelens.schema, tunelens.generation.genserver).
 Comments, blank lines, formatting and docstrings are not part of the AST dump, so editing them changes
 nothing; any change to reachable code does, and a new function no job calls changes no job.
 
@@ -107,7 +107,7 @@ def _import_effects(node: ast.Import | ast.ImportFrom, package: str | None) -> t
             stars.append(base)
             continue
         name = alias.asname or alias.name
-        if _ours(f"{base}.{alias.name}"):  # `from tunelens import metrics`: the module tunelens.metrics
+        if _ours(f"{base}.{alias.name}"):  # `from tunelens.scoring import metrics`: the module tunelens.scoring.metrics
             modules.append(f"{base}.{alias.name}")
             bindings[name] = [f"{base}.{alias.name}", None]
         else:
@@ -137,7 +137,7 @@ def _chains(nodes) -> list[list[str]]:
 
 
 # Decorators that neither register nor call the function they wrap at import time: a definition with any other
-# decorator (e.g. tunelens.metrics' @register) is reachable whenever its module runs.
+# decorator (e.g. tunelens.scoring.metrics' @register) is reachable whenever its module runs.
 PLAIN_DECORATORS = {"dataclass", "dataclasses.dataclass", "functools.lru_cache", "functools.cache", "lru_cache",
                     "functools.wraps", "functools.cached_property", "property", "staticmethod", "classmethod",
                     "contextlib.contextmanager", "contextmanager", "abstractmethod", "abc.abstractmethod"}
