@@ -75,6 +75,77 @@ def test_hash_ignores_comments_docstrings_and_formatting(tmp_path):
     assert codehash.code_hash(script) != before
 
 
+@pytest.fixture
+def fixture_package(tmp_path, monkeypatch):
+    """codehash pointed at an empty `tunelens` package in tmp_path; returns a function that writes the files
+    given ({path under tmp_path: text}, None deletes) and returns the hash of s.py."""
+    monkeypatch.setattr(codehash, "PACKAGE_DIR", tmp_path / "tunelens")
+    monkeypatch.setattr(codehash, "CACHE_FILE", tmp_path / "cache.json")
+    monkeypatch.setattr(codehash, "_disk_cache", None)
+
+    def hash_after(files: dict[str, str | None]) -> str:
+        for name, text in files.items():
+            if text is None:
+                (tmp_path / name).unlink()
+            else:
+                _write(tmp_path / name, text)
+        for clear in (codehash.code_hash.cache_clear, codehash._parsed.cache_clear, codehash._package_data.cache_clear):
+            clear()
+        return codehash.code_hash(tmp_path / "s.py")
+
+    yield hash_after
+    for clear in (codehash.code_hash.cache_clear, codehash._parsed.cache_clear, codehash._package_data.cache_clear):
+        clear()
+
+
+HELPERS = "def f():\n    return 1\n\n\ndef g():\n    return 2\n"
+OTHER = "def g():\n    return 2\n"  # the same code as helpers.g, in another module
+WORKER = '''import logging
+
+from tunelens{stage} import helpers, other
+from tunelens{stage}.{g_from} import g
+
+log = logging.getLogger("tunelens{stage}.worker")
+
+
+def run():
+    cmd = ["python", "-m", "tunelens{stage}.worker"]
+    return helpers.f() + helpers.g() + other.g() + g(), cmd
+'''
+
+
+def test_a_pure_move_keeps_the_hash_and_any_other_change_changes_it(fixture_package, tmp_path):
+    """Issue 25: `git mv` of modules into a package, with the import lines and the strings that name them
+    (a -m command, a logger name) rewritten, changes no hash; the new package's __init__.py (docstring only)
+    adds nothing. Editing a reached body, or pointing an import at another module whose code is the same,
+    still changes the hash."""
+    flat = {"tunelens/__init__.py": '"""Fixture."""\nVERSION = 1\n', "tunelens/helpers.py": HELPERS,
+            "tunelens/other.py": OTHER, "tunelens/worker.py": WORKER.format(stage="", g_from="helpers"),
+            "s.py": "from tunelens.worker import run\n\nrun()\n"}
+    before = fixture_package(flat)
+    assert set(codehash.code_modules(tmp_path / "s.py")) == {"tunelens", "tunelens.worker", "tunelens.helpers",
+                                                             "tunelens.other"}
+    moved = {"tunelens/helpers.py": None, "tunelens/other.py": None, "tunelens/worker.py": None,
+             "tunelens/stage/__init__.py": '"""The stage: reads X, writes Y; worker.run."""\n',
+             "tunelens/stage/helpers.py": HELPERS, "tunelens/stage/other.py": OTHER,
+             "tunelens/stage/worker.py": WORKER.format(stage=".stage", g_from="helpers"),
+             "s.py": "from tunelens.stage.worker import run\n\nrun()\n"}
+    assert fixture_package(moved) == before
+    assert "tunelens.stage.worker#run" in codehash.code_functions(tmp_path / "s.py")  # it did follow the move
+    # an edit of a reached body
+    assert fixture_package({"tunelens/stage/helpers.py": HELPERS.replace("return 1", "return 3")}) != before
+    assert fixture_package({"tunelens/stage/helpers.py": HELPERS}) == before
+    # `g` taken from `other` instead: the same code is reached, but run() now calls another module's g
+    assert fixture_package({"tunelens/stage/worker.py": WORKER.format(stage=".stage", g_from="other")}) != before
+    # a string naming another module
+    retargeted = WORKER.format(stage=".stage", g_from="helpers").replace('"tunelens.stage.worker"]',
+                                                                         '"tunelens.stage.helpers"]')
+    assert fixture_package({"tunelens/stage/worker.py": retargeted}) != before
+    # code in the new package's __init__.py runs on import: it counts
+    assert fixture_package({"tunelens/stage/worker.py": WORKER.format(stage=".stage", g_from="helpers"),
+                            "tunelens/stage/__init__.py": "X = 1\n"}) != before
+
+
 def test_closure_follows_lazy_and_transitive_tunelens_imports():
     # scripts/score.py imports tunelens.scoring.score, which imports metrics; metrics imports models inside a function.
     modules = codehash.code_modules(REPO / "scripts" / "score.py")
