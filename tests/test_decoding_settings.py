@@ -33,13 +33,13 @@ ANCHOR_MAPPING = '        "repetition_penalty": dc.repetition_penalty,\n'
 
 def add_min_p(package: Path) -> None:
     """The whole change a contributor makes for a new decoding parameter."""
-    source = (package / "decoding.py").read_text()
+    source = (package / "generation" / "decoding.py").read_text()
     assert source.count(ANCHOR_FIELD) == 1 and source.count(ANCHOR_MAPPING) == 2, "decoding.py changed shape"
     source = source.replace(ANCHOR_FIELD, ANCHOR_FIELD + NEW_FIELD)
     hf, vllm = source.split("def vllm_sampling_kwargs")
     hf = hf.replace(ANCHOR_MAPPING, ANCHOR_MAPPING + '        "min_p": (dc.min_p or None) if sample else None,\n')
     vllm = vllm.replace(ANCHOR_MAPPING, ANCHOR_MAPPING + '        "min_p": 0.0 if greedy else dc.min_p,\n')
-    (package / "decoding.py").write_text(hf + "def vllm_sampling_kwargs" + vllm)
+    (package / "generation" / "decoding.py").write_text(hf + "def vllm_sampling_kwargs" + vllm)
 
 
 SCRIPT = textwrap.dedent('''
