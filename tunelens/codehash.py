@@ -18,12 +18,14 @@ reran every generation for a lens-plot fix, and every job, fine-tunes included, 
 Comments, blank lines, formatting and docstrings are not part of the AST dump, so editing them changes
 nothing; any change to reachable code does, and a new function no job calls changes no job.
 
-Blind to where a module lives (issue 25: moving a module into a stage package must not by itself rerun anything): no module
-path enters the hash. A module is named by a label, its position in the order the walk first reaches the
-modules (which follows the import statements in source order and the names used, never paths); an import of
-a tunelens module contributes the names it binds (in the dump) and the labels of what they denote and of the
-modules it runs (beside it); a string naming a tunelens module (`"tunelens.scoring.metrics"`, `-m ...` in a
-command, a logger name) contributes that module's label, or its last name when the job does not import it; a
+Blind to where a module lives (issue 25: moving a module into a stage package must not by itself rerun
+anything): no module path enters the hash. A module is named by a label, its position in the order the walk
+first reaches the modules (which follows the import statements in source order and the names used, never
+paths); an import of a tunelens module contributes the names it binds (in the dump) and the labels of what
+they denote and of the modules it runs (beside it); a string naming a tunelens module
+(`"tunelens.scoring.metrics"`, `-m ...` in a command, a logger name) contributes that module's label, or its
+last name when the job does not import it (so two such modules with the same last name, say data.data and
+training.data, are not told apart by a string: code a job does not run is not part of its hash anyway); a
 package whose __init__.py holds no code (a docstring at most) and no data files contributes nothing. So a
 pure move (`git mv` plus the matching import lines and strings) leaves every hash as it was, while pointing
 an import or a string at another module, or editing any reached code, changes it. `code_closure` and the
