@@ -32,7 +32,7 @@ onstart:
     archive_job_costs()
 
 
-# Generation servers (tunelens/genserver.py) end with the run, their engine processes included.
+# Generation servers (tunelens/generation/genserver.py) end with the run, their engine processes included.
 onsuccess:
     archive_job_costs()
     stop_generation_servers()

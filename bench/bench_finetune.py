@@ -1,4 +1,4 @@
-"""Benchmark the fine-tuning stage (tunelens.finetune.finetune): tokens/s, peak memory and loss per method.
+"""Benchmark the fine-tuning stage (tunelens.training.finetune.finetune): tokens/s, peak memory and loss per method.
 
 Each variant runs the stage's own function in a fresh subprocess (Liger patches transformers' classes
 for the whole process, so variants must not share one) on the first N rows of an Alpaca-format file.
@@ -107,7 +107,7 @@ def run_one(args, variant: str, work: Path) -> dict:
     """Train one variant in this process with the stage's function; return its summary."""
     import logging
 
-    from tunelens.finetune import finetune
+    from tunelens.training.finetune import finetune
     from tunelens.io import read_jsonl
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)

@@ -28,9 +28,9 @@ sys.path.insert(0, str(REPO_ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from tunelens.agreement import _completions_in_subprocess  # noqa: E402
+from tunelens.generation.agreement import _completions_in_subprocess  # noqa: E402
 from tunelens.config import DecodingConfig  # noqa: E402
-from tunelens.generate import GenerationSettings, hf_generate_batched, load_prompt_rows  # noqa: E402
+from tunelens.generation.generate import GenerationSettings, hf_generate_batched, load_prompt_rows  # noqa: E402
 
 SHAPES = {
     # Llama-2-7B's shape (the study's model); random weights, so every row runs to max_new_tokens.
@@ -45,7 +45,7 @@ SHAPES = {
 def read_rows(data: str | None, n: int) -> list[dict]:
     """First n rows of an Alpaca-format JSON/JSONL file, or of the embedded demo dataset."""
     if data is None:
-        from tunelens.demo_data import generate_demo_rows
+        from tunelens.data.demo_data import generate_demo_rows
 
         rows = generate_demo_rows()
     else:

@@ -144,8 +144,8 @@ def part_generate(args) -> dict:
     import torch
 
     from tunelens.config import _expand_decoding
-    from tunelens.decoding import DecodingConfig, knob_names
-    from tunelens.generate import GenerationSettings, hf_generate_batched
+    from tunelens.generation.decoding import DecodingConfig, knob_names
+    from tunelens.generation.generate import GenerationSettings, hf_generate_batched
     from tunelens.models import load_model
     from tunelens.prompts import build_prompt
 

@@ -123,7 +123,7 @@ def build(args, work: Path) -> dict:
 
 
 def write_rows(work: Path, n: int) -> Path:
-    from tunelens.demo_data import generate_demo_rows
+    from tunelens.data.demo_data import generate_demo_rows
 
     path = work / "rows.jsonl"
     path.write_text("".join(json.dumps({"id": f"bench-{i}", **row}) + "\n"
@@ -153,7 +153,7 @@ DECODINGS = [{"name": "greedy", "temperature": 0.0, "top_k": 50, "num_beams": 1}
 
 
 def serve(args, work: Path) -> dict:
-    from tunelens import genserver
+    from tunelens.generation import genserver
 
     rows = write_rows(work, args.rows)
     results = []
@@ -168,8 +168,8 @@ def serve(args, work: Path) -> dict:
 
 
 def probe(args, work: Path) -> dict:
-    from tunelens import genserver
-    from tunelens.probe import run_logit_lens
+    from tunelens.generation import genserver
+    from tunelens.probe.probe import run_logit_lens
 
     rows = write_rows(work, args.rows)
     layers = [depth(args) // 2, depth(args)]
@@ -209,7 +209,7 @@ def train_settings(args, method: str) -> dict:
 
 
 def train(args, work: Path, model: Path, name: str, method: str, processes: int) -> dict:
-    from tunelens.finetune import finetune
+    from tunelens.training.finetune import finetune
 
     rows = write_rows(work, max(64, args.steps * args.batch_size * args.accumulation))
     out = work / name
@@ -278,7 +278,7 @@ def main() -> None:
         results["parts"].append(result)
         if args.out:
             args.out.write_text(json.dumps(results, indent=1) + "\n")
-    from tunelens.genserver import stop_servers
+    from tunelens.generation.genserver import stop_servers
 
     stop_servers(work)
 

@@ -6,11 +6,11 @@
     python bench/bench_probe.py --random-llama 7b --device cuda --batch 16 --new-tokens 64
 
 Early exit: batch of random-token prompts, greedy, exactly --new-tokens tokens per row (EOS ignored, so every
-layer generates the same number of tokens), first L blocks only (tunelens.probe.truncated_decoder, the code
+layer generates the same number of tokens), first L blocks only (tunelens.probe.probe.truncated_decoder, the code
 the early_exit rule runs). Reported: seconds, time ratio t_L / t_N, and L/N; a ratio near L/N means the
 top blocks are not run. The gap is the per-token cost outside the blocks (embedding, LM head, sampling loop).
 Logit lens: one prompt of --lens-seq tokens; plain forward (logits at every position) vs
-tunelens.probe.lens_log_probs over ALL layers at --lens-positions positions (final norm + LM head per layer).
+tunelens.probe.probe.lens_log_probs over ALL layers at --lens-positions positions (final norm + LM head per layer).
 Times are the minimum over --repeats runs after one warm-up. Prints a Markdown table; --json writes numbers.
 """
 
@@ -88,7 +88,7 @@ def main() -> None:
 
     from tunelens.config import resolve_layers
     from tunelens.models import num_decoder_layers
-    from tunelens.probe import lens_log_probs, truncated_decoder
+    from tunelens.probe.probe import lens_log_probs, truncated_decoder
 
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     model, model_name = build_model(args)

@@ -7,10 +7,10 @@
     python bench/bench_score.py --device cuda --rows 2000 --random-lm llama2-7b --tokenizer DIR \
         --random-bert bert-large --bert-tokenizer DIR --lm-rows 256
 
-Text metrics run through tunelens.metrics (the code the score rule runs) on --rows pairs; BERTScore time
-excludes the model load (a warm-up call on 8 rows loads it). "bootstrap" is tunelens.score.summarise with
-1000 resamples over the BLEU and CodeBLEU statistics. Perplexity is tunelens.perplexity.response_nll over
---lm-rows Alpaca-format rows; the judge is tunelens.judge.rate over the same number of rubric prompts.
+Text metrics run through tunelens.scoring.metrics (the code the score rule runs) on --rows pairs; BERTScore time
+excludes the model load (a warm-up call on 8 rows loads it). "bootstrap" is tunelens.scoring.score.summarise with
+1000 resamples over the BLEU and CodeBLEU statistics. Perplexity is tunelens.scoring.perplexity.response_nll over
+--lm-rows Alpaca-format rows; the judge is tunelens.scoring.judge.rate over the same number of rubric prompts.
 Random weights give the speed of a model's shape, not its values. Prints a Markdown table; --json writes it.
 """
 
@@ -55,8 +55,8 @@ def timed(fn, *args, **kwargs):
 
 
 def bench_text_metrics(args, pairs, results):
-    from tunelens.metrics import METRICS, BertScoreSettings, ScoringContext
-    from tunelens.score import summarise
+    from tunelens.scoring.metrics import METRICS, BertScoreSettings, ScoringContext
+    from tunelens.scoring.score import summarise
 
     generated = [g for g, _ in pairs]
     references = [r for _, r in pairs]
@@ -124,8 +124,8 @@ def load_lm(args):
 
 
 def bench_lm(args, pairs, results):
-    from tunelens.judge import judge_prompt, rate
-    from tunelens.perplexity import encode_rows, response_nll
+    from tunelens.scoring.judge import judge_prompt, rate
+    from tunelens.scoring.perplexity import encode_rows, response_nll
 
     model, tokenizer = load_lm(args)
     split_rows = [{"id": f"r{i}", "instruction": "Answer the task.", "input": ref[:200], "output": gen}

@@ -71,9 +71,9 @@ def main() -> None:
 
     import torch
 
-    from tunelens.agreement import token_agreement
-    from tunelens.decoding import DecodingConfig
-    from tunelens.generate import GenerationSettings, hf_generate_batched
+    from tunelens.generation.agreement import token_agreement
+    from tunelens.generation.decoding import DecodingConfig
+    from tunelens.generation.generate import GenerationSettings, hf_generate_batched
     from tunelens.models import load_model
 
     results: dict = {"rows": args.rows, "max_new_tokens": args.max_new_tokens, "device": args.device,

@@ -23,13 +23,13 @@ ROOT = Path(__file__).resolve().parent.parent
 # What each job's script imports before it starts its own work (scripts/<rule>.py, top level).
 IMPORT_SETS = {
     "python (bare interpreter)": "pass",
-    "split": "import tunelens.data",
-    "score (no BERTScore)": "import tunelens.score",
-    "score + BERTScore scorer import": "import tunelens.score, bert_score",
+    "split": "import tunelens.data.data",
+    "score (no BERTScore)": "import tunelens.scoring.score",
+    "score + BERTScore scorer import": "import tunelens.scoring.score, bert_score",
     "report": "import tunelens.report",
     "model job: torch": "import torch",
-    "model job: generate": "import torch, tunelens.generate, transformers; from transformers import AutoModelForCausalLM",
-    "model job: finetune": "import torch, tunelens.finetune, datasets, peft, trl",
+    "model job: generate": "import torch, tunelens.generation.generate, transformers; from transformers import AutoModelForCausalLM",
+    "model job: finetune": "import torch, tunelens.training.finetune, datasets, peft, trl",
 }
 
 

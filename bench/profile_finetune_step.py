@@ -1,6 +1,6 @@
 """Profile the project's own fine-tune step: where a QLoRA optimizer step spends its wall time.
 
-Builds the stage's trainer (`tunelens.finetune.build_trainer`: TRL SFTTrainer + PEFT + bitsandbytes on CUDA, the
+Builds the stage's trainer (`tunelens.training.finetune.build_trainer`: TRL SFTTrainer + PEFT + bitsandbytes on CUDA, the
 autotuner included) once per variant, in this one process, then trains short runs of it:
 
 - timed runs, interleaved (A B C A B C ...): tokens/s and seconds per optimizer step, median over the steps after
@@ -148,7 +148,7 @@ class Variant:
     def __init__(self, args, name: str, work: Path):
         import torch
 
-        from tunelens.finetune import build_trainer
+        from tunelens.training.finetune import build_trainer
 
         self.name, self.args = name, args
         settings = bench_settings(args, name.split("+")[0] if name not in VARIANTS else name)
@@ -347,7 +347,7 @@ def main() -> None:
     import logging
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
-    logging.getLogger("tunelens.finetune").setLevel(logging.WARNING)  # the per-step lines
+    logging.getLogger("tunelens.training.finetune").setLevel(logging.WARNING)  # the per-step lines
     if args.make_llama7b and not (args.make_llama7b / "config.json").exists():
         make_llama7b(args.make_llama7b, args.tokenizer)
     args.work.mkdir(parents=True, exist_ok=True)

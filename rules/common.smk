@@ -291,7 +291,7 @@ def model_threads(wildcards):
     return MODELS[wildcards.model].resources["cpus"]
 
 
-# On one machine (--cores, no --jobs) a model's generation server (tunelens/genserver.py) runs one request at a
+# On one machine (--cores, no --jobs) a model's generation server (tunelens/generation/genserver.py) runs one request at a
 # time, so two of its generate, early_exit, perplexity or logit_lens jobs side by side leave a core idle while
 # one waits on the other.
 # A resource per model with a limit of 1 makes Snakemake run another model's job or a scoring job beside it

@@ -34,7 +34,7 @@ rule split:
 
 
 # Evaluation sets: each `evaluation_sets` entry used whole as test data, rows leaked from the training
-# split dropped and counted in its manifest (tunelens.data.prepare_evaluation_set).
+# split dropped and counted in its manifest (tunelens.data.data.prepare_evaluation_set).
 rule evalset:
     input:
         evalset_file_input,

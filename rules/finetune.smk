@@ -1,4 +1,4 @@
-# Fine-tuning: one LoRA / QLoRA job per model with finetune.enabled (tunelens.finetune, docs/finetune.md).
+# Fine-tuning: one LoRA / QLoRA job per model with finetune.enabled (tunelens.training.finetune, docs/finetune.md).
 # Every setting is a param, so editing one model's finetune keys reruns only that model's fine-tune and
 # what depends on its adapter. Checkpoints live in results/checkpoints/{model}/ (not an output, so a failed
 # or killed job keeps them and its rerun resumes); the job deletes them when it completes.

@@ -1,7 +1,7 @@
 """Rule generation_agreement: the same greedy prompts through hf and vllm, token-level agreement report."""
 
 from tunelens.jobs import job_log, use_job_threads
-from tunelens.agreement import agreement
+from tunelens.generation.agreement import agreement
 
 job_log(snakemake.log[0])  # errors and tracebacks go to the rule's log too
 use_job_threads(snakemake.threads)

@@ -1,14 +1,14 @@
 """Rule `early_exit`: one (model, variant, layer) -> early-exit generation rows + .meta.json.
 
-The work (tunelens.probe.early_exit_output) runs in the model's generation server when it can serve it
-(tunelens.genserver.run_early_exit_job: one model load for every layer, both variants and the generate jobs),
+The work (tunelens.probe.probe.early_exit_output) runs in the model's generation server when it can serve it
+(tunelens.generation.genserver.run_early_exit_job: one model load for every layer, both variants and the generate jobs),
 else in this process. The server's key fields (generation backend, vLLM options) and the server settings are
 read from the config here, not rule params: where a job runs must not change (or rerun) its output. This
 script imports no torch: with a server running, the job is a thin client.
 """
 
 from tunelens.config import generation_server_fields
-from tunelens.genserver import run_early_exit_job
+from tunelens.generation.genserver import run_early_exit_job
 from tunelens.jobs import job_log, use_job_threads
 from tunelens.servers import server_reusable
 

@@ -1,7 +1,7 @@
-"""Snakemake entry point of rule `evalset` (see tunelens.data.prepare_evaluation_set)."""
+"""Snakemake entry point of rule `evalset` (see tunelens.data.data.prepare_evaluation_set)."""
 
 from tunelens.jobs import job_log
-from tunelens.data import prepare_evaluation_set
+from tunelens.data.data import prepare_evaluation_set
 
 job_log(snakemake.log[0])  # errors and tracebacks go to the rule's log too
 settings = snakemake.params.evalset

@@ -1,4 +1,4 @@
-"""Snakemake entry point of rule `finetune` (see tunelens.finetune.finetune)."""
+"""Snakemake entry point of rule `finetune` (see tunelens.training.finetune.finetune)."""
 import logging
 import sys
 
@@ -13,7 +13,7 @@ use_job_threads(snakemake.threads)
 
 import datasets  # noqa: E402
 
-from tunelens.finetune import finetune  # noqa: E402
+from tunelens.training.finetune import finetune  # noqa: E402
 
 datasets.disable_progress_bars()  # one bar per map() call would bury the training log
 params = snakemake.params

@@ -1,14 +1,14 @@
 """Rule generate: one (model, variant, decoding config) -> generation .jsonl + .meta.json.
 
 The generation itself runs in the model's generation server, in this process, or (backend vllm without
-vLLM here) under generation.vllm_python: tunelens.genserver.run_generation_job decides. Those settings
+vLLM here) under generation.vllm_python: tunelens.generation.genserver.run_generation_job decides. Those settings
 are read from the config here, not rule params: where a job runs must not change (or rerun) its output.
 This script imports no torch: with a server running, the job is a thin client.
 """
 
 from pathlib import Path
 
-from tunelens.genserver import run_generation_job
+from tunelens.generation.genserver import run_generation_job
 from tunelens.jobs import job_log, use_job_threads
 from tunelens.servers import server_reusable
 

@@ -1,7 +1,7 @@
-"""Snakemake entry point of rule `human_score` (see tunelens.human.human_scores)."""
+"""Snakemake entry point of rule `human_score` (see tunelens.scoring.human.human_scores)."""
 
 from tunelens.jobs import job_log
-from tunelens.human import human_scores
+from tunelens.scoring.human import human_scores
 
 job_log(snakemake.log[0])  # errors and tracebacks go to the rule's log too
 params = snakemake.params

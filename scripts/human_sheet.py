@@ -1,7 +1,7 @@
-"""Snakemake entry point of rule `human_sheet` (see tunelens.human.write_human_sheet)."""
+"""Snakemake entry point of rule `human_sheet` (see tunelens.scoring.human.write_human_sheet)."""
 
 from tunelens.jobs import job_log
-from tunelens.human import write_human_sheet
+from tunelens.scoring.human import write_human_sheet
 
 job_log(snakemake.log[0])  # errors and tracebacks go to the rule's log too
 params = snakemake.params

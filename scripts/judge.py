@@ -1,9 +1,9 @@
 """Snakemake entry point of rules `judge`, `judge_evalset` and `judge_early_exit` (see
-tunelens.judge.judge_generation_file). An early-exit file has no {decoding} wildcard (its config name comes from
+tunelens.scoring.judge.judge_generation_file). An early-exit file has no {decoding} wildcard (its config name comes from
 the generation meta) and a {layer} one."""
 
 from tunelens.jobs import job_log, use_job_threads
-from tunelens.judge import judge_generation_file
+from tunelens.scoring.judge import judge_generation_file
 
 job_log(snakemake.log[0])  # errors and tracebacks go to the rule's log too
 use_job_threads(snakemake.threads)

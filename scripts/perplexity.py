@@ -1,7 +1,7 @@
 """Rules `perplexity` and `perplexity_evalset`: one (model, variant) -> perplexity JSON + per-row CSV.
 
-The work (tunelens.perplexity.perplexity_output) runs in the model's generation server when it can serve it
-(tunelens.perplexity.run_perplexity_job: the model its generate jobs loaded), else in this process. The
+The work (tunelens.scoring.perplexity.perplexity_output) runs in the model's generation server when it can serve it
+(tunelens.scoring.perplexity.run_perplexity_job: the model its generate jobs loaded), else in this process. The
 server's key fields (generation backend, vLLM options) and the server settings are read from the config here,
 not rule params: where a job runs must not change (or rerun) its output. This script imports no torch: with a
 server running, the job is a thin client.
@@ -9,7 +9,7 @@ server running, the job is a thin client.
 
 from tunelens.config import generation_server_fields
 from tunelens.jobs import job_log, use_job_threads
-from tunelens.perplexity import run_perplexity_job
+from tunelens.scoring.perplexity import run_perplexity_job
 
 job_log(snakemake.log[0])  # errors and tracebacks go to the rule's log too
 use_job_threads(snakemake.threads, torch=False)  # the OpenMP variables; a server started here inherits them

@@ -1,15 +1,15 @@
-"""Snakemake entry point of rules `score` and `score_early_exit` (see tunelens.score.score_generation_file).
+"""Snakemake entry point of rules `score` and `score_early_exit` (see tunelens.scoring.score.score_generation_file).
 
-BERTScore runs in the run's BERTScore server (tunelens.metrics.bertscore_runner: one import of bert_score and
+BERTScore runs in the run's BERTScore server (tunelens.scoring.metrics.bertscore_runner: one import of bert_score and
 torch and one scorer load for all score jobs, the same values) when generation servers are on, except inside a
 SLURM allocation, where each job would start a server of its own. This script imports no torch then.
 """
 
 import os
 
-from tunelens import metrics
+from tunelens.scoring import metrics
 from tunelens.jobs import job_log, use_job_threads
-from tunelens.score import score_generation_file
+from tunelens.scoring.score import score_generation_file
 
 job_log(snakemake.log[0])  # errors and tracebacks go to the rule's log too
 use_job_threads(snakemake.threads, torch=False)  # the OpenMP variables; a server started here inherits them

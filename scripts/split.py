@@ -1,7 +1,7 @@
-"""Snakemake entry point of rule `split` (see tunelens.data.split_dataset)."""
+"""Snakemake entry point of rule `split` (see tunelens.data.data.split_dataset)."""
 
 from tunelens.jobs import job_log
-from tunelens.data import split_dataset
+from tunelens.data.data import split_dataset
 
 job_log(snakemake.log[0])  # errors and tracebacks go to the rule's log too
 params = snakemake.params

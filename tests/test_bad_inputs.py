@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from tunelens.config import check_yaml_duplicates
-from tunelens.data import split_dataset
+from tunelens.data.data import split_dataset
 from tunelens.errors import ConfigError, DataError, TunelensError
 from tunelens.preflight import check_config, cuda_device_count
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tunelens.data import split_dataset
-from tunelens.demo_data import generate_demo_rows
+from tunelens.data.data import split_dataset
+from tunelens.data.demo_data import generate_demo_rows
 from tunelens.errors import ConfigError, DataError
 from tunelens.io import read_jsonl
 
@@ -187,7 +187,7 @@ def test_demo_dataset_is_deterministic_and_varied(tmp_path):
 
 # ----------------------------------------------------------------------------------------- evaluation sets
 def prepare_set(tmp_path: Path, source: str, train_path: Path, name: str = "extra", out: str = "eval", **kwargs):
-    from tunelens.data import prepare_evaluation_set
+    from tunelens.data.data import prepare_evaluation_set
 
     options = dict(fields=FIELDS, seed=1, max_rows=None, hub_split="test")
     options.update(kwargs)
@@ -258,7 +258,7 @@ def test_evaluation_set_missing_column_names_the_set(tmp_path):
 
 
 def test_embedded_holdout_set_is_disjoint_from_the_demo_training_data(tmp_path):
-    from tunelens.demo_data import generate_holdout_rows
+    from tunelens.data.demo_data import generate_holdout_rows
 
     holdout = generate_holdout_rows()
     assert len(holdout) == 12 and generate_holdout_rows() == holdout
@@ -269,7 +269,7 @@ def test_embedded_holdout_set_is_disjoint_from_the_demo_training_data(tmp_path):
 def test_check_evaluation_sets_before_any_job_matches_the_job(tmp_path):
     """The DAG-time check computes the training split in memory exactly as rule `split` does."""
     from tunelens.config import load_config
-    from tunelens.data import check_evaluation_sets
+    from tunelens.data.data import check_evaluation_sets
 
     source = write_json(tmp_path / "train_source.json", make_rows(40))
     run_split(tmp_path, source, name="ds", out="split")  # seed 1, test_size 0.2 as below

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 from tunelens.config import DecodingConfig
-from tunelens.generate import GenerationSettings, generate, hf_generate_batched
+from tunelens.generation.generate import GenerationSettings, generate, hf_generate_batched
 
 from test_generate import ROWS  # the generation tests' three prompts
 

@@ -1,4 +1,4 @@
-"""A decoding parameter is one DecodingConfig field plus one line in each backend mapping (tunelens/decoding.py).
+"""A decoding parameter is one DecodingConfig field plus one line in each backend mapping (tunelens/generation/decoding.py).
 
 The test adds `min_p` exactly that way, to a copy of the package, and follows it through the stages: the config
 schema accepts it in `decoding.sweep` (type, default and description from the field), the canonical names carry
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tunelens.decoding import DecodingConfig, knob_names
+from tunelens.generation.decoding import DecodingConfig, knob_names
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,24 +33,24 @@ ANCHOR_MAPPING = '        "repetition_penalty": dc.repetition_penalty,\n'
 
 def add_min_p(package: Path) -> None:
     """The whole change a contributor makes for a new decoding parameter."""
-    source = (package / "decoding.py").read_text()
+    source = (package / "generation" / "decoding.py").read_text()
     assert source.count(ANCHOR_FIELD) == 1 and source.count(ANCHOR_MAPPING) == 2, "decoding.py changed shape"
     source = source.replace(ANCHOR_FIELD, ANCHOR_FIELD + NEW_FIELD)
     hf, vllm = source.split("def vllm_sampling_kwargs")
     hf = hf.replace(ANCHOR_MAPPING, ANCHOR_MAPPING + '        "min_p": (dc.min_p or None) if sample else None,\n')
     vllm = vllm.replace(ANCHOR_MAPPING, ANCHOR_MAPPING + '        "min_p": 0.0 if greedy else dc.min_p,\n')
-    (package / "decoding.py").write_text(hf + "def vllm_sampling_kwargs" + vllm)
+    (package / "generation" / "decoding.py").write_text(hf + "def vllm_sampling_kwargs" + vllm)
 
 
 SCRIPT = textwrap.dedent('''
     import json, sys
     from pathlib import Path
     from tunelens.config import load_config, _load_schema
-    from tunelens.decoding import DecodingConfig, hf_generation_kwargs, vllm_sampling_kwargs
-    from tunelens.generate import generate, hf_generation_config
+    from tunelens.generation.decoding import DecodingConfig, hf_generation_kwargs, vllm_sampling_kwargs
+    from tunelens.generation.generate import generate, hf_generation_config
     from tunelens.models import load_model
     from tunelens.report import ReportSettings, write_report
-    from tunelens.score import score_generation_file
+    from tunelens.scoring.score import score_generation_file
 
     tiny, work = sys.argv[1], Path(sys.argv[2])
     import tunelens

@@ -33,7 +33,7 @@ def varied_judge(source: Path, out: Path, seed: int = 3) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tunelens.judge import judge_prompt, rating_token_ids
+    from tunelens.scoring.judge import judge_prompt, rating_token_ids
 
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(source)
@@ -58,7 +58,7 @@ def varied_judge(source: Path, out: Path, seed: int = 3) -> Path:
 
 def hand_bootstrap(values: np.ndarray) -> tuple[float, float, float]:
     """Mean and percentile CI: rows drawn with replacement by numpy's generator seeded with the study seed (the
-    documented resampling, docs/scoring.md), without tunelens.statistics."""
+    documented resampling, docs/scoring.md), without tunelens.scoring.statistics."""
     draws = np.random.default_rng(SEED).integers(0, len(values), size=(SAMPLES, len(values)))
     means = values[draws].mean(axis=1)
     alpha = 1 - CONFIDENCE

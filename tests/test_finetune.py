@@ -1,4 +1,4 @@
-"""Fine-tuning stage (tunelens.finetune) on tiny random models, CPU only.
+"""Fine-tuning stage (tunelens.training.finetune) on tiny random models, CPU only.
 
 Each test trains for a handful of steps on a few rows; together they take well under a minute.
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tunelens.errors import ConfigError, DataError
-from tunelens.finetune import build_trainer, finetune
+from tunelens.training.finetune import build_trainer, finetune
 from tunelens.prompts import build_prompt, response_text
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -278,7 +278,7 @@ def test_prompt_longer_than_max_seq_length_names_the_row_when_bad_rows_are_error
     ([(2.3, 0.8), (2.2, float("nan"))], "gradient norm is nan at step 2"),
 ])
 def test_divergence_is_an_error(losses, fragment):
-    from tunelens.finetune import DivergenceError, check_divergence
+    from tunelens.training.finetune import DivergenceError, check_divergence
 
     rows = [{"step": i + 1, "loss": loss[0], "grad_norm": loss[1]} if isinstance(loss, tuple)
             else {"step": i + 1, "loss": loss} for i, loss in enumerate(losses)]
@@ -288,7 +288,7 @@ def test_divergence_is_an_error(losses, fragment):
 
 
 def test_noisy_or_converged_loss_is_not_divergence():
-    from tunelens.finetune import check_divergence
+    from tunelens.training.finetune import check_divergence
 
     check_divergence([{"step": 1, "loss": 2.3}, {"step": 2, "loss": 2.6}, {"step": 3, "loss": 2.4}], {}, "m")
     check_divergence([{"step": 1, "loss": 0.05}, {"step": 2, "loss": 0.3}], {}, "m")  # 6x, but a 0.25 rise
@@ -296,7 +296,7 @@ def test_noisy_or_converged_loss_is_not_divergence():
 
 
 def test_learning_rate_1e9_fails_the_finetune_and_writes_no_adapter(sharp_llama_dir, train_jsonl, tmp_path):
-    from tunelens.finetune import DivergenceError
+    from tunelens.training.finetune import DivergenceError
 
     paths = outputs(tmp_path)
     with pytest.raises(DivergenceError, match="fine-tune of 'tiny' diverged"):
@@ -318,7 +318,7 @@ KILLER = textwrap.dedent(
     """
     import json, os, signal, sys
     from transformers import TrainerCallback
-    from tunelens.finetune import finetune
+    from tunelens.training.finetune import finetune
 
     spec = json.loads(sys.argv[1])
 
@@ -390,7 +390,7 @@ def fake_checkpoint(checkpoint_dir: Path, step: int, complete: bool = True) -> P
 
 
 def test_resume_picks_the_last_complete_checkpoint_of_the_same_run(tiny_llama_dir, train_jsonl, tmp_path):
-    from tunelens.finetune import prepare_checkpoint_dir, resolve_plan, run_fingerprint
+    from tunelens.training.finetune import prepare_checkpoint_dir, resolve_plan, run_fingerprint
 
     checkpoint_dir = tmp_path / "ckpt"
     plan = resolve_plan(settings(), "cpu")
@@ -463,7 +463,7 @@ def test_packed_rows_separated_under_eager_attention(sharp_llama_dir, train_json
     """Eager attention adds its mask to the scores: the hook gives it the additive form."""
     from transformers import AutoModelForCausalLM
 
-    from tunelens.finetune import separate_packed_rows
+    from tunelens.training.finetune import separate_packed_rows
 
     run = build_trainer(sharp_llama_dir, train_jsonl, tmp_path / "ckpt", settings(packing=True, batch_size=4),
                         "alpaca", seed=1, device="cpu")
@@ -503,7 +503,7 @@ def fake_gpu(monkeypatch):
 def test_autotune_keeps_rows_per_step_and_picks_the_fastest_that_fits(tiny_llama_dir, train_jsonl, tmp_path, fake_gpu):
     """8 rows per step: without checkpointing 8 rows need 32 GiB (over the ~18 GiB budget), 4 rows 16 GiB fit
     and beat checkpointing; the trainer then runs micro-batches of 4 with 2 accumulation steps."""
-    from tunelens.finetune import AUTOTUNE_FILE, autotune_cuda
+    from tunelens.training.finetune import AUTOTUNE_FILE, autotune_cuda
 
     config = settings(batch_size=4, gradient_accumulation=2)
     run = build_trainer(tiny_llama_dir, train_jsonl, tmp_path / "ckpt", config, "alpaca", seed=1, device="cpu")
@@ -524,7 +524,7 @@ def test_autotune_keeps_rows_per_step_and_picks_the_fastest_that_fits(tiny_llama
 
 
 def test_autotune_respects_explicit_checkpointing(tiny_llama_dir, train_jsonl, tmp_path, fake_gpu):
-    from tunelens.finetune import autotune_cuda
+    from tunelens.training.finetune import autotune_cuda
 
     config = settings(batch_size=8, gradient_checkpointing=True)
     run = build_trainer(tiny_llama_dir, train_jsonl, tmp_path / "ckpt", config, "alpaca", seed=1, device="cpu")
@@ -626,7 +626,7 @@ def test_lean_lora_forward_computes_the_peft_forward_in_fewer_ops(tiny_llama_dir
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from tunelens.finetune import lean_lora_forward
+    from tunelens.training.finetune import lean_lora_forward
 
     def model_and_step():
         torch.manual_seed(0)

@@ -68,10 +68,10 @@ def assert_one_leading_bos(sequences, tokenizer, stage: str):
 def test_gemma_every_stage_sees_exactly_one_bos(tiny_gemma, tmp_path):
     from transformers import AutoTokenizer
 
-    from tunelens.finetune import finetune
-    from tunelens.generate import generate
-    from tunelens.perplexity import reference_perplexity
-    from tunelens.probe import run_early_exit, run_logit_lens
+    from tunelens.training.finetune import finetune
+    from tunelens.generation.generate import generate
+    from tunelens.scoring.perplexity import reference_perplexity
+    from tunelens.probe.probe import run_early_exit, run_logit_lens
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_gemma)
     assert tokenizer("a")["input_ids"][0] == tokenizer.bos_token_id  # the tokenizer adds a BOS by itself

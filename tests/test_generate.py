@@ -17,7 +17,7 @@ import pytest
 
 from tunelens.config import DecodingConfig, _expand_decoding, check_decoding_config
 from tunelens.errors import ConfigError, DataError, ModelError
-from tunelens.generate import (
+from tunelens.generation.generate import (
     GenerationSettings,
     cut_at_stop,
     describe_semantics,
@@ -25,7 +25,7 @@ from tunelens.generate import (
     hf_generate_batched,
     resolve_backend,
 )
-from tunelens.agreement import token_agreement
+from tunelens.generation.agreement import token_agreement
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -228,7 +228,7 @@ def test_killed_job_leaves_no_complete_looking_file(tiny, test_file, tmp_path):
     out = tmp_path / "gen" / "cfg.jsonl"
     script = textwrap.dedent(f"""
         import sys, time
-        import tunelens.generate as g
+        import tunelens.generation.generate as g
         real = g.hf_generate_batched
         def slow(*args, **kwargs):
             result = real(*args, **kwargs)
@@ -380,7 +380,7 @@ def test_single_row_out_of_memory_is_an_error_naming_the_prompt_size(tiny):
 
 def test_auto_batches_fill_the_token_budget_longest_first():
     """auto on CUDA: each batch grows while rows x (its longest prompt + new tokens) x beams fit the budget."""
-    from tunelens.generate import plan_batches
+    from tunelens.generation.generate import plan_batches
 
     lengths = [100, 10, 50, 30, 70]
     order = sorted(range(5), key=lambda i: -lengths[i])  # 0, 4, 2, 3, 1

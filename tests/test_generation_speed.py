@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from tunelens import genserver
-from tunelens.agreement import token_agreement
-from tunelens.backend_hf import plan_batches, row_bucket, static_cache_len
-from tunelens.decoding import DecodingConfig
-from tunelens.generate import (
+from tunelens.generation import genserver
+from tunelens.generation.agreement import token_agreement
+from tunelens.generation.backend_hf import plan_batches, row_bucket, static_cache_len
+from tunelens.generation.decoding import DecodingConfig
+from tunelens.generation.generate import (
     STATIC_AUTO_MIN_NEW_TOKENS, GenerationSettings, generate, hf_generate_batched, resolve_on_device,
     resolve_static_cache,
 )

@@ -1,4 +1,4 @@
-"""The generation server (tunelens/genserver.py) with the hf backend and a tiny model.
+"""The generation server (tunelens/generation/genserver.py) with the hf backend and a tiny model.
 
 Each test runs real generate jobs through `run_generation_job`, the function scripts/generate.py calls, in a
 run folder of its own, and ends by stopping that folder's servers and checking that no process of them is
@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from tunelens import genserver
+from tunelens.generation import genserver
 from tunelens.errors import DataError
 
 ROWS = [
@@ -227,8 +227,8 @@ def make_early_exit_job(tiny, variant="base", layer=2, **overrides):
 def test_early_exit_jobs_share_the_generation_server_with_byte_identical_output(tiny, run_dir, tmp_path):
     """Early-exit jobs are requests to the model's generation server (scripts/early_exit.py): every layer and
     both variants reuse the model that the generate jobs loaded, and the files are the bytes that
-    tunelens.probe.run_early_exit writes in a job of its own."""
-    from tunelens.probe import run_early_exit
+    tunelens.probe.probe.run_early_exit writes in a job of its own."""
+    from tunelens.probe.probe import run_early_exit
 
     run(tiny, tmp_path, "gen-base", base=run_dir)  # the generate job that starts the server, loads base
     jobs = [(variant, layer) for variant in ("base", "finetuned") for layer in (2, 4)]
@@ -286,11 +286,11 @@ def test_servers_on_the_cpu_live_side_by_side_and_one_on_the_gpu_is_stopped(tiny
 
 
 def test_score_jobs_get_the_same_bertscore_from_one_server(run_dir, tmp_path, monkeypatch):
-    """scripts/score.py sets tunelens.metrics.BERTSCORE_RUNNER to the run's BERTScore server: the metric gets
+    """scripts/score.py sets tunelens.scoring.metrics.BERTSCORE_RUNNER to the run's BERTScore server: the metric gets
     the very floats (and details) it computes in the job, plain and rescaled, with an empty answer among the
     rows, from one server that loaded the scorer once."""
-    from tunelens import metrics
-    from tunelens.metrics import METRICS, BertScoreSettings, ScoringContext
+    from tunelens.scoring import metrics
+    from tunelens.scoring.metrics import METRICS, BertScoreSettings, ScoringContext
     from tunelens.models import materialize_embedded
 
     minilm = str(materialize_embedded("all-minilm-l6-v2", tmp_path / "bertscore"))
@@ -359,7 +359,7 @@ def make_lens_job(tiny, variant="base", **overrides):
 
 def run_perplexity(tiny, out, name, *, base, variant="base", **overrides):
     """What scripts/perplexity.py runs: (summary, its two files)."""
-    from tunelens.perplexity import run_perplexity_job
+    from tunelens.scoring.perplexity import run_perplexity_job
 
     files = (out / f"{name}.json", out / f"{name}.rows.csv")
     return run_perplexity_job(make_perplexity_job(tiny, variant, **overrides), *files, base=base,
@@ -368,7 +368,7 @@ def run_perplexity(tiny, out, name, *, base, variant="base", **overrides):
 
 def run_lens(tiny, out, name, *, base, variant="base", **overrides):
     """What scripts/logit_lens.py runs: (lens, its three files)."""
-    from tunelens.probe import run_logit_lens_job
+    from tunelens.probe.probe import run_logit_lens_job
 
     files = (out / f"{name}.json", out / f"{name}.heatmap.png", out / f"{name}.entropy.png")
     return run_logit_lens_job(make_lens_job(tiny, variant, **overrides), *files, base=base, start_timeout_s=180), files
@@ -391,8 +391,8 @@ def test_perplexity_and_logit_lens_through_the_server_write_the_bytes_of_an_in_p
     """scripts/perplexity.py and scripts/logit_lens.py send their job to the model's generation server: the
     per-row CSV and both plots are the bytes that today's in-process functions (reference_perplexity,
     run_logit_lens) write, and the JSON files equal theirs apart from the timings and `execution`."""
-    from tunelens.perplexity import reference_perplexity
-    from tunelens.probe import run_logit_lens
+    from tunelens.scoring.perplexity import reference_perplexity
+    from tunelens.probe.probe import run_logit_lens
 
     for variant in ("base", "finetuned"):
         served, (ppl_json, ppl_csv) = run_perplexity(tiny, tmp_path, f"ppl-{variant}", base=run_dir, variant=variant)

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from tunelens.errors import DataError
-from tunelens.human import SHEET_COLUMNS, human_scores, read_key, write_human_sheet
-from tunelens.score import read_rows_csv
+from tunelens.scoring.human import SHEET_COLUMNS, human_scores, read_key, write_human_sheet
+from tunelens.scoring.score import read_rows_csv
 
 GROUPS = [("smol", "base", "cfg_a"), ("smol", "finetuned", "cfg_a"), ("gemma", "base", "cfg_b")]
 N_ROWS = 6

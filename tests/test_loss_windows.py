@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tunelens.finetune import DivergenceError, check_divergence
+from tunelens.training.finetune import DivergenceError, check_divergence
 from tunelens.report.provenance import loss_summary
 from tunelens.training.outputs import loss_windows
 

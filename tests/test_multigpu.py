@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from tunelens import genserver
+from tunelens.generation import genserver
 from tunelens.errors import ModelError
 
 
@@ -88,12 +88,12 @@ PROMPTS = ["Tell me a story about a cat.", "Why is the sky blue?", "List three c
 def test_generation_perplexity_judge_and_lens_feed_the_input_embeddings_device(split_model):
     import torch
 
-    from tunelens.completions import GenerationSettings
-    from tunelens.decoding import DecodingConfig
-    from tunelens.generate import hf_generate_batched
+    from tunelens.generation.completions import GenerationSettings
+    from tunelens.generation.decoding import DecodingConfig
+    from tunelens.generation.generate import hf_generate_batched
     from tunelens.models import input_device
-    from tunelens.perplexity import response_nll
-    from tunelens.probe import lens_log_probs
+    from tunelens.scoring.perplexity import response_nll
+    from tunelens.probe.probe import lens_log_probs
 
     model, tokenizer, plain = split_model
     assert input_device(model).type == "cpu"
@@ -104,7 +104,7 @@ def test_generation_perplexity_judge_and_lens_feed_the_input_embeddings_device(s
     assert [c.token_ids for c in got] == [c.token_ids for c in want]
     encoded = [(tokenizer(p)["input_ids"], tokenizer(" yes")["input_ids"]) for p in PROMPTS]
     assert response_nll(model, tokenizer, encoded) == pytest.approx(response_nll(plain, tokenizer, encoded))
-    from tunelens.judge import rate
+    from tunelens.scoring.judge import rate
 
     assert rate(model, tokenizer, PROMPTS)[1] == pytest.approx(rate(plain, tokenizer, PROMPTS)[1])
     sequence = torch.tensor([tokenizer(PROMPTS[0])["input_ids"]])
@@ -114,7 +114,7 @@ def test_generation_perplexity_judge_and_lens_feed_the_input_embeddings_device(s
 
 
 def test_a_sharded_model_generates_with_the_dynamic_cache_and_says_so(split_model, tmp_path):
-    from tunelens.generate import generation_output
+    from tunelens.generation.generate import generation_output
 
     model, tokenizer, _ = split_model
     test_file = tmp_path / "test.jsonl"
@@ -150,7 +150,7 @@ def test_the_generation_server_loads_with_the_jobs_gpu_count(monkeypatch, tiny_l
 
 
 def test_an_early_exit_job_in_process_keeps_its_gpu_count(monkeypatch, tmp_path):
-    import tunelens.probe
+    import tunelens.probe.probe
 
     seen = {}
 
@@ -158,8 +158,8 @@ def test_an_early_exit_job_in_process_keeps_its_gpu_count(monkeypatch, tmp_path)
         seen.update(kwargs)
         return {}, []
 
-    monkeypatch.setattr(tunelens.probe, "early_exit_output", fake_early_exit_output)
-    monkeypatch.setattr(tunelens.probe, "write_early_exit", lambda *a: None)
+    monkeypatch.setattr(tunelens.probe.probe, "early_exit_output", fake_early_exit_output)
+    monkeypatch.setattr(tunelens.probe.probe, "write_early_exit", lambda *a: None)
     genserver.run_early_exit_job({"model_path": "m", "layer": 1, "backend": "hf", "gpus": 2, "vllm_options": None},
                                  tmp_path / "x.jsonl", tmp_path / "x.meta.json", server=False)
     assert seen["gpus"] == 2 and "backend" not in seen
@@ -167,7 +167,7 @@ def test_an_early_exit_job_in_process_keeps_its_gpu_count(monkeypatch, tmp_path)
 
 def test_vllm_gets_the_jobs_gpus_as_tensor_parallel_size(monkeypatch, tmp_path):
     """In a job and in the generation server (verification: this already held before issue 26)."""
-    import tunelens.generate
+    import tunelens.generation.generate
 
     class Built(Exception):
         pass
@@ -178,14 +178,14 @@ def test_vllm_gets_the_jobs_gpus_as_tensor_parallel_size(monkeypatch, tmp_path):
         sizes.append(tensor_parallel_size)
         raise Built
 
-    monkeypatch.setattr(tunelens.generate, "build_vllm_engine", fake_engine)
-    monkeypatch.setattr(tunelens.generate, "resolve_backend", lambda backend, device: ("vllm", "test"))
+    monkeypatch.setattr(tunelens.generation.generate, "build_vllm_engine", fake_engine)
+    monkeypatch.setattr(tunelens.generation.generate, "resolve_backend", lambda backend, device: ("vllm", "test"))
     monkeypatch.setattr("tunelens.models.load_tokenizer", lambda *a, **k: SimpleNamespace())
-    monkeypatch.setattr(tunelens.generate, "load_prompt_rows", lambda *a, **k: [])
+    monkeypatch.setattr(tunelens.generation.generate, "load_prompt_rows", lambda *a, **k: [])
     job = dict(model_name="m", model_path="m", decoding_config={"name": "greedy", "temperature": 0.0},
                backend="vllm", device="cuda", gpus=2)
     with pytest.raises(Built):
-        tunelens.generate.generation_output(tmp_path / "t.jsonl", **job)
+        tunelens.generation.generate.generation_output(tmp_path / "t.jsonl", **job)
     state = genserver._Server("k", idle_timeout_s=60)
     try:
         with pytest.raises(Built):
@@ -212,7 +212,7 @@ def test_two_gloo_processes_train_the_adapter_of_one(tiny_llama_dir, tmp_path):
     give the adapter and the losses of one process, within float rounding."""
     from safetensors.torch import load_file
 
-    from tunelens.finetune import finetune
+    from tunelens.training.finetune import finetune
 
     rows = [{"id": f"t-{i}", "instruction": f"Question {i}: what is {i} plus {i}?", "input": "" if i % 2 else "x",
              "output": f"It is {2 * i}." + " Indeed." * (i % 3)} for i in range(16)]
@@ -338,7 +338,7 @@ def test_the_batch_budget_of_a_sharded_model_is_its_tightest_gpus(monkeypatch):
     room for min(0.5 x 12 GiB / 3 blocks, 0.5 x 2 GiB / 1 block) of cache per block-token (the second GPU)."""
     import torch
 
-    import tunelens.backend_hf as backend_hf
+    import tunelens.generation.backend_hf as backend_hf
     import tunelens.models as models
 
     gib = 2**30
@@ -361,7 +361,7 @@ def test_the_batch_budget_of_a_sharded_model_is_its_tightest_gpus(monkeypatch):
 
 
 def test_perplexity_and_lens_jobs_in_process_keep_their_gpu_count():
-    from tunelens.served import run_model_task
+    from tunelens.generation.served import run_model_task
 
     seen = {}
 

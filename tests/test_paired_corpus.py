@@ -1,7 +1,7 @@
 """Paired fine-tuned - base differences at the level each metric is defined (issue 22), and the p-values and
 multiple-comparison adjustment of the paired tables.
 
-Score files are written by the score stage itself (tunelens.score.score_generation_file) from generation
+Score files are written by the score stage itself (tunelens.scoring.score.score_generation_file) from generation
 files, then read by the report; every number is compared with a computation that does not share the
 project's code: sacrebleu / codebleu on the resampled rows, statsmodels' definitions worked by hand.
 """
@@ -16,10 +16,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tunelens.metrics import CODEBLEU_STATS, ScoringContext
+from tunelens.scoring.metrics import CODEBLEU_STATS, ScoringContext
 from tunelens.report import ReportSettings, load_score_files, summary_table
-from tunelens.score import score_generation_file
-from tunelens.statistics import adjust_p_values, bootstrap_p_value
+from tunelens.scoring.score import score_generation_file
+from tunelens.scoring.statistics import adjust_p_values, bootstrap_p_value
 
 CONFIG = "greedy"
 SAMPLES = 120
@@ -88,7 +88,7 @@ def resampled_indices(n: int) -> np.ndarray:
 def test_issue_example_scores_a_free_quarter():
     from codebleu import calc_codebleu
 
-    from tunelens.metrics import codebleu
+    from tunelens.scoring.metrics import codebleu
 
     library = calc_codebleu(["ans = a + b\nprint(ans) # 10"], ["0"], lang="python")
     assert library["codebleu"] == pytest.approx(0.25)
@@ -248,7 +248,7 @@ def test_adjustment_matches_statsmodels_on_random_families_with_ties():
 def test_paired_mean_difference_ci_and_p_value_against_numpy_resampling():
     """paired_bootstrap (mean-of-rows metrics) against a direct numpy computation on the same resampled ids:
     the CI is the percentile interval of mean(b[idx] - a[idx]), the p-value the +1-corrected doubled tail."""
-    from tunelens.statistics import paired_mean_difference
+    from tunelens.scoring.statistics import paired_mean_difference
 
     rng = np.random.default_rng(3)
     base = rng.uniform(0, 1, 25)
@@ -265,7 +265,7 @@ def test_paired_mean_difference_ci_and_p_value_against_numpy_resampling():
 def test_rank_agreement_cis_against_scipy_on_each_resample():
     from scipy import stats
 
-    from tunelens.statistics import rank_agreement
+    from tunelens.scoring.statistics import rank_agreement
 
     rng = np.random.default_rng(8)
     x = rng.integers(0, 6, 30).astype(float)  # ties, as ratings have

@@ -12,8 +12,8 @@ from tunelens.config import DecodingConfig, resolve_layers  # noqa: E402
 from tunelens.errors import ConfigError, ModelError  # noqa: E402
 from tunelens.io import read_json, read_jsonl, write_jsonl_atomic  # noqa: E402
 from tunelens.models import decoder_layers, load_model, num_decoder_layers  # noqa: E402
-from tunelens.generate import GenerationSettings, hf_generate_batched  # noqa: E402
-from tunelens.probe import (  # noqa: E402
+from tunelens.generation.generate import GenerationSettings, hf_generate_batched  # noqa: E402
+from tunelens.probe.probe import (  # noqa: E402
     check_probe_layers,
     encode_prompts,
     logit_lens,

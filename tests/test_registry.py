@@ -1,4 +1,4 @@
-"""One registration per metric: a metric added with tunelens.metrics.register alone is accepted by the
+"""One registration per metric: a metric added with tunelens.scoring.metrics.register alone is accepted by the
 config, computed by the score stage, ranked (with a CI) in summary.md and listed in summary.csv."""
 
 from __future__ import annotations
@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tunelens import metrics
+from tunelens.scoring import metrics
 from tunelens.config import load_config
 from tunelens.errors import ConfigError
-from tunelens.metrics import METRICS, MetricResult, register
+from tunelens.scoring.metrics import METRICS, MetricResult, register
 from tunelens.report import ReportSettings, read_summary_csv, write_report
-from tunelens.score import score_generation_file
+from tunelens.scoring.score import score_generation_file
 
 CONFIGS = {"greedy": {"temperature": 0.0}, "warm": {"temperature": 0.8}}
 

@@ -17,7 +17,8 @@ import pandas as pd
 import pytest
 
 from tunelens.errors import DataError
-from tunelens import report, statistics
+from tunelens import report
+from tunelens.scoring import statistics
 from tunelens.report import ReportSettings, read_summary_csv, write_report
 
 DEFAULT = "top_k_50_num_beams_1_temp_0.8"

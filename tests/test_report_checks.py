@@ -152,9 +152,9 @@ def test_bertscore_server_cpu_is_billed_to_the_score_jobs_it_served(tmp_path):
 def test_score_file_keeps_the_bertscore_servers_record_out_of_metrics(tmp_path, monkeypatch):
     """metrics must not depend on where a job ran (test_cluster compares them): the server's record goes to
     the score file's metric_servers."""
-    from tunelens import metrics
-    from tunelens.metrics import BertScoreSettings, ScoringContext
-    from tunelens.score import score_generation_file
+    from tunelens.scoring import metrics
+    from tunelens.scoring.metrics import BertScoreSettings, ScoringContext
+    from tunelens.scoring.score import score_generation_file
 
     record = {"mode": "server", "server_pid": 5, "request": 3, "server_cpu_s": 1.5, "server_cpu_total_s": 9.0}
     monkeypatch.setattr(metrics, "BERTSCORE_RUNNER", lambda settings, device, generated, references: {

@@ -75,21 +75,92 @@ def test_hash_ignores_comments_docstrings_and_formatting(tmp_path):
     assert codehash.code_hash(script) != before
 
 
+@pytest.fixture
+def fixture_package(tmp_path, monkeypatch):
+    """codehash pointed at an empty `tunelens` package in tmp_path; returns a function that writes the files
+    given ({path under tmp_path: text}, None deletes) and returns the hash of s.py."""
+    monkeypatch.setattr(codehash, "PACKAGE_DIR", tmp_path / "tunelens")
+    monkeypatch.setattr(codehash, "CACHE_FILE", tmp_path / "cache.json")
+    monkeypatch.setattr(codehash, "_disk_cache", None)
+
+    def hash_after(files: dict[str, str | None]) -> str:
+        for name, text in files.items():
+            if text is None:
+                (tmp_path / name).unlink()
+            else:
+                _write(tmp_path / name, text)
+        for clear in (codehash.code_hash.cache_clear, codehash._parsed.cache_clear, codehash._package_data.cache_clear):
+            clear()
+        return codehash.code_hash(tmp_path / "s.py")
+
+    yield hash_after
+    for clear in (codehash.code_hash.cache_clear, codehash._parsed.cache_clear, codehash._package_data.cache_clear):
+        clear()
+
+
+HELPERS = "def f():\n    return 1\n\n\ndef g():\n    return 2\n"
+OTHER = "def g():\n    return 2\n"  # the same code as helpers.g, in another module
+WORKER = '''import logging
+
+from tunelens{stage} import helpers, other
+from tunelens{stage}.{g_from} import g
+
+log = logging.getLogger("tunelens{stage}.worker")
+
+
+def run():
+    cmd = ["python", "-m", "tunelens{stage}.worker"]
+    return helpers.f() + helpers.g() + other.g() + g(), cmd
+'''
+
+
+def test_a_pure_move_keeps_the_hash_and_any_other_change_changes_it(fixture_package, tmp_path):
+    """Issue 25: `git mv` of modules into a package, with the import lines and the strings that name them
+    (a -m command, a logger name) rewritten, changes no hash; the new package's __init__.py (docstring only)
+    adds nothing. Editing a reached body, or pointing an import at another module whose code is the same,
+    still changes the hash."""
+    flat = {"tunelens/__init__.py": '"""Fixture."""\nVERSION = 1\n', "tunelens/helpers.py": HELPERS,
+            "tunelens/other.py": OTHER, "tunelens/worker.py": WORKER.format(stage="", g_from="helpers"),
+            "s.py": "from tunelens.worker import run\n\nrun()\n"}
+    before = fixture_package(flat)
+    assert set(codehash.code_modules(tmp_path / "s.py")) == {"tunelens", "tunelens.worker", "tunelens.helpers",
+                                                             "tunelens.other"}
+    moved = {"tunelens/helpers.py": None, "tunelens/other.py": None, "tunelens/worker.py": None,
+             "tunelens/stage/__init__.py": '"""The stage: reads X, writes Y; worker.run."""\n',
+             "tunelens/stage/helpers.py": HELPERS, "tunelens/stage/other.py": OTHER,
+             "tunelens/stage/worker.py": WORKER.format(stage=".stage", g_from="helpers"),
+             "s.py": "from tunelens.stage.worker import run\n\nrun()\n"}
+    assert fixture_package(moved) == before
+    assert "tunelens.stage.worker#run" in codehash.code_functions(tmp_path / "s.py")  # it did follow the move
+    # an edit of a reached body
+    assert fixture_package({"tunelens/stage/helpers.py": HELPERS.replace("return 1", "return 3")}) != before
+    assert fixture_package({"tunelens/stage/helpers.py": HELPERS}) == before
+    # `g` taken from `other` instead: the same code is reached, but run() now calls another module's g
+    assert fixture_package({"tunelens/stage/worker.py": WORKER.format(stage=".stage", g_from="other")}) != before
+    # a string naming another module
+    retargeted = WORKER.format(stage=".stage", g_from="helpers").replace('"tunelens.stage.worker"]',
+                                                                         '"tunelens.stage.helpers"]')
+    assert fixture_package({"tunelens/stage/worker.py": retargeted}) != before
+    # code in the new package's __init__.py runs on import: it counts
+    assert fixture_package({"tunelens/stage/worker.py": WORKER.format(stage=".stage", g_from="helpers"),
+                            "tunelens/stage/__init__.py": "X = 1\n"}) != before
+
+
 def test_closure_follows_lazy_and_transitive_tunelens_imports():
-    # scripts/score.py imports tunelens.score, which imports metrics; metrics imports models inside a function.
+    # scripts/score.py imports tunelens.scoring.score, which imports metrics; metrics imports models inside a function.
     modules = codehash.code_modules(REPO / "scripts" / "score.py")
-    assert {"tunelens.score", "tunelens.metrics", "tunelens.models", "tunelens.io"} <= set(modules)
-    assert "tunelens.generate" not in modules and "tunelens.report" not in modules
+    assert {"tunelens.scoring.score", "tunelens.scoring.metrics", "tunelens.models", "tunelens.io"} <= set(modules)
+    assert "tunelens.generation.generate" not in modules and "tunelens.report" not in modules
     generate = codehash.code_modules(REPO / "scripts" / "generate.py")
-    assert "tunelens.metrics" not in generate and "tunelens.report" not in generate
-    assert "tunelens.data" not in generate  # config.py keeps the embedded dataset registry itself
+    assert "tunelens.scoring.metrics" not in generate and "tunelens.report" not in generate
+    assert "tunelens.data.data" not in generate  # config.py keeps the embedded dataset registry itself
     # Perplexity and logit-lens jobs are requests to the generation server, which imports their compute code by
     # name: a generate job's hash holds no perplexity code, and a perplexity job's (a thin client of the same
     # server) no generation code.
-    assert "tunelens.perplexity" not in generate and "tunelens.score" not in generate
+    assert "tunelens.scoring.perplexity" not in generate and "tunelens.scoring.score" not in generate
     perplexity = codehash.code_modules(REPO / "scripts" / "perplexity.py")
-    assert {"tunelens.perplexity", "tunelens.served"} <= set(perplexity)
-    assert "tunelens.generate" not in perplexity and "tunelens.genserver" not in perplexity
+    assert {"tunelens.scoring.perplexity", "tunelens.generation.served"} <= set(perplexity)
+    assert "tunelens.generation.generate" not in perplexity and "tunelens.generation.genserver" not in perplexity
     assert "tunelens.report" in codehash.code_modules(REPO / "scripts" / "report.py")
 
 
@@ -164,7 +235,7 @@ def plan(study, config: dict | None = None) -> set:
 
 
 def module_file(flow: Path, module: str) -> Path:
-    """tunelens/<module>.py, or its package's __init__.py once a module becomes a package."""
+    """tunelens/<module>.py ("scoring/metrics" for a stage's module), or its package's __init__.py."""
     path = flow / "tunelens" / f"{module}.py"
     return path if path.exists() else flow / "tunelens" / module / "__init__.py"
 
@@ -210,10 +281,10 @@ def test_editing_report_code_reruns_only_the_report(study):
 
 def test_editing_metrics_code_reruns_scoring_and_report_not_generation(study):
     flow = study[0]
-    with appended(module_file(flow, "metrics"), "\nMETRICS_EDIT = 1\n"):
+    with appended(module_file(flow, "scoring/metrics"), "\nMETRICS_EDIT = 1\n"):
         planned = plan(study)
-    # every job whose code imports tunelens.metrics: scores, early-exit scores, perplexity, the human
-    # sheet (tunelens.human) and the report; generation, fine-tune, probe and split are untouched.
+    # every job whose code imports tunelens.scoring.metrics: scores, early-exit scores, perplexity, the human
+    # sheet (tunelens.scoring.human) and the report; generation, fine-tune, probe and split are untouched.
     assert planned == SCORE | SCORE_EARLY_EXIT | PERPLEXITY | AGGREGATES
 
 
@@ -221,10 +292,10 @@ LOGIT_LENS = per_variant("logit_lens")
 
 
 def test_editing_lens_plot_code_reruns_only_the_lens_jobs_and_the_report(study):
-    """Issue 23: generate imported genserver -> probe -> probe_plots, so a plot fix reran every generation.
+    """Issue 23: generate imported genserver -> probe -> probe_plots (now probe/plots.py), so a plot fix reran every generation.
     Both kinds of edit: a function body and a new top-level statement."""
     flow = study[0]
-    plots = module_file(flow, "probe_plots")
+    plots = module_file(flow, "probe/plots")
     with edited(plots, '    text = text if len(text) <= width', '    width = max(width, 4)\n    text = text if len(text) <= width'), \
             appended(plots, "\nPLOT_EDIT = 1\n"):
         planned = plan(study)
@@ -258,19 +329,19 @@ def test_closure_is_per_function():
         assert "tunelens.io#read_json" in functions[script]
     for script in ("generate", "early_exit", "finetune", "split"):
         assert "tunelens.io#read_json" not in functions[script], script
-        assert "tunelens.probe_plots" not in codehash.code_modules(REPO / "scripts" / f"{script}.py"), script
-    assert "tunelens.probe_plots#plot_lens_heatmap" in functions["logit_lens"]
+        assert "tunelens.probe.plots" not in codehash.code_modules(REPO / "scripts" / f"{script}.py"), script
+    assert "tunelens.probe.plots#plot_lens_heatmap" in functions["logit_lens"]
 
 
 def test_comment_docstring_edit_and_touch_rerun_nothing(study):
     flow = study[0]
-    metrics = module_file(flow, "metrics")
+    metrics = module_file(flow, "scoring/metrics")
     text = metrics.read_text()
     with edited(metrics, '"""', '"""Edited docstring.\n\n'), appended(metrics, "\n# a new comment\n\n"):
         later = time.time() + 5
         for script in (flow / "scripts").glob("*.py"):
             os.utime(script, (later, later))
-        for module in (flow / "tunelens").glob("*.py"):
+        for module in (flow / "tunelens").rglob("*.py"):
             os.utime(module, (later, later))
         assert plan(study) == set()
     assert metrics.read_text() == text

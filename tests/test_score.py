@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from tunelens.errors import ConfigError, DataError
-from tunelens.metrics import METRICS, BertScoreSettings, ScoringContext, codebleu_components
-from tunelens.score import paired_rows, read_rows_csv, score_generation_file
-from tunelens.statistics import bootstrap_ci, bootstrap_distribution, paired_bootstrap, resample_counts
+from tunelens.scoring.metrics import METRICS, BertScoreSettings, ScoringContext, codebleu_components
+from tunelens.scoring.score import paired_rows, read_rows_csv, score_generation_file
+from tunelens.scoring.statistics import bootstrap_ci, bootstrap_distribution, paired_bootstrap, resample_counts
 
 TEXT = ScoringContext(dataset_kind="text")
 CODE = ScoringContext(dataset_kind="code", code_language="python")
@@ -309,7 +309,7 @@ def test_score_file_format_and_rows(tmp_path):
     # differences resample), equal to sacrebleu's own counts of each row.
     from sacrebleu.metrics.bleu import BLEU
 
-    from tunelens.metrics import BLEU_STATS, bleu_corpus_value
+    from tunelens.scoring.metrics import BLEU_STATS, bleu_corpus_value
 
     assert list(table[0]) == ["id", "bleu", "rougeL", "exact_match", "length", *BLEU_STATS]
     for row, (generated, reference) in zip(table, pairs):
@@ -368,7 +368,7 @@ def test_truncated_file_against_meta_row_count(tmp_path):
 
 
 def test_unknown_metric_name():
-    from tunelens.metrics import check_metric_names
+    from tunelens.scoring.metrics import check_metric_names
 
     with pytest.raises(ConfigError, match="unknown metric"):
         check_metric_names(["bleu", "meteor"])
@@ -392,7 +392,7 @@ def test_perplexity_is_response_only_and_batch_invariant(tmp_path, tiny_llama_di
     import torch
 
     from tunelens.models import load_model
-    from tunelens.perplexity import reference_perplexity
+    from tunelens.scoring.perplexity import reference_perplexity
     from tunelens.prompts import build_prompt, response_text
 
     torch.manual_seed(0)
@@ -429,7 +429,7 @@ def test_perplexity_is_response_only_and_batch_invariant(tmp_path, tiny_llama_di
 
 
 def test_perplexity_rejects_rows_beyond_the_context(tmp_path, tiny_llama_dir):
-    from tunelens.perplexity import encode_rows
+    from tunelens.scoring.perplexity import encode_rows
     from tunelens.models import load_tokenizer
 
     tokenizer = load_tokenizer(tiny_llama_dir)
@@ -441,7 +441,7 @@ def test_perplexity_rejects_rows_beyond_the_context(tmp_path, tiny_llama_dir):
 
 # --------------------------------------------------------------------------------------------- judge
 def test_judge_rates_every_row_deterministically(tmp_path, tiny_llama_dir):
-    from tunelens.judge import RUBRIC_VERSION, judge_generation_file, rating_token_ids
+    from tunelens.scoring.judge import RUBRIC_VERSION, judge_generation_file, rating_token_ids
     from tunelens.models import load_model
 
     loaded = load_model(tiny_llama_dir, device="cpu")
@@ -469,7 +469,7 @@ def test_judge_rates_every_row_deterministically(tmp_path, tiny_llama_dir):
 
 def vocabulary_digit_ids(tokenizer) -> dict[int, list[int]]:
     """For each digit 1-5, every single token that reads as it ("4", " 4"), found by decoding the whole
-    vocabulary: independent of tunelens.judge.rating_token_ids (which encodes the digit strings)."""
+    vocabulary: independent of tunelens.scoring.judge.rating_token_ids (which encodes the digit strings)."""
     pieces = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
     return {d: [i for i, piece in enumerate(pieces) if piece.strip() == str(d)] for d in range(1, 6)}
 
@@ -479,7 +479,7 @@ def test_judge_rating_reads_the_rating_tokens(tiny_llama_dir):
     and every spelling of it."""
     import torch
 
-    from tunelens.judge import rate, rating_token_ids
+    from tunelens.scoring.judge import rate, rating_token_ids
     from tunelens.models import load_model
 
     model, tokenizer = load_model(tiny_llama_dir, device="cpu")

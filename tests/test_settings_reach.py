@@ -7,7 +7,7 @@ Two levels:
   has a non-default value, and each key's value is found in the params (or resources) of the jobs of the rule
   that acts on it; a key that selects jobs is found in which jobs exist;
 - the library: the fine-tune keys are followed from those params into peft's LoraConfig and TRL's SFTConfig
-  (tunelens.finetune.lora_config / sft_config), the objects the trainer is built from.
+  (tunelens.training.finetune.lora_config / sft_config), the objects the trainer is built from.
 How the scripts pass params on to the libraries (generation kwargs, score files' bootstrap block, rows scored)
 is covered by the stage tests (test_decoding, test_score, test_statistics, test_generate, test_probe).
 """
@@ -385,7 +385,7 @@ def test_the_judge_settings_reach_the_early_exit_judge_jobs(dag):
 
 def test_finetune_settings_reach_lora_and_sft_config(dag):
     """From the fine-tune job's params into the objects the trainer is built from."""
-    from tunelens.finetune import lora_config, sft_config
+    from tunelens.training.finetune import lora_config, sft_config
     from tunelens.training.plan import resolve_plan
 
     _, jobs = dag
@@ -408,18 +408,18 @@ def test_finetune_settings_reach_lora_and_sft_config(dag):
 # --------------------------------------------------------------------------------------------- the scripts
 # rule -> (script, module, function the script calls with the job's params)
 SCRIPTS = {
-    "split": ("split.py", "tunelens.data", "split_dataset"),
-    "evalset": ("evalset.py", "tunelens.data", "prepare_evaluation_set"),
-    "finetune": ("finetune.py", "tunelens.finetune", "finetune"),
-    "generate": ("generate.py", "tunelens.genserver", "run_generation_job"),
-    "generation_agreement": ("agreement.py", "tunelens.agreement", "agreement"),
-    "score": ("score.py", "tunelens.score", "score_generation_file"),
-    "score_evalset": ("score.py", "tunelens.score", "score_generation_file"),
-    "perplexity": ("perplexity.py", "tunelens.perplexity", "run_perplexity_job"),
-    "judge": ("judge.py", "tunelens.judge", "judge_generation_file"),
-    "human_sheet": ("human_sheet.py", "tunelens.human", "write_human_sheet"),
-    "logit_lens": ("logit_lens.py", "tunelens.probe", "run_logit_lens_job"),
-    "early_exit": ("early_exit.py", "tunelens.genserver", "run_early_exit_job"),
+    "split": ("split.py", "tunelens.data.data", "split_dataset"),
+    "evalset": ("evalset.py", "tunelens.data.data", "prepare_evaluation_set"),
+    "finetune": ("finetune.py", "tunelens.training.finetune", "finetune"),
+    "generate": ("generate.py", "tunelens.generation.genserver", "run_generation_job"),
+    "generation_agreement": ("agreement.py", "tunelens.generation.agreement", "agreement"),
+    "score": ("score.py", "tunelens.scoring.score", "score_generation_file"),
+    "score_evalset": ("score.py", "tunelens.scoring.score", "score_generation_file"),
+    "perplexity": ("perplexity.py", "tunelens.scoring.perplexity", "run_perplexity_job"),
+    "judge": ("judge.py", "tunelens.scoring.judge", "judge_generation_file"),
+    "human_sheet": ("human_sheet.py", "tunelens.scoring.human", "write_human_sheet"),
+    "logit_lens": ("logit_lens.py", "tunelens.probe.probe", "run_logit_lens_job"),
+    "early_exit": ("early_exit.py", "tunelens.generation.genserver", "run_early_exit_job"),
     "report": ("report.py", "tunelens.report", "write_report"),
 }
 

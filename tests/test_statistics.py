@@ -23,8 +23,8 @@ import pandas as pd
 import pytest
 from scipy import stats as scipy_stats
 
-from tunelens.score import paired_rows, read_rows_csv, write_rows_csv
-from tunelens.statistics import bootstrap_ci, corpus_perplexity_difference
+from tunelens.scoring.score import paired_rows, read_rows_csv, write_rows_csv
+from tunelens.scoring.statistics import bootstrap_ci, corpus_perplexity_difference
 
 
 # --------------------------------------------------------------------------------------------- scipy
@@ -79,7 +79,7 @@ def test_99_percent_interval_covers_more_than_95_percent():
 
 # --------------------------------------------------------------------------------------------- perplexity
 def test_perplexity_ci_is_recomputed_from_resampled_rows(tmp_path, tiny_llama_dir):
-    from tunelens.perplexity import reference_perplexity
+    from tunelens.scoring.perplexity import reference_perplexity
 
     rows = [{"id": f"p-{i}", "instruction": f"Say item {i}.", "input": "", "output": " ".join(["word"] * (1 + i % 5))}
             for i in range(12)]

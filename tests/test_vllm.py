@@ -2,7 +2,7 @@
 
 Building a vLLM engine costs 15 s to a minute on a 2-core machine (in-process on CPU), so ONE worker process
 (`worker` below, written out as a script and run under .venv-vllm/bin/python) builds ONE engine (LoRA
-enabled) and runs every check through `tunelens.generate.generate(..., engine=...)`, writing the outputs
+enabled) and runs every check through `tunelens.generation.generate.generate(..., engine=...)`, writing the outputs
 to a JSON report; the tests below assert on that report. The worker runs in its own process session, and
 whatever it leaves behind (vLLM's EngineCore / Worker processes) is killed by process group when it ends.
 Three more engines are built by the Snakemake tests at the end (rule generation_agreement, the DAG's generation
@@ -52,7 +52,7 @@ def worker(request_file: str, report_file: str) -> None:
 
     from tunelens.config import DecodingConfig
     from tunelens.errors import DataError
-    from tunelens.generate import GenerationSettings, build_vllm_engine, generate, resolve_backend, vllm_generate
+    from tunelens.generation.generate import GenerationSettings, build_vllm_engine, generate, resolve_backend, vllm_generate
 
     logging.basicConfig(level=logging.INFO)
     request = json.loads(Path(request_file).read_text())
@@ -252,8 +252,8 @@ def test_temperature_zero_is_greedy_and_matches_hf(report):
     data, model_dir, _ = report
     assert texts(data, "greedy") == texts(data, "greedy_other_seed_top_k")
     from tunelens.config import DecodingConfig
-    from tunelens.agreement import token_agreement
-    from tunelens.generate import GenerationSettings, hf_generate_batched
+    from tunelens.generation.agreement import token_agreement
+    from tunelens.generation.generate import GenerationSettings, hf_generate_batched
     from tunelens.models import load_model
 
     model, tokenizer = load_model(model_dir, device="cpu")
@@ -533,7 +533,7 @@ def test_dag_generate_jobs_with_vllm(vllm_model, vllm_cache, tmp_path):
     assert texts[targets[2]] != texts[targets[0]], "the fine-tuned variant generated what the base did"
     assert metas[targets[2]]["adapter"]["sha256"] and metas[targets[0]]["adapter"] is None
     # The run's end stopped the server and its engine processes.
-    from tunelens import genserver
+    from tunelens.generation import genserver
 
     assert genserver.marked_processes(genserver.server_mark(genserver.server_dir(workdir / ".tunelens" / "servers"),
                                                             "")) == []  # fmt: skip

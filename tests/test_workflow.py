@@ -69,7 +69,7 @@ def test_bad_evaluation_set_stops_before_any_job(tmp_path):
     the DAG is built (no job, no results/), naming the set."""
     import yaml
 
-    from tunelens.data import clean_rows, split_rows
+    from tunelens.data.data import clean_rows, split_rows
 
     rows = [{"instruction": f"Task {i}", "input": "", "output": f"answer {i}"} for i in range(40)]
     train_file = _write_jsonl(tmp_path / "train.jsonl", rows)

@@ -12,11 +12,24 @@ reran every generation for a lens-plot fix, and every job, fine-tunes included, 
   - conservative where names are dynamic: a module object used as a value (`getattr(errors, name)`) makes all
     of that module reachable; a class makes all its methods reachable; a definition with a decorator that
     may register it (anything but dataclass, lru_cache, property, contextmanager...) is reachable whenever
-    its module runs. A module imported by a *string* (`importlib.import_module("tunelens.metrics")`) is
+    its module runs. A module imported by a *string* (`importlib.import_module("tunelens.scoring.metrics")`) is
     deliberately not followed: that is how a module keeps code it only passes along (names, not calls) out of
-    a job's hash (tunelens.schema, tunelens.genserver).
+    a job's hash (tunelens.schema, tunelens.generation.genserver).
 Comments, blank lines, formatting and docstrings are not part of the AST dump, so editing them changes
 nothing; any change to reachable code does, and a new function no job calls changes no job.
+
+Blind to where a module lives (issue 25: moving a module into a stage package must not by itself rerun
+anything): no module path enters the hash. A module is named by a label, its position in the order the walk
+first reaches the modules (which follows the import statements in source order and the names used, never
+paths); an import of a tunelens module contributes the names it binds (in the dump) and the labels of what
+they denote and of the modules it runs (beside it); a string naming a tunelens module
+(`"tunelens.scoring.metrics"`, `-m ...` in a command, a logger name) contributes that module's label, or its
+last name when the job does not import it (so two such modules with the same last name, say data.data and
+training.data, are not told apart by a string: code a job does not run is not part of its hash anyway); a
+package whose __init__.py holds no code (a docstring at most) and no data files contributes nothing. So a
+pure move (`git mv` plus the matching import lines and strings) leaves every hash as it was, while pointing
+an import or a string at another module, or editing any reached code, changes it. `code_closure` and the
+lists below still name modules by their paths (for docs and tests).
 
 The workflow drops Snakemake's own `code` trigger (profiles/*/config.yaml) and puts this hash in the
 params of every rule (rules/*.smk), so the params trigger does the work.
@@ -28,10 +41,12 @@ process and its table kept on disk by content hash; the whole package takes a fe
 from __future__ import annotations
 
 import ast
+import copy
 import functools
 import hashlib
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -107,7 +122,7 @@ def _import_effects(node: ast.Import | ast.ImportFrom, package: str | None) -> t
             stars.append(base)
             continue
         name = alias.asname or alias.name
-        if _ours(f"{base}.{alias.name}"):  # `from tunelens import metrics`: the module tunelens.metrics
+        if _ours(f"{base}.{alias.name}"):  # `from tunelens.scoring import metrics`: the module tunelens.scoring.metrics
             modules.append(f"{base}.{alias.name}")
             bindings[name] = [f"{base}.{alias.name}", None]
         else:
@@ -137,7 +152,7 @@ def _chains(nodes) -> list[list[str]]:
 
 
 # Decorators that neither register nor call the function they wrap at import time: a definition with any other
-# decorator (e.g. tunelens.metrics' @register) is reachable whenever its module runs.
+# decorator (e.g. tunelens.scoring.metrics' @register) is reachable whenever its module runs.
 PLAIN_DECORATORS = {"dataclass", "dataclasses.dataclass", "functools.lru_cache", "functools.cache", "lru_cache",
                     "functools.wraps", "functools.cached_property", "property", "staticmethod", "classmethod",
                     "contextlib.contextmanager", "contextmanager", "abstractmethod", "abc.abstractmethod"}
@@ -153,15 +168,71 @@ def _dump(node: ast.AST) -> str:
     return hashlib.sha256(ast.dump(node, annotate_fields=False, include_attributes=False).encode()).hexdigest()
 
 
+def _unique(items: list[str]) -> list[str]:
+    """`items` without repeats, in first-seen order (the walk's order, hence the labels, follows it)."""
+    return list(dict.fromkeys(items))
+
+
+MODULE_NAME = re.compile(r"\btunelens(?:\.[A-Za-z_][A-Za-z0-9_]*)+")
+REF = "\0tunelens-ref\0"  # stands for a tunelens import's module, or a string naming a tunelens module
+
+
+class _PathBlind(ast.NodeTransformer):
+    """Takes module paths out of a copy of the code before it is dumped: an import of tunelens modules keeps the
+    names it binds, and its effects (modules run, what each name denotes) go to `imports`, to be hashed by
+    label; a string or bytes constant that names a tunelens module goes to `strings` (resolved when hashing)."""
+
+    def __init__(self, package: str | None):
+        self.package = package
+        self.imports: list[list] = []
+        self.strings: list[str] = []
+
+    def _ours(self, node: ast.Import | ast.ImportFrom) -> ast.AST:
+        modules, bindings, stars = _import_effects(node, self.package)
+        self.imports.append([modules, [[name, *target] for name, target in bindings.items()], stars])
+        return node
+
+    def visit_Import(self, node: ast.Import) -> ast.AST:
+        if not any(alias.name.split(".")[0] == PACKAGE for alias in node.names):
+            return node
+        self._ours(node)
+        return ast.Import(names=[
+            ast.alias(name=REF, asname=alias.asname or alias.name.split(".")[0])
+            if alias.name.split(".")[0] == PACKAGE else alias for alias in node.names])
+
+    def visit_ImportFrom(self, node: ast.ImportFrom) -> ast.AST:
+        if _absolute(node, self.package).split(".")[0] != PACKAGE:
+            return node
+        self._ours(node)
+        return ast.ImportFrom(module=REF, names=[ast.alias(name=alias.asname or alias.name) for alias in node.names],
+                              level=0)
+
+    def visit_Constant(self, node: ast.Constant) -> ast.AST:
+        value = node.value
+        text = value.decode("latin-1") if isinstance(value, bytes) else value
+        if isinstance(text, str) and MODULE_NAME.search(text):
+            self.strings.append(text)
+            return ast.Constant(value=REF if isinstance(value, str) else REF.encode())
+        return node
+
+
+def _blind_dump(nodes: list[ast.AST], package: str | None) -> dict:
+    """{"digest", "imports", "strings"} of `nodes` with module paths taken out (see _PathBlind)."""
+    blind = _PathBlind(package)
+    body = [blind.visit(copy.deepcopy(node)) for node in nodes]
+    return {"digest": _dump(ast.Module(body=body, type_ignores=[])), "imports": blind.imports,
+            "strings": blind.strings}
+
+
 def _module_table(tree: ast.Module, package: str | None) -> dict:
     """What the reachability walk needs of one module (JSON, kept in the disk cache).
 
-    always: digest of what runs whenever the module is imported (every top-level statement except the
-      bodies of functions and classes; their decorators and default values do run), with always_refs, the
-      names it uses, and imports, the tunelens modules it imports at top level;
-    bindings / stars: top-level import bindings; defs: per function or class, its digest, the names it uses,
+    always: the code (_blind_dump) of what runs whenever the module is imported (every top-level statement
+      except the bodies of functions and classes; their decorators and default values do run), with
+      always_refs, the names it uses, and imports, the tunelens modules it imports at top level (source order);
+    bindings / stars: top-level import bindings; defs: per function or class, its code, the names it uses,
       the modules it imports inside and its local import bindings; eager: definitions reachable whenever
-      the module runs (a decorator that may register them).
+      the module runs (a decorator that may register them); empty: no code at all (a docstring at most).
     """
     _strip_docstrings(tree)
     always_nodes, imports, bindings, stars, defs, eager = [], [], {}, [], {}, []
@@ -188,15 +259,16 @@ def _module_table(tree: ast.Module, package: str | None) -> dict:
                     modules, bound, star = _import_effects(inner, package)
                     inner_modules += modules + star
                     inner_bindings.update(bound)
-            defs[node.name] = {"digest": _dump(node), "refs": _chains([node]), "imports": sorted(set(inner_modules)),
-                               "bindings": inner_bindings}
+            defs[node.name] = {"code": _blind_dump([node], package), "refs": _chains([node]),
+                               "imports": _unique(inner_modules), "bindings": inner_bindings}
             if not all(_plain(d) for d in node.decorator_list):
                 eager.append(node.name)
         else:
             always_nodes.append(node)
-    always = ast.Module(body=always_nodes, type_ignores=[])
-    return {"always": _dump(always), "always_refs": _chains(always_nodes), "imports": sorted(set(imports)),
-            "bindings": bindings, "stars": sorted(set(stars)), "defs": defs, "eager": eager}
+    empty = not defs and all(isinstance(node, ast.Pass) for node in always_nodes)
+    return {"always": _blind_dump(always_nodes, package), "always_refs": _chains(always_nodes),
+            "imports": _unique(imports), "bindings": bindings, "stars": _unique(stars), "defs": defs,
+            "eager": eager, "empty": empty}
 
 
 # Parsing is most of the cost (~0.1-0.5 s for the package on a busy 2-core machine, on every snakemake call
@@ -236,7 +308,7 @@ def _save_cache() -> None:
         pass
 
 
-CACHE_FORMAT = "reach-2"  # the cached tables' layout; bump it when _module_table changes
+CACHE_FORMAT = "reach-3"  # the cached tables' layout; bump it when _module_table changes
 
 
 @functools.lru_cache(maxsize=None)
@@ -272,8 +344,13 @@ class _Reach:
 
     def __init__(self):
         self.closure: dict[str, str] = {}
-        self.modules: dict[str, dict] = {}
+        self.code: dict[str, dict] = {}  # closure name -> its _blind_dump (module and definition entries)
+        self.modules: dict[str, dict] = {}  # in the order first reached: the labels (_canonical) follow it
         self.pending: list[tuple[str, str]] = []  # (module, name) to include
+
+    def add(self, name: str, code: dict) -> None:
+        self.closure[name] = code["digest"]
+        self.code[name] = code
 
     def module(self, module: str) -> dict | None:
         """Load `module` (its top-level code runs): its always-part, its imports and eager definitions."""
@@ -284,7 +361,7 @@ class _Reach:
             return None
         table = _parsed(path, _package_of(path))
         self.modules[module] = table
-        self.closure[module] = table["always"]
+        self.add(module, table["always"])
         if path.name == "__init__.py":
             for name, digest in _package_data(path.parent):
                 self.closure[f"{module}:{name}"] = digest
@@ -337,7 +414,7 @@ class _Reach:
                 continue
             if name in table["defs"]:
                 definition = table["defs"][name]
-                self.closure[f"{module}#{name}"] = definition["digest"]
+                self.add(f"{module}#{name}", definition["code"])
                 for imported in definition["imports"]:
                     self.module(imported)
                 for chain in definition["refs"]:
@@ -348,14 +425,12 @@ class _Reach:
                 self.module(f"{module}.{name}")
 
 
-def code_closure(script: str | Path) -> dict[str, str]:
-    """{name: digest} of the code `script` can execute: the script, the top-level code of every tunelens
-    module it imports, transitively ("tunelens.x"), each function and class reachable by name from there
-    ("tunelens.x#f"), and the data files (templates) of each package it imports ("tunelens.report:file")."""
+def _reach(script: str | Path) -> _Reach:
+    """The walk over what `script` can execute (code_closure)."""
     script = Path(script).resolve()
     table = _parsed(script, None)
     reach = _Reach()
-    reach.closure["<script>"] = table["always"]
+    reach.add("<script>", table["always"])
     reach.modules["<script>"] = table
     for imported in table["imports"]:
         reach.module(imported)
@@ -364,21 +439,82 @@ def code_closure(script: str | Path) -> dict[str, str]:
     for chain in table["always_refs"]:
         reach.resolve("<script>", chain, {})
     for name, definition in table["defs"].items():  # a script's own functions: all of them
-        reach.closure[f"<script>#{name}"] = definition["digest"]
+        reach.add(f"<script>#{name}", definition["code"])
         for imported in definition["imports"]:
             reach.module(imported)
         for chain in definition["refs"]:
             reach.resolve("<script>", chain, definition["bindings"])
     reach.run()
-    return reach.closure
+    return reach
+
+
+def code_closure(script: str | Path) -> dict[str, str]:
+    """{name: digest} of the code `script` can execute: the script, the top-level code of every tunelens
+    module it imports, transitively ("tunelens.x"), each function and class reachable by name from there
+    ("tunelens.x#f"), and the data files (templates) of each package it imports ("tunelens.report:file")."""
+    return _reach(script).closure
+
+
+def _canonical(reach: _Reach) -> list[tuple[str, str]]:
+    """The closure with no module path in it (module docstring): (name, content) pairs, names sorted.
+
+    Modules are labelled in the order the walk first reached them; a package with no code and no data files
+    (the empty __init__.py of a stage package) gets no label and contributes nothing."""
+    def empty(module: str) -> bool:
+        path = _module_file(module)
+        return reach.modules[module].get("empty", False) and not (
+            path is not None and path.name == "__init__.py" and _package_data(path.parent))
+
+    labels, empties = {"<script>": "<script>"}, 0
+    for module in reach.modules:
+        if module in labels:
+            continue
+        if empty(module):
+            labels[module] = f"empty{empties}"  # only ever seen when such a package is bound as a value
+            empties += 1
+        else:
+            labels[module] = f"m{len(labels) - 1 - empties}"
+
+    def label(module: str) -> str:
+        # a module the walk never loaded (only named by an import in unreached code): its path, to stay sound
+        return labels.get(module) or f"path:{module}"
+
+    def resolve_string(text: str) -> str:
+        def named(match: re.Match) -> str:
+            parts = match.group(0).split(".")
+            for end in range(len(parts), 1, -1):  # the longest prefix that is a module (the root alone is not)
+                module = ".".join(parts[:end])
+                if _module_file(module) is not None:
+                    name = labels.get(module) or f"unloaded:{parts[end - 1]}"
+                    return ".".join([f"<{name}>", *parts[end:]])
+            return match.group(0)
+        return MODULE_NAME.sub(named, text)
+
+    items = []
+    for name, digest in reach.closure.items():
+        module, sep, rest = name.partition("#") if "#" in name else name.partition(":")
+        if not sep and module in labels and labels[module].startswith("empty"):
+            continue  # an empty package's top-level code: nothing runs
+        canonical_name = label(module) + sep + rest
+        code = reach.code.get(name)
+        if code is None:  # a package data file
+            items.append((canonical_name, digest))
+            continue
+        imports = [[[label(m) for m in modules if not labels.get(m, "").startswith("empty")],
+                    [[bound, label(target), attribute] for bound, target, attribute in bindings],
+                    [label(star) for star in stars]]
+                   for modules, bindings, stars in code["imports"]]
+        strings = [resolve_string(text) for text in code["strings"]]
+        items.append((canonical_name, json.dumps([digest, imports, strings])))
+    return sorted(items)
 
 
 @functools.lru_cache(maxsize=None)
 def code_hash(script: str | Path) -> str:
     """sha256 (first 16 hex digits) over the normalised code a script runs; see the module docstring."""
     digest = hashlib.sha256()
-    for name, dump in sorted(code_closure(script).items()):
-        digest.update(name.encode() + b"\0" + dump.encode() + b"\0")
+    for name, content in _canonical(_reach(script)):
+        digest.update(name.encode() + b"\0" + content.encode() + b"\0")
     _save_cache()
     return digest.hexdigest()[:16]
 

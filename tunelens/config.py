@@ -21,8 +21,8 @@ from pathlib import Path
 
 import yaml
 
-from tunelens.decoding import DecodingConfig, knob_names
-from tunelens.decoding import check as check_decoding_config
+from tunelens.generation.decoding import DecodingConfig, knob_names
+from tunelens.generation.decoding import check as check_decoding_config
 from tunelens.errors import ConfigError
 # re-exported: callers and tests import the schema helpers from here
 from tunelens.schema import (  # noqa: F401
@@ -251,7 +251,7 @@ def _local_num_layers(path: Path, where: str) -> int | None:
 
 
 def generation_server_fields(config: dict, model: str) -> dict:
-    """The config's part of a model's generation-server key (tunelens.genserver.server_key): its generation
+    """The config's part of a model's generation-server key (tunelens.generation.genserver.server_key): its generation
     backend and the vLLM engine options. Generate jobs pass them as params; early_exit jobs read them here
     from the config, so they key the same server (one model load) without rerunning when they change."""
     generation = config["generation"]

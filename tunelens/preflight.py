@@ -31,7 +31,7 @@ from tunelens.config import EMBEDDED_PREFIX, HUB_ID, Problems, Study, load_confi
 from tunelens.errors import ConfigError, DataError
 from tunelens.hub import hub_offline, truthy as _truthy  # noqa: F401 (hub_offline: callers import it here)
 
-# Resample matrices of the percentile bootstrap: ~4 float64/int64 arrays of samples x rows (tunelens.statistics).
+# Resample matrices of the percentile bootstrap: ~4 float64/int64 arrays of samples x rows (tunelens.scoring.statistics).
 BOOTSTRAP_BYTES_PER_CELL = 32
 BOOTSTRAP_MEMORY_LIMIT = 4 * 1024**3  # score jobs ask for 8 GB
 
@@ -159,7 +159,7 @@ def _hub_dataset_problem(where: str, source: str, base_dir: Path, offline: bool,
 def _read_split(where: str, source: str, *, fields: dict, required: tuple, on_bad_rows: str, hub_split: str,
                 base_dir: Path):
     """(rows, dropped, bad, problem) of a readable source, read and cleaned as the split job does."""
-    from tunelens.data import clean_rows, read_source
+    from tunelens.data.data import clean_rows, read_source
 
     try:
         raw, _, bad = read_source(source, hub_split=hub_split, base_dir=base_dir, on_bad_rows=on_bad_rows)
@@ -181,7 +181,7 @@ def _dataset_problems(study: Study, base_dir: Path, offline: bool, environ,
     would reject (no usable rows, test_size leaving nothing to train on, a bad row under on_bad_rows: error)
     is named before any job, with the rows dropped by reason.
     """
-    from tunelens.data import split_rows
+    from tunelens.data.data import split_rows
 
     dataset = study.config["dataset"]
     source, test_size = dataset["source"], dataset["test_size"]
@@ -208,7 +208,7 @@ def _dataset_problems(study: Study, base_dir: Path, offline: bool, environ,
         reasons = ", ".join(f"{reason} {count}" for reason, count in sorted(dropped.items()))
         return [f"dataset.source: '{source}': {len(rows)} usable row{plural} of {read} read"
                 + (f" (dropped: {reasons})" if reasons else "") + f": {exc}"], known
-    from tunelens.data import training_prompts
+    from tunelens.data.data import training_prompts
 
     return [], {"test": len(test), "train": len(train), "train_prompts": training_prompts(train)}
 
@@ -429,7 +429,7 @@ def preflight(study: Study, *, base_dir: str | Path = ".", environ: Mapping[str,
                 if problem:
                     found.add(problem)
         if study.evaluation_sets and (study.dataset_kind == "hub" or "train_prompts" in known):
-            from tunelens.data import check_evaluation_sets
+            from tunelens.data.data import check_evaluation_sets
 
             check_evaluation_sets(study, base_dir, train_prompts=known.get("train_prompts", set()),
                                   problems=found.messages)

@@ -1,8 +1,8 @@
 """The config schema: schemas/config.schema.yaml, with the parts that come from code filled in, validation
 with readable errors, and default filling (as snakemake.utils.validate(set_default=True) does).
 
-Filled in at load time (one source each): the decoding parameters (tunelens.decoding.DecodingConfig) and the
-choices and default of `scoring.metrics` (the metric registry, tunelens.metrics).
+Filled in at load time (one source each): the decoding parameters (tunelens.generation.decoding.DecodingConfig) and the
+choices and default of `scoring.metrics` (the metric registry, tunelens.scoring.metrics).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from tunelens.decoding import schema_properties, sweep_schema_properties
+from tunelens.generation.decoding import schema_properties, sweep_schema_properties
 from tunelens.errors import ConfigError
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schemas" / "config.schema.yaml"
@@ -31,14 +31,14 @@ def _cached_schema() -> dict:
 
 def _load_schema() -> dict:
     """The config schema (a fresh copy: callers may modify it), with what comes from code filled in: the
-    decoding parameters (tunelens.decoding) and the choices and default of `scoring.metrics` (the registered
-    metrics, tunelens.metrics)."""
+    decoding parameters (tunelens.generation.decoding) and the choices and default of `scoring.metrics` (the registered
+    metrics, tunelens.scoring.metrics)."""
     # Imported by name on purpose: a job's code hash (tunelens.codehash) follows import statements, and the
     # metric code must not become code of every job that loads the config (a BLEU fix would rerun every
     # generation). Only the names reach other jobs, through their params.
-    registry = importlib.import_module("tunelens.metrics")
+    registry = importlib.import_module("tunelens.scoring.metrics")
     schema = copy.deepcopy(_cached_schema())
-    # Decoding parameters: type, default and description from tunelens.decoding.DecodingConfig.
+    # Decoding parameters: type, default and description from tunelens.generation.decoding.DecodingConfig.
     schema["$defs"]["decoding_config"]["properties"].update(schema_properties())
     schema["properties"]["decoding"]["properties"]["sweep"]["properties"] = sweep_schema_properties()
     metrics = schema["properties"]["scoring"]["properties"]["metrics"]

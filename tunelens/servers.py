@@ -1,8 +1,9 @@
 """Generation servers as other jobs see them: where they live, their processes, stopping them, GPU room.
 
-Kept apart from tunelens.genserver (which runs generation and so imports tunelens.generate) so that a job that
-only needs to stop servers or check the GPU's room, such as tunelens.models.load_model, does not pull the
-generation code into its code hash (tunelens.codehash): editing generate.py must not rerun the score jobs.
+Kept apart from tunelens.generation.genserver (which runs generation and so imports
+tunelens.generation.generate) so that a job that only needs to stop servers or check the GPU's room, such as
+tunelens.models.load_model, does not pull the generation code into its code hash (tunelens.codehash): editing
+generate.py must not rerun the score jobs.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger("tunelens.genserver")
+log = logging.getLogger("tunelens.generation.genserver")
 
 SERVER_DIR_ENV = "TUNELENS_SERVER_DIR"
 # Fault injection for tests/test_genserver.py only: the server exits hard inside a generate request.
@@ -106,7 +107,7 @@ def _is_our_server(pid: int, key: str) -> bool:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return False
-    return b"tunelens.genserver" in cmdline and key.encode() in cmdline
+    return b"tunelens.generation.genserver" in cmdline and key.encode() in cmdline
 
 
 def _connect(path: str, timeout_s: float = 5.0) -> socket.socket | None:
@@ -247,13 +248,14 @@ def stop_servers(base: str | Path | None = None, *, except_key: str | None = Non
 
 
 # --------------------------------------------------------------------------------------------- starting and asking a server
-# Here rather than in tunelens.genserver so that a score job's client (bertscore_runner) does not pull the
+# Here rather than in tunelens.generation.genserver so that a score job's client (bertscore_runner) does not pull the
 # generation code into its code hash (tunelens.codehash): editing generate.py must not rerun the score jobs.
 def _code_digest() -> str:
     """sha256 of tunelens' own sources: a server started by older code is never reused."""
     digest = hashlib.sha256()
-    for path in sorted(Path(__file__).resolve().parent.glob("*.py")):
-        digest.update(path.name.encode())
+    package = Path(__file__).resolve().parent
+    for path in sorted(package.rglob("*.py")):  # the stage packages (tunelens/generation/...) too
+        digest.update(path.relative_to(package).as_posix().encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()
 
@@ -367,7 +369,7 @@ def _watched_alive(watch: str | None) -> bool:
 
 def _start_server(python: str, folder: Path, key: str, idle_timeout_s: float, device: str = "auto") -> subprocess.Popen:
     log_file = folder / f"{key}.log"
-    cmd = [python, "-m", "tunelens.genserver", "serve", "--dir", str(folder), "--key", key,
+    cmd = [python, "-m", "tunelens.generation.genserver", "serve", "--dir", str(folder), "--key", key,
            "--socket", _socket_path(folder, key), "--idle-timeout", str(idle_timeout_s), "--device", device]
     watch = server_watch()
     if watch:  # the server ends with the Snakemake process that runs its jobs, however that one ends

@@ -1,6 +1,6 @@
 """Where models and datasets come from: the source-string kinds and the embedded datasets.
 
-Its own small module so that tunelens.config (validation) and tunelens.data (reading) both import it and
+Its own small module so that tunelens.config (validation) and tunelens.data.data (reading) both import it and
 not each other: every job re-validates the config, and a job's code hash follows imports, so a data.py edit
 must not reach config.
 """
@@ -12,8 +12,8 @@ from pathlib import Path
 EMBEDDED_PREFIX = "embedded:"
 DATA_EXTENSIONS = (".json", ".jsonl", ".csv", ".parquet")
 EMBEDDED_DATASETS = {
-    "demo": "tunelens.demo_data.generate_demo_rows: 400 generated instruction rows",
-    "demo-holdout": "tunelens.demo_data.generate_holdout_rows: 12 rows of task families absent from demo",
+    "demo": "tunelens.data.demo_data.generate_demo_rows: 400 generated instruction rows",
+    "demo-holdout": "tunelens.data.demo_data.generate_holdout_rows: 12 rows of task families absent from demo",
 }
 
 

@@ -11,7 +11,7 @@ and columns have a fixed order, and the only line that changes between two runs 
 
 The package, in the order data flows through it:
   inputs       score files, per-row tables and fine-tune records -> tidy_scores / long_rows
-  comparisons  paired differences, best configs, agreement (bootstrap: tunelens.statistics)
+  comparisons  paired differences, best configs, agreement (bootstrap: tunelens.scoring.statistics)
   tidy         summary.csv (every number behind every table)
   document     summary.md / summary.html, one function per section
   provenance   closing sections: fine-tuning records, skipped metrics, provenance

@@ -7,7 +7,7 @@ from typing import Iterable, Sequence
 
 import pandas as pd
 
-from tunelens.metrics import METRICS
+from tunelens.scoring.metrics import METRICS
 
 VARIANT_ORDER = ("base", "finetuned")
 DIFF_VARIANT = "finetuned-base"  # `variant` of paired-difference rows in summary.csv
@@ -16,7 +16,7 @@ REFERENCE_METRICS = ("judge", "human")  # what automatic metrics are compared ag
 CSV_COLUMNS = (
     "evaluation_set", "model", "variant", "config", "layer", "metric", "statistic", "value", "ci_low", "ci_high", "n",
     "scale", "p_value", "p_adjusted",
-)  # p_value / p_adjusted: paired differences only (tunelens.statistics.P_VALUE_METHOD, adjust_p_values)
+)  # p_value / p_adjusted: paired differences only (tunelens.scoring.statistics.P_VALUE_METHOD, adjust_p_values)
 DATE_PREFIX = "Generated: "
 
 
@@ -34,7 +34,7 @@ CORRELATION = MetricInfo("", "-1..1", True, 3)
 
 
 def metric_info(metric: str) -> MetricInfo:
-    """Display info of a metric from the registry (tunelens.metrics); an unregistered metric is shown by
+    """Display info of a metric from the registry (tunelens.scoring.metrics); an unregistered metric is shown by
     name with 3 decimals and no direction (not ranked)."""
     spec = METRICS.get(metric)
     if spec is None:
@@ -61,7 +61,7 @@ class ReportSettings:
     evaluation_set: label of the training data's own test split (the default set; dataset.name), the
     `evaluation_set` of its summary.csv rows.
     multiple_comparisons: scoring.multiple_comparisons, the p-value adjustment over each model's paired
-    comparisons ('bh' (default), 'holm' or 'none'; tunelens.statistics.adjust_p_values); a paired cell is marked
+    comparisons ('bh' (default), 'holm' or 'none'; tunelens.scoring.statistics.adjust_p_values); a paired cell is marked
     significant when its adjusted p-value is below 1 - confidence.
     """
 
@@ -76,7 +76,7 @@ class ReportSettings:
     multiple_comparisons: str = "bh"
 
     def __post_init__(self) -> None:
-        from tunelens.statistics import ADJUSTMENTS
+        from tunelens.scoring.statistics import ADJUSTMENTS
 
         if self.multiple_comparisons not in ADJUSTMENTS:
             raise ValueError(f"scoring.multiple_comparisons: '{self.multiple_comparisons}'; expected one of "

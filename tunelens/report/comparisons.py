@@ -4,7 +4,7 @@
                       metrics as differences of corpus values), with p-values adjusted per model;
 - best_configs:       best decoding config per model, variant and metric, and its gain over the default;
 - agreement:          rank agreement of each automatic metric with Judge / Human ratings.
-The bootstrap itself is tunelens.statistics.
+The bootstrap itself is tunelens.scoring.statistics.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from tunelens.report.common import (
     order_index,
 )
 from tunelens.report.inputs import ScoreFile
-from tunelens.metrics import METRICS
-from tunelens.statistics import (
+from tunelens.scoring.metrics import METRICS
+from tunelens.scoring.statistics import (
     adjust_p_values, comparison_rng, paired_corpus_difference, paired_mean_difference, rank_agreement,
 )
 

@@ -26,14 +26,14 @@ from tunelens.report.common import (
     DATE_PREFIX, POOLED, REFERENCE_METRICS, VARIANT_ORDER, ReportSettings, metric_info, metric_order, order_index,
     variants,
 )
-from tunelens.metrics import METRICS
+from tunelens.scoring.metrics import METRICS
 from tunelens.report.comparisons import corpus_stats_table, score_file_index
 from tunelens.report.inputs import ScoreFile
 from tunelens.report.provenance import finetune_section, notes_section, provenance_section
 from tunelens.report.tables import (
     Cell, Document, Table, estimate_cell, format_estimate, format_number, format_p, mark_best, significance,
 )
-from tunelens.statistics import ADJUSTMENTS
+from tunelens.scoring.statistics import ADJUSTMENTS
 
 
 def config_fields(settings: ReportSettings, files: Sequence[ScoreFile]) -> dict[str, dict]:

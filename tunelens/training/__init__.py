@@ -1,4 +1,4 @@
-"""The fine-tuning stage's parts; the job itself is tunelens.finetune.finetune().
+"""The fine-tuning stage's parts; the job itself is tunelens.training.finetune.finetune().
 
 - plan.py   settings keys, the resolved TrainingPlan (method, dtype, checkpointing, Liger) and target modules;
 - data.py   training rows, prompt-completion examples, tokenization with completion masks;

@@ -9,7 +9,7 @@ from pathlib import Path
 from tunelens.errors import DataError
 from tunelens.io import read_jsonl
 
-log = logging.getLogger("tunelens.finetune")
+log = logging.getLogger("tunelens.training.finetune")
 
 TRAIN_ROW_KEYS = ("id", "instruction", "input", "output")
 
@@ -33,7 +33,7 @@ def load_train_rows(train_jsonl: str | Path) -> list[dict]:
 
 def encode_text(text: str, tokenizer) -> list[int]:
     """Token ids of a full text, with no special tokens added: the prompt is a complete text (template
-    included), tokenized exactly as the generation and probe stages tokenize it (tunelens.generate)."""
+    included), tokenized exactly as the generation and probe stages tokenize it (tunelens.generation.generate)."""
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 

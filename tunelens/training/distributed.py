@@ -1,6 +1,6 @@
 """Data-parallel fine-tuning: one copy of the model per GPU of the job, through torchrun.
 
-`tunelens.finetune.finetune(gpus=N)` on CUDA (or `processes=N`, which also runs on CPU with the gloo backend, as
+`tunelens.training.finetune.finetune(gpus=N)` on CUDA (or `processes=N`, which also runs on CPU with the gloo backend, as
 the tests do) starts
 
     python -m torch.distributed.run --standalone --nproc_per_node N -m tunelens.training.distributed REQUEST.json
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    from tunelens.finetune import finetune
+    from tunelens.training.finetune import finetune
 
     finetune(**request)
     return 0

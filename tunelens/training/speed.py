@@ -10,7 +10,7 @@ from pathlib import Path
 from tunelens.io import write_json_atomic
 from tunelens.training.plan import AUTOTUNE_FILE, TrainingPlan
 
-log = logging.getLogger("tunelens.finetune")
+log = logging.getLogger("tunelens.training.finetune")
 
 # Attention kernels that read TRL's packed-sequence boundaries (cu_seq_lens / position_ids) by themselves.
 VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3")

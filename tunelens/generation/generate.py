@@ -34,21 +34,21 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from tunelens.decoding import DecodingConfig
-from tunelens.decoding import check as check_decoding
+from tunelens.generation.decoding import DecodingConfig
+from tunelens.generation.decoding import check as check_decoding
 from tunelens.errors import ConfigError, ModelError
 from tunelens.hub import hub_revision
 from tunelens.io import library_versions, sha256_dir, write_json_atomic, write_jsonl_atomic
 # The backends and what they share live in their own modules; their names stay importable from here.
-from tunelens.backend_hf import (  # noqa: F401
+from tunelens.generation.backend_hf import (  # noqa: F401
     CPU_AUTO_BATCH, HF_NEUTRAL, KV_MEMORY_SHARE, MAX_AUTO_BATCH, _finish, auto_token_budget, hf_generate_batched,
     STATIC_LEN_BUCKET, hf_generation_config, kv_bytes_per_token, plan_batches, row_bucket, uses_static_cache,
 )
-from tunelens.backend_vllm import (  # noqa: F401
+from tunelens.generation.backend_vllm import (  # noqa: F401
     VLLM_NEUTRAL, VllmEngine, _lora_request, _require_vllm, _vllm_beam_search, build_vllm_engine, resolve_backend,
     vllm_generate, vllm_importable, vllm_usable,
 )
-from tunelens.completions import (  # noqa: F401
+from tunelens.generation.completions import (  # noqa: F401
     BACKENDS, FINISH_REASONS, SPLIT_FIELDS, Completion, GenerationSettings, PromptRow, _row_seed, as_decoding_config,
     check_context_room, cut_at_stop, describe_semantics, load_prompt_rows,
 )
@@ -262,7 +262,7 @@ def generation_output(
     merge_adapter: bool | str = "auto",
 ) -> tuple[dict, list[dict]]:
     """What `generate` writes, computed but not written: (meta, rows). The generation server
-    (tunelens.genserver) calls this with a model/engine it keeps loaded (`engine` for vLLM, `hf_model`
+    (tunelens.generation.genserver) calls this with a model/engine it keeps loaded (`engine` for vLLM, `hf_model`
     = (model, tokenizer) for hf); the job writes the files itself, so a server never writes outputs."""
     decoding_config = as_decoding_config(decoding_config)
     settings = GenerationSettings(

@@ -1,5 +1,5 @@
 """What every generation backend shares: the settings of a generation job, a completion, the prompt rows,
-stop-string cutting, per-row seeds and the decoding-semantics text of the sidecar (tunelens.generate).
+stop-string cutting, per-row seeds and the decoding-semantics text of the sidecar (tunelens.generation.generate).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from tunelens.decoding import BEAM_MODES, DecodingConfig
+from tunelens.generation.decoding import BEAM_MODES, DecodingConfig
 from tunelens.errors import ConfigError, DataError
 from tunelens.io import read_jsonl
 
@@ -38,7 +38,7 @@ class GenerationSettings:
     random stream, never greedy/beam outputs (the batches used are recorded in the sidecar);
     max_prompt_tokens: a longer prompt is an error naming its row (never silently truncated);
     static_cache: a static KV cache (hf backend, num_beams 1): every batch's rows are padded with copies of its
-    last prompt up to a row bucket (`tunelens.backend_hf.row_bucket`) and the cache to a length bucket, so that
+    last prompt up to a row bucket (`tunelens.generation.backend_hf.row_bucket`) and the cache to a length bucket, so that
     on CUDA transformers compiles the decoding step once per bucket (`compile_backend`), not per request.
     """
 
@@ -109,7 +109,7 @@ def describe_semantics(decoding_config: DecodingConfig, beam_mode: str, backend:
         if backend == "vllm" and dc.repetition_penalty != 1.0:
             rep = f" repetition_penalty={dc.repetition_penalty} is NOT applied (vLLM beam search has no such option)."
         return f"[{backend}] {text}{rep}"
-    if dc.is_beam:  # beam_sample (temperature > 0: tunelens.decoding.check)
+    if dc.is_beam:  # beam_sample (temperature > 0: tunelens.generation.decoding.check)
         text = (
             f"beam sampling (hf), {dc.num_beams} beams, tokens sampled with temperature={dc.temperature}, "
             f"top_k={dc.top_k or 'off'}, top_p={dc.top_p if dc.top_p < 1 else 'off'}."

@@ -2,12 +2,12 @@
 
 One pipeline for generation files and early-exit files alike (same row format):
   filter    read and check the rows (fails on a bad file before any metric model is loaded);
-  score     each registered metric (tunelens.metrics) gives per-row values and the corpus value;
+  score     each registered metric (tunelens.scoring.metrics) gives per-row values and the corpus value;
   reduce    corpus value as the metric's own library computes it (BLEU from summed n-gram counts, ...);
   aggregate percentile bootstrap CI: rows resampled with replacement, the corpus value recomputed on each
             resample (from per-row sufficient statistics for BLEU/CodeBLEU/perplexity, so it stays cheap).
 
-The bootstrap and CI code is tunelens.statistics (shared with the report's paired differences).
+The bootstrap and CI code is tunelens.scoring.statistics (shared with the report's paired differences).
 
 Score file format: docs/ARCHITECTURE.md ("Score files").
 """
@@ -26,8 +26,8 @@ import numpy as np
 
 from tunelens.errors import DataError
 from tunelens.io import library_versions, read_json, read_jsonl, write_json_atomic, write_text_atomic
-from tunelens.metrics import METRICS, MetricResult, ScoringContext, check_metric_names
-from tunelens.statistics import BOOTSTRAP_METHOD, bootstrap_distribution, percentile_ci, resample_counts
+from tunelens.scoring.metrics import METRICS, MetricResult, ScoringContext, check_metric_names
+from tunelens.scoring.statistics import BOOTSTRAP_METHOD, bootstrap_distribution, percentile_ci, resample_counts
 
 log = logging.getLogger(__name__)
 

@@ -38,7 +38,7 @@ def read_source(source: str, *, hub_split: str = "train", base_dir: str | Path =
     `hub_dir`, its download by rule download_dataset (tunelens.hub), when given."""
     kind = source_kind(source)
     if kind == "embedded":
-        from tunelens.demo_data import generate_demo_rows, generate_holdout_rows
+        from tunelens.data.demo_data import generate_demo_rows, generate_holdout_rows
 
         name = source[len(EMBEDDED_PREFIX):]
         if name not in EMBEDDED_DATASETS:

@@ -25,9 +25,9 @@ import numpy as np
 
 from tunelens.errors import DataError
 from tunelens.io import read_jsonl, write_json_atomic, write_text_atomic
-from tunelens.metrics import MetricResult
+from tunelens.scoring.metrics import MetricResult
 from tunelens.prompts import user_message
-from tunelens.score import read_generations, score_record, write_rows_csv
+from tunelens.scoring.score import read_generations, score_record, write_rows_csv
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,5 @@
 """hf backend: transformers `generate`, batched with left padding, prompts sorted by token length, batch sizes
-from the free GPU memory (batch_size auto). Used through tunelens.generate."""
+from the free GPU memory (batch_size auto). Used through tunelens.generation.generate."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import logging
 import time
 from typing import Sequence
 
-from tunelens.completions import Completion, GenerationSettings, cut_at_stop
-from tunelens.decoding import DecodingConfig, hf_generation_kwargs
+from tunelens.generation.completions import Completion, GenerationSettings, cut_at_stop
+from tunelens.generation.decoding import DecodingConfig, hf_generation_kwargs
 from tunelens.errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ def hf_generation_config(model, tokenizer, decoding_config: DecodingConfig, sett
             )
     return GenerationConfig(
         **cache,
-        # Every warper the config does not set is neutral; the decoding parameters override (tunelens.decoding).
+        # Every warper the config does not set is neutral; the decoding parameters override (tunelens.generation.decoding).
         **{**HF_NEUTRAL, **hf_generation_kwargs(dc, sample=sample)},
         do_sample=sample,
         num_return_sequences=1,

@@ -10,18 +10,18 @@ they become thin clients of a generation server:
   1. The job connects to the server for its key (Python, tunelens code, host, SLURM allocation, visible
      GPUs, model, backend, device, seed, vLLM options) through a Unix socket under the run-local
      `.tunelens/servers/<host>/`. If there is none, the first job starts one (`python -m
-     tunelens.genserver serve`, its own session, so it outlives the job) under a file lock, so two jobs
+     tunelens.generation.genserver serve`, its own session, so it outlives the job) under a file lock, so two jobs
      never start two servers for one key.
   2. The server keeps the model loaded: hf keeps (model, tokenizer) per adapter; vLLM keeps ONE engine
      built with LoRA enabled, serving base and fine-tuned requests (LoRA is chosen per request) and every
-     decoding config. Requests run one at a time, each exactly as `tunelens.generate.generation_output`
+     decoding config. Requests run one at a time, each exactly as `tunelens.generation.generate.generation_output`
      runs in a job, so the rows are byte-identical to in-process generation (tests/test_genserver.py).
   3. The server answers with (meta, rows); the job writes the files atomically. A server never writes an
      output, so a server that crashes or is killed cannot leave a wrong or partial output.
   4. Anything that goes wrong on the server side (it cannot start within start_timeout_s, dies, answers
      nonsense, exceeds request_timeout_s) makes the job stop that server and generate itself: in this
      process, or for `backend: vllm` when vLLM is not importable here, in a one-shot `python -m
-     tunelens.genserver once` under the vLLM Python. Errors in the job's own input (TunelensError: an
+     tunelens.generation.genserver once` under the vLLM Python. Errors in the job's own input (TunelensError: an
      over-long prompt, a bad adapter) are raised as they are, with no retry.
   5. A server exits after idle_timeout_s without requests; the Snakefile's onsuccess/onerror stop every
      server of the run (`stop_servers`), and the server's whole process group (vLLM's EngineCore and
@@ -31,7 +31,7 @@ Every meta file records how its rows were produced under `execution` (mode, serv
 request loaded the model or built the engine, and the load time it paid; for a served request also the server
 CPU seconds it took, `server_cpu_s`, and the server's total so far, `server_cpu_total_s`: the report bills the
 server's work to the jobs it served). early_exit, perplexity and logit_lens jobs are requests to the same server
-(run_early_exit_job; tunelens.served), on its hf model.
+(run_early_exit_job; tunelens.generation.served), on its hf model.
 """
 
 from __future__ import annotations
@@ -65,14 +65,14 @@ log = logging.getLogger(__name__)
 
 
 def _run_once_in(python: str, job: dict, timeout_s: float) -> tuple[dict, list]:
-    """The job in a one-shot `python -m tunelens.genserver once` (e.g. the vLLM venv), own session; its
+    """The job in a one-shot `python -m tunelens.generation.genserver once` (e.g. the vLLM venv), own session; its
     leftover processes (vLLM engine) are killed by process group when it ends."""
     from tunelens import errors
 
     with tempfile.TemporaryDirectory(prefix="tunelens-once-") as workdir:
         request, answer_file = Path(workdir) / "job.json", Path(workdir) / "answer.json"
         request.write_text(json.dumps(job))
-        cmd = [python, "-m", "tunelens.genserver", "once", str(request), str(answer_file)]
+        cmd = [python, "-m", "tunelens.generation.genserver", "once", str(request), str(answer_file)]
         log.info("running %s", " ".join(cmd))
         mark = f"once-{os.getpid()}-{time.time_ns()}"
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, start_new_session=True,
@@ -98,7 +98,7 @@ def _run_once_in(python: str, job: dict, timeout_s: float) -> tuple[dict, list]:
 def job_python(backend: str, vllm_python: str | None) -> str:
     """The Python a job's generation runs in: this one, or for `backend: vllm` when vLLM is not
     importable here, `vllm_python`. Never falls back to hf: without either, the error says how to get vLLM."""
-    from tunelens.generate import _require_vllm, vllm_importable
+    from tunelens.generation.generate import _require_vllm, vllm_importable
 
     if backend != "vllm" or vllm_importable():
         return sys.executable
@@ -116,12 +116,12 @@ def run_generation_job(job: dict, output_file: str | Path, meta_file: str | Path
                        vllm_python: str | None = None, server: bool = True, base: str | Path | None = None,
                        threads: int | None = None, start_timeout_s: float = 120.0,
                        request_timeout_s: float = 24 * 3600.0, idle_timeout_s: float = 120.0) -> dict:
-    """Run one generate job (`job` = keyword arguments of tunelens.generate.generation_output) and write
+    """Run one generate job (`job` = keyword arguments of tunelens.generation.generate.generation_output) and write
     its two files. Through the model's generation server when `server`, else (or when the server cannot
     serve it) in this process or a one-shot process under the vLLM Python. `threads`: the job's CPU
     threads, given to torch when it generates in this process (a server or subprocess reads them from
     the OpenMP variables it inherits). Returns the meta."""
-    from tunelens.generate import generation_output, write_generation
+    from tunelens.generation.generate import generation_output, write_generation
 
     python = job_python(job.get("backend", "auto"), vllm_python)
     meta = rows = None
@@ -157,13 +157,13 @@ def run_early_exit_job(job: dict, output_file: str | Path, meta_file: str | Path
                        base: str | Path | None = None, threads: int | None = None, start_timeout_s: float = 120.0,
                        request_timeout_s: float = 24 * 3600.0, idle_timeout_s: float = 120.0) -> dict:
     """Run one early_exit job and write its two files (meta first). `job` = keyword arguments of
-    tunelens.probe.early_exit_output plus what keys the model's generation server (backend, gpus,
+    tunelens.probe.probe.early_exit_output plus what keys the model's generation server (backend, gpus,
     vllm_options, as its generate jobs give them): with `server`, the job is a request to that server, which
     keeps the model loaded across the probe layers, both variants and the generate jobs, instead of each job
     importing torch and loading the model. The rows are the same bytes as in-process
     (tests/test_genserver.py). A model generated with vLLM (or a server that cannot serve) runs the job
     here, as before. Returns the meta."""
-    from tunelens.probe import write_early_exit  # torch-free at import
+    from tunelens.probe.probe import write_early_exit  # torch-free at import
 
     meta = rows = None
     if server and job.get("backend", "auto") != "vllm":
@@ -176,7 +176,7 @@ def run_early_exit_job(job: dict, output_file: str | Path, meta_file: str | Path
         except ServerUnavailable as exc:
             log.warning("generation server unavailable (%s); running the early exit without it", exc)
     if meta is None:
-        from tunelens.probe import early_exit_output
+        from tunelens.probe.probe import early_exit_output
 
         started = time.perf_counter()
         if threads:
@@ -238,7 +238,7 @@ class _Server:
 
     def _hf_model(self, job: dict) -> tuple[tuple, bool, float]:
         """(model, tokenizer) of the job's variant, loaded once; (that, loaded now, load seconds)."""
-        from tunelens.generate import resolve_on_device
+        from tunelens.generation.generate import resolve_on_device
         from tunelens.models import load_model, pick_device
 
         adapter = job.get("adapter_dir")
@@ -264,10 +264,10 @@ class _Server:
         return self.hf_models[key], True, time.perf_counter() - started
 
     def early_exit(self, job: dict) -> tuple[dict, list]:
-        """An early_exit job (tunelens.probe.early_exit_output) on the hf model this server keeps. A server
+        """An early_exit job (tunelens.probe.probe.early_exit_output) on the hf model this server keeps. A server
         that generates with vLLM declines (it would hold a second copy of the model beside the engine)."""
-        from tunelens.generate import resolve_backend
-        from tunelens.probe import early_exit_output
+        from tunelens.generation.generate import resolve_backend
+        from tunelens.probe.probe import early_exit_output
 
         if self.engine is not None or resolve_backend(job.get("backend", "auto"), job.get("device", "auto"))[0] == "vllm":
             raise Declined("this server generates with vLLM; early exit needs the hf model")
@@ -281,8 +281,8 @@ class _Server:
         return meta, rows
 
     def _task_model(self, job: dict) -> tuple[tuple, bool, float]:
-        """The hf model of a perplexity or logit_lens request (tunelens.served), as early_exit gets it."""
-        from tunelens.generate import resolve_backend
+        """The hf model of a perplexity or logit_lens request (tunelens.generation.served), as early_exit gets it."""
+        from tunelens.generation.generate import resolve_backend
 
         if self.engine is not None or resolve_backend(job.get("backend", "auto"), job.get("device", "auto"))[0] == "vllm":
             raise Declined(f"this server generates with vLLM; {job.get('task')} needs the hf model")
@@ -299,26 +299,26 @@ class _Server:
             "request": self.requests}}, rows
 
     def perplexity(self, job: dict) -> tuple[dict, list]:
-        """A perplexity job (tunelens.perplexity.perplexity_output) on the hf model this server keeps. Imported
+        """A perplexity job (tunelens.scoring.perplexity.perplexity_output) on the hf model this server keeps. Imported
         by name, not by an import statement: a generate job never runs it, so it must not count in the
         generation code's hash (tunelens.codehash)."""
         hf_model, loaded, load_time = self._task_model(job)
         kwargs = {k: v for k, v in job.items() if k not in ("task", "backend", "gpus", "vllm_options")}
-        summary, rows = importlib.import_module("tunelens.perplexity").perplexity_output(
+        summary, rows = importlib.import_module("tunelens.scoring.perplexity").perplexity_output(
             **kwargs, model_and_tokenizer=hf_model, load_time_s=load_time)
         return self._task_answer(summary, rows, loaded, hf_model)
 
     def logit_lens(self, job: dict) -> tuple[dict, list]:
-        """A logit_lens job (tunelens.probe.logit_lens_output, the lens without its plots) on the hf model this
+        """A logit_lens job (tunelens.probe.probe.logit_lens_output, the lens without its plots) on the hf model this
         server keeps; imported by name, as perplexity."""
         hf_model, loaded, load_time = self._task_model(job)
         kwargs = {k: v for k, v in job.items() if k not in ("task", "backend", "gpus", "vllm_options")}
-        lens = importlib.import_module("tunelens.probe").logit_lens_output(**kwargs, hf_model=hf_model,
+        lens = importlib.import_module("tunelens.probe.probe").logit_lens_output(**kwargs, hf_model=hf_model,
                                                                             load_time_s=load_time)
         return self._task_answer(lens, [], loaded, hf_model)
 
     def generate(self, job: dict) -> tuple[dict, list]:
-        from tunelens.generate import build_vllm_engine, generation_output, resolve_backend
+        from tunelens.generation.generate import build_vllm_engine, generation_output, resolve_backend
 
         if job.get("task") == "early_exit":
             return self.early_exit(job)
@@ -329,7 +329,7 @@ class _Server:
         if job.get("task") == "bertscore":
             # Imported by name, not by an import statement: a generate job never runs the scoring code, so it
             # must not count in the generation code's hash (tunelens.codehash); the score jobs' hash has it.
-            meta, rows = importlib.import_module("tunelens.metrics").bertscore_task(job)
+            meta, rows = importlib.import_module("tunelens.scoring.metrics").bertscore_task(job)
             self.requests += 1
             meta.update(n_rows=len(rows), execution={"mode": "server", "server_pid": os.getpid(),
                                                      "request": self.requests})
@@ -464,7 +464,7 @@ def serve(folder: Path, key: str, socket_path: str, idle_timeout_s: float, watch
 
 def once(request_file: str, answer_file: str) -> int:
     """Run one job from a JSON file and write {"ok", "meta", "rows"} or the error (the vLLM venv's worker)."""
-    from tunelens.generate import generation_output
+    from tunelens.generation.generate import generation_output
 
     job = json.loads(Path(request_file).read_text())
     try:
@@ -480,7 +480,7 @@ def once(request_file: str, answer_file: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m tunelens.genserver")
+    parser = argparse.ArgumentParser(prog="python -m tunelens.generation.genserver")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("serve", help="(internal) a generation server; started on demand by generate jobs")
     run.add_argument("--dir", required=True)

@@ -1,7 +1,7 @@
 """Perplexity of the test references under one (model, variant): teacher-forced, response tokens only.
 
 Each test row is tokenised the way generation sees it: the prompt from tunelens.prompts.build_prompt
-(tokenised without added special tokens, as tunelens.generate does), followed by the reference response
+(tokenised without added special tokens, as tunelens.generation.generate does), followed by the reference response
 tunelens.prompts.response_text (the reference output + EOS, the fine-tuning target). Only the response tokens
 are scored. Perplexity = exp(total NLL / total response tokens) over the rows (token-weighted, the usual corpus
 definition); per row exp(row NLL / row tokens). NLL in nats. Lower is better; 1 is the minimum.
@@ -19,8 +19,8 @@ import numpy as np
 
 from tunelens.errors import DataError
 from tunelens.io import read_jsonl, sha256_dir, write_json_atomic
-from tunelens.metrics import MetricResult
-from tunelens.score import score_record, write_rows_csv
+from tunelens.scoring.metrics import MetricResult
+from tunelens.scoring.score import score_record, write_rows_csv
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def perplexity_output(
 
     `max_rows` keeps the first N test rows (the rows generation uses, decoding.max_test_rows).
     `model_and_tokenizer` lets a caller reuse a loaded model (the model loads once per call otherwise), as the
-    generation server (tunelens.genserver) does; `load_time_s` is then what that load cost this request.
+    generation server (tunelens.generation.genserver) does; `load_time_s` is then what that load cost this request.
     `gpus`: the job's GPU count; on CUDA with more than one the model is sharded over them (load_model).
     """
     from tunelens.models import input_device, load_model
@@ -190,10 +190,10 @@ def reference_perplexity(test_file: str | Path, output_json: str | Path, rows_cs
 def run_perplexity_job(job: dict, output_json: str | Path, rows_csv: str | Path, **server_options) -> dict:
     """Rule `perplexity` (and `perplexity_evalset`): `job` = perplexity_output's keyword arguments plus what keys
     the model's generation server (backend, gpus, vllm_options, as its generate jobs give them). A request to
-    that server, which keeps the model loaded, else in this process (tunelens.served.run_model_task, whose
+    that server, which keeps the model loaded, else in this process (tunelens.generation.served.run_model_task, whose
     keyword arguments `server_options` are). The files are the bytes perplexity_output + write_perplexity
     give in this process, apart from the timings and `execution` (how it ran). Returns the summary."""
-    from tunelens.served import run_model_task
+    from tunelens.generation.served import run_model_task
 
     summary, rows, execution = run_model_task("perplexity", job, perplexity_output, **server_options)
     summary["execution"] = execution

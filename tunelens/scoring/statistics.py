@@ -1,6 +1,6 @@
 """Every bootstrap and confidence interval of the project, in one place.
 
-Used by the scoring stage (corpus metrics with CIs over test rows, tunelens.score) and by the report
+Used by the scoring stage (corpus metrics with CIs over test rows, tunelens.scoring.score) and by the report
 (paired differences between variants/configs, rank agreement with Judge/Human, tunelens.report):
 - resample_counts          the seeded resamples: how often each row is drawn in each resample;
 - bootstrap_distribution   the statistic on each resample (a mean, or a reduce over summed row statistics);

@@ -1,5 +1,5 @@
 """vLLM backend: `vllm.LLM` on the base weights, LoRA adapters through `LoRARequest`, beam search through
-`LLM.beam_search`; imported only when used. Backend resolution (auto) too. Used through tunelens.generate."""
+`LLM.beam_search`; imported only when used. Backend resolution (auto) too. Used through tunelens.generation.generate."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from tunelens.backend_hf import _finish
-from tunelens.completions import BACKENDS, Completion, GenerationSettings, _row_seed, cut_at_stop
-from tunelens.decoding import DecodingConfig, vllm_sampling_kwargs
+from tunelens.generation.backend_hf import _finish
+from tunelens.generation.completions import BACKENDS, Completion, GenerationSettings, _row_seed, cut_at_stop
+from tunelens.generation.decoding import DecodingConfig, vllm_sampling_kwargs
 from tunelens.errors import ConfigError, ModelError
 
 log = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """A model job other than generate (perplexity, logit_lens) as a request to its model's generation server.
 
-Early exit already works this way (tunelens.genserver.run_early_exit_job); these jobs follow it:
+Early exit already works this way (tunelens.generation.genserver.run_early_exit_job); these jobs follow it:
 
   - The job sends `{**job, "task": <task>}` to the server its model's generate jobs use (same key: the job
     passes the same backend, device, gpus, seed, vLLM options and threads), which keeps the hf model of each
@@ -11,7 +11,7 @@ Early exit already works this way (tunelens.genserver.run_early_exit_job); these
   - A model generated with vLLM (its server holds an engine, not the hf model: it declines) or a server that
     cannot serve runs `compute` here instead, as before. The job's own errors (TunelensError) are raised as is.
 
-Kept apart from tunelens.genserver (which imports the generation code) and from each task's compute code, so
+Kept apart from tunelens.generation.genserver (which imports the generation code) and from each task's compute code, so
 that a job's code hash (tunelens.codehash) holds what the job runs: a perplexity job's hash does not include
 the generation code, and a generate job's hash includes neither perplexity nor lens code (the server imports
 those by name).

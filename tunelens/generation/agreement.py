@@ -1,7 +1,7 @@
 """hf-vs-vLLM agreement check: the same greedy prompts through both backends, token-level agreement report.
 
 The rule `generation_agreement` (scripts/agreement.py) calls `agreement`; from a shell:
-    python -m tunelens.agreement agreement --model results/models/smollm2 --test results/data/demo/test.jsonl --out a.json
+    python -m tunelens.generation.agreement agreement --model results/models/smollm2 --test results/data/demo/test.jsonl --out a.json
 vLLM runs in this process when importable, else in another Python (`--vllm-python`, e.g. .venv-vllm/bin/python)
 through the internal `completions` subcommand.
 """
@@ -16,9 +16,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
 
-from tunelens.decoding import DecodingConfig
+from tunelens.generation.decoding import DecodingConfig
 from tunelens.errors import DataError, TunelensError
-from tunelens.generate import (
+from tunelens.generation.generate import (
     GenerationSettings, _require_vllm, adapter_record, as_decoding_config, run_completions, vllm_importable,
 )
 from tunelens.io import library_versions, read_jsonl, write_json_atomic, write_jsonl_atomic
@@ -58,7 +58,7 @@ def token_agreement(reference: Sequence[Sequence[int]], other: Sequence[Sequence
 
 
 def _completions_in_subprocess(python: str, request: dict) -> list[dict]:
-    """Run `python -m tunelens.agreement completions` (e.g. in the vllm venv) and read its rows back."""
+    """Run `python -m tunelens.generation.agreement completions` (e.g. in the vllm venv) and read its rows back."""
     import subprocess
     import tempfile
 
@@ -66,7 +66,7 @@ def _completions_in_subprocess(python: str, request: dict) -> list[dict]:
         request_file = Path(workdir) / "request.json"
         out_file = Path(workdir) / "completions.jsonl"
         request_file.write_text(json.dumps(request))
-        cmd = [python, "-m", "tunelens.agreement", "completions", str(request_file), str(out_file)]
+        cmd = [python, "-m", "tunelens.generation.agreement", "completions", str(request_file), str(out_file)]
         log.info("running %s", " ".join(cmd))
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
@@ -147,9 +147,9 @@ def agreement(
 
 # --------------------------------------------------------------------------------------------- CLI
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m tunelens.agreement agreement --model DIR --test FILE [--adapter DIR] [--vllm-python PY]`
+    """`python -m tunelens.generation.agreement agreement --model DIR --test FILE [--adapter DIR] [--vllm-python PY]`
     (and `completions REQUEST.json OUT.jsonl`, the worker the agreement check runs in the vllm venv)."""
-    parser = argparse.ArgumentParser(prog="python -m tunelens.agreement", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m tunelens.generation.agreement", description=main.__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     agree = sub.add_parser("agreement", help="hf vs vllm token-level agreement on greedy prompts")
     agree.add_argument("--model", required=True, help="HF model dir (e.g. results/models/smollm2)")

@@ -11,9 +11,9 @@ A metric is registered once, here (`register`), with everything any stage needs:
                   column sums into the corpus value. The report's paired differences of such a metric are
                   differences of corpus values, bootstrapped from these columns (not means of per-row values)
   dataset_kinds   the dataset kinds (`dataset.kind`) it applies to; other kinds skip it with a reason
-  compute         the function for metrics computed from generation files (tunelens.score); None for metrics
+  compute         the function for metrics computed from generation files (tunelens.scoring.score); None for metrics
                   that their own stage writes (perplexity, judge, human)
-Readers: scoring (tunelens.score: compute, skip), config validation (the `scoring.metrics` enum and default,
+Readers: scoring (tunelens.scoring.score: compute, skip), config validation (the `scoring.metrics` enum and default,
 tunelens.config), the report (labels, scales, ranking, decimals, order; tunelens.report.common) and plots.
 
 Every compute function returns a `MetricResult`:
@@ -24,7 +24,7 @@ Every compute function returns a `MetricResult`:
     and reduces the resampled sums, so a CI costs one matrix product instead of re-running the library.
     `stats is None` means the corpus value is the mean of `per_row`.
 
-Heavy libraries are imported inside the metric functions, so `import tunelens.metrics` stays cheap.
+Heavy libraries are imported inside the metric functions, so `import tunelens.scoring.metrics` stays cheap.
 """
 
 from __future__ import annotations
@@ -294,7 +294,7 @@ def _cached_bertscorer(settings: BertScoreSettings, device: str):
 def bertscore_f1(settings: BertScoreSettings, device: str, generated: list[str], references: list[str]) -> dict:
     """bert-score F1 of non-empty pairs with the cached scorer: {"f1": [float per pair], "num_layers", "device",
     "baseline_f1" (the F baseline when rescaling, else None)}. What the metric needs from the scorer, as plain
-    values, so that a BERTScore server (tunelens.genserver) can compute it for a score job."""
+    values, so that a BERTScore server (tunelens.generation.genserver) can compute it for a score job."""
     scorer = _cached_bertscorer(settings, device)
     f1: list[float] = []
     if generated:
@@ -310,7 +310,7 @@ BERTSCORE_RUNNER: Callable[[BertScoreSettings, str, list[str], list[str]], dict]
 
 
 def bertscore_task(job: dict) -> tuple[dict, list[float]]:
-    """The server side of bertscore_runner (a request to tunelens.genserver): (meta, F1 per pair)."""
+    """The server side of bertscore_runner (a request to tunelens.generation.genserver): (meta, F1 per pair)."""
     meta = bertscore_f1(BertScoreSettings(**job["settings"]), job["device"], job["generated"], job["references"])
     rows = meta.pop("f1")
     meta["n_rows"] = len(rows)
@@ -539,7 +539,7 @@ def exact_match(generated: list[str], references: list[str], rows: list[dict], c
     return MetricResult("exact_match", per_row, float(per_row.mean()), details={"normalisation": "strip"})
 
 
-# Written by their own stages (tunelens.perplexity, tunelens.judge, tunelens.human), in the report's order.
+# Written by their own stages (tunelens.scoring.perplexity, tunelens.scoring.judge, tunelens.scoring.human), in the report's order.
 def perplexity_corpus_value(sums: np.ndarray) -> float:
     """exp(summed NLL / summed tokens) from the perplexity rows' `nll` and `tokens` columns."""
     return float(np.exp(sums[0] / sums[1])) if sums[1] > 0 else math.nan

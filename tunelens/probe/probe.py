@@ -16,7 +16,7 @@ Early exit
     The decoder's block list is cut in place to its first L blocks for the duration of generation (the
     KV cache works unchanged) and restored afterwards, even on error. The final norm and LM head then read
     block L's output, so layer L costs about L/N of a full pass; the top blocks never run.
-    Generation itself is the generation stage's batched HF loop (tunelens.generate.hf_generate_batched) run on
+    Generation itself is the generation stage's batched HF loop (tunelens.generation.generate.hf_generate_batched) run on
     the truncated model; rows are written in the generation row format (docs/ARCHITECTURE.md) so scoring
     treats them like any generation file.
 """
@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from tunelens.config import DecodingConfig, resolve_layers
-from tunelens.decoding import check as check_decoding
+from tunelens.generation.decoding import check as check_decoding
 from tunelens.errors import ConfigError, DataError, ModelError
 from tunelens.io import library_versions, read_jsonl, write_json_atomic, write_jsonl_atomic
 from tunelens.models import (
@@ -93,7 +93,7 @@ def truncated_decoder(model, num_layers: int) -> Iterator[Any]:
 
 # --------------------------------------------------------------------------------------------- encoding
 def encode_prompts(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
-    """Token ids of each full prompt text. As in the generation stage (tunelens.generate), no special tokens
+    """Token ids of each full prompt text. As in the generation stage (tunelens.generation.generate), no special tokens
     are added beyond what the prompt text (chat template) already holds, so the lens reads the very
     sequences the model is evaluated on."""
     return [tokenizer(prompt, add_special_tokens=False)["input_ids"] for prompt in prompts]
@@ -315,11 +315,11 @@ def logit_lens_output(
 ) -> dict:
     """Rule `logit_lens` computed but not written: the lens dict (lens.json) of one (model, variant).
     `hf_model`: (model, tokenizer) already loaded by load_model(model_path, adapter_dir, device), as the
-    generation server (tunelens.genserver) keeps it, and `load_time_s` what that load cost this request.
+    generation server (tunelens.generation.genserver) keeps it, and `load_time_s` what that load cost this request.
     `gpus`: the job's GPU count; on CUDA with more than one the model is sharded over them (load_model)."""
     import torch
 
-    from tunelens.generate import adapter_record, check_variant
+    from tunelens.generation.generate import adapter_record, check_variant
 
     test_rows = _read_test_rows(test_path, lens_test_prompts) if lens_test_prompts else []
     items = [{"id": f"lens-{i}", "source": "config", "instruction": text, "input": ""}
@@ -378,7 +378,7 @@ def write_logit_lens(lens: dict, output_json: str | Path, output_heatmap: str | 
     """A logit_lens job's files: the two plots, then lens.json."""
     # Imported here, not at the top: generation imports this module (early exit through the server), and
     # plotting is no code of generation (a plot fix must not rerun it; tunelens.codehash).
-    from tunelens.probe_plots import plot_lens_entropy, plot_lens_heatmap
+    from tunelens.probe.plots import plot_lens_entropy, plot_lens_heatmap
 
     plot_lens_heatmap(lens, output_heatmap)
     plot_lens_entropy(lens, output_entropy)
@@ -398,9 +398,9 @@ def run_logit_lens_job(job: dict, output_json: str | Path, output_heatmap: str |
                        **server_options) -> dict:
     """Rule `logit_lens`: `job` = logit_lens_output's keyword arguments plus what keys the model's generation
     server (backend, gpus, vllm_options). A request to that server, which keeps the model loaded, else in this
-    process (tunelens.served.run_model_task, whose keyword arguments `server_options` are); the plots are drawn
+    process (tunelens.generation.served.run_model_task, whose keyword arguments `server_options` are); the plots are drawn
     here either way. Same bytes as in this process, apart from the timings and `execution`. Returns the lens."""
-    from tunelens.served import run_model_task
+    from tunelens.generation.served import run_model_task
 
     lens, _, execution = run_model_task("logit_lens", job, lambda **kwargs: (logit_lens_output(**kwargs), []),
                                         **server_options)
@@ -436,14 +436,14 @@ def early_exit_output(
     """Rule `early_exit` computed but not written: (meta, rows), the answers to the first `max_test_rows` test
     rows from the first `layer` blocks.
 
-    The generation loop is the generation stage's own (tunelens.generate.hf_generate_batched: batching,
+    The generation loop is the generation stage's own (tunelens.generation.generate.hf_generate_batched: batching,
     stop strings, finish reasons, token counts), run on the truncated model, so layer N reproduces the
     main greedy generation token for token. The meta is the generation `.meta.json` sidecar
     (docs/ARCHITECTURE.md) with `layer` and `early_exit` (layer, depth, fraction) added; times are seconds.
     `hf_model`: (model, tokenizer) already loaded by load_model(model_path, adapter_dir, device), as the
-    generation server (tunelens.genserver) keeps it; the model is truncated only inside this call.
+    generation server (tunelens.generation.genserver) keeps it; the model is truncated only inside this call.
     """
-    from tunelens.generate import (
+    from tunelens.generation.generate import (
         GenerationSettings,
         adapter_record,
         as_decoding_config,
