@@ -124,7 +124,6 @@ evalset_params = PLAN.evalset_params
 # models (rules/models.smk and every model rule)
 model_spec = PLAN.model_spec
 model_field = PLAN.model_field
-model_dir = PLAN.model_dir
 model_input = PLAN.model_input
 model_path = PLAN.model_path
 adapter_input = PLAN.adapter_input
@@ -141,7 +140,6 @@ vllm_options = PLAN.vllm_options
 # finetune (rules/finetune.smk)
 finetune_checkpoint_dir = PLAN.finetune_checkpoint_dir
 # probe (rules/probe.smk)
-probe_layers = PLAN.probe_layers
 early_exit_layer = PLAN.early_exit_layer
 early_exit_decoding = PLAN.early_exit_decoding
 # scoring (rules/score.smk)
