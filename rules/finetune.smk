@@ -30,8 +30,7 @@ rule finetune:
     benchmark:
         "benchmarks/finetune/{model}.tsv"
     wildcard_constraints:
-        model=_alternation([name for name, spec in MODELS.items() if spec.finetuned])
-        or "(?!)",
+        model=_alternation(FINETUNED_MODELS) or "(?!)",
     priority: CRITICAL_PATH_PRIORITY
     conda:
         "../envs/torch.yaml"
