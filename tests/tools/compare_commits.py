@@ -39,7 +39,10 @@ tree under worktree-<tree12>/ (the tree hash of its tracked and untracked-not-ig
 computed once. --fresh recomputes. Nondeterminism: --repeat runs the smoke study and the fixtures of a side a
 second time and records every file (and, for CSV files, every column) that differs between the two runs in
 <side>/nondeterministic.json; later comparisons report those files/columns separately and compare the rest.
-Exit status: 0 when everything compared is identical (modulo recorded nondeterminism), 1 otherwise.
+Differences in other results files (score JSONs, sidecars, summary.md) beyond that noise are printed as warnings:
+summary.md, for one, names the git commit. Every run gets PYTHONHASHSEED=0 (see OFFLINE below).
+Exit status: 0 when the plans, summary.csv and the plots are identical (modulo recorded nondeterminism) and
+nothing reruns; 1 otherwise.
 """
 
 from __future__ import annotations
@@ -47,7 +50,6 @@ from __future__ import annotations
 import argparse
 import csv
 import filecmp
-import hashlib
 import io
 import json
 import os
@@ -64,7 +66,10 @@ DEFAULT_BASE = "ac7cc8c"
 DEFAULT_CACHE = Path(os.environ.get("TUNELENS_COMPARE_CACHE", "/tmp/tunelens-compare"))
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "HF_HUB_DISABLE_TELEMETRY": "1", "TOKENIZERS_PARALLELISM": "false"}
+           "HF_HUB_DISABLE_TELEMETRY": "1", "TOKENIZERS_PARALLELISM": "false",
+           # Python's string hashing is randomised per process: Snakemake prints a job's resources in set order
+           # and PEFT writes adapter_config.json's target_modules in set order. One seed on every side and run.
+           "PYTHONHASHSEED": "0"}
 HUB_ON = {"HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0"}  # as tests/test_workflow.py: nothing is downloaded
 PROFILE_ENV = {"TUNELENS_SLURM_PARTITION": "gpu-probe"}  # as tests/test_profiles.py
 PLOT_SUFFIXES = {".png", ".svg", ".pdf"}
@@ -193,7 +198,10 @@ def render_jobs(jobs: list[dict]) -> list[str]:
     blocks = []
     for job in jobs:
         head = job["rule"] + (f"  [group {job['group']}]" if job["group"] else "")
-        body = [f"    {key}: {value}" for key, value in sorted(job["fields"].items())]
+        fields = dict(job["fields"])
+        if "resources" in fields:  # printed in set order (by Snakemake, whatever the hash seed)
+            fields["resources"] = ", ".join(sorted(fields["resources"].split(", ")))
+        body = [f"    {key}: {value}" for key, value in sorted(fields.items())]
         blocks.append("\n".join([head, *body]))
     return sorted(blocks)
 
@@ -218,8 +226,8 @@ def profiles(side: Side) -> list[str]:
                   if (p / "config.yaml").exists() and p.name != "default")
 
 
-def compute_plans(side: Side, fresh: bool) -> Path:
-    out = side.dir / "plans"
+def compute_plans(side: Side, fresh: bool, run: str = "plans") -> Path:
+    out = side.dir / run
     if done(out) and not fresh:
         return out
     reset(out)
@@ -458,8 +466,45 @@ def diff_trees(a_root: Path, b_root: Path, sub: str) -> dict:
         if filecmp.cmp(a[rel], b[rel], shallow=False):
             result["same"] += 1
         else:
-            result["differ"][rel] = csv_cells_differing(a[rel], b[rel]) if rel.endswith(".csv") else None
+            if rel.endswith(".csv"):
+                result["differ"][rel] = csv_cells_differing(a[rel], b[rel])
+            elif rel.endswith((".json", ".jsonl")):
+                paths = json_paths_differing(a[rel], b[rel])
+                result["differ"][rel] = None if paths is None else {"json_paths": paths}
+            else:
+                result["differ"][rel] = None
     return result
+
+
+def read_json_any(path: Path):
+    text = path.read_text()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return [json.loads(line) for line in text.splitlines() if line.strip()]  # JSON lines
+
+
+def json_paths_differing(a: Path, b: Path) -> list[str] | None:
+    """The key paths (list indices as []) whose values differ between two JSON (or JSON-lines) files; a path
+    whose keys or lengths differ counts as a whole. None when a file is not JSON."""
+    try:
+        ja, jb = read_json_any(a), read_json_any(b)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    paths: set[str] = set()
+
+    def walk(x, y, path: str) -> None:
+        if isinstance(x, dict) and isinstance(y, dict) and x.keys() == y.keys():
+            for key in x:
+                walk(x[key], y[key], f"{path}.{key}" if path else str(key))
+        elif isinstance(x, list) and isinstance(y, list) and len(x) == len(y):
+            for u, v in zip(x, y):
+                walk(u, v, f"{path}[]")
+        elif x != y:
+            paths.add(path or "<root>")
+
+    walk(ja, jb, "")
+    return sorted(paths)
 
 
 def determinism(side: Side, kind: str, name: str, run1: Path, run2: Path) -> dict:
@@ -473,6 +518,10 @@ def determinism(side: Side, kind: str, name: str, run1: Path, run2: Path) -> dic
     key = {rel: (f"{len(cells)} rows, columns {sorted({c for cols in cells.values() for c in cols})}, e.g. "
                  f"{list(cells)[:2]}" if cells else "whole file") for rel, cells in diff["differ"].items()
            if is_key_file(rel)}
+    json_paths = sorted({path for cells in diff["differ"].values() if isinstance(cells, dict)
+                         for path in cells.get("json_paths", [])})
+    if json_paths:
+        log(f"  JSON fields that differ between the two runs: {json_paths}")
     log(f"determinism {kind}/{name} on {side.label}: {len(diff['differ'])} of {len(diff['differ']) + diff['same']} "
         f"files differ between two runs ({sorted(diff['differ'])}); summary.csv/plots among them: {key or 'none'}")
     return record[f"{kind}/{name}"]
@@ -483,16 +532,29 @@ def nondeterministic(side: Side, kind: str, name: str) -> dict:
     return (json.loads(path.read_text()) if path.exists() else {}).get(f"{kind}/{name}", {}).get("differ", {})
 
 
-def compare_outputs(kind: str, name: str, base_dir: Path, head_dir: Path, noisy: dict) -> tuple[list[str], list[str]]:
+def compare_outputs(kind: str, name: str, base_dir: Path, head_dir: Path,
+                    noisy: dict) -> tuple[list[str], list[str], list[str]]:
+    """(problems: summary.csv and plots; warnings: other results files differing beyond what differs between
+    two runs of one commit, e.g. scores JSON values; notes: differences that are run-to-run noise)."""
     diff = diff_trees(base_dir, head_dir, results_sub(kind, name))
-    problems, notes = [], []
+    problems, warnings, notes = [], [], []
     for rel in diff["only_base"] + diff["only_head"]:
-        (problems if is_key_file(rel) else notes).append(f"{rel}: only on {'base' if rel in diff['only_base'] else 'head'}")
+        side = "base" if rel in diff["only_base"] else "head"
+        (problems if is_key_file(rel) else warnings).append(f"{rel}: only on {side}")
     for rel, cells in diff["differ"].items():
-        where = problems if is_key_file(rel) else notes
+        where = problems if is_key_file(rel) else warnings
+        if isinstance(cells, dict) and "json_paths" in cells:
+            known = set((noisy.get(rel) or {}).get("json_paths", [])) if isinstance(noisy.get(rel), dict) else set()
+            unexplained = [path for path in cells["json_paths"] if path not in known]
+            if unexplained:
+                where.append(f"{rel}: differs at {unexplained[:12]}"
+                             + (f" (beyond the nondeterministic {sorted(known)[:12]})" if known else ""))
+            else:
+                notes.append(f"{rel}: differs only at the nondeterministic {cells['json_paths'][:12]}")
+            continue
         if rel in noisy:
             known = noisy[rel]
-            if cells is not None and known is not None:
+            if cells is not None and known is not None and "json_paths" not in known:
                 unexplained = csv_unexplained(cells, known, base_dir / rel)
                 if not unexplained:
                     notes.append(f"{rel}: differs only in the {len(cells)} rows' cells that differ between two runs "
@@ -510,8 +572,9 @@ def compare_outputs(kind: str, name: str, base_dir: Path, head_dir: Path, noisy:
             notes.append(f"{rel}: identical here, though it differed between two runs of one commit")
     total = diff["same"] + len(diff["differ"])
     log(f"{kind}/{name}: {total} files in both, {diff['same']} identical; summary.csv + plots differing: "
-        f"{len(problems)}; other files differing: {len(notes)}")
-    return [f"{kind}/{name}: {p}" for p in problems], [f"{kind}/{name}: {n}" for n in notes]
+        f"{len(problems)}; other files differing beyond run-to-run noise: {len(warnings)}; noise only: {len(notes)}")
+    prefix = f"{kind}/{name}: "
+    return [prefix + p for p in problems], [prefix + w for w in warnings], [prefix + n for n in notes]
 
 
 # ------------------------------------------------------------------------------------------------ rerun check
@@ -539,19 +602,27 @@ def rerun_check(base: Side, head: Side, base_study: Path, cache: Path, config: s
     for change in ("params", "input", "code"):
         listed = head.snakemake(work, "--list-changes", change, "--configfile", str(head.root / config), timeout=600)
         files = [line.strip() for line in listed.stdout.splitlines() if re.fullmatch(r"\S+/\S+", line.strip())]
-        lines.append(f"    --list-changes {change}: {len(files)} files" + ("".join(f"\n        {f}" for f in files[:20])))
+        lines.append(f"    --list-changes {change}: {len(files)} files" + "".join(f"\n        {f}" for f in files[:20]))
     log(lines[0])
     return ["\n".join(lines)]
 
 
 # ------------------------------------------------------------------------------------------------ main
-def compute_side(side: Side, steps: set[str], studies: list[str], repeat: bool, fresh: bool, cores: int) -> dict:
+def compute_side(side: Side, steps: set[str], studies: list[str], repeat: bool, fresh: bool, cores: int,
+                 is_base: bool = True) -> dict:
     out: dict = {"studies": {}, "fixtures": {}}
     if "plans" in steps:
         started = time.perf_counter()
         out["plans"] = compute_plans(side, fresh)
         log(f"plans on {side.label}: {time.perf_counter() - started:.0f} s")
-    if "smoke" in steps or "rerun" in steps:
+        if repeat:
+            differing = compare_plans(out["plans"], compute_plans(side, fresh, "plans-run2"))
+            record_path = side.dir / "nondeterministic.json"
+            record = json.loads(record_path.read_text()) if record_path.exists() else {}
+            record["plans"] = differing
+            record_path.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+            log(f"determinism plans on {side.label}: {len(differing)} plans differ between two dry runs")
+    if "smoke" in steps or ("rerun" in steps and is_base):  # the rerun check reads the base's smoke study
         for name in studies if "smoke" in steps else ["smoke"]:
             out["studies"][name] = compute_study(side, name, "run1", fresh, cores)
             if repeat:
@@ -578,6 +649,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cores", type=int, default=2)
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     parser.add_argument("--fresh", action="store_true", help="recompute cached outputs")
+    parser.add_argument("--verbose", action="store_true", help="list the files that differ only by run-to-run noise")
     args = parser.parse_args(argv)
     steps = set(args.steps.split(","))
     studies = args.studies.split(",")
@@ -593,11 +665,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     head = Side(args.head, args.cache)
     log(f"head: {head}")
-    head_out = compute_side(head, steps, studies, args.repeat and head.label != base.label, args.fresh, args.cores)
+    head_out = compute_side(head, steps, studies, args.repeat and head.label != base.label, args.fresh, args.cores,
+                            is_base=False)
     if args.only == "head":
         return 0
 
-    problems, notes = [], []
+    problems, warnings, notes = [], [], []
     if "plans" in steps:
         problems += compare_plans(base_out["plans"], head_out["plans"])
     for kind in ("studies", "fixtures"):
@@ -607,17 +680,25 @@ def main(argv: list[str] | None = None) -> int:
             noisy = nondeterministic(base, kind, name)
             for rel, cells in nondeterministic(head, kind, name).items():
                 both = isinstance(cells, dict) and isinstance(noisy.get(rel), dict)
-                noisy[rel] = {**noisy[rel], **cells} if both else (None if rel in noisy else cells)
-            p, n = compare_outputs(kind, name, base_out[kind][name], head_out[kind][name], noisy)
+                if both and "json_paths" in cells and "json_paths" in noisy[rel]:
+                    noisy[rel] = {"json_paths": sorted(set(noisy[rel]["json_paths"]) | set(cells["json_paths"]))}
+                else:
+                    noisy[rel] = {**noisy[rel], **cells} if both else (None if rel in noisy else cells)
+            p, w, n = compare_outputs(kind, name, base_out[kind][name], head_out[kind][name], noisy)
             problems += p
+            warnings += w
             notes += n
     if "rerun" in steps:
         problems += rerun_check(base, head, base_out["studies"]["smoke"], args.cache, STUDY_CONFIGS["smoke"])
 
     print()
     print(f"base {base.label}  vs  head {head.label}   ({time.perf_counter() - started:.0f} s)")
-    for note in notes:
-        print(f"  note: {note}")
+    for note in notes if args.verbose else []:
+        print(f"  noise: {note}")
+    if notes and not args.verbose:
+        print(f"  ({len(notes)} files differ only where two runs of one commit differ too; --verbose lists them)")
+    for warning in warnings:
+        print(f"  warning: {warning}")
     for problem in problems:
         print(f"  DIFFERS: {problem}")
     print("IDENTICAL" if not problems else f"{len(problems)} difference(s)")
