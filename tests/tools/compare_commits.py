@@ -32,7 +32,10 @@ side's own tunelens is imported. The steps (--steps, all by default):
             which the smoke study does not cover. Its results/ are compared like the smoke study's.
   rerun     the pure-move check: base's finished smoke workdir (results/, logs/, benchmarks/, .snakemake/
             metadata, mtimes kept) is copied and head's Snakefile is dry-run on it: it must plan nothing.
-            Otherwise the planned jobs and their reasons are listed, with `--list-changes params|input|code`.
+            Otherwise the planned jobs and their reasons are listed, with the files `--list-changes params|input`
+            names for head beyond those it names for base on the same copy (it names some on any checkout).
+            Checked: a comment-only edit of tunelens/report/provenance.py plans nothing; a one-string edit in
+            its provenance_section plans exactly `report`.
 
 Outputs are cached per side under --cache (default /tmp/tunelens-compare): a commit under <commit12>/, the working
 tree under worktree-<tree12>/ (the tree hash of its tracked and untracked-not-ignored files), so the base is
@@ -599,10 +602,20 @@ def rerun_check(base: Side, head: Side, base_study: Path, cache: Path, config: s
     lines = [f"rerun: head would run {len(jobs)} jobs on base's finished {config} study:"]
     for job in jobs:
         lines.append(f"    {job['rule']} {job['fields'].get('wildcards', '')}: {job['fields'].get('reason', '')}")
-    for change in ("params", "input", "code"):
-        listed = head.snakemake(work, "--list-changes", change, "--configfile", str(head.root / config), timeout=600)
-        files = [line.strip() for line in listed.stdout.splitlines() if re.fullmatch(r"\S+/\S+", line.strip())]
-        lines.append(f"    --list-changes {change}: {len(files)} files" + "".join(f"\n        {f}" for f in files[:20]))
+    # Snakemake's --list-changes lists files even on an unchanged checkout (26 for params on base's own smoke
+    # study at ac7cc8c): only what head lists beyond base is shown. Not `code`: it compares script mtimes, which
+    # differ between any two checkouts, and the workflow leaves that trigger out (profiles/default/config.yaml;
+    # each rule's `code` param, a hash of the code its script reaches, is what reruns a job).
+    for change in ("params", "input"):
+        listed = {}
+        for side in (base, head):
+            result = side.snakemake(work, "--list-changes", change, "--configfile", str(side.root / config),
+                                    timeout=600)
+            listed[side.label] = {line.strip() for line in result.stdout.splitlines()
+                                  if re.fullmatch(r"\S+/\S+", line.strip())}
+        files = sorted(listed[head.label] - listed[base.label])
+        lines.append(f"    --list-changes {change}: {len(files)} files beyond what base itself lists"
+                     + "".join(f"\n        {f}" for f in files[:20]))
     log(lines[0])
     return ["\n".join(lines)]
 
