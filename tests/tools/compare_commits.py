@@ -696,6 +696,10 @@ def main(argv: list[str] | None = None) -> int:
         for name in base_out[kind]:
             if kind == "studies" and "smoke" not in steps:
                 continue
+            record = base.dir / "nondeterministic.json"
+            if f"{kind}/{name}" not in (json.loads(record.read_text()) if record.exists() else {}):
+                warnings.append(f"{kind}/{name}: no run-to-run noise recorded for base (run it with --repeat): "
+                                "timings (summary.csv's compute_cost rows) will show as differences")
             noisy = nondeterministic(base, kind, name)
             for rel, cells in nondeterministic(head, kind, name).items():
                 both = isinstance(cells, dict) and isinstance(noisy.get(rel), dict)
