@@ -117,7 +117,7 @@ def _run_plain(args, round_no: int) -> dict:
     out = Path(args.work) / f"plain-{round_no}.json"
     proc = subprocess.run([sys.executable, args.plain_script, "--model", str(MODEL_DIR), "--data", str(DATA_FILE),
                            "--rows", str(args.rows), "--batch-size", "8", "--steps", str(args.steps),
-                           "--max-length", "512", "--seed", "1234", "--out", str(out)], capture_output=True, text=True)
+                           "--max-length", str(args.max_seq_length), "--seed", "1234", "--out", str(out)], capture_output=True, text=True)
     if proc.returncode == 0 and out.exists():
         return json.loads(out.read_text())
     return {"failed": proc.stderr[-3000:]}
@@ -127,7 +127,7 @@ def _run_tunelens(args, variant: str, round_no: int) -> dict:
     out = Path(args.work) / f"tunelens-{variant}-{round_no}.json"
     proc = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "bench_finetune.py"), "--model", str(MODEL_DIR),
                            "--data", str(DATA_FILE), "--rows", str(args.rows), "--batch-size", "8",
-                           "--steps", str(args.steps), "--max-seq-length", "512", "--seed", "1234",
+                           "--steps", str(args.steps), "--max-seq-length", str(args.max_seq_length), "--seed", "1234",
                            "--variants", variant, "--learning-rate", str(args.learning_rate),
                            "--lr-scheduler", args.lr_scheduler, "--warmup-ratio", str(args.warmup_ratio),
                            "--out", str(out)], text=True, capture_output=True)
@@ -353,6 +353,9 @@ def main() -> None:
     parser.add_argument("--variants", default="auto,auto+packing")
     parser.add_argument("--rows", type=int, default=256, help="fine-tuning rows")
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--max-seq-length", type=int, default=512,
+                        help="fine-tune length for every variant (padding_free refuses rows longer than it: 560 keeps "
+                             "Code Alpaca's longest of the first 256 rows, 547 tokens)")
     parser.add_argument("--repeats", type=int, default=2, help="runs per fine-tune variant, interleaved (A B C A B C)")
     parser.add_argument("--deadline", type=float, default=float("inf"),
                         help="seconds after which no further fine-tune run starts (the GPU call's limit)")
