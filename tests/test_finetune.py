@@ -139,6 +139,8 @@ def test_loss_decreases_and_outputs_are_complete(trained):
     assert config["r"] == 8 and config["peft_type"] == "LORA"
     # all-linear on Llama: the 7 projections of each block, not the LM head
     assert set(config["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    # written in sorted order, not PEFT's set order (which follows the hash seed), so the adapter's hash is stable
+    assert config["target_modules"] == sorted(config["target_modules"])
 
 
 def test_adapter_reloads_and_changes_generations(trained, sharp_llama_dir):

@@ -62,3 +62,24 @@ def test_report_states_the_windowed_loss_and_its_window():
     assert f"{np.mean(NOISY[:4]):.4f} (mean of steps 1-4) → {np.mean(NOISY[-4:]):.4f} (mean of steps 37-40)" in text
     assert "the first and last 10% of 40 logged steps, 4 step(s) each" in text
     assert f"single steps range {min(NOISY):.4f}–{max(NOISY):.4f}" in text
+
+
+def test_canonical_adapter_config_sorts_set_valued_fields_and_keeps_the_rest(tmp_path):
+    import json
+
+    from tunelens.training.outputs import canonical_adapter_config
+
+    config = {"r": 8, "target_modules": ["v_proj", "q_proj", "down_proj"], "modules_to_save": None,
+              "peft_type": "LORA", "layers_to_transform": [3, 1]}
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    canonical_adapter_config(tmp_path)
+    written = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert written["target_modules"] == ["down_proj", "q_proj", "v_proj"]
+    assert {k: v for k, v in written.items() if k != "target_modules"} == \
+        {k: v for k, v in config.items() if k != "target_modules"}
+    # two orders of the same set give the same bytes
+    first = (tmp_path / "adapter_config.json").read_bytes()
+    config["target_modules"] = ["q_proj", "down_proj", "v_proj"]
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    canonical_adapter_config(tmp_path)
+    assert (tmp_path / "adapter_config.json").read_bytes() == first

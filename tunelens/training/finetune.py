@@ -50,8 +50,8 @@ from tunelens.training.plan import (  # noqa: F401
     check_target_modules, linear_module_names, resolve_plan,
 )
 from tunelens.training.outputs import (  # noqa: F401
-    DIVERGENCE_FACTOR, DIVERGENCE_MIN_RISE, LOG_KEYS, DivergenceError, _model_source, _peak_memory, check_divergence,
-    loss_window_record, plot_loss, train_log_rows,
+    DIVERGENCE_FACTOR, DIVERGENCE_MIN_RISE, LOG_KEYS, DivergenceError, _model_source, _peak_memory,
+    canonical_adapter_config, check_divergence, loss_window_record, plot_loss, train_log_rows,
 )
 from tunelens.training.trainer import sft_trainer_class
 from tunelens.training.speed import (  # noqa: F401
@@ -382,6 +382,7 @@ def _save_adapter(model, adapter_dir: Path, record: dict) -> None:
     """Save the adapter into a staging dir beside `adapter_dir`, then rename it into place."""
     with atomic_directory(adapter_dir) as staging:
         model.save_pretrained(str(staging))
+        canonical_adapter_config(staging)
         write_json_atomic(staging / ADAPTER_RECORD, record)
 
 

@@ -148,3 +148,22 @@ def _model_source(model_path: str) -> dict:
     if record.exists():
         source["record"] = json.loads(record.read_text(encoding="utf-8"))
     return source
+
+
+def canonical_adapter_config(adapter_dir: str | Path) -> None:
+    """Rewrite a saved adapter's adapter_config.json with its list-valued sets in sorted order.
+
+    PEFT keeps `target_modules` (and `modules_to_save`, `layers_to_transform` when given as names) as a Python
+    set and writes `list(set)`, whose order follows the process's string hash seed: two fine-tunes of the same
+    rows wrote the same weights under a different adapter_config.json, so the adapter's hash in summary.md
+    changed run to run. PEFT reads these fields back as sets, so the order carries no meaning."""
+    path = Path(adapter_dir) / "adapter_config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    changed = False
+    for key in ("target_modules", "modules_to_save", "exclude_modules"):
+        value = config.get(key)
+        if isinstance(value, list) and all(isinstance(item, str) for item in value) and value != sorted(value):
+            config[key] = sorted(value)
+            changed = True
+    if changed:
+        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
