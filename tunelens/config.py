@@ -24,6 +24,7 @@ import yaml
 from tunelens.decoding import DecodingConfig, knob_names
 from tunelens.decoding import check as check_decoding_config
 from tunelens.errors import ConfigError
+from tunelens.settings import FinetuneSection
 # re-exported: callers and tests import the schema helpers from here
 from tunelens.schema import (  # noqa: F401
     SCHEMA_PATH, _key_path, _load_schema, fill_defaults_leniently, schema_errors, schema_message, validate_schema,
@@ -540,7 +541,6 @@ def load_config(config: dict, *, base_dir: str | Path = ".", problems: list[str]
             config["decoding"]["configs"] = [
                 {**{key: defaults[key] for key in knob_names() if key in defaults}, **entry} if isinstance(entry, dict)
                 else entry for entry in listed]
-    schema = _load_schema()
     base_dir = Path(base_dir)
 
     dataset = config.get("dataset") if isinstance(config.get("dataset"), dict) else {}
@@ -572,7 +572,7 @@ def load_config(config: dict, *, base_dir: str | Path = ".", problems: list[str]
                               "model)")
     for name, entry in (config["models"].items() if isinstance(config.get("models"), dict) else ()):
         with found.check():
-            models[name] = _model_spec(name, entry, config, schema["$defs"]["finetune"])
+            models[name] = _model_spec(name, entry, config, FinetuneSection.schema())
 
     decoding = config.get("decoding") or {}
     backends = {spec.generation_backend for spec in models.values()}
