@@ -200,9 +200,9 @@ def test_data_parallel_split_keeps_rows_per_step():
     from tunelens.training.distributed import data_parallel_settings
 
     split, how = data_parallel_settings({"batch_size": 4, "gradient_accumulation": 4, "autotune": True}, 2)
-    assert (split["batch_size"], split["gradient_accumulation"], split["autotune"]) == (4, 2, False)
+    assert (split.batch_size, split.gradient_accumulation, split.autotune) == (4, 2, False)
     split, _ = data_parallel_settings({"batch_size": 4, "gradient_accumulation": 1}, 2)
-    assert (split["batch_size"], split["gradient_accumulation"]) == (2, 1)
+    assert (split.batch_size, split.gradient_accumulation) == (2, 1)
     with pytest.raises(ValueError, match="cannot be split over 2 processes"):
         data_parallel_settings({"batch_size": 3, "gradient_accumulation": 1}, 2)
 

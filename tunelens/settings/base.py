@@ -129,7 +129,7 @@ class Section:
         if not isinstance(values, dict):
             if lenient:
                 return values
-            raise ConfigError(f"{where or cls.__name__}: {values!r} is not a mapping")
+            raise TypeError(f"{where or cls.__name__}: {values!r} is not a mapping")
         specs = {spec.name: spec for spec in settings_fields(cls)}
         unknown = sorted(set(values) - set(specs))
         if unknown and not lenient:
