@@ -62,6 +62,13 @@ def _schema_keywords(spec: dataclasses.Field) -> dict:
     return dict(schema() if callable(schema) else schema)
 
 
+def default_of(cls: type, name: str) -> Any:
+    """The default of key `name` of section `cls` (a fresh copy of a list or dict), for code outside the config
+    that takes the same setting: its default is then the config's."""
+    (spec,) = [spec for spec in settings_fields(cls) if spec.name == name]
+    return copy.deepcopy(_default(spec))
+
+
 def field_schema(spec: dataclasses.Field) -> dict:
     """One key's schema: its type keywords, default and description (a nested section: its object schema)."""
     metadata = spec.metadata
