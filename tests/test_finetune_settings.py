@@ -164,3 +164,39 @@ def test_agreement_check_generates_without_stop_strings(monkeypatch, tmp_path):
     with pytest.raises(RuntimeError, match="stop here"):
         agreement.agreement(tmp_path / "model", tmp_path / "test.jsonl", tmp_path / "out.json", device="cpu")
     assert seen == [()]
+
+
+HASHES = textwrap.dedent('''
+    import json, sys
+    from pathlib import Path
+    from tunelens.codehash import code_hash
+    scripts = Path(sys.argv[1])
+    import tunelens
+    assert tunelens.__file__.startswith(str(scripts.parent)), tunelens.__file__  # the copy, not the checkout
+    print(json.dumps({script.name: code_hash(script) for script in sorted(scripts.glob("*.py"))}))
+''')
+
+
+def test_a_help_text_is_documentation_and_reruns_no_job(tmp_path):
+    """A key's help text is the schema's description (it was YAML, outside every job's code hash): editing it
+    changes no rule's code hash (tunelens.codehash reads it as documentation), editing the key's default does."""
+    tree = tmp_path / "tree"
+    shutil.copytree(REPO / "tunelens", tree / "tunelens", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "scripts", tree / "scripts")
+    path = tree / "tunelens" / "settings" / "finetune.py"
+    original = path.read_text()
+
+    def hashes() -> dict:
+        result = subprocess.run([sys.executable, "-c", HASHES, str(tree / "scripts")], capture_output=True, text=True,
+                                env={**os.environ, "PYTHONPATH": str(tree)}, cwd=tree, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return json.loads(result.stdout)
+
+    before = hashes()
+    help_text = '"LoRA rank; at most 1024 (adapter memory grows linearly with it)."'
+    assert original.count(help_text) == 1
+    path.write_text(original.replace(help_text, '"The LoRA rank (reworded)."'))
+    assert hashes() == before
+    path.write_text(original.replace("lora_r: int = setting(16,", "lora_r: int = setting(32,"))
+    after = hashes()
+    assert after["finetune.py"] != before["finetune.py"]

@@ -16,7 +16,10 @@ reran every generation for a lens-plot fix, and every job, fine-tunes included, 
     deliberately not followed: that is how a module keeps code it only passes along (names, not calls) out of
     a job's hash (tunelens.schema, tunelens.genserver).
 Comments, blank lines, formatting and docstrings are not part of the AST dump, so editing them changes
-nothing; any change to reachable code does, and a new function no job calls changes no job.
+nothing; nor are help texts, the documentation of a config key or decoding parameter (the `help` of
+tunelens.settings' `setting`/`section` and tunelens.decoding's `knob`: the schema's descriptions, which were
+YAML before they moved next to the code); any change to reachable code does, and a new function no job calls
+changes no job.
 
 The workflow drops Snakemake's own `code` trigger (profiles/*/config.yaml) and puts this hash in the
 params of every rule (rules/*.smk), so the params trigger does the work.
@@ -51,6 +54,14 @@ def _module_file(module: str) -> Path | None:
     return None
 
 
+# Declarations whose second argument (or `help=`) is a help text: documentation, like a docstring.
+HELP_DECLARATIONS = {"setting", "computed_setting", "section", "entries", "knob"}
+
+
+def _is_text(node: ast.AST) -> bool:
+    return isinstance(node, ast.Constant) and isinstance(node.value, str)
+
+
 def _strip_docstrings(tree: ast.AST) -> None:
     for node in ast.walk(tree):
         if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
@@ -58,6 +69,13 @@ def _strip_docstrings(tree: ast.AST) -> None:
             if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
                     and isinstance(body[0].value.value, str):
                 node.body = body[1:] or [ast.Pass()]
+        elif isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) \
+                in HELP_DECLARATIONS:
+            if len(node.args) > 1 and _is_text(node.args[1]):
+                node.args[1] = ast.Constant("")
+            for keyword in node.keywords:
+                if keyword.arg == "help" and _is_text(keyword.value):
+                    keyword.value = ast.Constant("")
 
 
 def _package_of(path: Path) -> str:
@@ -236,7 +254,7 @@ def _save_cache() -> None:
         pass
 
 
-CACHE_FORMAT = "reach-2"  # the cached tables' layout; bump it when _module_table changes
+CACHE_FORMAT = "reach-3"  # the cached tables' layout; bump it when _module_table changes
 
 
 @functools.lru_cache(maxsize=None)
