@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 from dataclasses import MISSING, field
 from typing import Any, Callable
 
@@ -99,7 +100,13 @@ def object_schema(cls: type) -> dict:
 
 
 def settings_fields(cls) -> tuple[dataclasses.Field, ...]:
-    """The config keys of a section, in declaration order (the order defaults are filled in)."""
+    """The config keys of a section (a class or an instance), in declaration order (the order defaults are
+    filled in)."""
+    return _fields(cls if isinstance(cls, type) else type(cls))
+
+
+@functools.lru_cache(maxsize=None)
+def _fields(cls: type) -> tuple[dataclasses.Field, ...]:
     return tuple(spec for spec in dataclasses.fields(cls) if "help" in spec.metadata)
 
 
