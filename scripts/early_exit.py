@@ -11,11 +11,12 @@ from tunelens.config import generation_server_fields
 from tunelens.generation.genserver import run_early_exit_job
 from tunelens.jobs import job_log, use_job_threads
 from tunelens.servers import server_reusable
+from tunelens.settings import ConfigSection
 
 job_log(snakemake.log[0])  # errors and tracebacks go to the rule's log too
 use_job_threads(snakemake.threads, torch=False)  # the OpenMP variables; a server started here inherits them
 params = snakemake.params
-generation = snakemake.config["generation"]
+generation = ConfigSection.from_dict(snakemake.config, lenient=True).generation  # validated by the workflow
 runtime_min = getattr(snakemake.resources, "runtime", None)
 job = dict(
     model_name=snakemake.wildcards.model,
@@ -46,9 +47,9 @@ run_early_exit_job(
     snakemake.output.generations,
     snakemake.output.meta,
     # Not for a job its allocation runs alone (SLURM without grouping): no other job could use the server.
-    server=generation["server"] and server_reusable(),
+    server=generation.server and server_reusable(),
     threads=snakemake.threads,
-    start_timeout_s=generation["server_start_timeout_s"],
-    idle_timeout_s=generation["server_idle_timeout_s"],
+    start_timeout_s=generation.server_start_timeout_s,
+    idle_timeout_s=generation.server_idle_timeout_s,
     request_timeout_s=runtime_min * 60 if isinstance(runtime_min, (int, float)) and runtime_min > 0 else 24 * 3600,
 )

@@ -11,13 +11,14 @@ from pathlib import Path
 from tunelens.generation.genserver import run_generation_job
 from tunelens.jobs import job_log, use_job_threads
 from tunelens.servers import server_reusable
+from tunelens.settings import ConfigSection
 
 job_log(snakemake.log[0])  # errors and tracebacks go to the rule's log too
 use_job_threads(snakemake.threads, torch=False)  # the OpenMP variables; a server started here inherits them
 params = snakemake.params
 settings = dict(params.settings)
-generation = snakemake.config["generation"]
-vllm_python = generation.get("vllm_python")
+generation = ConfigSection.from_dict(snakemake.config, lenient=True).generation  # validated by the workflow
+vllm_python = generation.vllm_python
 if vllm_python is None:  # the CPU venv `make vllm-venv` builds, when there is one
     default = Path(snakemake.scriptdir).parent / ".venv-vllm" / "bin" / "python"
     vllm_python = str(default) if default.exists() else None
@@ -52,9 +53,9 @@ run_generation_job(
     snakemake.output.meta,
     vllm_python=vllm_python,
     # Not for a job its allocation runs alone (SLURM without grouping): no other job could use the server.
-    server=generation["server"] and server_reusable(),
+    server=generation.server and server_reusable(),
     threads=snakemake.threads,
-    start_timeout_s=generation["server_start_timeout_s"],
-    idle_timeout_s=generation["server_idle_timeout_s"],
+    start_timeout_s=generation.server_start_timeout_s,
+    idle_timeout_s=generation.server_idle_timeout_s,
     request_timeout_s=runtime_min * 60 if isinstance(runtime_min, (int, float)) and runtime_min > 0 else 24 * 3600,
 )

@@ -9,11 +9,12 @@ the config here, not rule params: where a job runs must not change (or rerun) it
 from tunelens.config import generation_server_fields
 from tunelens.jobs import job_log, use_job_threads
 from tunelens.probe.probe import run_logit_lens_job
+from tunelens.settings import ConfigSection
 
 job_log(snakemake.log[0])  # errors and tracebacks go to the rule's log too
 use_job_threads(snakemake.threads, torch=False)  # the OpenMP variables; a server started here inherits them
 params = snakemake.params
-generation = snakemake.config["generation"]
+generation = ConfigSection.from_dict(snakemake.config, lenient=True).generation  # validated by the workflow
 runtime_min = getattr(snakemake.resources, "runtime", None)
 job = dict(
     model_name=snakemake.wildcards.model,
@@ -41,9 +42,9 @@ run_logit_lens_job(
     snakemake.output.lens,
     snakemake.output.heatmap,
     snakemake.output.entropy,
-    server=generation["server"],
+    server=generation.server,
     threads=snakemake.threads,
-    start_timeout_s=generation["server_start_timeout_s"],
-    idle_timeout_s=generation["server_idle_timeout_s"],
+    start_timeout_s=generation.server_start_timeout_s,
+    idle_timeout_s=generation.server_idle_timeout_s,
     request_timeout_s=runtime_min * 60 if isinstance(runtime_min, (int, float)) and runtime_min > 0 else 24 * 3600,
 )

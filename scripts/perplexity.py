@@ -10,11 +10,12 @@ server running, the job is a thin client.
 from tunelens.config import generation_server_fields
 from tunelens.jobs import job_log, use_job_threads
 from tunelens.scoring.perplexity import run_perplexity_job
+from tunelens.settings import ConfigSection
 
 job_log(snakemake.log[0])  # errors and tracebacks go to the rule's log too
 use_job_threads(snakemake.threads, torch=False)  # the OpenMP variables; a server started here inherits them
 params = snakemake.params
-generation = snakemake.config["generation"]
+generation = ConfigSection.from_dict(snakemake.config, lenient=True).generation  # validated by the workflow
 runtime_min = getattr(snakemake.resources, "runtime", None)
 job = dict(
     test_file=snakemake.input.test,
@@ -38,9 +39,9 @@ run_perplexity_job(
     job,
     snakemake.output.scores,
     snakemake.output.rows,
-    server=generation["server"],
+    server=generation.server,
     threads=snakemake.threads,
-    start_timeout_s=generation["server_start_timeout_s"],
-    idle_timeout_s=generation["server_idle_timeout_s"],
+    start_timeout_s=generation.server_start_timeout_s,
+    idle_timeout_s=generation.server_idle_timeout_s,
     request_timeout_s=runtime_min * 60 if isinstance(runtime_min, (int, float)) and runtime_min > 0 else 24 * 3600,
 )

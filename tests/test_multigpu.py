@@ -200,9 +200,9 @@ def test_data_parallel_split_keeps_rows_per_step():
     from tunelens.training.distributed import data_parallel_settings
 
     split, how = data_parallel_settings({"batch_size": 4, "gradient_accumulation": 4, "autotune": True}, 2)
-    assert (split["batch_size"], split["gradient_accumulation"], split["autotune"]) == (4, 2, False)
+    assert (split.batch_size, split.gradient_accumulation, split.autotune) == (4, 2, False)
     split, _ = data_parallel_settings({"batch_size": 4, "gradient_accumulation": 1}, 2)
-    assert (split["batch_size"], split["gradient_accumulation"]) == (2, 1)
+    assert (split.batch_size, split.gradient_accumulation) == (2, 1)
     with pytest.raises(ValueError, match="cannot be split over 2 processes"):
         data_parallel_settings({"batch_size": 3, "gradient_accumulation": 1}, 2)
 
@@ -263,6 +263,7 @@ H200 = 143_771 * 2**20  # bytes, as torch reports one H200
 
 def test_gpu_fit_check_names_the_model_and_the_memory_needed(tmp_path):
     from tunelens.preflight import NF4_BYTES_PER_PARAMETER, gpu_fit_problem, gpu_fit_problems
+    from tunelens.settings import ResourcesSection
 
     model_70b = fake_weights(tmp_path / "70b", 70_553_706_496)
     problem = gpu_fit_problem("llama-70b", model_70b, 1, 2, [H200, H200])
@@ -273,8 +274,8 @@ def test_gpu_fit_check_names_the_model_and_the_memory_needed(tmp_path):
     assert "node's 2 GPU(s) cannot hold it" in gpu_fit_problem("llama-70b", model_70b, 2, 2, [80 * 2**30] * 2)
     assert "asks for 2 GPUs (models.llama-70b.resources.gpus) but sees 1" in gpu_fit_problem("llama-70b", model_70b, 2, 2, [H200])
     assert gpu_fit_problem("hub", "org/not-local", 1, 2, [H200]) is None  # unknown here: checked in the job
-    study = SimpleNamespace(models={"big": SimpleNamespace(resources={"gpus": 1}),
-                                    "small": SimpleNamespace(resources={"gpus": 1})})
+    study = SimpleNamespace(models={"big": SimpleNamespace(resource_settings=ResourcesSection(gpus=1)),
+                                    "small": SimpleNamespace(resource_settings=ResourcesSection(gpus=1))})
     dirs = {"big": model_70b, "small": fake_weights(tmp_path / "7b", 6_738_415_616)}
     (only,) = gpu_fit_problems(study, dirs, [H200])
     assert only.startswith("model 'big'")

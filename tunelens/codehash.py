@@ -16,7 +16,10 @@ reran every generation for a lens-plot fix, and every job, fine-tunes included, 
     deliberately not followed: that is how a module keeps code it only passes along (names, not calls) out of
     a job's hash (tunelens.schema, tunelens.generation.genserver).
 Comments, blank lines, formatting and docstrings are not part of the AST dump, so editing them changes
-nothing; any change to reachable code does, and a new function no job calls changes no job.
+nothing; nor are help texts, the documentation of a config key or decoding parameter (the `help` of
+tunelens.settings' `setting`/`section` and tunelens.generation.decoding's `knob`: the schema's descriptions, which were
+YAML before they moved next to the code); any change to reachable code does, and a new function no job calls
+changes no job.
 
 Blind to where a module lives (issue 25: moving a module into a stage package must not by itself rerun
 anything): no module path enters the hash. A module is named by a label, its position in the order the walk
@@ -66,6 +69,14 @@ def _module_file(module: str) -> Path | None:
     return None
 
 
+# Declarations whose second argument (or `help=`) is a help text: documentation, like a docstring.
+HELP_DECLARATIONS = {"setting", "computed_setting", "section", "entries", "knob"}
+
+
+def _is_text(node: ast.AST) -> bool:
+    return isinstance(node, ast.Constant) and isinstance(node.value, str)
+
+
 def _strip_docstrings(tree: ast.AST) -> None:
     for node in ast.walk(tree):
         if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
@@ -73,6 +84,13 @@ def _strip_docstrings(tree: ast.AST) -> None:
             if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
                     and isinstance(body[0].value.value, str):
                 node.body = body[1:] or [ast.Pass()]
+        elif isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) \
+                in HELP_DECLARATIONS:
+            if len(node.args) > 1 and _is_text(node.args[1]):
+                node.args[1] = ast.Constant("")
+            for keyword in node.keywords:
+                if keyword.arg == "help" and _is_text(keyword.value):
+                    keyword.value = ast.Constant("")
 
 
 def _package_of(path: Path) -> str:
@@ -308,7 +326,7 @@ def _save_cache() -> None:
         pass
 
 
-CACHE_FORMAT = "reach-3"  # the cached tables' layout; bump it when _module_table changes
+CACHE_FORMAT = "reach-4"  # the cached tables' layout; bump it when _module_table changes
 
 
 @functools.lru_cache(maxsize=None)

@@ -187,7 +187,7 @@ def load_model(
         needed = gpu_bytes_to_load(path_or_id, 1 if load_in_4bit else torch_dtype.itemsize)
         # Sharded, each GPU holds about 1/gpus of the weights.
         release_gpu_for_this_job(needed // int(gpus) if shard and needed else needed)
-        from tunelens.preflight import NF4_BYTES_PER_PARAMETER, check_model_fits_gpus
+        from tunelens.gpufit import NF4_BYTES_PER_PARAMETER, check_model_fits_gpus
 
         # Before minutes of loading: weights x dtype against this node's GPUs (an error naming the memory needed).
         check_model_fits_gpus(str(path_or_id), path_or_id, int(gpus or 1),

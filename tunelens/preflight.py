@@ -14,7 +14,7 @@ module checks what needs the outside world, cheaply and without loading a model:
     training rows, on_bad_rows: error names the first bad row; local evaluation sets and their leakage check;
   - other files named by the config (bertscore baseline, vllm_python, ratings_dir);
   - device: cuda on a machine without a usable CUDA device (only for a local, non-dry run: a cluster's
-    login node usually has no GPU);
+    login node usually has no GPU; tunelens.gpufit, with the check that a model's weights fit its GPUs);
   - work and memory estimates that need the data: optimizer steps and training tokens from the training
     rows, bootstrap resamples x evaluated rows.
 Every problem found is reported at once, each naming its key and value; `check_config` runs load_config
@@ -29,7 +29,13 @@ from typing import Mapping, Sequence
 
 from tunelens.config import EMBEDDED_PREFIX, HUB_ID, Problems, Study, load_config, source_kind
 from tunelens.errors import ConfigError, DataError
+# re-exported: callers (tunelens.training.finetune, rules/common.smk, tests) import the GPU checks from here
+from tunelens.gpufit import (  # noqa: F401
+    GPU_RESERVE_BYTES, NF4_BYTES_PER_PARAMETER, _libcuda, check_model_fits_gpus, cuda_device_count, cuda_memory,
+    cuda_problem, gpu_fit_problem, gpu_fit_problems,
+)
 from tunelens.hub import hub_offline, truthy as _truthy  # noqa: F401 (hub_offline: callers import it here)
+from tunelens.settings import ModelSection
 
 # Resample matrices of the percentile bootstrap: ~4 float64/int64 arrays of samples x rows (tunelens.scoring.statistics).
 BOOTSTRAP_BYTES_PER_CELL = 32
@@ -110,40 +116,6 @@ def check_model_reference(where: str, value: str, *, model_names=(), base_dir: P
     return None
 
 
-# --------------------------------------------------------------------------------------------- cuda
-def _libcuda():
-    """The CUDA driver library (ctypes), or None without one."""
-    import ctypes
-
-    for name in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
-        try:
-            return ctypes.CDLL(name)
-        except OSError:
-            continue
-    return None
-
-
-def cuda_device_count() -> int:
-    """CUDA devices usable by this process (driver API through ctypes: no torch import, ~1 ms)."""
-    import ctypes
-
-    lib = _libcuda()
-    if lib is None or lib.cuInit(0) != 0:
-        return 0
-    count = ctypes.c_int(0)
-    if lib.cuDeviceGetCount(ctypes.byref(count)) != 0:
-        return 0
-    return count.value
-
-
-def cuda_problem() -> str | None:
-    """The problem with `device: cuda` on this machine, or None when a CUDA device is usable."""
-    if cuda_device_count() > 0:
-        return None
-    return ("device: 'cuda', but this machine has no usable CUDA device (no driver, or CUDA_VISIBLE_DEVICES hides "
-            "them); use device: auto or cpu, or run on a GPU node (a cluster executor checks on the node)")
-
-
 # --------------------------------------------------------------------------------------------- study
 def _hub_dataset_problem(where: str, source: str, base_dir: Path, offline: bool, environ) -> str | None:
     typo = _path_typo(source, base_dir)
@@ -183,8 +155,8 @@ def _dataset_problems(study: Study, base_dir: Path, offline: bool, environ,
     """
     from tunelens.data.data import split_rows
 
-    dataset = study.config["dataset"]
-    source, test_size = dataset["source"], dataset["test_size"]
+    dataset = study.settings.dataset
+    source, test_size = dataset.source, dataset.test_size
     kind = source_kind(source)
     known = {"test": int(test_size) if test_size >= 1 else None}
     if kind == "hub":
@@ -195,13 +167,13 @@ def _dataset_problems(study: Study, base_dir: Path, offline: bool, environ,
         if not (path if path.is_absolute() else base_dir / path).is_file():
             return [], known  # tunelens.config named it
     rows, dropped, bad, problem = _read_split(
-        "dataset.source", source, fields=dataset["fields"], required=study.mapped_fields,
-        on_bad_rows=dataset["on_bad_rows"], hub_split=dataset["hub_split"], base_dir=base_dir)
+        "dataset.source", source, fields=dataset.fields.as_dict(), required=study.mapped_fields,
+        on_bad_rows=dataset.on_bad_rows, hub_split=dataset.hub_split, base_dir=base_dir)
     if problem:
         return [problem], known
     try:
-        train, test, _ = split_rows(rows, seed=study.config["seed"], test_size=test_size,
-                                    max_train=dataset["max_train"])
+        train, test, _ = split_rows(rows, seed=study.settings.seed, test_size=test_size,
+                                    max_train=dataset.max_train)
     except DataError as exc:
         read = len(rows) + sum(dropped.values())
         plural = "" if len(rows) == 1 else "s"
@@ -260,12 +232,12 @@ def check_model_files(where: str, directory: Path, *, weights: bool = True) -> t
     return problems, {"config": model_config, "tensors": tensors}
 
 
-def _context_length(spec, entry: dict, model_config: dict | None) -> int | None:
+def _context_length(spec, entry: ModelSection, model_config: dict | None) -> int | None:
     from tunelens.modelfiles import context_length
     from tunelens.models import EMBEDDED_MODELS
 
-    if entry.get("context_length"):
-        return entry["context_length"]
+    if entry.context_length:
+        return entry.context_length
     if spec.source_kind == "embedded":
         return EMBEDDED_MODELS[spec.embedded_name].get("context_length")
     return context_length(model_config) if model_config else None
@@ -274,11 +246,11 @@ def _context_length(spec, entry: dict, model_config: dict | None) -> int | None:
 def _model_problems(study: Study, base_dir: Path, environ, results: Path | None) -> list[str]:
     """Per model: its files (local, downloaded or cached), and what it must hold: the generation lengths and
     the fine-tune's rows within its context length, the LoRA target modules among its modules."""
-    config = study.config
+    config = study.settings
     problems = []
     for name, spec in study.models.items():
         where = f"models.{name}"
-        entry = config["models"][name]
+        entry = config.models[name]
         directory = _model_directory(spec, base_dir, environ, results)
         info: dict = {}
         if directory is not None and directory.is_dir():
@@ -291,20 +263,20 @@ def _model_problems(study: Study, base_dir: Path, environ, results: Path | None)
                 continue
         context = _context_length(spec, entry, info.get("config"))
         if context:
-            lengths = [("decoding.max_new_tokens", config["decoding"]["max_new_tokens"], "generated")]
-            early = config["probe"]["early_exit"]
-            if config["probe"]["enabled"] and early["enabled"]:
-                lengths.append(("probe.early_exit.max_new_tokens", early["max_new_tokens"], "generated"))
+            lengths = [("decoding.max_new_tokens", config.decoding.max_new_tokens, "generated")]
+            early = config.probe.early_exit
+            if config.probe.enabled and early.enabled:
+                lengths.append(("probe.early_exit.max_new_tokens", early.max_new_tokens, "generated"))
             for key, value, _ in lengths:
                 if value >= context:
                     problems.append(
                         f"{key}: {value} leaves no room for a prompt in {where}'s context length {context} "
                         f"({spec.source}); prompt and answer together must fit, lower it")
-            if spec.finetuned and spec.finetune["max_seq_length"] > context:
+            if spec.finetuned and spec.finetune_settings.max_seq_length > context:
                 problems.append(
-                    f"{where}.finetune.max_seq_length: {spec.finetune['max_seq_length']} is beyond {where}'s context "
+                    f"{where}.finetune.max_seq_length: {spec.finetune_settings.max_seq_length} is beyond {where}'s context "
                     f"length {context} ({spec.source}); training rows that long would run past its positions")
-        targets = spec.finetune["target_modules"]
+        targets = spec.finetune_settings.target_modules
         if spec.finetuned and isinstance(targets, list) and info.get("tensors"):
             modules = {tensor.rsplit(".", 1)[0] for tensor in info["tensors"] if "." in tensor}
             missing = [t for t in targets if not any(m == t or m.endswith("." + t) for m in modules)]
@@ -363,7 +335,7 @@ def preflight(study: Study, *, base_dir: str | Path = ".", environ: Mapping[str,
     """
     environ = os.environ if environ is None else environ
     base_dir = Path(base_dir)
-    config = study.config
+    config = study.settings
     offline = hub_offline(environ)
     found = Problems(problems)
     found.broken = bool(found.messages)
@@ -377,44 +349,44 @@ def preflight(study: Study, *, base_dir: str | Path = ".", environ: Mapping[str,
         found.messages += _model_problems(study, base_dir, environ, Path(results) if results is not None else None)
 
     with found.check():
-        judge = config["scoring"]["judge"]
-        if judge["enabled"] and judge["model"]:
+        judge = config.scoring.judge
+        if judge.enabled and judge.model:
             # the names of `models` as given: a model whose entry has a problem is still a name
-            problem = check_model_reference("scoring.judge.model", judge["model"], model_names=list(config["models"]),
+            problem = check_model_reference("scoring.judge.model", judge.model, model_names=list(config.models),
                                             base_dir=base_dir, offline=offline, environ=environ)
             if problem:
                 found.add(problem)
-            elif judge["model"] not in config["models"]:
-                found.messages += _reference_files_problems("scoring.judge.model", judge["model"], base_dir, environ,
+            elif judge.model not in config.models:
+                found.messages += _reference_files_problems("scoring.judge.model", judge.model, base_dir, environ,
                                                             causal=True)[0]
     with found.check():
-        bertscore = config["scoring"]["bertscore"]
-        if "bertscore" in config["scoring"]["metrics"]:
-            problem = check_model_reference("scoring.bertscore.model", bertscore["model"], base_dir=base_dir,
+        bertscore = config.scoring.bertscore
+        if "bertscore" in config.scoring.metrics:
+            problem = check_model_reference("scoring.bertscore.model", bertscore.model, base_dir=base_dir,
                                             offline=offline, environ=environ)
             if problem:
                 found.add(problem)
-            elif not bertscore["model"].startswith(EMBEDDED_PREFIX):
+            elif not bertscore.model.startswith(EMBEDDED_PREFIX):
                 from tunelens.modelfiles import num_layers
 
-                file_problems, info = _reference_files_problems("scoring.bertscore.model", bertscore["model"],
+                file_problems, info = _reference_files_problems("scoring.bertscore.model", bertscore.model,
                                                                 base_dir, environ, causal=False)
                 found.messages += file_problems
                 depth = num_layers(info["config"]) if info.get("config") else None
-                if depth and bertscore["num_layers"] and bertscore["num_layers"] > depth:
-                    found.add(f"scoring.bertscore.num_layers: {bertscore['num_layers']} is beyond the depth of "
-                              f"{bertscore['model']} ({depth} layers)")
-            baseline = bertscore["baseline_path"]
+                if depth and bertscore.num_layers and bertscore.num_layers > depth:
+                    found.add(f"scoring.bertscore.num_layers: {bertscore.num_layers} is beyond the depth of "
+                              f"{bertscore.model} ({depth} layers)")
+            baseline = bertscore.baseline_path
             if baseline and not (base_dir / Path(baseline).expanduser()).is_file():
                 found.add(f"scoring.bertscore.baseline_path: '{baseline}': file does not exist")
     with found.check():
-        vllm_python = config["generation"]["vllm_python"]
+        vllm_python = config.generation.vllm_python
         if vllm_python and not (base_dir / Path(vllm_python).expanduser()).is_file():
             found.add(f"generation.vllm_python: '{vllm_python}': file does not exist")
     with found.check():
-        ratings_dir = base_dir / Path(config["scoring"]["human"]["ratings_dir"]).expanduser()
+        ratings_dir = base_dir / Path(config.scoring.human.ratings_dir).expanduser()
         if ratings_dir.exists() and not ratings_dir.is_dir():
-            found.add(f"scoring.human.ratings_dir: '{config['scoring']['human']['ratings_dir']}' is a file, not a "
+            found.add(f"scoring.human.ratings_dir: '{config.scoring.human.ratings_dir}' is a file, not a "
                       "directory (filled rating sheets are read from that folder)")
 
     known: dict = {}
@@ -438,12 +410,13 @@ def preflight(study: Study, *, base_dir: str | Path = ".", environ: Mapping[str,
             from tunelens.config import training_work_problems
 
             for name, spec in study.models.items():
-                if spec.finetuned and not spec.finetune["max_steps"]:
-                    found.messages += training_work_problems(f"models.{name}.finetune", spec.finetune, known["train"])
+                if spec.finetuned and not spec.finetune_settings.max_steps:
+                    found.messages += training_work_problems(f"models.{name}.finetune", spec.finetune_settings,
+                                                             known["train"])
 
     with found.check():
-        samples = config["scoring"]["bootstrap_samples"]
-        max_rows = config["decoding"]["max_test_rows"]
+        samples = config.scoring.bootstrap_samples
+        max_rows = config.decoding.max_test_rows
         n_test = known.get("test")
         n_eval = min(x for x in (n_test, max_rows) if x is not None) if (n_test or max_rows) else None
         if n_eval:
@@ -456,98 +429,8 @@ def preflight(study: Study, *, base_dir: str | Path = ".", environ: Mapping[str,
                     " or decoding.max_test_rows"
                 )
 
-    if check_cuda and config.get("device") == "cuda":
+    if check_cuda and config.device == "cuda":
         problem = cuda_problem()
         if problem:
             found.add(problem)
     found.raise_any()
-
-
-# --------------------------------------------------------------------------------------------- GPU fit
-# What a model needs on its GPUs, as tunelens.servers.gpu_bytes_to_load estimates a load: 1.25 x the weights (the
-# rest of each GPU holds the KV cache, activations and logits; sharded, load_model caps each GPU's weights at
-# SHARD_WEIGHT_SHARE = 1 / 1.25 of its memory) plus 2 GiB a GPU (CUDA context, allocator).
-GPU_RESERVE_BYTES = 2 * 2**30
-# 4-bit NF4 with double quantisation takes ~4.1 bits a quantised weight; the embeddings and LM head stay in 16 bits.
-# 0.6 byte a parameter bounds both for Llama shapes (70B: 0.55).
-NF4_BYTES_PER_PARAMETER = 0.6
-
-
-def gpu_fit_problem(model_name: str, model_dir: str | Path, gpus: int, dtype_bytes: float,
-                    gpu_memory: Sequence[int], setting: str | None = None) -> str | None:
-    """The problem when model `model_name`'s weights (from its safetensors headers, `dtype_bytes` a parameter)
-    do not fit the job's `gpus` GPUs, whose total memory (bytes) is `gpu_memory` (the first `gpus` are used);
-    None when they fit or the weights are not known. Needed: weights / SHARD_WEIGHT_SHARE + GPU_RESERVE_BYTES a GPU.
-    `setting`: the config key of the GPU count (default models.<model_name>.resources.gpus)."""
-    from tunelens.models import SHARD_WEIGHT_SHARE
-
-    setting = setting or f"models.{model_name}.resources.gpus"
-    from tunelens.modelfiles import safetensors_parameters
-
-    parameters = safetensors_parameters(model_dir)
-    gpus = max(int(gpus or 1), 1)
-    if parameters is None or not gpu_memory:
-        return None
-    if len(gpu_memory) < gpus:
-        return f"model '{model_name}': the job asks for {gpus} GPUs ({setting}) but sees {len(gpu_memory)}"
-    weights = parameters * dtype_bytes
-
-    def needed(count: int) -> float:
-        return weights / SHARD_WEIGHT_SHARE + GPU_RESERVE_BYTES * count
-
-    if needed(gpus) <= sum(gpu_memory[:gpus]):
-        return None
-    enough = next((n for n in range(gpus + 1, len(gpu_memory) + 1) if needed(n) <= sum(gpu_memory[:n])), None)
-    advice = (f"set {setting} to at least {enough}" if enough
-              else f"this node's {len(gpu_memory)} GPU(s) cannot hold it: use more or larger GPUs, or 4-bit weights")
-    return (f"model '{model_name}' ({parameters / 1e9:.1f} B parameters x {dtype_bytes:g} bytes = "
-            f"{weights / 2**30:.1f} GiB of weights) does not fit {gpus} GPU(s) of {min(gpu_memory[:gpus]) / 2**30:.1f} "
-            f"GiB: it needs about {needed(gpus) / 2**30:.1f} GiB (weights x {1 / SHARD_WEIGHT_SHARE:g} for the KV cache "
-            f"and activations, + {GPU_RESERVE_BYTES / 2**30:g} GiB a GPU); {advice}")
-
-
-def check_model_fits_gpus(model_name: str, model_dir: str | Path, gpus: int, dtype_bytes: float) -> None:
-    """In a job, before it loads a model on CUDA: raise ModelError when the weights cannot fit the job's GPUs
-    (their memory as torch sees it on this node), instead of failing with out-of-memory minutes into the load."""
-    import torch
-
-    from tunelens.errors import ModelError
-
-    memory = [torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count())]
-    problem = gpu_fit_problem(model_name, model_dir, gpus, dtype_bytes, memory, "models.<name>.resources.gpus")
-    if problem:
-        raise ModelError(problem)
-
-
-def cuda_memory() -> list[int]:
-    """Total memory (bytes) of each CUDA device this process sees (driver API through ctypes: no torch import);
-    empty without a usable driver."""
-    import ctypes
-
-    lib = _libcuda()
-    if lib is None:
-        return []
-    count = ctypes.c_int(0)
-    if lib.cuInit(0) != 0 or lib.cuDeviceGetCount(ctypes.byref(count)) != 0:
-        return []
-    memory = []
-    for index in range(count.value):
-        device, total = ctypes.c_int(0), ctypes.c_size_t(0)
-        if lib.cuDeviceGet(ctypes.byref(device), index) != 0 or lib.cuDeviceTotalMem_v2(ctypes.byref(total), device):
-            return []
-        memory.append(total.value)
-    return memory
-
-
-def gpu_fit_problems(study: Study, model_dirs: Mapping[str, str | Path], gpu_memory: Sequence[int]) -> list[str]:
-    """DAG-time form of check_model_fits_gpus, for a local run whose GPUs are those of this machine
-    (`gpu_memory`): every model whose weights are already on disk (`model_dirs`: name -> directory) against its
-    resources.gpus, in the dtype its jobs load it in (bfloat16; the fine-tune's 4-bit base is smaller). Models not
-    on disk yet (to be downloaded or materialised) and cluster runs (the node is not known) are checked in the job."""
-    problems = []
-    for name, spec in study.models.items():
-        if name in model_dirs:
-            problem = gpu_fit_problem(name, model_dirs[name], spec.resources["gpus"], 2, gpu_memory)
-            if problem:
-                problems.append(problem)
-    return problems

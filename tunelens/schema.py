@@ -1,50 +1,44 @@
-"""The config schema: schemas/config.schema.yaml, with the parts that come from code filled in, validation
-with readable errors, and default filling (as snakemake.utils.validate(set_default=True) does).
+"""The config schema: derived from the typed config sections (tunelens.settings), with the few parts that are
+not a section's key in schemas/config.schema.yaml; validation with readable errors, and default filling (as
+snakemake.utils.validate(set_default=True) does).
 
-Filled in at load time (one source each): the decoding parameters (tunelens.generation.decoding.DecodingConfig) and the
-choices and default of `scoring.metrics` (the metric registry, tunelens.scoring.metrics).
+From code (one source each): every config key's type, default and description (tunelens.settings), the decoding
+parameters (tunelens.generation.decoding.DecodingConfig: `$defs/decoding_config` and `decoding.sweep`) and the choices and
+default of `scoring.metrics` (the metric registry, tunelens.scoring.metrics, read by tunelens.settings.scoring).
 """
 
 from __future__ import annotations
 
 import copy
 import functools
-import importlib
 from pathlib import Path
 
 import yaml
 
-from tunelens.generation.decoding import schema_properties, sweep_schema_properties
+from tunelens.generation.decoding import schema_properties
 from tunelens.errors import ConfigError
+from tunelens.settings import config_schema
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schemas" / "config.schema.yaml"
 
 
 @functools.lru_cache(maxsize=1)
 def _cached_schema() -> dict:
-    # Parsed once per process: pure-Python YAML took ~0.5 s per parse of this schema, and every
+    # Built once per process: pure-Python YAML took ~0.5 s per parse of the old hand-written schema, and every
     # Snakemake invocation (and every job, which re-parses the workflow) used to parse it 4 times.
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     with SCHEMA_PATH.open(encoding="utf-8") as handle:
-        return yaml.load(handle, Loader=loader)
+        written = yaml.load(handle, Loader=loader)
+    schema = {"$schema": written["$schema"], **config_schema(), "$defs": written["$defs"]}
+    # Decoding parameters: type, default and description from tunelens.generation.decoding.DecodingConfig.
+    schema["$defs"]["decoding_config"]["properties"].update(schema_properties())
+    return schema
 
 
 def _load_schema() -> dict:
-    """The config schema (a fresh copy: callers may modify it), with what comes from code filled in: the
-    decoding parameters (tunelens.generation.decoding) and the choices and default of `scoring.metrics` (the registered
-    metrics, tunelens.scoring.metrics)."""
-    # Imported by name on purpose: a job's code hash (tunelens.codehash) follows import statements, and the
-    # metric code must not become code of every job that loads the config (a BLEU fix would rerun every
-    # generation). Only the names reach other jobs, through their params.
-    registry = importlib.import_module("tunelens.scoring.metrics")
-    schema = copy.deepcopy(_cached_schema())
-    # Decoding parameters: type, default and description from tunelens.generation.decoding.DecodingConfig.
-    schema["$defs"]["decoding_config"]["properties"].update(schema_properties())
-    schema["properties"]["decoding"]["properties"]["sweep"]["properties"] = sweep_schema_properties()
-    metrics = schema["properties"]["scoring"]["properties"]["metrics"]
-    metrics["items"] = {"enum": registry.scored_metric_names()}
-    metrics["default"] = registry.default_metric_names()
-    return schema
+    """The config schema (a fresh copy: callers may modify it): the sections of tunelens.settings, the decoding
+    parameters of tunelens.generation.decoding and what schemas/config.schema.yaml adds."""
+    return copy.deepcopy(_cached_schema())
 
 
 def _defaults_validator(schema: dict):

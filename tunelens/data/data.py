@@ -481,15 +481,15 @@ def check_evaluation_sets(study, base_dir: str | Path = ".", *, train_prompts: s
     readable = [spec for spec in study.evaluation_sets.values() if spec.source_kind != "hub"]
     if not readable:
         return {}
-    dataset = study.config["dataset"]
+    dataset = study.settings.dataset
     if train_prompts is None:
         train_prompts = set()
         if study.dataset_kind != "hub":
-            raw, _, _ = read_source(dataset["source"], hub_split=dataset["hub_split"], base_dir=base_dir)
-            rows, _ = clean_rows(raw, dataset["fields"], dataset["name"], where=f"dataset '{dataset['source']}'",
+            raw, _, _ = read_source(dataset.source, hub_split=dataset.hub_split, base_dir=base_dir)
+            rows, _ = clean_rows(raw, dataset.fields.as_dict(), dataset.name, where=f"dataset '{dataset.source}'",
                                  required_fields=study.mapped_fields)
-            train, _, _ = split_rows(rows, seed=study.config["seed"], test_size=dataset["test_size"],
-                                     max_train=dataset["max_train"])
+            train, _, _ = split_rows(rows, seed=study.settings.seed, test_size=dataset.test_size,
+                                     max_train=dataset.max_train)
             train_prompts = training_prompts(train)
     checked = {}
     for spec in readable:
@@ -500,7 +500,7 @@ def check_evaluation_sets(study, base_dir: str | Path = ".", *, train_prompts: s
                 raise DataError(f"evaluation_sets[name={spec.name}].source: '{spec.source}': {exc}") from None
             _, counts, _ = evaluation_set_rows(
                 raw, bad=bad, name=spec.name, fields=spec.fields, train_prompts=train_prompts,
-                seed=study.config["seed"], max_rows=spec.max_rows,
+                seed=study.settings.seed, max_rows=spec.max_rows,
                 where=f"evaluation_sets[name={spec.name}]: evaluation set '{spec.name}' ({spec.source})",
                 fields_key=evaluation_set_fields_key(spec.name),
             )

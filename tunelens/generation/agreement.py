@@ -111,7 +111,7 @@ def agreement(
     EOS or max_new_tokens and token sequences are comparable.
     """
     greedy = DecodingConfig(top_k=0, num_beams=1, temperature=0.0)
-    settings = GenerationSettings(max_new_tokens=max_new_tokens, batch_size=batch_size,
+    settings = GenerationSettings(max_new_tokens=max_new_tokens, stop=(), batch_size=batch_size,
                                   max_prompt_tokens=max_prompt_tokens)
     request = {
         "model_path": str(Path(model_path).resolve()), "test_file": str(Path(test_file).resolve()),

@@ -13,6 +13,8 @@ from typing import Sequence
 from tunelens.generation.decoding import BEAM_MODES, DecodingConfig
 from tunelens.errors import ConfigError, DataError
 from tunelens.io import read_jsonl
+from tunelens.settings import ConfigSection, DecodingSection, GenerationSection
+from tunelens.settings.base import default_of
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +26,8 @@ SPLIT_FIELDS = ("id", "instruction", "input", "output")
 # reduce-overhead: ~33 s per shape, 18 ms a step on the 7B shape), torch.compile's cudagraphs backend (13 s, 41 ms
 # a step), or eager (the static cache alone: 50 ms). CPU never compiles. Figures: BENCHMARKS.md, issue 21.
 COMPILE_BACKENDS = ("inductor", "cudagraphs", "eager")
+# decoding.stop's default: what every generation gets unless it says otherwise (the agreement check passes none)
+DEFAULT_STOP: tuple[str, ...] = tuple(default_of(DecodingSection, "stop"))
 
 
 # --------------------------------------------------------------------------------------------- settings
@@ -42,14 +46,15 @@ class GenerationSettings:
     on CUDA transformers compiles the decoding step once per bucket (`compile_backend`), not per request.
     """
 
-    max_new_tokens: int = 128
-    stop: tuple[str, ...] = ()
-    seed: int = 1234
-    beam_mode: str = "beam_search"
-    batch_size: int | str = "auto"
-    max_prompt_tokens: int = 1024
+    # The config's defaults (tunelens.settings); static_cache is the resolved choice (the config's "auto" is not).
+    max_new_tokens: int = default_of(DecodingSection, "max_new_tokens")
+    stop: tuple[str, ...] = DEFAULT_STOP
+    seed: int = default_of(ConfigSection, "seed")
+    beam_mode: str = default_of(DecodingSection, "beam_mode")
+    batch_size: int | str = default_of(GenerationSection, "batch_size")
+    max_prompt_tokens: int = default_of(GenerationSection, "max_prompt_tokens")
     static_cache: bool = False
-    compile_backend: str = "inductor"
+    compile_backend: str = default_of(GenerationSection, "compile_backend")
 
     def as_meta(self) -> dict:
         """The fields every generation sidecar records (JSON types)."""

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Sequence
 
 from tunelens.generation.decoding import DecodingConfig
+from tunelens.generation.completions import DEFAULT_STOP
 from tunelens.generation.decoding import check as check_decoding
 from tunelens.errors import ConfigError, ModelError
 from tunelens.hub import hub_revision
@@ -245,7 +246,7 @@ def generation_output(
     prompt_format: str = "alpaca",
     decoding_config: DecodingConfig | dict,
     max_new_tokens: int = 128,
-    stop: Sequence[str] = (),
+    stop: Sequence[str] = DEFAULT_STOP,
     seed: int = 1234,
     beam_mode: str = "beam_search",
     backend: str = "auto",

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from tunelens.config import DecodingConfig, resolve_layers
+from tunelens.generation.completions import DEFAULT_STOP
 from tunelens.generation.decoding import check as check_decoding
 from tunelens.errors import ConfigError, DataError, ModelError
 from tunelens.io import library_versions, read_jsonl, write_json_atomic, write_jsonl_atomic
@@ -425,7 +426,7 @@ def early_exit_output(
     beam_mode: str = "beam_search",
     max_test_rows: int | None = None,
     max_new_tokens: int = 64,
-    stop: Sequence[str] = (),
+    stop: Sequence[str] = DEFAULT_STOP,
     batch_size: int | str = "auto",
     max_prompt_tokens: int = 1024,
     seed: int = 0,

@@ -27,6 +27,7 @@ import sys
 from pathlib import Path
 
 from tunelens.errors import ModelError
+from tunelens.settings.finetune import FinetuneSection
 
 log = logging.getLogger(__name__)
 
@@ -42,19 +43,20 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def data_parallel_settings(settings: dict, processes: int) -> tuple[dict, str]:
+def data_parallel_settings(settings: FinetuneSection | dict, processes: int) -> tuple[FinetuneSection, str]:
     """(each process's settings, how the step was split) for `processes` processes, keeping rows per optimizer
     step = batch_size x gradient_accumulation. The accumulation is divided first (each process keeps the
     configured micro-batch, the one measured to fit); else the micro-batch. Raises ValueError when neither divides.
     The CUDA autotuner is off: each process would measure on its own and could choose another micro-batch."""
-    batch, accumulation = settings["batch_size"], settings["gradient_accumulation"]
-    split = dict(settings, autotune=False)
+    settings = FinetuneSection.from_dict(settings)
+    batch, accumulation = settings.batch_size, settings.gradient_accumulation
+    split = settings.replace(autotune=False)
     if accumulation % processes == 0:
-        split["gradient_accumulation"] = accumulation // processes
+        split = split.replace(gradient_accumulation=accumulation // processes)
         how = (f"{processes} processes x micro-batch {batch} x gradient accumulation {accumulation // processes} "
                f"= {batch * accumulation} rows a step, as configured")
     elif batch % processes == 0:
-        split["batch_size"] = batch // processes
+        split = split.replace(batch_size=batch // processes)
         how = (f"{processes} processes x micro-batch {batch // processes} x gradient accumulation {accumulation} "
                f"= {batch * accumulation} rows a step, as configured")
     else:

@@ -46,13 +46,14 @@ from tunelens.training.data import (  # noqa: F401
     TRAIN_ROW_KEYS, DataStats, encode_text, load_train_rows, tokenize_examples, training_examples,
 )
 from tunelens.training.plan import (  # noqa: F401
-    AUTOTUNE_FILE, LIGER_MIN_VOCAB, SETTING_DEFAULTS, SETTING_KEYS, TrainingPlan, _meta_model, check_settings,
+    AUTOTUNE_FILE, LIGER_MIN_VOCAB, TrainingPlan, _meta_model, check_settings,
     check_target_modules, linear_module_names, resolve_plan,
 )
 from tunelens.training.outputs import (  # noqa: F401
     DIVERGENCE_FACTOR, DIVERGENCE_MIN_RISE, LOG_KEYS, DivergenceError, _model_source, _peak_memory,
     canonical_adapter_config, check_divergence, loss_window_record, plot_loss, train_log_rows,
 )
+from tunelens.settings.finetune import FinetuneSection
 from tunelens.training.trainer import sft_trainer_class
 from tunelens.training.speed import (  # noqa: F401
     VARLEN_ATTENTION, _probe, autotune_cuda, lean_lora_forward, packed_attention_mask, separate_packed_rows,
@@ -66,8 +67,8 @@ ADAPTER_RECORD = "tunelens_adapter.json"
 
 
 # --------------------------------------------------------------------------------------------- checkpoints
-def run_fingerprint(model_path: str, train_jsonl: str | Path, settings: dict, prompt_format: str, seed: int,
-                    plan: TrainingPlan, revision: str | None = None, processes: int = 1) -> dict:
+def run_fingerprint(model_path: str, train_jsonl: str | Path, settings: FinetuneSection | dict, prompt_format: str,
+                    seed: int, plan: TrainingPlan, revision: str | None = None, processes: int = 1) -> dict:
     """What must match for a checkpoint to be resumed: inputs, settings, seed, the resolved plan and the number
     of data-parallel processes (each process's settings differ with it)."""
     model_dir = Path(model_path)
@@ -80,7 +81,7 @@ def run_fingerprint(model_path: str, train_jsonl: str | Path, settings: dict, pr
     return {
         "model": model_id,
         "train_sha256": sha256_file(train_jsonl),
-        "settings": settings,
+        "settings": FinetuneSection.from_dict(settings).as_dict(),
         "prompt_format": prompt_format,
         "seed": seed,
         "plan": {"method": plan.method, "device": plan.device, "compute_dtype": plan.compute_dtype,
@@ -134,21 +135,21 @@ def prepare_checkpoint_dir(checkpoint_dir: str | Path, fingerprint: dict) -> Pat
 
 
 # --------------------------------------------------------------------------------------------- trainer
-def lora_config(settings: dict):
+def lora_config(settings: FinetuneSection | dict):
+    """peft LoraConfig from the settings: every key declared with `lora=` (tunelens.settings.finetune)."""
     from peft import LoraConfig
 
     return LoraConfig(
-        r=settings["lora_r"],
-        lora_alpha=settings["lora_alpha"],
-        lora_dropout=settings["lora_dropout"],
-        target_modules=settings["target_modules"],
+        **FinetuneSection.from_dict(settings).library_kwargs("lora"),
         bias="none",
         task_type="CAUSAL_LM",
     )
 
 
-def sft_config(settings: dict, plan: TrainingPlan, checkpoint_dir: str | Path, seed: int, *, max_length: int | None):
-    """TRL SFTConfig from the tunelens settings. Every value that changes the result comes from `settings`."""
+def sft_config(settings: FinetuneSection | dict, plan: TrainingPlan, checkpoint_dir: str | Path, seed: int, *,
+               max_length: int | None):
+    """TRL SFTConfig from the tunelens settings. Every value that changes the result comes from `settings`: the keys
+    declared with `sft=` (tunelens.settings.finetune), the plan resolved from them, and max_length."""
     import dataclasses
 
     from trl import SFTConfig
@@ -162,26 +163,15 @@ def sft_config(settings: dict, plan: TrainingPlan, checkpoint_dir: str | Path, s
         output_dir=str(checkpoint_dir),
         seed=seed,
         data_seed=seed,
-        per_device_train_batch_size=settings["batch_size"],
-        gradient_accumulation_steps=settings["gradient_accumulation"],
-        learning_rate=settings["learning_rate"],
-        lr_scheduler_type=settings["lr_scheduler"],
-        warmup_steps=float(settings["warmup_ratio"]),  # a float in [0, 1) is a ratio of the total steps
-        weight_decay=settings["weight_decay"],
-        num_train_epochs=float(settings["num_epochs"]),
-        max_steps=settings["max_steps"] if settings["max_steps"] is not None else -1,
+        **FinetuneSection.from_dict(settings).library_kwargs("sft"),
         max_length=max_length,
-        packing=settings["packing"],
-        padding_free=settings["padding_free"],
         completion_only_loss=True,
         bf16=plan.compute_dtype == "bfloat16",
         fp16=plan.compute_dtype == "float16",
         use_cpu=plan.device == "cpu",
         use_liger_kernel=plan.liger,
-        logging_steps=settings["logging_steps"],
         logging_first_step=True,
         save_strategy="steps",
-        save_steps=settings["save_steps"],
         # Two, not one: if a job is killed while writing the newest, the previous one is still whole.
         save_total_limit=2,
         include_num_input_tokens_seen="non_padding",
@@ -204,7 +194,7 @@ def _load_base_model(model_path: str, plan: TrainingPlan, revision: str | None):
         release_gpu_for_this_job()  # an idle generation server must not hold the GPU memory training needs
     dtype = getattr(torch, plan.compute_dtype)
     if plan.device == "cuda":
-        from tunelens.preflight import NF4_BYTES_PER_PARAMETER, check_model_fits_gpus
+        from tunelens.gpufit import NF4_BYTES_PER_PARAMETER, check_model_fits_gpus
 
         # Each data-parallel process holds the whole model on its own GPU: the check is against one GPU.
         check_model_fits_gpus(str(model_path), model_path, 1,
@@ -286,7 +276,7 @@ def build_trainer(
     model_path: str | Path,
     train_jsonl: str | Path,
     checkpoint_dir: str | Path,
-    settings: dict,
+    settings: FinetuneSection | dict,
     prompt_format: str,
     seed: int,
     device: str = "auto",
@@ -304,12 +294,12 @@ def build_trainer(
     metrics (tunelens.training.trainer); `lean_layers` False keeps PEFT's own LoRA forward (`lean_lora_forward`).
     Only benchmarks turn them off."""
     model_path = str(model_path)
-    check_settings(settings)
+    settings = check_settings(settings)
     meta_model = _meta_model(model_path, revision)
     plan = resolve_plan(settings, device, vocab_size=meta_model.config.get_text_config().vocab_size)
     for reason in plan.reasons:
         log.info("%s", reason)
-    check_target_modules(settings["target_modules"], meta_model)
+    check_target_modules(settings.target_modules, meta_model)
 
     from tunelens.models import load_tokenizer
 
@@ -323,13 +313,13 @@ def build_trainer(
     if problems:
         raise ConfigError("; ".join(problems))
     examples = training_examples(rows, prompt_format, tokenizer)
-    tokenized, stats = tokenize_examples(rows, examples, tokenizer, settings["max_seq_length"], train_jsonl,
+    tokenized, stats = tokenize_examples(rows, examples, tokenizer, settings.max_seq_length, train_jsonl,
                                          on_bad_rows)
     if stats.truncated_rows:
         log.warning("%d of %d rows are longer than max_seq_length=%d tokens and are truncated (end cut)",
-                    stats.truncated_rows, stats.rows, settings["max_seq_length"])
-    max_length = settings["max_seq_length"]
-    if settings["padding_free"] and not settings["packing"]:
+                    stats.truncated_rows, stats.rows, settings.max_seq_length)
+    max_length = settings.max_seq_length
+    if settings.padding_free and not settings.packing:
         # TRL does not truncate padding-free batches without packing: allowed only when no row needs it.
         if stats.truncated_rows:
             raise ConfigError(
@@ -351,7 +341,7 @@ def build_trainer(
     model = _load_base_model(model_path, plan, revision)
     load_time_s = time.perf_counter() - started
     row_separation = None
-    if settings["packing"] or settings["padding_free"]:
+    if settings.packing or settings.padding_free:
         row_separation = separate_packed_rows(model)
         log.info("packed rows are kept apart by: %s", row_separation)
     log_callback = _make_log_callback()
@@ -370,7 +360,7 @@ def build_trainer(
     if lean_layers:
         log.info("lean LoRA forward on %d layers", lean_lora_forward(trainer.model))
     autotune = None
-    if plan.device == "cuda" and settings["autotune"]:
+    if plan.device == "cuda" and settings.autotune:
         autotune = autotune_cuda(trainer, settings, plan, Path(checkpoint_dir))
     return PreparedRun(trainer, plan, stats, fingerprint, resume_from, log_callback, load_time_s, row_separation,
                        autotune)
@@ -394,7 +384,7 @@ def finetune(
     metrics_json: str | Path,
     loss_png: str | Path,
     checkpoint_dir: str | Path,
-    settings: dict,
+    settings: FinetuneSection | dict,
     prompt_format: str,
     seed: int,
     device: str = "auto",
@@ -422,7 +412,8 @@ def finetune(
     from tunelens.training import distributed
 
     wall_start = time.perf_counter()
-    if not settings.get("enabled", True):
+    settings = check_settings(settings)
+    if not settings.enabled:
         raise ConfigError(f"finetune.enabled is false for model '{model_name or model_path}'; nothing to train")
     if processes is None:
         from tunelens.models import pick_device
@@ -435,7 +426,6 @@ def finetune(
             log.warning("%s: training in one process", exc)
             processes, data_parallel = 1, f"one process: {exc}"
         else:
-            check_settings(split)
             meta_model = _meta_model(str(model_path), revision)
             plan = resolve_plan(split, device, vocab_size=meta_model.config.get_text_config().vocab_size)
             # Here, once: the workers find it prepared (no two processes deleting stale checkpoints at once).
@@ -444,7 +434,7 @@ def finetune(
             distributed.launch(dict(
                 model_path=str(model_path), train_jsonl=str(train_jsonl), adapter_dir=str(adapter_dir),
                 train_log=str(train_log), metrics_json=str(metrics_json), loss_png=str(loss_png),
-                checkpoint_dir=str(checkpoint_dir), settings=split, prompt_format=prompt_format, seed=seed,
+                checkpoint_dir=str(checkpoint_dir), settings=split.as_dict(), prompt_format=prompt_format, seed=seed,
                 device=device, revision=revision, model_name=model_name, on_bad_rows=on_bad_rows,
                 processes=processes, data_parallel=how,
             ), processes, Path(checkpoint_dir))
@@ -474,7 +464,7 @@ def finetune(
         "base_model": _model_source(str(model_path)),
         "revision": revision,
         "method": plan.method,
-        "settings": settings,
+        "settings": settings.as_dict(),
         "prompt_format": prompt_format,
         "seed": seed,
         "train_sha256": run.fingerprint["train_sha256"],
@@ -500,7 +490,7 @@ def finetune(
         # processes, and how each optimizer step's rows were split over them (None: one process, as configured)
         "data_parallel": {"processes": processes, "split": data_parallel},
         "plan_reasons": list(plan.reasons),
-        "settings": settings,
+        "settings": settings.as_dict(),
         "prompt_format": prompt_format,
         "seed": seed,
         "train_file": str(train_jsonl),
@@ -533,7 +523,7 @@ def finetune(
         "versions": library_versions(),
     }
     write_jsonl_atomic(train_log, rows)
-    plot_loss(rows, loss_png, f"{model_name or Path(str(model_path)).name}: {plan.method}, r={settings['lora_r']}")
+    plot_loss(rows, loss_png, f"{model_name or Path(str(model_path)).name}: {plan.method}, r={settings.lora_r}")
     write_json_atomic(metrics_json, metrics)
     # Only now is the run complete; its checkpoints have served their purpose.
     shutil.rmtree(checkpoint_dir, ignore_errors=True)

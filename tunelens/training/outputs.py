@@ -10,6 +10,7 @@ from typing import Any
 
 from tunelens.errors import TunelensError
 from tunelens.io import save_figure_atomic
+from tunelens.settings.finetune import FinetuneSection
 
 # What a train_log.jsonl row holds, in this order (missing values are left out of the row).
 LOG_KEYS = ("step", "epoch", "loss", "learning_rate", "grad_norm", "tokens", "tokens_per_s", "mean_token_accuracy")
@@ -54,12 +55,12 @@ def window_text(steps: tuple) -> str:
     return f"step {steps[0]}" if steps[0] == steps[1] else f"mean of steps {steps[0]}-{steps[1]}"
 
 
-def check_divergence(rows: list[dict], settings: dict, name: str, model=None) -> None:
+def check_divergence(rows: list[dict], settings: FinetuneSection | dict, name: str, model=None) -> None:
     """Fail when training blew up: a logged loss or gradient norm is not finite, the gradient vanished
     for good (a collapsed model: every logged step after the first has gradient norm 0), the mean loss of the
     last 10% of logged steps ends far above that of the first 10% (loss_windows; single batches are too noisy
     to compare), or (given `model`) a trained parameter is not finite."""
-    lr = settings.get("learning_rate")
+    lr = FinetuneSection.from_dict(settings).learning_rate
     for row in rows:
         for key in ("loss", "grad_norm"):
             if key in row and not math.isfinite(float(row[key])):

@@ -7,16 +7,8 @@ import re
 from dataclasses import dataclass, field
 
 from tunelens.errors import ConfigError, ModelError
+from tunelens.settings.finetune import FinetuneSection
 
-# Keys of the finetune settings that must be present (the schema fills them; a hand-built dict may not).
-SETTING_KEYS = (
-    "enabled", "method", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "learning_rate",
-    "lr_scheduler", "warmup_ratio", "weight_decay", "num_epochs", "max_steps", "batch_size",
-    "gradient_accumulation", "max_seq_length", "packing", "padding_free", "gradient_checkpointing", "liger",
-    "logging_steps", "save_steps", "autotune",
-)
-# Settings added after the first release: a hand-built settings dict without them gets these values.
-SETTING_DEFAULTS = {"autotune": True}
 # Written into the checkpoint directory: a resumed run keeps the micro-batch and checkpointing it measured.
 AUTOTUNE_FILE = "tunelens_autotune.json"
 
@@ -42,31 +34,26 @@ def _bitsandbytes_installed() -> bool:
     return importlib.util.find_spec("bitsandbytes") is not None
 
 
-def check_settings(settings: dict) -> None:
-    """Fail on missing keys and on combinations the schema cannot express. Raises ConfigError."""
-    for key, value in SETTING_DEFAULTS.items():
-        settings.setdefault(key, value)
-    missing = [key for key in SETTING_KEYS if key not in settings]
-    if missing:
-        raise ConfigError(f"finetune settings: missing key(s) {missing}; the config schema fills them by default")
-    unknown = sorted(set(settings) - set(SETTING_KEYS))
-    if unknown:
-        raise ConfigError(f"finetune settings: unknown key(s) {unknown}; allowed: {sorted(SETTING_KEYS)}")
-    if settings["method"] not in ("auto", "qlora", "lora"):
-        raise ConfigError(f"finetune.method: '{settings['method']}'; expected one of auto, qlora, lora")
-    if not 0 <= settings["warmup_ratio"] < 1:
-        raise ConfigError(f"finetune.warmup_ratio: {settings['warmup_ratio']}; expected a fraction in [0, 1)")
-    if settings["max_steps"] is None and not settings["num_epochs"] > 0:
-        raise ConfigError(f"finetune.num_epochs: {settings['num_epochs']}; expected > 0 when max_steps is null")
-    target = settings["target_modules"]
+def check_settings(settings: FinetuneSection | dict) -> FinetuneSection:
+    """The settings as a FinetuneSection (a dict's missing keys take their defaults; an unknown key fails), checked
+    for what the schema cannot express when they do not come from a validated config. Raises ConfigError."""
+    settings = FinetuneSection.from_dict(settings, where="finetune settings")
+    if settings.method not in ("auto", "qlora", "lora"):
+        raise ConfigError(f"finetune.method: '{settings.method}'; expected one of auto, qlora, lora")
+    if not 0 <= settings.warmup_ratio < 1:
+        raise ConfigError(f"finetune.warmup_ratio: {settings.warmup_ratio}; expected a fraction in [0, 1)")
+    if settings.max_steps is None and not settings.num_epochs > 0:
+        raise ConfigError(f"finetune.num_epochs: {settings.num_epochs}; expected > 0 when max_steps is null")
+    target = settings.target_modules
     if isinstance(target, list) and not target:
         raise ConfigError("finetune.target_modules: empty list; give module names or 'all-linear'")
+    return settings
 
 
 LIGER_MIN_VOCAB = 128_000
 
 
-def resolve_plan(settings: dict, device: str = "auto", vocab_size: int | None = None) -> TrainingPlan:
+def resolve_plan(settings: FinetuneSection | dict, device: str = "auto", vocab_size: int | None = None) -> TrainingPlan:
     """Decide method, dtype, gradient checkpointing and Liger from the settings and the device.
 
     Explicit choices that cannot work here (qlora or liger on CPU, liger not installed) are errors,
@@ -74,7 +61,7 @@ def resolve_plan(settings: dict, device: str = "auto", vocab_size: int | None = 
     """
     import torch
 
-    check_settings(settings)
+    settings = check_settings(settings)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device not in ("cpu", "cuda"):
@@ -83,7 +70,7 @@ def resolve_plan(settings: dict, device: str = "auto", vocab_size: int | None = 
         raise ConfigError("device: 'cuda' was asked for, but torch sees no CUDA device")
     reasons = []
 
-    method = settings["method"]
+    method = settings.method
     if method == "auto":
         if device == "cuda" and _bitsandbytes_installed():
             method = "qlora"
@@ -107,7 +94,7 @@ def resolve_plan(settings: dict, device: str = "auto", vocab_size: int | None = 
     else:
         compute_dtype = "float32"
 
-    checkpointing = settings["gradient_checkpointing"]
+    checkpointing = settings.gradient_checkpointing
     if checkpointing == "auto":
         checkpointing = device == "cuda"
         reasons.append(
@@ -116,7 +103,7 @@ def resolve_plan(settings: dict, device: str = "auto", vocab_size: int | None = 
                if checkpointing else "CPU memory is not the limit")
         )
 
-    liger = settings["liger"]
+    liger = settings.liger
     if liger is True and device != "cuda":
         raise ConfigError("finetune.liger: true needs a CUDA device (Liger kernels are Triton GPU kernels)")
     if liger is True and not _liger_installed():

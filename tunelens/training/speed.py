@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from tunelens.io import write_json_atomic
+from tunelens.settings.finetune import FinetuneSection
 from tunelens.training.plan import AUTOTUNE_FILE, TrainingPlan
 
 log = logging.getLogger("tunelens.training.finetune")
@@ -248,7 +249,7 @@ def _choose_dense_base(trainer) -> dict:
     return {"on": True, "gib": gib, "reason": f"{gib} GiB dequantized once, of {room / 2**30:.0f} GiB free"}
 
 
-def autotune_cuda(trainer, settings: dict, plan: TrainingPlan, checkpoint_dir: Path) -> dict:
+def autotune_cuda(trainer, settings: FinetuneSection | dict, plan: TrainingPlan, checkpoint_dir: Path) -> dict:
     """Choose activation checkpointing and the micro-batch by measuring them on this GPU.
 
     What the user configured stays: rows per optimizer step (batch_size x gradient_accumulation), length,
@@ -260,7 +261,8 @@ def autotune_cuda(trainer, settings: dict, plan: TrainingPlan, checkpoint_dir: P
     """
     import torch
 
-    rows_per_step = settings["batch_size"] * settings["gradient_accumulation"]
+    settings = FinetuneSection.from_dict(settings)
+    rows_per_step = settings.batch_size * settings.gradient_accumulation
     record_path = checkpoint_dir / AUTOTUNE_FILE
     if record_path.exists():
         choice = json.loads(record_path.read_text(encoding="utf-8"))
@@ -273,7 +275,7 @@ def autotune_cuda(trainer, settings: dict, plan: TrainingPlan, checkpoint_dir: P
             return choice
 
     dense = _choose_dense_base(trainer)
-    configured = settings["gradient_checkpointing"]
+    configured = settings.gradient_checkpointing
     checkpointing_options = [False, True] if configured == "auto" else [bool(configured)]
     micro_options = [m for m in range(rows_per_step, 0, -1) if rows_per_step % m == 0]
     dataset = trainer.train_dataset
@@ -301,7 +303,7 @@ def autotune_cuda(trainer, settings: dict, plan: TrainingPlan, checkpoint_dir: P
             # Largest micro-batch first: without checkpointing the first that fits is measured; with it, the
             # configured micro-batch and the whole step in one micro-batch.
             candidates = micro_options if not checkpointing else sorted(
-                {rows_per_step, min(settings["batch_size"], rows_per_step)}, reverse=True)
+                {rows_per_step, min(settings.batch_size, rows_per_step)}, reverse=True)
             for micro in candidates:
                 batch = worst_batch(micro)
                 tokens = int(batch["input_ids"].numel())
@@ -332,7 +334,7 @@ def autotune_cuda(trainer, settings: dict, plan: TrainingPlan, checkpoint_dir: P
         dense = {**dense, "on": False, "reason": dense["reason"] + "; dropped: no micro-batch fitted beside it"}
     if not fitting:
         best = {"gradient_checkpointing": True if configured == "auto" else bool(configured),
-                "micro_batch_size": settings["batch_size"] if rows_per_step % settings["batch_size"] == 0 else 1}
+                "micro_batch_size": settings.batch_size if rows_per_step % settings.batch_size == 0 else 1}
         reason = "no candidate fitted in the probe; keeping the configured micro-batch with checkpointing"
     else:
         best = max(fitting, key=lambda t: t["tokens_per_s"])
