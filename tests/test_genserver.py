@@ -192,7 +192,7 @@ def test_server_ends_with_the_snakemake_process_that_ran_its_jobs(tiny, run_dir,
     import subprocess
     import sys
 
-    client = ("import json, sys\nfrom tunelens import genserver\n"
+    client = ("import json, sys\nfrom tunelens.generation import genserver\n"
               "meta = genserver.run_generation_job(json.loads(sys.argv[1]), sys.argv[2], base=sys.argv[3],\n"
               "                                    idle_timeout_s=3600, start_timeout_s=180)\n"
               "assert meta['execution']['mode'] == 'server', meta['execution']\n")
