@@ -1,9 +1,13 @@
 """Where a study's files go: the output kinds, the results root, the split, report and evaluation-set paths,
-and the config keys the workflow reads by string (tunelens.workflow.Plan builds on StudyPaths)."""
+and the settings the workflow reads (typed, tunelens.settings; tunelens.workflow.Plan builds on StudyPaths)."""
 
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tunelens.settings import ScoringSection
 
 RESULTS = "results"
 
@@ -57,11 +61,12 @@ def _accessor(name: str, fn):
 
 
 class StudyPaths:
-    """The paths of one study (a tunelens.config.Study), results under `results`, and its settings by key."""
+    """The paths of one study (a tunelens.config.Study), results under `results`, and the settings they follow."""
 
     def __init__(self, study, results: str = RESULTS):
         self.study = study
-        self.config = study.config
+        self.config = study.config  # the validated config dict: hashed whole (report_config_hash), never indexed
+        self.settings = study.settings  # the same config typed (tunelens.settings.ConfigSection): read by attribute
         self.models = study.models
         self.decoding = study.decoding
         self.evalsets = study.evaluation_sets
@@ -84,34 +89,34 @@ class StudyPaths:
         self.FINETUNED_MODELS = [name for name, spec in self.models.items() if spec.finetuned]
 
     # ------------------------------------------------------------------------------------- settings
-    # The config keys read by string, in one place (tunelens.config may turn them into typed fields).
+    # Settings the targets depend on, read as attributes of the typed config (tunelens.settings).
     @property
     def device(self) -> str:
-        return self.config["device"]
+        return self.settings.device
 
     @property
-    def scoring(self) -> dict:
-        return self.config["scoring"]
+    def scoring(self) -> ScoringSection:
+        return self.settings.scoring
 
     @property
     def probe_enabled(self) -> bool:
-        return bool(self.config["probe"]["enabled"])
+        return bool(self.settings.probe.enabled)
 
     @property
     def early_exit_enabled(self) -> bool:
-        return bool(self.probe_enabled and self.config["probe"]["early_exit"]["enabled"])
+        return bool(self.probe_enabled and self.settings.probe.early_exit.enabled)
 
     @property
     def judge_enabled(self) -> bool:
-        return bool(self.scoring["judge"]["enabled"])
+        return bool(self.scoring.judge.enabled)
 
     @property
     def human_enabled(self) -> bool:
-        return bool(self.scoring["human"]["enabled"])
+        return bool(self.scoring.human.enabled)
 
     @property
     def generation_server(self) -> bool:
-        return bool(self.config["generation"]["server"])
+        return bool(self.settings.generation.server)
 
     def wildcard_constraints(self) -> dict[str, str]:
         """The workflow's global wildcard constraints (rules/common.smk `wildcard_constraints:`)."""

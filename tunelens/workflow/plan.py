@@ -15,7 +15,7 @@ class Plan(Targets, StudyPaths):
     # ------------------------------------------------------------------------------------- data
     def dataset_file_input(self, wildcards):
         """A local dataset file is an input (editing it reruns the split); hub and embedded sources are params."""
-        return [self.config["dataset"]["source"]] if self.study.dataset_kind == "local" else []
+        return [self.settings.dataset.source] if self.study.dataset_kind == "local" else []
 
     def hub_dataset_input(self, wildcards):
         """A hub dataset's download (rule download_dataset); nothing for local and embedded sources."""
@@ -63,25 +63,25 @@ class Plan(Targets, StudyPaths):
         return [self.out_path("adapter", model=wildcards.model)] if wildcards.variant == "finetuned" else []
 
     def _bertscore_embedded(self) -> bool:
-        return self.scoring["bertscore"]["model"].startswith("embedded:")
+        return self.scoring.bertscore.model.startswith("embedded:")
 
     def bertscore_model_input(self, wildcards):
-        needed = "bertscore" in self.scoring["metrics"] and self._bertscore_embedded()
+        needed = "bertscore" in self.scoring.metrics and self._bertscore_embedded()
         return [f"{self.results}/models/bertscore"] if needed else []
 
     def bertscore_embedded_name(self, wildcards):
-        return self.scoring["bertscore"]["model"].removeprefix("embedded:")
+        return self.scoring.bertscore.model.removeprefix("embedded:")
 
     def bertscore_model_path(self, wildcards):
         embedded = self._bertscore_embedded()
-        return f"{self.results}/models/bertscore" if embedded else self.scoring["bertscore"]["model"]
+        return f"{self.results}/models/bertscore" if embedded else self.scoring.bertscore.model
 
     # ------------------------------------------------------------------------------------- resources
     def model_resource(self, key: str):
-        """Resource callable for GPU rules: the model entry's `resources.<key>`."""
+        """Resource callable for GPU rules: the model entry's `resources.<key>` (a ResourcesSection field)."""
 
         def get(wildcards, attempt=1):
-            value = self.models[wildcards.model].resources[key]
+            value = getattr(self.models[wildcards.model].resource_settings, key)
             # Retries ask for more memory and time (profiles set `retries`).
             return value * attempt if key in ("mem_mb", "runtime") else value
 
@@ -94,18 +94,18 @@ class Plan(Targets, StudyPaths):
         jobs whose threads would sum past --cores run one after the other. The job hands the number to
         torch (tunelens.jobs.use_job_threads).
         """
-        return self.models[wildcards.model].resources["cpus"]
+        return self.models[wildcards.model].resource_settings.cpus
 
     def model_gpus(self, wildcards):
         """GPUs this model's jobs request; 0 when the study runs on CPU."""
         if self.device == "cpu":
             return 0
-        return self.models[wildcards.model].resources["gpus"]
+        return self.models[wildcards.model].resource_settings.gpus
 
     def score_gpus(self, wildcards):
-        if self.device == "cpu" or "bertscore" not in self.scoring["metrics"]:
+        if self.device == "cpu" or "bertscore" not in self.scoring.metrics:
             return 0
-        return self.scoring["bertscore"]["gpus"]
+        return self.scoring.bertscore.gpus
 
     def server_slots(self, cluster: bool) -> dict:
         """Resource name -> callable: 1 for a job of that model's generation server, else 0.
@@ -126,12 +126,12 @@ class Plan(Targets, StudyPaths):
 
     def gpu_limit_problem(self, limit) -> str | None:
         """A run's `gpu` limit below a model's resources.gpus (Snakemake would stop only at that job)."""
-        wide = [n for n, s in self.models.items() if isinstance(limit, int) and s.resources["gpus"] > limit]
+        wide = [n for n, s in self.models.items() if isinstance(limit, int) and s.resource_settings.gpus > limit]
         if not wide:
             return None
         return (
-            f"models.{wide[0]}.resources.gpus is {self.models[wide[0]].resources['gpus']}, above this run's gpu "
-            f"limit {limit}; run with --resources gpu={max(self.models[n].resources['gpus'] for n in wide)} "
+            f"models.{wide[0]}.resources.gpus is {self.models[wide[0]].resource_settings.gpus}, above this run's gpu "
+            f"limit {limit}; run with --resources gpu={max(self.models[n].resource_settings.gpus for n in wide)} "
             "(the machine's GPU count)"
         )
 
@@ -147,18 +147,18 @@ class Plan(Targets, StudyPaths):
 
     def generation_settings(self, wildcards):
         """Everything besides the decoding config that changes a generation file (a params rerun trigger)."""
-        decoding = self.config["decoding"]
-        generation = self.config["generation"]
-        return {
-            "max_new_tokens": decoding["max_new_tokens"],
-            "stop": list(decoding["stop"]),
-            "beam_mode": decoding["beam_mode"],
-            "max_test_rows": decoding["max_test_rows"],
-            "batch_size": generation["batch_size"],
-            "max_prompt_tokens": generation["max_prompt_tokens"],
-            "static_cache": generation["static_cache"],
-            "compile_backend": generation["compile_backend"],
-            "merge_adapter": generation["merge_adapter"],
+        decoding = self.settings.decoding
+        generation = self.settings.generation
+        return {  # keys, order and values are the rule's params: changing them reruns every generate job
+            "max_new_tokens": decoding.max_new_tokens,
+            "stop": list(decoding.stop),
+            "beam_mode": decoding.beam_mode,
+            "max_test_rows": decoding.max_test_rows,
+            "batch_size": generation.batch_size,
+            "max_prompt_tokens": generation.max_prompt_tokens,
+            "static_cache": generation.static_cache,
+            "compile_backend": generation.compile_backend,
+            "merge_adapter": generation.merge_adapter,
         }
 
     def generation_conda_env(self, wildcards):
@@ -171,7 +171,7 @@ class Plan(Targets, StudyPaths):
     def vllm_options(self, wildcards):
         from tunelens.config import generation_server_fields
 
-        return generation_server_fields(self.config, wildcards.model)["vllm_options"]
+        return generation_server_fields(self.settings, wildcards.model)["vllm_options"]
 
     def finetune_checkpoint_dir(self, wildcards):
         """Resumable trainer checkpoints: not a rule output, so a failed job keeps them for its rerun."""
@@ -195,7 +195,7 @@ class Plan(Targets, StudyPaths):
         """probe.early_exit.decoding as a full decoding config with its canonical name (greedy by default)."""
         from tunelens.config import DecodingConfig
 
-        return DecodingConfig.from_dict(self.config["probe"]["early_exit"]["decoding"]).as_dict()
+        return DecodingConfig.from_dict(self.settings.probe.early_exit.decoding).as_dict()
 
     @staticmethod
     def early_exit_score_layer(wildcards):
@@ -203,19 +203,19 @@ class Plan(Targets, StudyPaths):
 
     # ------------------------------------------------------------------------------------- scoring
     def score_metrics(self, wildcards):
-        return list(self.scoring["metrics"])
+        return list(self.scoring.metrics)
 
     def score_context(self, wildcards):
         """Everything the metrics need besides the text: dataset kind, code language, BERTScore settings."""
         from tunelens.models import EMBEDDED_MODELS
 
-        settings = self.scoring["bertscore"]
-        source = settings["model"]
-        num_layers = settings["num_layers"]
+        bertscore = self.scoring.bertscore
+        source = bertscore.model
+        num_layers = bertscore.num_layers
         if num_layers is None and source.startswith("embedded:"):
             num_layers = EMBEDDED_MODELS[source.removeprefix("embedded:")]["num_layers"]
-        kind = self.config["dataset"]["kind"]
-        language = self.config["dataset"]["code_language"]
+        kind = self.settings.dataset.kind
+        language = self.settings.dataset.code_language
         if wildcards.get("evalset"):  # an evaluation set has its own kind (CodeBLEU or not)
             spec = self.evalsets[wildcards.evalset]
             kind, language = spec.kind, spec.code_language
@@ -226,15 +226,15 @@ class Plan(Targets, StudyPaths):
             "bertscore": {
                 "model": self.bertscore_model_path(wildcards),
                 "num_layers": num_layers,
-                "batch_size": settings["batch_size"],
-                "lang": settings["lang"],
-                "rescale_with_baseline": settings["rescale_with_baseline"],
-                "baseline_path": settings["baseline_path"],
+                "batch_size": bertscore.batch_size,
+                "lang": bertscore.lang,
+                "rescale_with_baseline": bertscore.rescale_with_baseline,
+                "baseline_path": bertscore.baseline_path,
             },
         }
 
     def judge_model_name(self, wildcards):
-        return self.scoring["judge"]["model"]
+        return self.scoring.judge.model
 
     def judge_model_input(self, wildcards):
         """The judge's materialised or downloaded directory when it is an embedded or hub model of `models`."""

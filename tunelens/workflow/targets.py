@@ -46,7 +46,7 @@ class Targets:
     def human_rating_files(self, evalset=None):
         """Filled sheets in scoring.human.ratings_dir, or its <evalset>/ subfolder for an evaluation set's
         sheet (found when the DAG is built)."""
-        folder = self.scoring["human"]["ratings_dir"]
+        folder = self.scoring.human.ratings_dir
         if evalset:
             folder = os.path.join(folder, evalset)
         return sorted(glob.glob(os.path.join(folder, "*.csv")))
@@ -75,7 +75,7 @@ class Targets:
         return [self.score_file(*group) for group in self._groups()]
 
     def all_perplexity_files(self):
-        if not self.scoring["perplexity"]:
+        if not self.scoring.perplexity:
             return []
         return [self.out_path("perplexity", model=m, variant=v) for m, v in self._model_variants()]
 
@@ -118,7 +118,7 @@ class Targets:
             elif kind == "judge" and self.judge_enabled:
                 files += [self.out_path("judge", self.EVAL, **at, model=m, variant=v, decoding=c)
                           for m, v, c in self._groups()]  # fmt: skip
-            elif kind == "perplexity" and self.scoring["perplexity"]:
+            elif kind == "perplexity" and self.scoring.perplexity:
                 files += [self.out_path("perplexity", self.EVAL, **at, model=m, variant=v)
                           for m, v in self._model_variants()]  # fmt: skip
             elif kind == "human":
