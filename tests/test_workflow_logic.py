@@ -280,8 +280,12 @@ def test_early_exit_layer_must_be_planned(plan):
 
 def test_generation_settings_and_conda_env(plan):
     settings = plan.generation_settings(wc())
-    assert set(settings) == {"max_new_tokens", "stop", "beam_mode", "max_test_rows", "batch_size",
-                             "max_prompt_tokens", "static_cache", "compile_backend", "merge_adapter"}  # fmt: skip
+    # The generate rule's params (a rerun trigger): these keys in this order, the config's values.
+    assert list(settings) == ["max_new_tokens", "stop", "beam_mode", "max_test_rows", "batch_size",
+                              "max_prompt_tokens", "static_cache", "compile_backend", "merge_adapter"]  # fmt: skip
+    config = plan.study.config
+    assert settings == {key: config["generation" if key in config["generation"] else "decoding"][key]
+                        for key in settings}  # fmt: skip
     assert isinstance(settings["stop"], list)
     assert plan.generation_conda_env(wc(model="smol")) == "../envs/torch.yaml"
     vllm = plan_of(small_config(generation__backend="vllm"))
@@ -320,3 +324,76 @@ def test_no_job_script_reaches_the_workflow_module():
 
     for script in sorted((ROOT / "scripts").glob("*.py")):
         assert not [m for m in code_modules(script) if m.startswith("tunelens.workflow")], script.name
+
+
+# ----------------------------------------------------------------------------------------- settings access
+# Settings are read as attributes of the typed config (tunelens.settings), never by string key (issue 25). The
+# check is syntactic: a subscript or .get/.setdefault/.pop with a string literal on an expression whose root
+# name is one a settings object goes by here. JSON records, rows and frames go by other names; where a file uses
+# one of these names for something else, ALLOWED says what it is.
+SETTINGS_NAMES = {"config", "cfg", "settings", "scoring", "resources", "finetune", "decoding", "generation",
+                  "probe", "bertscore", "judge", "human", "early_exit", "dataset"}  # fmt: skip
+ALLOWED = {
+    # The raw user config before schema validation (removed keys, empty sweep axes, given field mappings).
+    ("tunelens/config/__init__.py", "config"),
+    ("tunelens/modelfiles.py", "config"),  # a model's config.json
+    ("tunelens/report/comparisons.py", "decoding"),  # a DataFrame of score rows
+    ("tunelens/report/document.py", "decoding"),  # a DataFrame of score rows
+    ("tunelens/report/plots.py", "decoding"),  # a DataFrame of score rows
+    ("tunelens/training/speed.py", "dataset"),  # a tokenized datasets.Dataset
+}
+
+
+def _root_name(node):
+    import ast
+
+    while isinstance(node, ast.Subscript):
+        node = node.value
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "dict" and node.args:
+        return _root_name(node.args[0])
+    return node.attr if isinstance(node, ast.Attribute) else node.id if isinstance(node, ast.Name) else None
+
+
+def string_key_settings_reads(source: str) -> list[tuple[int, str, str]]:
+    """(line, root name, expression) of every string-key read on a settings-named expression in `source`."""
+    import ast
+
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant) and isinstance(
+                node.slice.value, str):
+            target = node.value
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+              and node.func.attr in ("get", "setdefault", "pop") and node.args
+              and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+            target = node.func.value
+        else:
+            continue
+        name = _root_name(target)
+        if name in SETTINGS_NAMES:
+            found.append((node.lineno, name, ast.unparse(node)))
+    return found
+
+
+def test_the_settings_check_finds_string_key_reads():
+    source = (
+        'a = self.config["probe"]["enabled"]\n'
+        'b = self.models[m].resources["gpus"]\n'
+        'c = spec.finetune.get("lora_r")\n'
+        'd = self.scoring["bertscore"]["model"]\n'
+        'e = row["device"]; f = self.settings.probe.enabled; g = wildcards.get("evalset")\n'
+        'h = generation_server_fields(settings, model)["vllm_options"]\n'
+    )
+    assert [line for line, _, _ in string_key_settings_reads(source)].count(1) == 2  # config["probe"], [...]["enabled"]
+    assert {line for line, _, _ in string_key_settings_reads(source)} == {1, 2, 3, 4}
+
+
+def test_tunelens_reads_no_setting_by_string_key():
+    package = ROOT / "tunelens"
+    offenders = []
+    for path in sorted(package.rglob("*.py")):
+        relative = path.relative_to(ROOT).as_posix()
+        for line, name, expression in string_key_settings_reads(path.read_text(encoding="utf-8")):
+            if (relative, name) not in ALLOWED:
+                offenders.append(f"{relative}:{line}: {expression}")
+    assert not offenders, "settings read by string key (read the typed attribute instead):\n" + "\n".join(offenders)
