@@ -368,7 +368,7 @@ def run_perplexity(tiny, out, name, *, base, variant="base", **overrides):
 
 def run_lens(tiny, out, name, *, base, variant="base", **overrides):
     """What scripts/logit_lens.py runs: (lens, its three files)."""
-    from tunelens.probe.probe import run_logit_lens_job
+    from tunelens.probe.lens import run_logit_lens_job
 
     files = (out / f"{name}.json", out / f"{name}.heatmap.png", out / f"{name}.entropy.png")
     return run_logit_lens_job(make_lens_job(tiny, variant, **overrides), *files, base=base, start_timeout_s=180), files
@@ -392,7 +392,7 @@ def test_perplexity_and_logit_lens_through_the_server_write_the_bytes_of_an_in_p
     per-row CSV and both plots are the bytes that today's in-process functions (reference_perplexity,
     run_logit_lens) write, and the JSON files equal theirs apart from the timings and `execution`."""
     from tunelens.scoring.perplexity import reference_perplexity
-    from tunelens.probe.probe import run_logit_lens
+    from tunelens.probe.lens import run_logit_lens
 
     for variant in ("base", "finetuned"):
         served, (ppl_json, ppl_csv) = run_perplexity(tiny, tmp_path, f"ppl-{variant}", base=run_dir, variant=variant)

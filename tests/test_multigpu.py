@@ -93,7 +93,7 @@ def test_generation_perplexity_judge_and_lens_feed_the_input_embeddings_device(s
     from tunelens.generation.generate import hf_generate_batched
     from tunelens.models import input_device
     from tunelens.scoring.perplexity import response_nll
-    from tunelens.probe.probe import lens_log_probs
+    from tunelens.probe.lens import lens_log_probs
 
     model, tokenizer, plain = split_model
     assert input_device(model).type == "cpu"

@@ -309,12 +309,12 @@ class _Server:
         return self._task_answer(summary, rows, loaded, hf_model)
 
     def logit_lens(self, job: dict) -> tuple[dict, list]:
-        """A logit_lens job (tunelens.probe.probe.logit_lens_output, the lens without its plots) on the hf model this
+        """A logit_lens job (tunelens.probe.lens.logit_lens_output, the lens without its plots) on the hf model this
         server keeps; imported by name, as perplexity."""
         hf_model, loaded, load_time = self._task_model(job)
         kwargs = {k: v for k, v in job.items() if k not in ("task", "backend", "gpus", "vllm_options")}
-        lens = importlib.import_module("tunelens.probe.probe").logit_lens_output(**kwargs, hf_model=hf_model,
-                                                                            load_time_s=load_time)
+        lens = importlib.import_module("tunelens.probe.lens").logit_lens_output(**kwargs, hf_model=hf_model,
+                                                                           load_time_s=load_time)
         return self._task_answer(lens, [], loaded, hf_model)
 
     def generate(self, job: dict) -> tuple[dict, list]:
