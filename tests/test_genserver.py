@@ -192,7 +192,7 @@ def test_server_ends_with_the_snakemake_process_that_ran_its_jobs(tiny, run_dir,
     import subprocess
     import sys
 
-    client = ("import json, sys\nfrom tunelens import genserver\n"
+    client = ("import json, sys\nfrom tunelens.generation import genserver\n"
               "meta = genserver.run_generation_job(json.loads(sys.argv[1]), sys.argv[2], base=sys.argv[3],\n"
               "                                    idle_timeout_s=3600, start_timeout_s=180)\n"
               "assert meta['execution']['mode'] == 'server', meta['execution']\n")
@@ -200,7 +200,7 @@ def test_server_ends_with_the_snakemake_process_that_ran_its_jobs(tiny, run_dir,
     fake.write_text(f"#!{sys.executable}\nimport subprocess, sys\n"
                     f"sys.exit(subprocess.run([sys.executable, '-c', {client!r}, *sys.argv[1:]]).returncode)\n")
     fake.chmod(0o755)
-    repo = str(genserver.Path(genserver.__file__).resolve().parents[1])
+    repo = str(genserver.Path(genserver.__file__).resolve().parents[2])
     result = subprocess.run([str(fake), json.dumps(make_job(tiny)), str(tmp_path / "x.jsonl"), str(run_dir)],
                             env={**os.environ, "PYTHONPATH": repo}, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
