@@ -169,7 +169,7 @@ def serve(args, work: Path) -> dict:
 
 def probe(args, work: Path) -> dict:
     from tunelens.generation import genserver
-    from tunelens.probe.probe import run_logit_lens
+    from tunelens.probe.lens import run_logit_lens
 
     rows = write_rows(work, args.rows)
     layers = [depth(args) // 2, depth(args)]

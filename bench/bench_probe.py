@@ -10,7 +10,7 @@ layer generates the same number of tokens), first L blocks only (tunelens.probe.
 the early_exit rule runs). Reported: seconds, time ratio t_L / t_N, and L/N; a ratio near L/N means the
 top blocks are not run. The gap is the per-token cost outside the blocks (embedding, LM head, sampling loop).
 Logit lens: one prompt of --lens-seq tokens; plain forward (logits at every position) vs
-tunelens.probe.probe.lens_log_probs over ALL layers at --lens-positions positions (final norm + LM head per layer).
+tunelens.probe.lens.lens_log_probs over ALL layers at --lens-positions positions (final norm + LM head per layer).
 Times are the minimum over --repeats runs after one warm-up. Prints a Markdown table; --json writes numbers.
 """
 
@@ -88,7 +88,8 @@ def main() -> None:
 
     from tunelens.config import resolve_layers
     from tunelens.models import num_decoder_layers
-    from tunelens.probe.probe import lens_log_probs, truncated_decoder
+    from tunelens.probe.lens import lens_log_probs
+    from tunelens.probe.probe import truncated_decoder
 
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     model, model_name = build_model(args)

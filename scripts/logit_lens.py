@@ -1,14 +1,14 @@
 """Rule `logit_lens`: one (model, variant) -> lens.json + its two plots.
 
-The lens (tunelens.probe.probe.logit_lens_output) is computed in the model's generation server when it can serve it
-(tunelens.probe.probe.run_logit_lens_job: the model its generate jobs loaded), else in this process; the plots are
+The lens (tunelens.probe.lens.logit_lens_output) is computed in the model's generation server when it can serve it
+(tunelens.probe.lens.run_logit_lens_job: the model its generate jobs loaded), else in this process; the plots are
 drawn here. The server's key fields (generation backend, vLLM options) and the server settings are read from
 the config here, not rule params: where a job runs must not change (or rerun) its output.
 """
 
 from tunelens.config import generation_server_fields
 from tunelens.jobs import job_log, use_job_threads
-from tunelens.probe.probe import run_logit_lens_job
+from tunelens.probe.lens import run_logit_lens_job
 from tunelens.settings import ConfigSection
 
 job_log(snakemake.log[0])  # errors and tracebacks go to the rule's log too

@@ -71,7 +71,8 @@ def test_gemma_every_stage_sees_exactly_one_bos(tiny_gemma, tmp_path):
     from tunelens.training.finetune import finetune
     from tunelens.generation.generate import generate
     from tunelens.scoring.perplexity import reference_perplexity
-    from tunelens.probe.probe import run_early_exit, run_logit_lens
+    from tunelens.probe.lens import run_logit_lens
+    from tunelens.probe.probe import run_early_exit
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_gemma)
     assert tokenizer("a")["input_ids"][0] == tokenizer.bos_token_id  # the tokenizer adds a BOS by itself

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tunelens.generation import genserver
+from tunelens.generation import genserver, server_state
 from tunelens.generation.agreement import token_agreement
 from tunelens.generation.backend_hf import plan_batches, row_bucket, static_cache_len
 from tunelens.generation.decoding import DecodingConfig
@@ -64,7 +64,7 @@ def _generate(tiny, out: Path, **overrides) -> tuple[dict, list[dict]]:
 def test_every_request_of_a_server_runs_on_one_thread(monkeypatch):
     """Per-thread state (CUDA graphs, cuBLAS handles, grad mode) must survive between requests: the server used
     to run each request on its connection's new thread, paying first-call costs every time."""
-    state = genserver._Server("k", idle_timeout_s=60)
+    state = server_state._Server("k", idle_timeout_s=60)
     seen: list[int] = []
     initialised = threading.local()
     inits = []

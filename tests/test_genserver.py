@@ -200,7 +200,7 @@ def test_server_ends_with_the_snakemake_process_that_ran_its_jobs(tiny, run_dir,
     fake.write_text(f"#!{sys.executable}\nimport subprocess, sys\n"
                     f"sys.exit(subprocess.run([sys.executable, '-c', {client!r}, *sys.argv[1:]]).returncode)\n")
     fake.chmod(0o755)
-    repo = str(genserver.Path(genserver.__file__).resolve().parents[1])
+    repo = str(genserver.Path(genserver.__file__).resolve().parents[2])
     result = subprocess.run([str(fake), json.dumps(make_job(tiny)), str(tmp_path / "x.jsonl"), str(run_dir)],
                             env={**os.environ, "PYTHONPATH": repo}, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -368,7 +368,7 @@ def run_perplexity(tiny, out, name, *, base, variant="base", **overrides):
 
 def run_lens(tiny, out, name, *, base, variant="base", **overrides):
     """What scripts/logit_lens.py runs: (lens, its three files)."""
-    from tunelens.probe.probe import run_logit_lens_job
+    from tunelens.probe.lens import run_logit_lens_job
 
     files = (out / f"{name}.json", out / f"{name}.heatmap.png", out / f"{name}.entropy.png")
     return run_logit_lens_job(make_lens_job(tiny, variant, **overrides), *files, base=base, start_timeout_s=180), files
@@ -392,7 +392,7 @@ def test_perplexity_and_logit_lens_through_the_server_write_the_bytes_of_an_in_p
     per-row CSV and both plots are the bytes that today's in-process functions (reference_perplexity,
     run_logit_lens) write, and the JSON files equal theirs apart from the timings and `execution`."""
     from tunelens.scoring.perplexity import reference_perplexity
-    from tunelens.probe.probe import run_logit_lens
+    from tunelens.probe.lens import run_logit_lens
 
     for variant in ("base", "finetuned"):
         served, (ppl_json, ppl_csv) = run_perplexity(tiny, tmp_path, f"ppl-{variant}", base=run_dir, variant=variant)

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from tunelens.generation import genserver
+from tunelens.generation import genserver, server_state
 from tunelens.errors import ModelError
 
 
@@ -93,7 +93,7 @@ def test_generation_perplexity_judge_and_lens_feed_the_input_embeddings_device(s
     from tunelens.generation.generate import hf_generate_batched
     from tunelens.models import input_device
     from tunelens.scoring.perplexity import response_nll
-    from tunelens.probe.probe import lens_log_probs
+    from tunelens.probe.lens import lens_log_probs
 
     model, tokenizer, plain = split_model
     assert input_device(model).type == "cpu"
@@ -141,7 +141,7 @@ def test_the_generation_server_loads_with_the_jobs_gpu_count(monkeypatch, tiny_l
         return "model", "tokenizer"
 
     monkeypatch.setattr(tunelens.models, "load_model", fake_load)
-    state = genserver._Server("k", idle_timeout_s=60)
+    state = server_state._Server("k", idle_timeout_s=60)
     try:
         state._hf_model({"model_path": str(tiny_llama_dir), "device": "cpu", "gpus": 2})
     finally:
@@ -186,7 +186,7 @@ def test_vllm_gets_the_jobs_gpus_as_tensor_parallel_size(monkeypatch, tmp_path):
                backend="vllm", device="cuda", gpus=2)
     with pytest.raises(Built):
         tunelens.generation.generate.generation_output(tmp_path / "t.jsonl", **job)
-    state = genserver._Server("k", idle_timeout_s=60)
+    state = server_state._Server("k", idle_timeout_s=60)
     try:
         with pytest.raises(Built):
             state.generate({**job, "test_file": str(tmp_path / "t.jsonl")})

@@ -16,7 +16,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tunelens.scoring.metrics import CODEBLEU_STATS, ScoringContext
+from tunelens.scoring.codebleu_stats import CODEBLEU_STATS
+from tunelens.scoring.metrics import ScoringContext
 from tunelens.report import ReportSettings, load_score_files, summary_table
 from tunelens.scoring.score import score_generation_file
 from tunelens.scoring.statistics import adjust_p_values, bootstrap_p_value

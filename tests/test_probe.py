@@ -13,14 +13,8 @@ from tunelens.errors import ConfigError, ModelError  # noqa: E402
 from tunelens.io import read_json, read_jsonl, write_jsonl_atomic  # noqa: E402
 from tunelens.models import decoder_layers, load_model, num_decoder_layers  # noqa: E402
 from tunelens.generation.generate import GenerationSettings, hf_generate_batched  # noqa: E402
-from tunelens.probe.probe import (  # noqa: E402
-    check_probe_layers,
-    encode_prompts,
-    logit_lens,
-    run_early_exit,
-    run_logit_lens,
-    truncated_decoder,
-)
+from tunelens.probe.lens import encode_prompts, logit_lens, run_logit_lens  # noqa: E402
+from tunelens.probe.probe import check_probe_layers, run_early_exit, truncated_decoder  # noqa: E402
 
 ARCHS = ["llama", "mistral", "gemma3", "phi"]
 GREEDY = DecodingConfig(temperature=0.0)

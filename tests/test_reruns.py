@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 from bench_dag import dry_run, fake_finished_study  # noqa: E402
 
-from tunelens import codehash  # noqa: E402
+from tunelens import codehash, codetable  # noqa: E402
 
 WORKFLOW_FILES = ("Snakefile", "config.yaml", "rules", "scripts", "tunelens", "schemas", "profiles", "envs", "report")
 
@@ -79,7 +79,7 @@ def test_hash_ignores_comments_docstrings_and_formatting(tmp_path):
 def fixture_package(tmp_path, monkeypatch):
     """codehash pointed at an empty `tunelens` package in tmp_path; returns a function that writes the files
     given ({path under tmp_path: text}, None deletes) and returns the hash of s.py."""
-    monkeypatch.setattr(codehash, "PACKAGE_DIR", tmp_path / "tunelens")
+    monkeypatch.setattr(codetable, "PACKAGE_DIR", tmp_path / "tunelens")
     monkeypatch.setattr(codehash, "CACHE_FILE", tmp_path / "cache.json")
     monkeypatch.setattr(codehash, "_disk_cache", None)
 

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from tunelens.errors import ConfigError, DataError
-from tunelens.scoring.metrics import METRICS, BertScoreSettings, ScoringContext, codebleu_components
+from tunelens.scoring.codebleu_stats import codebleu_components
+from tunelens.scoring.metrics import METRICS, BertScoreSettings, ScoringContext
 from tunelens.scoring.score import paired_rows, read_rows_csv, score_generation_file
 from tunelens.scoring.statistics import bootstrap_ci, bootstrap_distribution, paired_bootstrap, resample_counts
 

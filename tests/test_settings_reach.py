@@ -418,7 +418,7 @@ SCRIPTS = {
     "perplexity": ("perplexity.py", "tunelens.scoring.perplexity", "run_perplexity_job"),
     "judge": ("judge.py", "tunelens.scoring.judge", "judge_generation_file"),
     "human_sheet": ("human_sheet.py", "tunelens.scoring.human", "write_human_sheet"),
-    "logit_lens": ("logit_lens.py", "tunelens.probe.probe", "run_logit_lens_job"),
+    "logit_lens": ("logit_lens.py", "tunelens.probe.lens", "run_logit_lens_job"),
     "early_exit": ("early_exit.py", "tunelens.generation.genserver", "run_early_exit_job"),
     "report": ("report.py", "tunelens.report", "write_report"),
 }

@@ -15,6 +15,7 @@ Modules (this file imports none of them, so importing one module does not run th
 - generate.py      generate, run_completions, generation_output, write_generation, adapter_record, check_variant;
 - genserver.py     run_generation_job, run_early_exit_job, job_python, serve, once, main
                    (`python -m tunelens.generation.genserver`);
+- server_state.py  _Server (a server's loaded model or engine and its requests), Declined;
 - served.py        run_model_task (a perplexity or logit-lens job as a request to its model's server);
 - agreement.py     agreement, token_agreement, completions_request, main
                    (`python -m tunelens.generation.agreement`).

@@ -12,10 +12,11 @@ they become thin clients of a generation server:
      `.tunelens/servers/<host>/`. If there is none, the first job starts one (`python -m
      tunelens.generation.genserver serve`, its own session, so it outlives the job) under a file lock, so two jobs
      never start two servers for one key.
-  2. The server keeps the model loaded: hf keeps (model, tokenizer) per adapter; vLLM keeps ONE engine
-     built with LoRA enabled, serving base and fine-tuned requests (LoRA is chosen per request) and every
-     decoding config. Requests run one at a time, each exactly as `tunelens.generation.generate.generation_output`
-     runs in a job, so the rows are byte-identical to in-process generation (tests/test_genserver.py).
+  2. The server keeps the model loaded (its state: tunelens.generation.server_state): hf keeps (model,
+     tokenizer) per adapter; vLLM keeps ONE engine built with LoRA enabled, serving base and fine-tuned
+     requests (LoRA is chosen per request) and every decoding config. Requests run one at a time, each exactly
+     as `tunelens.generation.generate.generation_output` runs in a job, so the rows are byte-identical to
+     in-process generation (tests/test_genserver.py).
   3. The server answers with (meta, rows); the job writes the files atomically. A server never writes an
      output, so a server that crashes or is killed cannot leave a wrong or partial output.
   4. Anything that goes wrong on the server side (it cannot start within start_timeout_s, dies, answers
@@ -36,9 +37,7 @@ server's work to the jobs it served). early_exit, perplexity and logit_lens jobs
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
-import importlib
 import json
 import logging
 import os
@@ -51,6 +50,8 @@ import threading
 import time
 import traceback
 from pathlib import Path
+
+from tunelens.generation.server_state import _Server
 
 # Server registry, framing and stopping live in tunelens.servers (re-exported: tests and callers use them here).
 from tunelens.servers import (  # noqa: F401
@@ -194,217 +195,6 @@ def run_early_exit_job(job: dict, output_file: str | Path, meta_file: str | Path
 
 
 # --------------------------------------------------------------------------------------------- server
-def _gpu_room_for(model_path) -> bool:
-    """Whether the GPU has room for one more bf16 copy of the model's weights beside what it holds (10% spare)."""
-    import torch
-
-    free, _ = torch.cuda.mem_get_info()
-    free += torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
-    need = gpu_bytes_to_load(model_path, 2)
-    return need is None or free > 1.1 * need
-
-
-def _free_gpu_cache() -> None:
-    import gc
-
-    import torch
-
-    gc.collect()
-    torch.cuda.empty_cache()
-
-
-class Declined(Exception):
-    """A request this server does not serve; the client runs the job itself and the server stays up."""
-
-
-class _Server:
-    """One model's loaded state: a vLLM engine (LoRA enabled) or hf models per adapter; one request at a time."""
-
-    def __init__(self, key: str, idle_timeout_s: float):
-        self.key = key
-        self.idle_timeout_s = idle_timeout_s
-        self.lock = threading.Lock()
-        self.engine = None
-        self.hf_models: dict = {}  # adapter_dir (or None) -> (model, tokenizer)
-        self.active = 0
-        self.last_activity = time.monotonic()
-        self.stopping = False
-        self.requests = 0
-        # Every request runs on this one long-lived thread, never on the connection's own thread: CUDA graphs
-        # captured by torch.compile (cudagraph trees), cuBLAS handles and workspaces, the caching allocator's
-        # per-stream pools and torch's grad/inference-mode state are per thread, so a thread per request paid a
-        # fresh process's first-call costs on every request (BENCHMARKS.md, issue 21).
-        self.worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="tunelens-request")
-
-    def _hf_model(self, job: dict) -> tuple[tuple, bool, float]:
-        """(model, tokenizer) of the job's variant, loaded once; (that, loaded now, load seconds)."""
-        from tunelens.generation.generate import resolve_on_device
-        from tunelens.models import load_model, pick_device
-
-        adapter = job.get("adapter_dir")
-        device = pick_device(job.get("device", "auto"))
-        merge = adapter is not None and resolve_on_device(job.get("merge_adapter", "auto"), device)
-        key = (adapter, merge)
-        if key in self.hf_models:
-            return self.hf_models[key], False, 0.0
-        if adapter is not None and not (Path(adapter) / "adapter_config.json").exists():
-            from tunelens.errors import ModelError
-
-            raise ModelError(f"adapter directory '{adapter}' has no adapter_config.json")
-        while len(self.hf_models) >= 2:  # base + one adapter at most
-            self.hf_models.pop(next(iter(self.hf_models)))
-        gpus = int(job.get("gpus") or 1)  # > 1 on CUDA: sharded over the job's GPUs, one copy (no room for two)
-        if self.hf_models and device == "cuda" and (gpus > 1 or not _gpu_room_for(job["model_path"])):
-            log.info("not enough free GPU memory for a second copy of the weights: swapping")
-            self.hf_models.clear()
-            _free_gpu_cache()
-        started = time.perf_counter()
-        self.hf_models[key] = load_model(job["model_path"], adapter_dir=adapter, device=device, merge_adapter=merge,
-                                         gpus=gpus)
-        return self.hf_models[key], True, time.perf_counter() - started
-
-    def early_exit(self, job: dict) -> tuple[dict, list]:
-        """An early_exit job (tunelens.probe.probe.early_exit_output) on the hf model this server keeps. A server
-        that generates with vLLM declines (it would hold a second copy of the model beside the engine)."""
-        from tunelens.generation.generate import resolve_backend
-        from tunelens.probe.probe import early_exit_output
-
-        if self.engine is not None or resolve_backend(job.get("backend", "auto"), job.get("device", "auto"))[0] == "vllm":
-            raise Declined("this server generates with vLLM; early exit needs the hf model")
-        hf_model, loaded, load_time = self._hf_model(job)
-        kwargs = {k: v for k, v in job.items() if k not in ("task", "backend", "gpus", "vllm_options")}
-        meta, rows = early_exit_output(**kwargs, hf_model=hf_model)
-        meta["load_time_s"] = round(load_time, 3)
-        self.requests += 1
-        meta["execution"] = {"mode": "server", "python": sys.executable, "server_pid": os.getpid(),
-                             "loaded": loaded, "request": self.requests}
-        return meta, rows
-
-    def _task_model(self, job: dict) -> tuple[tuple, bool, float]:
-        """The hf model of a perplexity or logit_lens request (tunelens.generation.served), as early_exit gets it."""
-        from tunelens.generation.generate import resolve_backend
-
-        if self.engine is not None or resolve_backend(job.get("backend", "auto"), job.get("device", "auto"))[0] == "vllm":
-            raise Declined(f"this server generates with vLLM; {job.get('task')} needs the hf model")
-        return self._hf_model(job)
-
-    def _task_answer(self, output: dict, rows: list, loaded: bool, hf_model: tuple | None = None) -> tuple[dict, list]:
-        if hf_model is not None and getattr(hf_model[0], "tunelens_adapter_merged", False):
-            # On CUDA the server keeps the fine-tuned variant merged (generation.merge_adapter): say so in the output
-            # (absent otherwise, so outputs of the PEFT path keep their bytes).
-            output["adapter_merged"] = True
-        self.requests += 1
-        return {"output": output, "n_rows": len(rows), "execution": {
-            "mode": "server", "python": sys.executable, "server_pid": os.getpid(), "loaded": loaded,
-            "request": self.requests}}, rows
-
-    def perplexity(self, job: dict) -> tuple[dict, list]:
-        """A perplexity job (tunelens.scoring.perplexity.perplexity_output) on the hf model this server keeps. Imported
-        by name, not by an import statement: a generate job never runs it, so it must not count in the
-        generation code's hash (tunelens.codehash)."""
-        hf_model, loaded, load_time = self._task_model(job)
-        kwargs = {k: v for k, v in job.items() if k not in ("task", "backend", "gpus", "vllm_options")}
-        summary, rows = importlib.import_module("tunelens.scoring.perplexity").perplexity_output(
-            **kwargs, model_and_tokenizer=hf_model, load_time_s=load_time)
-        return self._task_answer(summary, rows, loaded, hf_model)
-
-    def logit_lens(self, job: dict) -> tuple[dict, list]:
-        """A logit_lens job (tunelens.probe.probe.logit_lens_output, the lens without its plots) on the hf model this
-        server keeps; imported by name, as perplexity."""
-        hf_model, loaded, load_time = self._task_model(job)
-        kwargs = {k: v for k, v in job.items() if k not in ("task", "backend", "gpus", "vllm_options")}
-        lens = importlib.import_module("tunelens.probe.probe").logit_lens_output(**kwargs, hf_model=hf_model,
-                                                                            load_time_s=load_time)
-        return self._task_answer(lens, [], loaded, hf_model)
-
-    def generate(self, job: dict) -> tuple[dict, list]:
-        from tunelens.generation.generate import build_vllm_engine, generation_output, resolve_backend
-
-        if job.get("task") == "early_exit":
-            return self.early_exit(job)
-        if job.get("task") == "perplexity":
-            return self.perplexity(job)
-        if job.get("task") == "logit_lens":
-            return self.logit_lens(job)
-        if job.get("task") == "bertscore":
-            # Imported by name, not by an import statement: a generate job never runs the scoring code, so it
-            # must not count in the generation code's hash (tunelens.codehash); the score jobs' hash has it.
-            meta, rows = importlib.import_module("tunelens.scoring.metrics").bertscore_task(job)
-            self.requests += 1
-            meta.update(n_rows=len(rows), execution={"mode": "server", "server_pid": os.getpid(),
-                                                     "request": self.requests})
-            return meta, rows
-        concrete, _ = resolve_backend(job.get("backend", "auto"), job.get("device", "auto"))
-        loaded, load_time = False, 0.0
-        kwargs = dict(job)
-        if concrete == "vllm":
-            if self.engine is None:
-                started = time.perf_counter()
-                options = dict(job.get("vllm_options") or {})
-                # LoRA always on: one engine serves the base and the fine-tuned variant (per request).
-                self.engine = build_vllm_engine(
-                    job["model_path"], enable_lora=True, tensor_parallel_size=job.get("gpus") or 1,
-                    seed=job.get("seed", 1234), device=job.get("device", "auto"), **options,
-                )
-                loaded, load_time = True, time.perf_counter() - started
-            kwargs["engine"] = self.engine
-        else:
-            kwargs["hf_model"], loaded, load_time = self._hf_model(job)
-        if os.environ.get(FAULT_ENV) == "exit-during-request":
-            os._exit(17)
-        meta, rows = generation_output(**kwargs)
-        if concrete == "vllm":
-            # What the job would have recorded in-process (an engine passed in is reported as such).
-            meta["backend_reason"] = resolve_backend(job.get("backend", "auto"), job.get("device", "auto"))[1]
-        meta["load_time_s"] = round(load_time, 3)
-        self.requests += 1
-        meta["execution"] = {"mode": "server", "python": sys.executable, "server_pid": os.getpid(),
-                             "loaded": loaded, "request": self.requests}
-        return meta, rows
-
-    def handle(self, conn: socket.socket) -> None:
-        with conn:
-            try:
-                conn.settimeout(30.0)
-                request = recv_frame(conn, 30.0)
-            except ServerUnavailable:
-                return
-            op = request.get("op")
-            if op == "stop":
-                self.stopping = True
-                answer: dict = {"ok": True}
-            elif op == "ping":
-                answer = {"ok": True, "pid": os.getpid(), "requests": self.requests}
-            elif op == "generate":
-                with self.lock:
-                    try:
-                        cpu_start = time.process_time()
-                        meta, rows = self.worker.submit(self.generate, request["job"]).result()
-                        # This request's server CPU seconds (a model load included) and the server's total so
-                        # far: the report bills the server's work to the jobs it served (tunelens.report.costs).
-                        meta["execution"].update(server_cpu_s=round(time.process_time() - cpu_start, 3),
-                                                 server_cpu_total_s=round(time.process_time(), 3))
-                        answer = {"ok": True, "meta": meta, "rows": rows}
-                    except Declined as exc:  # the client runs the job itself; this server stays
-                        answer = {"ok": False, "declined": True, "message": str(exc)}
-                    except Exception as exc:  # reported to the client: its error or a reason to fall back
-                        log.error("request failed:\n%s", traceback.format_exc())
-                        answer = {"ok": False, "error_type": type(exc).__name__, "message": str(exc)}
-                    self.last_activity = time.monotonic()
-            else:
-                answer = {"ok": False, "error_type": "internal", "message": f"unknown op {op!r}"}
-            with contextlib.suppress(OSError):
-                conn.settimeout(60.0)
-                send_frame(conn, answer)
-
-    def close(self) -> None:
-        self.worker.shutdown(wait=True)
-        if self.engine is not None:
-            self.engine.shutdown()
-            self.engine = None
-        self.hf_models.clear()
-
-
 def serve(folder: Path, key: str, socket_path: str, idle_timeout_s: float, watch: str | None = None,
           device: str = "auto") -> None:
     os.environ[IN_SERVER_ENV] = "1"

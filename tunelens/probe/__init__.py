@@ -5,7 +5,8 @@ its heatmap and entropy plots (rule `logit_lens`) and early-exit generation file
 `early_exit`, scored by tunelens.scoring like any generation file).
 
 Modules (this file imports none of them, so importing one module does not run the others):
-- probe.py  run_logit_lens_job, run_logit_lens, logit_lens, lens_log_probs, logit_lens_output, write_logit_lens,
-            check_probe_layers, early_exit_output, write_early_exit, run_early_exit;
+- probe.py  check_probe_layers, truncated_decoder, early_exit_output, write_early_exit, run_early_exit;
+- lens.py   run_logit_lens_job, run_logit_lens, logit_lens, lens_log_probs, logit_lens_output, write_logit_lens,
+            encode_prompts (imported by name only by the generation server);
 - plots.py  plot_lens_heatmap, plot_lens_entropy.
 """

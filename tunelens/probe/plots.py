@@ -1,5 +1,5 @@
 """Logit-lens plots: the top-token heatmap and the entropy per layer (PNG, through io.save_figure_atomic).
-Used through tunelens.probe.probe."""
+Used through tunelens.probe.lens (write_logit_lens)."""
 
 from __future__ import annotations
 

@@ -13,7 +13,9 @@ The package, in the order data flows through it:
   inputs       score files, per-row tables and fine-tune records -> tidy_scores / long_rows
   comparisons  paired differences, best configs, agreement (bootstrap: tunelens.scoring.statistics)
   tidy         summary.csv (every number behind every table)
+  context      what every section reads (SummaryContext), decoding config fields
   document     summary.md / summary.html, one function per section
+  data_checks  its "Data checks" section: empty answers, rows left out by reason
   provenance   closing sections: fine-tuning records, skipped metrics, provenance
   tables       Document, Markdown (pandas + tabulate) and HTML (summary.html.j2) rendering, number formats
   plots        PNG plots
@@ -37,8 +39,9 @@ from tunelens.report.common import (
     CSV_COLUMNS, DATE_PREFIX, DIFF_VARIANT, POOLED, MetricInfo, ReportSettings, metric_info, metric_order,
 )
 from tunelens.report.comparisons import agreement, best_configs, paired_differences
+from tunelens.report.context import EvaluationSetResults, config_fields, swept_fields
 from tunelens.report.costs import cost_rows, cost_section, server_requests, study_costs
-from tunelens.report.document import EvaluationSetResults, build_summary, config_fields, swept_fields
+from tunelens.report.document import build_summary
 from tunelens.report.inputs import (
     ScoreFile, load_finetune_records, load_score_file, load_score_files, long_rows, read_rows_csv, tidy_scores,
 )

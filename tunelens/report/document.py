@@ -1,6 +1,7 @@
 """summary.md / summary.html: the summary document, one function per section.
 
-Numbered sections (the tables every study reports):
+First data_checks_section (tunelens.report.data_checks: empty answers, rows left out by reason), then the
+numbered sections (the tables every study reports):
   1 overview_section      model overview at the default decoding config
   2 decoding_section      every decoding config per model and variant
   3 layers_section        early exit per layer
@@ -9,14 +10,13 @@ Numbered sections (the tables every study reports):
   6 paired_section        fine-tuned vs base
   7 evaluation_sets_section  sections 1 and 6 again on each extra evaluation set (when the study has any)
 then finetune_section, notes_section (skipped metrics) and provenance_section (tunelens.report.provenance). Every section reads the
-same SummaryContext (the summary table and what is derived from it once) and adds blocks to a Document.
+same SummaryContext (tunelens.report.context: the summary table and what is derived from it once) and adds blocks to a
+Document.
 """
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -28,83 +28,14 @@ from tunelens.report.common import (
 )
 from tunelens.scoring.metrics import METRICS
 from tunelens.report.comparisons import corpus_stats_table, score_file_index
+from tunelens.report.context import EvaluationSetResults, SummaryContext, _context
+from tunelens.report.data_checks import data_checks_section
 from tunelens.report.inputs import ScoreFile
 from tunelens.report.provenance import finetune_section, notes_section, provenance_section
 from tunelens.report.tables import (
     Cell, Document, Table, estimate_cell, format_estimate, format_number, format_p, mark_best, significance,
 )
 from tunelens.scoring.statistics import ADJUSTMENTS
-
-
-def config_fields(settings: ReportSettings, files: Sequence[ScoreFile]) -> dict[str, dict]:
-    """Fields of each decoding config: from the study (params) or, for others, the generation meta."""
-    fields = {name: dict(values) for name, values in settings.decoding_configs.items()}
-    for score in files:
-        if score.kind == "decoding" and score.config not in fields:
-            meta = (score.source or {}).get("decoding_config") or {}
-            fields[score.config] = {k: v for k, v in meta.items() if k != "name"}
-    return fields
-
-
-def swept_fields(config_fields: dict[str, dict]) -> list[str]:
-    """Decoding fields that take more than one value across the configs, in field order."""
-    keys: list[str] = []
-    for values in config_fields.values():
-        keys += [k for k in values if k not in keys and k != "name"]
-    return [k for k in keys if len({json.dumps(v.get(k)) for v in config_fields.values()}) > 1]
-
-
-def _lookup(scores: pd.DataFrame) -> dict[tuple, dict]:
-    return {
-        (r["model"], r["variant"], r["config"], None if pd.isna(r["layer"]) else int(r["layer"]), r["metric"]): r
-        for r in scores.to_dict("records")
-    }
-
-
-@dataclass
-class SummaryContext:
-    """What the sections share: the inputs, the summary table and the views of it derived once."""
-
-    files: Sequence[ScoreFile]
-    summary: pd.DataFrame
-    settings: ReportSettings
-    finetune: dict[str, dict]
-    human_sheets: Sequence[str]
-    scores: pd.DataFrame  # summary rows with statistic 'score'
-    by_key: dict[tuple, dict]  # (model, variant, config, layer, metric) -> score row
-    models: list[str]
-    config_fields: dict[str, dict]
-    swept: list[str]  # decoding fields that vary across the configs present
-
-    @property
-    def default(self) -> str:
-        return self.settings.default_config
-
-    @property
-    def ci(self) -> str:
-        return self.settings.ci_label
-
-
-@dataclass
-class EvaluationSetResults:
-    """One extra evaluation set (results/eval/<name>/): its score files, summary rows and manifest."""
-
-    name: str
-    files: Sequence[ScoreFile]
-    summary: pd.DataFrame
-    manifest: dict | None = None
-    human_sheets: Sequence[str] = ()
-
-
-def _context(files: Sequence[ScoreFile], summary: pd.DataFrame, settings: ReportSettings,
-             finetune: dict[str, dict], human_sheets: Sequence[str]) -> SummaryContext:
-    scores = summary[summary["statistic"] == "score"]
-    fields = config_fields(settings, files)
-    return SummaryContext(
-        files=files, summary=summary, settings=settings, finetune=finetune, human_sheets=human_sheets,
-        scores=scores, by_key=_lookup(scores), models=list(dict.fromkeys(scores["model"])), config_fields=fields,
-        swept=swept_fields({c: fields[c] for c in fields if c in set(scores["config"])}),
-    )
 
 
 def build_summary(files: Sequence[ScoreFile], summary: pd.DataFrame, settings: ReportSettings,
@@ -125,76 +56,6 @@ def build_summary(files: Sequence[ScoreFile], summary: pd.DataFrame, settings: R
     notes_section(doc, files, settings.evaluation_set, [(results.name, results.files) for results in evaluation_sets])
     provenance_section(doc, files, settings, finetune)
     return doc
-
-
-def empty_variants(files: Sequence[ScoreFile]) -> dict[tuple[str, str], int]:
-    """(model, variant) -> decoding configs, for variants whose answers are all empty in every decoding config."""
-    by_variant: dict[tuple[str, str], list[ScoreFile]] = {}
-    for score in files:
-        if score.kind == "decoding":
-            by_variant.setdefault((score.model, score.variant), []).append(score)
-    return {
-        key: len(scores) for key, scores in by_variant.items()
-        if all(s.empty_generations is not None and s.n and s.empty_generations >= s.n for s in scores)
-    }
-
-
-def _reason_counts(counts: dict | None) -> str:
-    return ", ".join(f"{reason.replace('_', ' ')} {n}" for reason, n in sorted((counts or {}).items())) or "none"
-
-
-def data_checks_section(doc: Document, files: Sequence[ScoreFile], finetune: dict[str, dict],
-                        split_manifest: dict | None,
-                        evaluation_sets: Sequence["EvaluationSetResults"] = ()) -> None:
-    """Warnings first (variants with only empty answers), then every row the stages left out, by reason: the
-    split, each evaluation set (its manifest) and each fine-tune."""
-    named = [("", files)] + [(f"{results.name}: ", results.files) for results in evaluation_sets]
-    warnings = [
-        f"**{where}{model} / {variant}: every answer is empty** in all {n} decoding config(s): its scores measure "
-        "nothing (a collapsed fine-tune? check its loss and the generation log)"
-        for where, scored in named for (model, variant), n in empty_variants(scored).items()
-    ]
-    partly = [f"{where}{s.model} / {s.variant} / {s.config}: {s.empty_generations} of {s.n} answers empty"
-              for where, scored in named for s in scored
-              if s.kind == "decoding" and s.empty_generations and s.n and s.empty_generations < s.n]
-    items = []
-    if split_manifest:
-        counts = split_manifest.get("counts") or {}
-        examples = counts.get("dropped_examples") or {}
-        dropped = counts.get("dropped") or {}
-        detail = _reason_counts(dropped)
-        if examples:
-            detail += " (first: " + "; ".join(f"{r.replace('_', ' ')} at {', '.join(at)}" for r, at in
-                                               sorted(examples.items())) + ")"
-        items.append(f"split: {counts.get('read', '?')} records read, {counts.get('usable', '?')} usable, "
-                     f"{counts.get('train', '?')} train / {counts.get('test', '?')} test; dropped: {detail}")
-        for field, column in (split_manifest.get("absent_columns") or {}).items():
-            items.append(f"split: column '{column}' (dataset.fields.{field}) is not in the data: every {field} is empty")
-    for results in evaluation_sets:
-        counts = (results.manifest or {}).get("counts")
-        if not counts:
-            items.append(f"evaluation set {results.name}: no manifest, drops unknown")
-            continue
-        detail = _reason_counts(counts.get("dropped"))
-        if counts.get("beyond_max_rows"):
-            detail += f"; beyond max_rows {counts['beyond_max_rows']}"
-        items.append(f"evaluation set {results.name}: {counts.get('read', '?')} records read, "
-                      f"{counts.get('usable', '?')} usable, {counts.get('test', '?')} evaluated; dropped: {detail}")
-    for model, record in finetune.items():
-        metrics = record.get("metrics") or {}
-        if "train_rows" in metrics:
-            items.append(f"fine-tune {model}: {metrics['train_rows']} rows trained; dropped: "
-                         f"{_reason_counts(metrics.get('dropped_rows'))}; truncated to max_seq_length: "
-                         f"{metrics.get('truncated_rows', 0)}")
-    if not (warnings or partly or items):
-        return
-    doc.heading(2, "Data checks")
-    if warnings:
-        doc.bullets(warnings)
-    if items or partly:
-        doc.paragraph("Rows left out or cut, by reason (`dataset.on_bad_rows: error` turns them into failures):"
-                      if items else "Answers:")
-        doc.bullets(items + partly)
 
 
 def header_section(doc: Document, ctx: SummaryContext, generated: str) -> None:

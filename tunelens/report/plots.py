@@ -11,7 +11,7 @@ import pandas as pd
 
 from tunelens.io import save_figure_atomic
 from tunelens.report.common import metric_info, metric_order, variants
-from tunelens.report.document import swept_fields
+from tunelens.report.context import swept_fields
 
 
 def _plot_setup():

@@ -8,6 +8,8 @@ Modules (this file imports none of them, so importing one module does not run th
 - metrics.py     the metric registry (METRICS, Metric, MetricResult, register, scored_metric_names,
                  default_metric_names, check_metric_names) and the text metrics (bleu, rouge_l, bertscore,
                  codebleu, exact_match, length, ...);
+- codebleu_stats.py  CodeBLEU as sufficient statistics: per-row counts from codebleu's own helpers and
+                 the corpus value from their sums (codebleu_components, codebleu_corpus_value, CODEBLEU_STATS);
 - statistics.py  every bootstrap and confidence interval: bootstrap_ci, paired_bootstrap, adjust_p_values,
                  paired_difference, rank_agreement, ... (also read by tunelens.report);
 - score.py       score_generation_file, score_rows, score_record, read_generations, read_generation_meta,
