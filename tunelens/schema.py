@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import importlib
 from pathlib import Path
 
 import yaml
@@ -37,8 +38,17 @@ def _cached_schema() -> dict:
 
 def _load_schema() -> dict:
     """The config schema (a fresh copy: callers may modify it): the sections of tunelens.settings, the decoding
-    parameters of tunelens.generation.decoding and what schemas/config.schema.yaml adds."""
-    return copy.deepcopy(_cached_schema())
+    parameters of tunelens.generation.decoding and what schemas/config.schema.yaml adds. The choices and default of
+    `scoring.metrics` are read from the metric registry on every call, not cached: a metric registered after the
+    first load (a plugin's register()) is a config choice at once."""
+    schema = copy.deepcopy(_cached_schema())
+    # Imported by name on purpose: a job's code hash (tunelens.codehash) follows import statements, and the metric
+    # code must not become code of every job that loads the config (a BLEU fix would rerun every generation).
+    registry = importlib.import_module("tunelens.scoring.metrics")
+    metrics = schema["properties"]["scoring"]["properties"]["metrics"]
+    metrics["items"] = {"enum": registry.scored_metric_names()}
+    metrics["default"] = registry.default_metric_names()
+    return schema
 
 
 def _defaults_validator(schema: dict):
