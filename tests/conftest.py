@@ -157,6 +157,36 @@ def tiny_llama_dir(tiny_model_factory) -> Path:
     return tiny_model_factory("llama", 4)
 
 
+def apply_changes(config: dict, changes: dict) -> dict:
+    """`config` with each `a__b__c=value` of `changes` set at config["a"]["b"]["c"] (missing levels created)."""
+    for dotted, value in changes.items():
+        node = config
+        keys = dotted.split("__")
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        node[keys[-1]] = value
+    return config
+
+
+def run_on_package_copy(tmp_path: Path, edit, script: str, *args: str, cwd: Path) -> tuple[dict, Path]:
+    """Copy tunelens/ and schemas/ to tmp_path/tree, apply `edit(package_dir)`, run `script` (`python -c`, with
+    `args`) in `cwd` with the copy first on the path, and return (its last stdout line as JSON, the copied
+    package's directory). How a test shows that one declaration reaches every place (a new setting or knob)."""
+    import json
+    import shutil
+    import sys
+
+    package = tmp_path / "tree" / "tunelens"
+    shutil.copytree(REPO_ROOT / "tunelens", package, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO_ROOT / "schemas", tmp_path / "tree" / "schemas")
+    edit(package)
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "tree"), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", script, *args], env=env, cwd=cwd, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1]), package
+
+
 def gpu_study_standins(root: Path) -> Path:
     """What bench/bench_gpu_study.py writes for configs/gpu-study.yaml, as stand-ins under `root`: a 32-layer
     model config and a safetensors file holding no tensor (parse-time checks read headers, dry runs load no

@@ -39,13 +39,13 @@ def alpaca_file(path: Path) -> dict:
     return {"rows": len(rows), "malformed": len(malformed), "long_prompts": 4}
 
 
-@pytest.mark.slow
-def test_alpaca_file_with_bom_malformed_lines_and_long_rows_completes_and_counts(tmp_path, tiny_llama_dir):
-    counts = alpaca_file(tmp_path / "alpaca_data.jsonl")
-    config = {
+def alpaca_run_config(model_dir) -> dict:
+    """The study this test runs (tests/tools/compare_commits.py runs it too): the tiny model at `model_dir`, the
+    file of alpaca_file(), the LLM judge on."""
+    return {
         "seed": 5, "device": "cpu",
         "dataset": {"name": "alpaca-mini", "source": "alpaca_data.jsonl", "test_size": 6},
-        "models": {"tiny": {"source": str(tiny_llama_dir), "prompt_format": "alpaca", "num_layers": 4,
+        "models": {"tiny": {"source": str(model_dir), "prompt_format": "alpaca", "num_layers": 4,
                             "resources": {"gpus": 0, "cpus": 1, "mem_mb": 2000, "runtime": 10}}},
         "finetune": {"lora_r": 4, "lora_alpha": 8, "max_steps": 3, "batch_size": 4, "max_seq_length": 96,
                      "logging_steps": 1, "save_steps": 10, "learning_rate": 1e-3},
@@ -55,6 +55,12 @@ def test_alpaca_file_with_bom_malformed_lines_and_long_rows_completes_and_counts
                     "judge": {"enabled": True, "model": "tiny", "batch_size": 2}, "human": {"enabled": False}},
         "probe": {"enabled": False},
     }
+
+
+@pytest.mark.slow
+def test_alpaca_file_with_bom_malformed_lines_and_long_rows_completes_and_counts(tmp_path, tiny_llama_dir):
+    counts = alpaca_file(tmp_path / "alpaca_data.jsonl")
+    config = alpaca_run_config(tiny_llama_dir)
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     result = subprocess.run(
         [sys.executable, "-m", "snakemake", "--cores", "1", "--snakefile", str(ROOT / "Snakefile"),

@@ -6,7 +6,7 @@ import copy
 from pathlib import Path
 
 import pytest
-from conftest import gpu_study_standins
+from conftest import apply_changes, gpu_study_standins
 import yaml
 
 from tunelens.config import DecodingConfig, load_config, resolve_layers, source_kind
@@ -23,14 +23,7 @@ def base_config() -> dict:
 
 
 def with_changes(**changes) -> dict:
-    config = base_config()
-    for dotted, value in changes.items():
-        node = config
-        keys = dotted.split("__")
-        for key in keys[:-1]:
-            node = node.setdefault(key, {})
-        node[keys[-1]] = value
-    return config
+    return apply_changes(base_config(), changes)
 
 
 def expect_error(config: dict, *fragments: str) -> str:

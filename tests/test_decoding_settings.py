@@ -10,14 +10,11 @@ would miss the new one, and this test would fail there.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import run_on_package_copy
 
 from tunelens.generation.decoding import DecodingConfig, knob_names
 
@@ -99,19 +96,11 @@ def test_builtin_parameters_are_the_dataclass_fields():
 
 @pytest.mark.slow
 def test_new_decoding_parameter_reaches_schema_backends_sidecar_and_sweep_table(tiny_llama_dir, tmp_path):
-    package = tmp_path / "tree" / "tunelens"
-    shutil.copytree(REPO / "tunelens", package, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copytree(REPO / "schemas", tmp_path / "tree" / "schemas")
-    add_min_p(package)
     work = tmp_path / "work"
     work.mkdir()
     rows = [{"id": f"t-{i}", "instruction": f"Say {i}.", "input": "", "output": str(i)} for i in range(3)]
     (work / "test.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-    env = {**os.environ, "PYTHONPATH": str(tmp_path / "tree"), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-c", SCRIPT, str(tiny_llama_dir), str(work)], env=env, cwd=work,
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    out = json.loads(result.stdout.strip().splitlines()[-1])
+    out, package = run_on_package_copy(tmp_path, add_min_p, SCRIPT, str(tiny_llama_dir), str(work), cwd=work)
     assert out["package"] == str(package / "__init__.py")  # the changed copy ran, not the checkout
 
     assert out["sweep_schema"]["items"] == {"type": "number", "minimum": 0, "maximum": 1}

@@ -23,6 +23,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import run_on_package_copy
 
 from tunelens.config import _load_schema, load_config
 from tunelens.settings import ConfigSection, DecodingSection, FinetuneSection
@@ -85,19 +86,11 @@ def add_max_grad_norm(package: Path) -> None:
 
 @pytest.mark.slow
 def test_new_finetune_setting_reaches_schema_sft_config_and_metrics(tiny_llama_dir, tmp_path):
-    package = tmp_path / "tree" / "tunelens"
-    shutil.copytree(REPO / "tunelens", package, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copytree(REPO / "schemas", tmp_path / "tree" / "schemas")
-    add_max_grad_norm(package)
     work = tmp_path / "work"
     work.mkdir()
     rows = [{"id": f"t-{i}", "instruction": f"Say {i}.", "input": "", "output": str(i)} for i in range(4)]
     (work / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-    env = {**os.environ, "PYTHONPATH": str(tmp_path / "tree"), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-c", SCRIPT, str(tiny_llama_dir), str(work)], env=env, cwd=work,
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    out = json.loads(result.stdout.strip().splitlines()[-1])
+    out, package = run_on_package_copy(tmp_path, add_max_grad_norm, SCRIPT, str(tiny_llama_dir), str(work), cwd=work)
     assert out["package"] == str(package / "__init__.py")  # the changed copy ran, not the checkout
 
     assert out["schema"] == {"type": "number", "exclusiveMinimum": 0, "default": 1.0,

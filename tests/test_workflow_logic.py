@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 from snakemake.iocontainers import Wildcards
+from conftest import apply_changes
 
 from tunelens.config import load_config
 from tunelens.workflow import OUTPUTS, Plan, alternation
@@ -39,13 +40,7 @@ def small_config(**changes) -> dict:
         "probe": {"layers": [0.5, 1.0]},
         "scoring": {"judge": {"enabled": True, "model": "smol"}},
     }  # fmt: skip
-    for dotted, value in changes.items():
-        node = config
-        keys = dotted.split("__")
-        for key in keys[:-1]:
-            node = node.setdefault(key, {})
-        node[keys[-1]] = value
-    return config
+    return apply_changes(config, changes)
 
 
 def plan_of(config: dict, results: str = "results") -> Plan:

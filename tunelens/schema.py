@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import importlib
 from pathlib import Path
 
 import yaml
@@ -24,30 +23,23 @@ SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schemas" / "config.schem
 
 
 @functools.lru_cache(maxsize=1)
-def _cached_schema() -> dict:
-    # Built once per process: pure-Python YAML took ~0.5 s per parse of the old hand-written schema, and every
+def _written_schema() -> dict:
+    # Parsed once per process: pure-Python YAML took ~0.5 s per parse of the old hand-written schema, and every
     # Snakemake invocation (and every job, which re-parses the workflow) used to parse it 4 times.
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     with SCHEMA_PATH.open(encoding="utf-8") as handle:
-        written = yaml.load(handle, Loader=loader)
-    schema = {"$schema": written["$schema"], **config_schema(), "$defs": written["$defs"]}
-    # Decoding parameters: type, default and description from tunelens.generation.decoding.DecodingConfig.
-    schema["$defs"]["decoding_config"]["properties"].update(schema_properties())
-    return schema
+        return yaml.load(handle, Loader=loader)
 
 
 def _load_schema() -> dict:
-    """The config schema (a fresh copy: callers may modify it): the sections of tunelens.settings, the decoding
-    parameters of tunelens.generation.decoding and what schemas/config.schema.yaml adds. The choices and default of
-    `scoring.metrics` are read from the metric registry on every call, not cached: a metric registered after the
-    first load (a plugin's register()) is a config choice at once."""
-    schema = copy.deepcopy(_cached_schema())
-    # Imported by name on purpose: a job's code hash (tunelens.codehash) follows import statements, and the metric
-    # code must not become code of every job that loads the config (a BLEU fix would rerun every generation).
-    registry = importlib.import_module("tunelens.scoring.metrics")
-    metrics = schema["properties"]["scoring"]["properties"]["metrics"]
-    metrics["items"] = {"enum": registry.scored_metric_names()}
-    metrics["default"] = registry.default_metric_names()
+    """The config schema, built on every call (~0.3 ms; a fresh object, callers may modify it): the sections of
+    tunelens.settings, the decoding parameters of tunelens.generation.decoding and what
+    schemas/config.schema.yaml adds. What code computes is read now, not cached: a metric registered after the
+    first load (a plugin's register()) is a `scoring.metrics` choice at once."""
+    written = copy.deepcopy(_written_schema())
+    schema = {"$schema": written["$schema"], **config_schema(), "$defs": written["$defs"]}
+    # Decoding parameters: type, default and description from tunelens.generation.decoding.DecodingConfig.
+    schema["$defs"]["decoding_config"]["properties"].update(schema_properties())
     return schema
 
 

@@ -64,6 +64,12 @@ import tempfile
 import time
 from pathlib import Path
 
+# This tree's test helpers, the same for both sides so that both plan and run against the same files: the gpu-study
+# stand-ins (tests/conftest.py) and tests/test_alpaca_run.py's study.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from conftest import gpu_study_standins  # noqa: E402
+from test_alpaca_run import alpaca_run_config  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_BASE = "ac7cc8c"
 DEFAULT_CACHE = Path(os.environ.get("TUNELENS_COMPARE_CACHE", "/tmp/tunelens-compare"))
@@ -212,17 +218,6 @@ def render_jobs(jobs: list[dict]) -> list[str]:
     return sorted(blocks)
 
 
-def gpu_study_standins(root: Path) -> None:
-    """tests/conftest.py gpu_study_standins (copied so both sides plan against the same files)."""
-    model = root / "gpu-study" / "llama2-7b-random"
-    model.mkdir(parents=True, exist_ok=True)
-    (model / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"],
-                                                   "num_hidden_layers": 32, "max_position_embeddings": 4096}))
-    (model / "model.safetensors").write_bytes((2).to_bytes(8, "little") + b"{}")
-    (root / "gpu-study" / "code_alpaca.json").write_text(json.dumps(
-        [{"instruction": f"Write code number {i}.", "input": "", "output": f"print({i})"} for i in range(100)]))
-
-
 def presets(side: Side) -> list[str]:
     return ["config.yaml", *sorted(f"configs/{p.name}" for p in (side.root / "configs").glob("*.yaml"))]
 
@@ -323,21 +318,6 @@ t.run(root, files)
 """
 FIXTURES = ("report-full", "report-minimal", "alpaca-run")
 
-# tests/test_alpaca_run.py's study (its config is inline in the test, so copied here): a 4-layer random Llama with
-# SmolLM2's tokenizer, an Alpaca file with a byte-order mark, malformed lines and over-long rows, the LLM judge.
-ALPACA_RUN_CONFIG = {
-    "seed": 5, "device": "cpu",
-    "dataset": {"name": "alpaca-mini", "source": "alpaca_data.jsonl", "test_size": 6},
-    "models": {"tiny": {"source": "TINY_LLAMA", "prompt_format": "alpaca", "num_layers": 4,
-                        "resources": {"gpus": 0, "cpus": 1, "mem_mb": 2000, "runtime": 10}}},
-    "finetune": {"lora_r": 4, "lora_alpha": 8, "max_steps": 3, "batch_size": 4, "max_seq_length": 96,
-                 "logging_steps": 1, "save_steps": 10, "learning_rate": 1e-3},
-    "decoding": {"mode": "list", "configs": [{"name": "greedy", "temperature": 0.0}], "max_new_tokens": 6,
-                 "max_test_rows": 4},
-    "scoring": {"metrics": ["rougeL", "length"], "bootstrap_samples": 100, "perplexity": False,
-                "judge": {"enabled": True, "model": "tiny", "batch_size": 2}, "human": {"enabled": False}},
-    "probe": {"enabled": False},
-}  # fmt: skip
 TINY_LLAMA_SCRIPT = r"""
 import sys
 from pathlib import Path
@@ -380,7 +360,7 @@ def compute_fixture(side: Side, name: str, run: str, fresh: bool) -> Path:
         subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, 'tests'); import test_alpaca_run as t; "
                         "from pathlib import Path; t.alpaca_file(Path(sys.argv[1]))", str(dest / "alpaca_data.jsonl")],
                        cwd=side.root, check=True, env=side.env(), capture_output=True)
-        config = json.loads(json.dumps(ALPACA_RUN_CONFIG).replace("TINY_LLAMA", str(model)))
+        config = alpaca_run_config(model)
         (dest / "study.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         result = side.snakemake(dest, "--cores", "1", "--configfile", str(dest / "study.yaml"), timeout=1800)
         (dest.parent / f"{run}.log").write_text(result.stdout + result.stderr)
@@ -436,6 +416,10 @@ def csv_cells_differing(a: Path, b: Path) -> dict[str, list[str]] | None:
     return cells
 
 
+# summary.csv's rows of job costs (statistic column): their value is a measurement of this run, not a result.
+TIMING_STATISTIC = "compute_cost"
+
+
 def csv_unexplained(cells: dict[str, list[str]], noisy: dict[str, list[str]], a: Path) -> list[str]:
     """The differing rows of `cells` (base vs head) that no nondeterministic row of `noisy` explains: a row is
     explained when its differing columns are among a noisy row's and the row, masked like it, is that row."""
@@ -444,6 +428,8 @@ def csv_unexplained(cells: dict[str, list[str]], noisy: dict[str, list[str]], a:
     unexplained = []
     for key, columns in cells.items():
         row = json.loads(key)  # masked only where base and head differ; re-mask with each noisy column set
+        if TIMING_STATISTIC in row and columns == ["value"]:
+            continue  # a timing (wall, CPU, memory) is never reproducible, whether or not two base runs differed
         explained = False
         for noisy_columns in column_sets:
             if set(columns) <= set(noisy_columns) and len(row) == len(header):
