@@ -8,6 +8,10 @@ hf_generate_batched with its own GenerationConfig, stop string on) in one proces
                  server did) / on one long-lived worker thread (what it does now)
   part static    the static cache with each compile backend (eager, cudagraphs, inductor): first call (compile
                  included) and the later calls, against the dynamic cache; greedy agreement with the dynamic cache
+  part graphs    compile_backend graphs (the static-cache step replayed from a hand-captured CUDA graph) against
+                 transformers' static cache run eagerly and the dynamic cache, interleaved; greedy equality; the
+                 early-exit request (6 rows on 8 of 32 blocks)
+  part mergeload the merged copy loaded beside the base, its load in parts, then 3 identical requests on it
   part merged    the fine-tuned variant (LoRA r=16 on all linear layers, random non-zero B): PEFT's per-layer
                  adapter vs merged into the bf16 weights, dynamic and static cache; greedy agreement
 
@@ -87,8 +91,8 @@ def main() -> None:
     base_settings = GenerationSettings(max_new_tokens=args.max_new_tokens, stop=("### Instruction:",), seed=1234)
     steps = args.max_new_tokens
 
-    def request(m=model, config=sampling, settings=base_settings):
-        return hf_generate_batched(m, tokenizer, prompts, config, settings)
+    def request(m=None, config=sampling, settings=base_settings, prompts_limit=None):
+        return hf_generate_batched(m if m is not None else model, tokenizer, prompts[:prompts_limit], config, settings)
 
     def save():
         if args.out:
@@ -163,7 +167,121 @@ def main() -> None:
         print(f"merged: {merged}", flush=True)
         results["merged"] = merged
         save()
+    if "graphs" in parts:
+        results["graphs"] = part_graphs(args, model, tokenizer, request, greedy, base_settings, steps)
+        save()
+
+    if "profile" in parts:
+        results["profile"] = part_profile(args, request, base_settings, steps)
+        save()
+
+    if "mergeload" in parts:
+        del model
+        torch.cuda.empty_cache()
+        results["mergeload"] = part_mergeload(args, request, base_settings, steps)
+        save()
     print(json.dumps(results, indent=1))
+
+
+def part_graphs(args, model, tokenizer, request, greedy, base_settings, steps) -> dict:
+    """compile_backend graphs (hand-captured CUDA graph of the static-cache step) against transformers' static
+    cache run eagerly and the dynamic cache: first call, then interleaved repeats; greedy equality; early exit."""
+    from tunelens.generation import graphs
+    from tunelens.generation.agreement import token_agreement
+    from tunelens.probe.probe import truncated_decoder
+
+    cases = {"dynamic": base_settings,
+             "static eager": replace(base_settings, static_cache=True, compile_backend="eager"),
+             "graphs": replace(base_settings, static_cache=True, compile_backend="graphs")}
+    out: dict = {"first_s": {}, "later": {}}
+    for name, settings in cases.items():
+        out["first_s"][name] = round(timed(lambda: request(settings=settings))[0], 3)
+    times: dict = {name: [] for name in cases}
+    for _ in range(args.repeats):
+        for name, settings in cases.items():
+            times[name].append(timed(lambda: request(settings=settings))[0])
+    for name, values in times.items():
+        out["later"][name] = spread(values) | {"ms_per_step": round(1000 * statistics.median(values) / steps, 1)}
+    print("graphs:", json.dumps(out), flush=True)
+    tokens = {name: [c.token_ids for c in request(config=greedy, settings=settings)] for name, settings in cases.items()}
+    out["greedy_graphs_equal_static_eager"] = tokens["graphs"] == tokens["static eager"]
+    agree = token_agreement(tokens["dynamic"], tokens["graphs"])
+    out["greedy_agreement_graphs_vs_dynamic"] = {k: agree[k] for k in ("exact_match", "mean_agreement")}
+    store = graphs.decode_graphs(model)
+    out["store"] = {"captures": store.captures, "capture_s": round(store.capture_seconds, 2),
+                    "shapes": [list(shape) for shape in store.caches], "held_gb": round(store.held_bytes() / 2**30, 2)}
+    # early exit: the probe's 6 rows x 64 tokens on the first 8 blocks
+    early = {name: [] for name in ("dynamic", "graphs")}
+    few = lambda settings: request(settings=settings, prompts_limit=6)  # noqa: E731
+    with truncated_decoder(model, 8):
+        for name in early:
+            timed(lambda: few(cases[name]))
+        for _ in range(args.repeats):
+            for name in early:
+                early[name].append(timed(lambda: few(cases[name]))[0])
+    out["early_exit_8_of_32_6_rows"] = {name: spread(v) for name, v in early.items()}
+    print("graphs:", json.dumps(out), flush=True)
+    return out
+
+
+def part_profile(args, request, base_settings, steps) -> dict:
+    """Where a graphs request's time goes: GPU busy time against wall (torch.profiler), and the Python functions
+    with the most own time (cProfile), on the third identical request."""
+    import cProfile
+    import io
+    import pstats
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    graphed = replace(base_settings, static_cache=True, compile_backend="graphs")
+    request(settings=graphed)
+    request(settings=graphed)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        wall, _ = timed(lambda: request(settings=graphed))
+    events = prof.key_averages()
+    gpu_us = sum(e.self_device_time_total for e in events)
+    table = events.table(sort_by="self_cpu_time_total", row_limit=25)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    request(settings=graphed)
+    profiler.disable()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(30)
+    print(table, flush=True)
+    print(text.getvalue()[:6000], flush=True)
+    return {"wall_s": round(wall, 3), "gpu_busy_s": round(gpu_us / 1e6, 3), "torch_table": table,
+            "cprofile": text.getvalue()[:12000]}
+
+
+def part_mergeload(args, request, base_settings, steps) -> dict:
+    """The fine-tuned variant's merged copy loaded beside the base (as the server keeps them): the load in its
+    parts (load_model logs them), then three identical requests on it with each cache path."""
+    import logging
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from tunelens.models import load_model
+
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", force=True)
+    base, _ = load_model(args.model, device=args.device)
+    torch.manual_seed(0)
+    adapter_dir = Path("/tmp/bench_adapter")
+    scratch, _ = load_model(args.model, device=args.device)
+    get_peft_model(scratch, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear",
+                                       init_lora_weights=False)).save_pretrained(adapter_dir)
+    del scratch
+    torch.cuda.empty_cache()
+    load_s, (merged, _) = timed(lambda: load_model(args.model, adapter_dir=adapter_dir, device=args.device,
+                                                   merge_adapter=True))
+    out: dict = {"merged_load_s": round(load_s, 2)}
+    graphed = replace(base_settings, static_cache=True, compile_backend="graphs")
+    for name, settings in (("dynamic", base_settings), ("graphs", graphed)):
+        out[name] = [round(timed(lambda: request(m=merged, settings=settings))[0], 3) for _ in range(3)]
+        out[name + " (base)"] = [round(timed(lambda: request(m=base, settings=settings))[0], 3) for _ in range(2)]
+        print("mergeload:", name, out[name], out[name + " (base)"], flush=True)
+    return out
 
 
 def _on_new_thread(fn):

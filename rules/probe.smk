@@ -96,6 +96,8 @@ rule early_exit:
         stop=lookup(dpath="decoding/stop", within=config),
         batch_size=lookup(dpath="generation/batch_size", within=config),
         max_prompt_tokens=lookup(dpath="generation/max_prompt_tokens", within=config),
+        static_cache=lookup(dpath="generation/static_cache", within=config),
+        compile_backend=lookup(dpath="generation/compile_backend", within=config),
         seed=lookup(dpath="seed", within=config),
         device=lookup(dpath="device", within=config),
     script:

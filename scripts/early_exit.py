@@ -36,6 +36,8 @@ job = dict(
     stop=params.stop,
     batch_size=params.batch_size,
     max_prompt_tokens=params.max_prompt_tokens,
+    static_cache=params.static_cache,
+    compile_backend=params.compile_backend,
     seed=params.seed,
     device=params.device,
     # What the model's generate jobs key their server with, so both kinds of job share one server.

@@ -13,7 +13,7 @@ import pytest
 
 from tunelens.generation import genserver, server_state
 from tunelens.generation.agreement import token_agreement
-from tunelens.generation.backend_hf import plan_batches, row_bucket, static_cache_len
+from tunelens.generation.backend_hf import kv_bytes_per_token, plan_batches, row_bucket, static_cache_len
 from tunelens.generation.decoding import DecodingConfig
 from tunelens.generation.generate import (
     STATIC_AUTO_MIN_NEW_TOKENS, GenerationSettings, generate, hf_generate_batched, resolve_on_device,
@@ -141,7 +141,11 @@ def test_auto_turns_both_on_for_cuda_only(tiny, tmp_path):
     assert resolve_on_device("auto", "cuda:0") and not resolve_on_device("auto", "cpu")
     assert resolve_on_device(True, "cpu") and not resolve_on_device(False, "cuda")
     long, short = STATIC_AUTO_MIN_NEW_TOKENS, STATIC_AUTO_MIN_NEW_TOKENS - 1
-    assert resolve_static_cache("auto", "cuda:0", long) and not resolve_static_cache("auto", "cuda:0", short)
+    # graphs (the default) captures rather than compiles: on CUDA at any length; a compiling backend from `long`
+    assert resolve_static_cache("auto", "cuda:0", short) and resolve_static_cache("auto", "cuda:0", 1, "graphs")
+    for backend in ("inductor", "cudagraphs", "eager"):
+        assert resolve_static_cache("auto", "cuda:0", long, backend)
+        assert not resolve_static_cache("auto", "cuda:0", short, backend)
     assert not resolve_static_cache("auto", "cpu", long) and resolve_static_cache(True, "cpu", 1)
     meta, _ = _generate(tiny, tmp_path / "f.jsonl", variant="finetuned")  # defaults: auto, on CPU
     assert meta["kv_cache"] == "dynamic" and meta["adapter_merged"] is False
@@ -180,3 +184,99 @@ def test_server_keeps_the_merged_variant_and_serves_identical_rows(tiny, tmp_pat
     assert served[0]["adapter_merged"] is True and served[0]["kv_cache"] == "static"
     assert (tmp_path / "s0.jsonl").read_bytes() == (tmp_path / "s1.jsonl").read_bytes() == \
         (tmp_path / "a.jsonl").read_bytes()
+
+
+# --------------------------------------------------------------------------------------------- graphed decoding
+PROMPTS = [row["instruction"] for row in ROWS]
+
+
+def _tokens(model, tokenizer, decoding_config, **settings) -> list[list[int]]:
+    settings = GenerationSettings(max_new_tokens=12, seed=7, batch_size=3, **settings)
+    return [c.token_ids for c in hf_generate_batched(model, tokenizer, PROMPTS, decoding_config, settings)]
+
+
+@pytest.fixture(scope="module")
+def tiny_loaded(tiny):
+    from tunelens.models import load_model
+
+    return load_model(tiny[0], device="cpu")
+
+
+def test_graphed_decoding_equals_transformers_static_cache(tiny_loaded):
+    """compile_backend graphs (tunelens' own StaticCache and fixed step buffers; on CUDA the step is a replayed
+    graph, on CPU the same buffers run eagerly): greedy rows equal the dynamic cache's, and sampled rows equal
+    transformers' own static cache token for token (same seed, same batches): only the forward is replaced."""
+    model, tokenizer = tiny_loaded
+    dynamic = _tokens(model, tokenizer, GREEDY)
+    assert _tokens(model, tokenizer, GREEDY, static_cache=True, compile_backend="graphs") == dynamic
+    sampled = DecodingConfig(temperature=1.0, top_k=0)
+    graphed = _tokens(model, tokenizer, sampled, static_cache=True, compile_backend="graphs")
+    assert graphed == _tokens(model, tokenizer, sampled, static_cache=True, compile_backend="eager")
+    assert graphed != _tokens(model, tokenizer, sampled)  # sampling did sample (the bucket changes the stream)
+    assert "forward" not in model.__dict__, "the graphed forward outlived its generate call"
+
+
+def test_graphed_decoding_keeps_one_cache_per_model(tiny_loaded):
+    """The cache (and the step buffers captured against it) is made once per shape and reused by every batch and
+    request of that shape; another shape replaces it; a truncated model (early exit) gets its own step."""
+    from tunelens.generation import graphs
+    from tunelens.probe.probe import truncated_decoder
+
+    model, tokenizer = tiny_loaded
+    graphs.release(model)
+    store = graphs.decode_graphs(model)
+    first = _tokens(model, tokenizer, GREEDY, static_cache=True, compile_backend="graphs")
+    # 5 rows in batches of 3 and 2: row buckets 4 and 2, one cache and one step each
+    assert list(store.caches) == [(4, 256), (2, 256)] and len(store.captured) == 2
+    caches, steps = dict(store.caches), dict(store.captured)
+    assert _tokens(model, tokenizer, GREEDY, static_cache=True, compile_backend="graphs") == first
+    assert store.caches == caches and store.captured == steps  # the second request reused both
+    with truncated_decoder(model, 1):
+        shallow = _tokens(model, tokenizer, GREEDY, static_cache=True, compile_backend="graphs")
+        assert shallow == _tokens(model, tokenizer, GREEDY)
+    assert store.caches == caches and len(store.captured) == 4  # depth 1 has steps of its own, on the same caches
+    held = graphs.held_bytes(model)
+    assert held == (4 + 2) * 256 * kv_bytes_per_token(model)
+    store.MAX_SHAPES = 2
+    try:
+        settings = GenerationSettings(max_new_tokens=12, seed=7, batch_size=1, static_cache=True,
+                                      compile_backend="graphs")
+        hf_generate_batched(model, tokenizer, PROMPTS[:1], GREEDY, settings)
+        assert list(store.caches) == [(2, 256), (1, 256)]  # the least recently used shape went, with its steps
+        assert all(key[0] in {id(c) for c in store.caches.values()} for key in store.captured)
+    finally:
+        store.MAX_SHAPES = graphs.DecodeGraphs.MAX_SHAPES
+    graphs.release(model)
+    assert graphs.held_bytes(model) == 0 and store.cache is None and not store.captured and not store.caches
+
+
+def test_stop_strings_are_prepared_once_per_tokenizer(tiny_loaded, monkeypatch):
+    """transformers rebuilds its stop-string tables on every generate call (its cache key is the vocabulary in
+    get_vocab() order, which changes between calls): 0.65 s of a 1.8 s request on the H200 bench. tunelens builds
+    the criterion once per tokenizer and stop strings, and the answers still end at the stop string."""
+    from transformers.generation.stopping_criteria import StopStringCriteria
+
+    from tunelens.generation import backend_hf
+
+    model, tokenizer = tiny_loaded
+    built = []
+    original = StopStringCriteria.__init__
+
+    def counting(self, *args, **kwargs):
+        built.append(kwargs.get("stop_strings"))
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(StopStringCriteria, "__init__", counting)
+    monkeypatch.setattr(backend_hf, "_STOP_CRITERIA", type(backend_hf._STOP_CRITERIA)())
+    plain = GenerationSettings(max_new_tokens=12, seed=7, batch_size=2, stop=())
+    free = [c.text for c in hf_generate_batched(model, tokenizer, PROMPTS, GREEDY, plain)]
+    # a stop string that the free-running answers contain (the tiny random model repeats one character): cut
+    # there, with finish reason stop_string
+    target = free[0].strip()[0]
+    assert all(target in text for text in free)
+    stopped = GenerationSettings(max_new_tokens=12, seed=7, batch_size=2, stop=(target,))
+    for _ in range(2):
+        completions = hf_generate_batched(model, tokenizer, PROMPTS, GREEDY, stopped)
+    assert built == [[target]], "the stop-string criterion was rebuilt"
+    assert any(c.finish_reason == "stop_string" for c in completions)
+    assert all(target not in c.text for c in completions)

@@ -206,12 +206,15 @@ def load_model(
         )
         kwargs.setdefault("device_map", {"": 0})
     tokenizer = load_tokenizer(path_or_id, revision)
+    marks = [("start", time.perf_counter())]
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path_or_id), **kwargs)
     except OSError as exc:
         raise ModelError(f"cannot load model '{path_or_id}': {exc}") from None
+    marks.append(("from_pretrained", time.perf_counter()))
     if "device_map" not in kwargs:
         model.to(device)
+        marks.append((f"to {device}", time.perf_counter()))
     elif shard:
         check_on_gpus(model, path_or_id, int(gpus))
     if adapter_dir is not None:
@@ -221,10 +224,19 @@ def load_model(
         if not (adapter_dir / "adapter_config.json").exists():
             raise ModelError(f"adapter directory '{adapter_dir}' has no adapter_config.json")
         model = PeftModel.from_pretrained(model, str(adapter_dir))
+        marks.append(("adapter", time.perf_counter()))
         if merge_adapter and not load_in_4bit:
             model = model.merge_and_unload()
             model.tunelens_adapter_merged = True
+            marks.append(("merge", time.perf_counter()))
     model.eval()
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+        marks.append(("synchronize", time.perf_counter()))
+    log.info("loaded %s%s: %s", path_or_id, f" + {adapter_dir}" if adapter_dir is not None else "",
+             ", ".join(f"{name} {end - begin:.2f} s" for (_, begin), (name, end) in zip(marks, marks[1:])))
     return model, tokenizer
 
 

@@ -3,11 +3,13 @@ from the free GPU memory (batch_size auto). Used through tunelens.generation.gen
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import time
 from typing import Sequence
 
+from tunelens.generation import graphs
 from tunelens.generation.completions import Completion, GenerationSettings, cut_at_stop
 from tunelens.generation.decoding import DecodingConfig, hf_generation_kwargs
 from tunelens.errors import ModelError
@@ -37,9 +39,13 @@ def hf_generation_config(model, tokenizer, decoding_config: DecodingConfig, sett
     eos_ids = sorted(set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id})
     static = uses_static_cache(dc, settings)
     cache: dict = {}
-    if static:
+    if static and graphed_decoding(model, settings):
+        # tunelens passes its own StaticCache (tunelens.generation.graphs) and replays the decoding step from a
+        # CUDA graph; transformers' own compile stays off.
+        cache["disable_compile"] = True
+    elif static:
         cache["cache_implementation"] = "static"
-        if settings.compile_backend == "eager":
+        if settings.compile_backend in ("eager", "graphs"):
             cache["disable_compile"] = True
         else:
             from transformers import CompileConfig
@@ -65,6 +71,13 @@ def hf_generation_config(model, tokenizer, decoding_config: DecodingConfig, sett
         bos_token_id=tokenizer.bos_token_id,
         stop_strings=list(settings.stop) or None,
     )
+
+
+def graphed_decoding(model, settings: GenerationSettings) -> bool:
+    """Whether a static-cache request replays its decoding step from tunelens' CUDA graphs (compile_backend
+    graphs): not for a PEFT-wrapped model (its generate goes around the wrapped forward), which then runs
+    transformers' static cache eagerly. On CPU the same path runs its buffers eagerly."""
+    return settings.compile_backend == "graphs" and not hasattr(model, "peft_config")
 
 
 def uses_static_cache(decoding_config: DecodingConfig, settings: GenerationSettings) -> bool:
@@ -99,6 +112,31 @@ def _allow_recompiles() -> None:
     config.recompile_limit = max(getattr(config, "recompile_limit", 8), 64)
     if hasattr(config, "accumulated_recompile_limit"):
         config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 512)
+
+
+# (id(tokenizer), stop strings) -> (tokenizer, its StopStringCriteria), most recently used last.
+_STOP_CRITERIA: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
+
+
+def stop_string_criteria(tokenizer, stop: Sequence[str]):
+    """transformers' StopStringCriteria for `stop`, built once per tokenizer and kept (a StoppingCriteriaList).
+
+    `generate(stop_strings=..., tokenizer=...)` builds it on every call, and its own cache never hits: the key is
+    the vocabulary as a tuple in `get_vocab()` order, which changes from call to call. On the H200 bench that
+    rebuild took 0.65 s of a 1.8 s request (36 rows x 64 tokens; BENCHMARKS.md, issue 21). The criterion is the
+    same class with the same stop strings, so what stops where is unchanged."""
+    from transformers import StoppingCriteriaList
+    from transformers.generation.stopping_criteria import StopStringCriteria
+
+    key = (id(tokenizer), tuple(stop))
+    entry = _STOP_CRITERIA.get(key)
+    if entry is None or entry[0] is not tokenizer:
+        entry = (tokenizer, StopStringCriteria(tokenizer=tokenizer, stop_strings=list(stop)))
+        _STOP_CRITERIA[key] = entry
+        while len(_STOP_CRITERIA) > 8:
+            _STOP_CRITERIA.popitem(last=False)
+    _STOP_CRITERIA.move_to_end(key)
+    return StoppingCriteriaList([entry[1]])
 
 
 # Rows per batch on CPU when batch_size is auto: CPU decoding is bandwidth-bound; 16 measured 3.8x one at a time.
@@ -144,6 +182,9 @@ def auto_token_budget(model) -> tuple[int, int] | None:
         free, _ = torch.cuda.mem_get_info(device)
         # Memory the allocator holds but no tensor uses is free to this process too.
         free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        if device == input_device(model):
+            # The decoding cache this model keeps between batches is reused or released for the next one.
+            free += graphs.held_bytes(model)
         room = int(KV_MEMORY_SHARE * free / (per_layer * count))
         tokens = room if tokens is None else min(tokens, room)
     vocab = model.config.get_text_config().vocab_size
@@ -209,6 +250,9 @@ def hf_generate_batched(
     if not prompts:
         return []
     generation_config = hf_generation_config(model, tokenizer, decoding_config, settings)
+    # The stop strings go in as a criterion built once per tokenizer (stop_string_criteria), not rebuilt per call.
+    generation_config.stop_strings = None
+    stopping = stop_string_criteria(tokenizer, settings.stop) if settings.stop else None
     eos_ids = set(generation_config.eos_token_id)
     pad_id = generation_config.pad_token_id
     from tunelens.models import input_device
@@ -220,7 +264,10 @@ def hf_generate_batched(
     order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
     budget = auto_token_budget(model) if settings.batch_size == "auto" else None
     static_len = None
-    if generation_config.cache_implementation == "static":
+    graphed = uses_static_cache(decoding_config, settings) and graphed_decoding(model, settings)
+    if graphed:
+        static_len = static_cache_len(max(lengths), settings.max_new_tokens)
+    elif generation_config.cache_implementation == "static":
         static_len = static_cache_len(max(lengths), settings.max_new_tokens)
         generation_config.max_cache_len = static_len
         if device.type == "cuda" and not generation_config.disable_compile:
@@ -244,13 +291,23 @@ def hf_generate_batched(
             torch.manual_seed(settings.seed + batch_index)
             try:
                 with torch.inference_mode():
-                    output = model.generate(
-                        **encoded,
-                        generation_config=generation_config,
-                        tokenizer=tokenizer if settings.stop else None,
-                    )
+                    if graphed:
+                        store = graphs.decode_graphs(model)
+                        kv = store.cache_for(len(indices) + filler, static_len)
+                        with store.installed(kv):
+                            output = model.generate(
+                                **encoded, generation_config=generation_config, past_key_values=kv,
+                                stopping_criteria=stopping,
+                            )
+                    else:
+                        output = model.generate(
+                            **encoded,
+                            generation_config=generation_config,
+                            stopping_criteria=stopping,
+                        )
             except torch.OutOfMemoryError:
                 del encoded
+                graphs.release(model)
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                 if len(indices) == 1:

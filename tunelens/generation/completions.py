@@ -22,10 +22,11 @@ log = logging.getLogger(__name__)
 BACKENDS = ("auto", "hf", "vllm")
 FINISH_REASONS = ("stop", "length", "stop_string")
 SPLIT_FIELDS = ("id", "instruction", "input", "output")
-# How the static-cache decoding step is compiled on CUDA: inductor (Triton kernels + CUDA graphs, mode
+# How the static-cache decoding step runs on CUDA: graphs (tunelens.generation.graphs: a CUDA graph of the eager
+# step captured by hand per model, depth and batch shape; no compile), inductor (Triton kernels + CUDA graphs, mode
 # reduce-overhead: ~33 s per shape, 18 ms a step on the 7B shape), torch.compile's cudagraphs backend (13 s, 41 ms
 # a step), or eager (the static cache alone: 50 ms). CPU never compiles. Figures: BENCHMARKS.md, issue 21.
-COMPILE_BACKENDS = ("inductor", "cudagraphs", "eager")
+COMPILE_BACKENDS = ("graphs", "inductor", "cudagraphs", "eager")
 # decoding.stop's default: what every generation gets unless it says otherwise (the agreement check passes none)
 DEFAULT_STOP: tuple[str, ...] = tuple(default_of(DecodingSection, "stop"))
 

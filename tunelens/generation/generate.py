@@ -40,6 +40,8 @@ from tunelens.generation.decoding import check as check_decoding
 from tunelens.errors import ConfigError, ModelError
 from tunelens.hub import hub_revision
 from tunelens.io import library_versions, sha256_dir, write_json_atomic, write_jsonl_atomic
+from tunelens.settings import GenerationSection
+from tunelens.settings.base import default_of
 # The backends and what they share live in their own modules; their names stay importable from here.
 from tunelens.generation.backend_hf import (  # noqa: F401
     CPU_AUTO_BATCH, HF_NEUTRAL, KV_MEMORY_SHARE, MAX_AUTO_BATCH, _finish, auto_token_budget, hf_generate_batched,
@@ -112,7 +114,7 @@ def run_completions(
         # A model sharded over GPUs decodes with the dynamic cache: the compiled static-cache step is measured on
         # one GPU only (BENCHMARKS.md issue 21), and accelerate's per-block device hooks break its graphs.
         settings = dataclasses.replace(settings, static_cache=not sharded_over and resolve_static_cache(
-            static_cache, used_device, settings.max_new_tokens))
+            static_cache, used_device, settings.max_new_tokens, settings.compile_backend))
         completions = hf_generate_batched(model, tokenizer, prompts, decoding_config, settings, batches)
         kv_cache = "static" if uses_static_cache(decoding_config, settings) else "dynamic"
         merged = bool(getattr(model, "tunelens_adapter_merged", False))
@@ -165,17 +167,20 @@ def resolve_on_device(setting: bool | str, device: str) -> bool:
     return bool(setting)
 
 
-# generation.static_cache auto: on CUDA from this many new tokens a row. Measured on an H200 (7B shape, 36 rows,
-# BENCHMARKS.md issue 21): the inductor-compiled static step takes 18 ms against ~40 ms dynamic, and compiling one
-# shape takes ~33 s; at 64 new tokens a request saves ~1.4 s, so a study's ~9 sampling configs per variant never
-# repay the compile, while at 256 new tokens and 500 rows a request saves tens of seconds.
+# generation.static_cache auto with a compiling backend (inductor, cudagraphs) or eager: on CUDA from this many new
+# tokens a row. Measured on an H200 (7B shape, 36 rows, BENCHMARKS.md issue 21): the inductor-compiled static step
+# takes 18 ms against ~40 ms dynamic, and compiling one shape takes ~33 s; at 64 new tokens a request saves ~1.4 s,
+# so a study's ~9 sampling configs per variant never repay the compile. The graphs backend compiles nothing (a
+# capture costs one forward), so with it auto means on CUDA at any length.
 STATIC_AUTO_MIN_NEW_TOKENS = 128
 
 
-def resolve_static_cache(setting: bool | str, device: str, max_new_tokens: int) -> bool:
-    """generation.static_cache: True, False, or "auto" = on CUDA when max_new_tokens >= STATIC_AUTO_MIN_NEW_TOKENS."""
+def resolve_static_cache(setting: bool | str, device: str, max_new_tokens: int, compile_backend: str = "graphs") -> bool:
+    """generation.static_cache: True, False, or "auto" = on CUDA, with compile_backend graphs always, with the
+    others when max_new_tokens >= STATIC_AUTO_MIN_NEW_TOKENS."""
     if setting == "auto":
-        return str(device).startswith("cuda") and max_new_tokens >= STATIC_AUTO_MIN_NEW_TOKENS
+        return str(device).startswith("cuda") and (
+            compile_backend == "graphs" or max_new_tokens >= STATIC_AUTO_MIN_NEW_TOKENS)
     return bool(setting)
 
 
@@ -184,8 +189,14 @@ def speed_semantics(kv_cache: str, adapter_merged: bool | None, compile_backend:
     path, so those sidecars keep their bytes)."""
     parts = []
     if kv_cache == "static":
-        compiled = f"decoding step compiled ({compile_backend})" if str(device).startswith("cuda") and \
-            compile_backend != "eager" else "not compiled"
+        on_cuda = str(device).startswith("cuda")
+        if on_cuda and compile_backend == "graphs":
+            compiled = ("the one-token decoding step replayed from a CUDA graph captured once per model, depth and "
+                        "batch shape (not compiled; the same kernels as the eager step)")
+        elif on_cuda and compile_backend != "eager":
+            compiled = f"decoding step compiled ({compile_backend})"
+        else:
+            compiled = "not compiled"
         parts.append(f" Static KV cache: rows padded to a bucket with copies of the batch's last prompt (dropped) "
                      f"and the cache to a multiple of {STATIC_LEN_BUCKET} tokens; {compiled}. Greedy rows equal "
                      f"the dynamic cache's; sampled rows depend on the bucket through the random stream.")
@@ -259,7 +270,7 @@ def generation_output(
     engine: VllmEngine | None = None,
     hf_model: tuple | None = None,
     static_cache: bool | str = "auto",
-    compile_backend: str = "inductor",
+    compile_backend: str = default_of(GenerationSection, "compile_backend"),
     merge_adapter: bool | str = "auto",
 ) -> tuple[dict, list[dict]]:
     """What `generate` writes, computed but not written: (meta, rows). The generation server

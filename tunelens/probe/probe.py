@@ -16,6 +16,7 @@ Early exit
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -108,6 +109,8 @@ def early_exit_output(
     device: str = "auto",
     gpus: int = 1,
     hf_model: tuple | None = None,
+    static_cache: bool | str = "auto",
+    compile_backend: str = "graphs",
 ) -> tuple[dict, list[dict]]:
     """Rule `early_exit` computed but not written: (meta, rows), the answers to the first `max_test_rows` test
     rows from the first `layer` blocks.
@@ -129,12 +132,16 @@ def early_exit_output(
         generation_rows,
         hf_generate_batched,
         load_prompt_rows,
+        resolve_static_cache,
+        speed_semantics,
+        uses_static_cache,
     )
+    from tunelens.models import model_devices
 
     decoding_config = as_decoding_config(decoding)
     settings = GenerationSettings(
         max_new_tokens=max_new_tokens, stop=tuple(stop), seed=seed, beam_mode=beam_mode, batch_size=batch_size,
-        max_prompt_tokens=max_prompt_tokens,
+        max_prompt_tokens=max_prompt_tokens, compile_backend=compile_backend,
     )
     check_decoding(decoding_config, beam_mode, ["hf"], f"probe.early_exit.decoding ({decoding_config.name})")
     semantics = describe_semantics(decoding_config, beam_mode, "hf")
@@ -147,6 +154,11 @@ def early_exit_output(
     if layer not in layers:
         raise ConfigError(f"model '{model_name}': early-exit layer {layer} is not one of its probe layers {layers}")
     depth = num_decoder_layers(model)
+    devices = model_devices(model)
+    # As the generate jobs do (tunelens.generation.generate.run_completions): a sharded model keeps the dynamic cache.
+    settings = dataclasses.replace(settings, static_cache=len(devices) <= 1 and resolve_static_cache(
+        static_cache, str(input_device(model)), settings.max_new_tokens, compile_backend))
+    kv_cache = "static" if uses_static_cache(decoding_config, settings) else "dynamic"
     rows = load_prompt_rows(
         test_path, prompt_format, tokenizer, max_prompt_tokens=max_prompt_tokens, max_rows=max_test_rows
     )
@@ -166,7 +178,9 @@ def early_exit_output(
         "semantics": f"{semantics} Early exit after decoder block {layer} of {depth}, then the model's final norm "
                      f"and LM head (blocks {layer + 1}..{depth} not run)."
                      + (" Fine-tuned weights: the LoRA adapter merged into a copy of the base weights, not applied "
-                        "per layer by PEFT." if getattr(model, "tunelens_adapter_merged", False) else ""),
+                        "per layer by PEFT." if getattr(model, "tunelens_adapter_merged", False) else "")
+                     + speed_semantics(kv_cache, None, compile_backend, str(input_device(model))),
+        "kv_cache": kv_cache,
         "layer": layer,
         "early_exit": {"layer": layer, "num_layers": depth, "fraction": round(layer / depth, 4)},
         **settings.as_meta(),

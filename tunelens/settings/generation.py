@@ -67,19 +67,22 @@ class GenerationSection(Section):
         "same either way.",
         schema={"type": "boolean"})
     static_cache: bool | str = setting("auto",
-        "hf backend, sampling and greedy configs: decode with a static KV cache, batches padded to row and length "
-        "buckets so that the decoding step is compiled once per model and bucket (beam search keeps the dynamic "
-        "cache). auto = on CUDA when max_new_tokens >= 128: on an H200 the compiled step took 18 ms against ~40 ms "
-        "and the compile ~33 s per shape, which short answers never repay. Greedy rows equal the dynamic cache's in "
-        "float32; in bf16 the padded batch changes the matmul shapes and so the rounding; sampled rows depend on the"
-        " bucket through the random stream (reproducible for the same seed and batches). The sidecar's kv_cache and "
-        "semantics say which ran.",
+        "hf backend, sampling and greedy configs (and early exit): decode with a static KV cache, batches padded to "
+        "row and length buckets so that the decoding step is captured (or compiled) once per model and bucket "
+        "(beam search keeps the dynamic cache). auto = on CUDA; with a compiling backend (inductor, cudagraphs) "
+        "or eager only when max_new_tokens >= 128, since on an H200 the inductor compile took ~33 s per shape, "
+        "which short answers never repay. Greedy rows equal the dynamic cache's in float32; in bf16 the padded "
+        "batch changes the matmul shapes and so the rounding; sampled rows depend on the bucket through the "
+        "random stream (reproducible for the same seed and batches). The sidecar's kv_cache and semantics say "
+        "which ran.",
         schema={"enum": ["auto", True, False]})
-    compile_backend: str = setting("inductor",
-        "How the static-cache decoding step is compiled on CUDA: inductor (Triton kernels + CUDA graphs, ~33 s per "
-        "shape, 18 ms a step on a 7B shape), torch.compile's cudagraphs backend (~13 s, 41 ms), or eager (no "
-        "compile, 50 ms).",
-        schema={"enum": ["inductor", "cudagraphs", "eager"]})
+    compile_backend: str = setting("graphs",
+        "How the static-cache decoding step runs on CUDA: graphs (tunelens captures the one-token forward as a CUDA "
+        "graph per model, depth and batch shape, and replays it: no compile, the eager step's kernels, outputs "
+        "equal to transformers' static cache), inductor (torch.compile reduce-overhead: Triton kernels + CUDA "
+        "graphs, ~33 s per shape, 18 ms a step on a 7B shape), torch.compile's cudagraphs backend (~13 s, 41 ms), "
+        "or eager (no compile, 50 ms). Figures: BENCHMARKS.md, issue 21.",
+        schema={"enum": ["graphs", "inductor", "cudagraphs", "eager"]})
     merge_adapter: bool | str = setting("auto",
         "hf backend: generate (and probe) the fine-tuned variant from the LoRA merged into a copy of the base "
         "weights instead of PEFT's per-layer adapter (auto = on CUDA, where the unmerged adapter doubles the "
