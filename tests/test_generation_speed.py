@@ -280,3 +280,45 @@ def test_stop_strings_are_prepared_once_per_tokenizer(tiny_loaded, monkeypatch):
     assert built == [[target]], "the stop-string criterion was rebuilt"
     assert any(c.finish_reason == "stop_string" for c in completions)
     assert all(target not in c.text for c in completions)
+
+
+def test_sliding_window_caches_are_not_captured(tiny_model_factory):
+    """A sliding-window cache layer picks its write path from a Python int each step: a replayed graph would
+    repeat one step's choice. Such caches run the step eagerly (on CPU the same store, so greedy rows past the
+    window still equal the dynamic cache's); plain static layers are capturable."""
+    from transformers import AutoConfig, StaticCache
+
+    from tunelens.generation.graphs import not_capturable
+    from tunelens.models import load_model
+
+    gemma_dir = tiny_model_factory("gemma3", 2)
+    gemma_config = AutoConfig.from_pretrained(gemma_dir)
+    assert "StaticSlidingWindowLayer" in not_capturable(StaticCache(config=gemma_config, max_cache_len=256))
+    llama_config = AutoConfig.from_pretrained(tiny_model_factory("llama", 2))
+    assert not_capturable(StaticCache(config=llama_config, max_cache_len=256)) is None
+
+    model, tokenizer = load_model(gemma_dir, device="cpu")
+    settings = dict(max_new_tokens=80, seed=7, batch_size=2, stop=())  # prompt + 80 tokens > the window of 64
+    dynamic = [c.token_ids for c in hf_generate_batched(model, tokenizer, PROMPTS[:2], GREEDY,
+                                                         GenerationSettings(**settings))]
+    graphed = [c.token_ids for c in hf_generate_batched(model, tokenizer, PROMPTS[:2], GREEDY, GenerationSettings(
+        **settings, static_cache=True, compile_backend="graphs"))]
+    assert graphed == dynamic and max(len(ids) for ids in dynamic) == 80
+
+
+def test_other_models_caches_are_released_before_planning(tiny, tiny_loaded):
+    """The auto batch plan reads the free memory: a request on one model first frees the decoding caches of the
+    process's other models (base and merged copy in one server), so its batches do not depend on which variant
+    the server answered before."""
+    from tunelens.generation import graphs
+    from tunelens.models import load_model
+
+    model, tokenizer = tiny_loaded
+    other, _ = load_model(tiny[0], device="cpu")
+    static = dict(static_cache=True, compile_backend="graphs")
+    _tokens(model, tokenizer, GREEDY, **static)
+    assert graphs.held_bytes(model) > 0
+    _tokens(other, tokenizer, GREEDY, **static)
+    assert graphs.held_bytes(model) == 0 and graphs.held_bytes(other) > 0
+    graphs.release_all()
+    assert graphs.held_bytes(other) == 0

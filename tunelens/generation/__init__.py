@@ -11,6 +11,8 @@ Modules (this file imports none of them, so importing one module does not run th
 - completions.py   GenerationSettings, Completion, as_decoding_config, describe_semantics, load_prompt_rows,
                    check_context_room, cut_at_stop;
 - backend_hf.py    hf_generation_config, hf_generate_batched, plan_batches, auto_token_budget, ...;
+- graphs.py        decode_graphs (DecodeGraphs: a model's StaticCaches and captured decoding steps), held_bytes,
+                   release;
 - backend_vllm.py  vllm_importable, vllm_usable, resolve_backend, build_vllm_engine, vllm_generate;
 - generate.py      generate, run_completions, generation_output, write_generation, adapter_record, check_variant;
 - genserver.py     run_generation_job, run_early_exit_job, job_python, serve, once, main

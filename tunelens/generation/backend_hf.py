@@ -262,6 +262,9 @@ def hf_generate_batched(
     tokenizer.padding_side = "left"  # decoder-only: new tokens must follow the prompt directly
     lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
+    # Other models' decoding caches go before the memory budget is read, so that the batches planned here do not
+    # depend on which variant this process answered before.
+    graphs.release_others(model)
     budget = auto_token_budget(model) if settings.batch_size == "auto" else None
     static_len = None
     graphed = uses_static_cache(decoding_config, settings) and graphed_decoding(model, settings)

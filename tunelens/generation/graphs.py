@@ -22,6 +22,7 @@ import contextlib
 import functools
 import logging
 import time
+import weakref
 from typing import Any, Iterator
 
 log = logging.getLogger(__name__)
@@ -179,6 +180,10 @@ class DecodeGraphs:
         on_cuda = all(v.device.type == "cuda" for v in tensors.values())
         if not on_cuda:
             return entry
+        reason = not_capturable(cache)
+        if reason:
+            log.warning("decoding step not captured (%s): it runs eagerly on the static cache", reason)
+            return entry
         # The warm-up forward writes this step's keys and values and advances every layer's length; the replay
         # below does the step for real, so the lengths are put back before the capture (which runs nothing).
         lengths = [layer.cumulative_length.clone() for layer in cache.layers]
@@ -205,13 +210,47 @@ class DecodeGraphs:
         return entry
 
 
+def not_capturable(cache) -> str | None:
+    """Why a decoding step on `cache` cannot be replayed from a graph, or None when it can.
+
+    Only transformers' plain StaticLayer keeps all of its per-step state in tensors (the write position is
+    `cumulative_length`, advanced in place). A sliding-window layer (Gemma 2/3, Mistral-style windows) chooses
+    between roll and index writes from a Python int: a captured graph would repeat the capture step's choice
+    and never advance that int, and so write the wrong slots once the window fills."""
+    from transformers.cache_utils import StaticLayer
+
+    kinds = sorted({type(layer).__name__ for layer in cache.layers if type(layer) is not StaticLayer})
+    if kinds:
+        return f"cache layers {', '.join(kinds)} keep Python-side state per step"
+    return None
+
+
+# Every store made in this process (a server keeps up to two models: base and merged copy).
+_STORES: "weakref.WeakSet[DecodeGraphs]" = weakref.WeakSet()
+
+
 def decode_graphs(model) -> DecodeGraphs:
     """The model's store, made on first use (kept as an attribute of the model object)."""
     store = model.__dict__.get(_STORE_ATTRIBUTE)
     if store is None:
         store = DecodeGraphs(model)
         model.__dict__[_STORE_ATTRIBUTE] = store
+        _STORES.add(store)
     return store
+
+
+def release_others(model: Any) -> None:
+    """Free the caches every other model of this process keeps, so that what a request plans and allocates does
+    not depend on which variant the server answered before (the auto batch plan reads the free memory)."""
+    for store in list(_STORES):
+        if store.model is not model:
+            store.release()
+
+
+def release_all() -> None:
+    """Free every kept decoding cache of this process (before a server loads another model)."""
+    for store in list(_STORES):
+        store.release()
 
 
 def held_bytes(model) -> int:

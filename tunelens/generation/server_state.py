@@ -83,6 +83,9 @@ class _Server:
             from tunelens.errors import ModelError
 
             raise ModelError(f"adapter directory '{adapter}' has no adapter_config.json")
+        from tunelens.generation import graphs
+
+        graphs.release_all()  # the decoding caches the loaded models keep: room for the new one
         while len(self.hf_models) >= 2:  # base + one adapter at most
             self.hf_models.pop(next(iter(self.hf_models)))
         gpus = int(job.get("gpus") or 1)  # > 1 on CUDA: sharded over the job's GPUs, one copy (no room for two)
@@ -118,6 +121,9 @@ class _Server:
 
         if self.engine is not None or resolve_backend(job.get("backend", "auto"), job.get("device", "auto"))[0] == "vllm":
             raise Declined(f"this server generates with vLLM; {job.get('task')} needs the hf model")
+        from tunelens.generation import graphs
+
+        graphs.release_all()  # the forward passes plan their batches from the free memory, as on a fresh load
         return self._hf_model(job)
 
     def _task_answer(self, output: dict, rows: list, loaded: bool, hf_model: tuple | None = None) -> tuple[dict, list]:
