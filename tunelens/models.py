@@ -230,7 +230,7 @@ def load_model(
             model.tunelens_adapter_merged = True
             marks.append(("merge", time.perf_counter()))
     model.eval()
-    if device == "cuda":
+    if next(model.parameters()).is_cuda:  # the copies above may still be in flight
         import torch
 
         torch.cuda.synchronize()
