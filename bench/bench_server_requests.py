@@ -11,6 +11,8 @@ hf_generate_batched with its own GenerationConfig, stop string on) in one proces
   part graphs    compile_backend graphs (the static-cache step replayed from a hand-captured CUDA graph) against
                  transformers' static cache run eagerly and the dynamic cache, interleaved; greedy equality; the
                  early-exit request (6 rows on 8 of 32 blocks)
+  part logits    the raw logits of the first decoding steps, graphs vs transformers' eager static cache, on the
+                 same batch: bitwise equal or by how much not; and graphs run to run
   part mergeload the merged copy loaded beside the base, its load in parts, then 3 identical requests on it
   part merged    the fine-tuned variant (LoRA r=16 on all linear layers, random non-zero B): PEFT's per-layer
                  adapter vs merged into the bf16 weights, dynamic and static cache; greedy agreement
@@ -171,6 +173,10 @@ def main() -> None:
         results["graphs"] = part_graphs(args, model, tokenizer, request, greedy, base_settings, steps)
         save()
 
+    if "logits" in parts:
+        results["logits"] = part_logits(args, model, tokenizer, greedy, base_settings)
+        save()
+
     if "profile" in parts:
         results["profile"] = part_profile(args, request, base_settings, steps)
         save()
@@ -222,6 +228,48 @@ def part_graphs(args, model, tokenizer, request, greedy, base_settings, steps) -
     out["early_exit_8_of_32_6_rows"] = {name: spread(v) for name, v in early.items()}
     print("graphs:", json.dumps(out), flush=True)
     return out
+
+
+def part_logits(args, model, tokenizer, greedy, base_settings, rows: int = 8, steps: int = 4) -> dict:
+    """Whether the replayed graph computes what the eager static-cache step computes: the raw logits of the first
+    decoding steps (the prefill's step is eager on both paths), graphs vs transformers' static cache run eagerly,
+    on the same left-padded batch. Equal bits mean the same kernels; a difference names the rounding gap."""
+    import torch
+
+    from tunelens.generation import graphs
+    from tunelens.generation.backend_hf import hf_generation_config, static_cache_len
+
+    prompts = prompts_from(args.data, rows, tokenizer)
+    tokenizer.padding_side = "left"
+    encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+    cache_len = static_cache_len(encoded["input_ids"].shape[1], steps)
+
+    def logits(backend: str) -> list:
+        settings = replace(base_settings, static_cache=True, compile_backend=backend, max_new_tokens=steps, stop=())
+        config = hf_generation_config(model, tokenizer, greedy, settings)
+        config.output_logits, config.return_dict_in_generate = True, True
+        with torch.inference_mode():
+            if backend == "graphs":
+                store = graphs.decode_graphs(model)
+                kv = store.cache_for(rows, cache_len)
+                with store.installed(kv):
+                    out = model.generate(**encoded, generation_config=config, past_key_values=kv)
+            else:
+                config.max_cache_len = cache_len
+                out = model.generate(**encoded, generation_config=config)
+        return [step.float().cpu() for step in out.logits]
+
+    eager, graphed = logits("eager"), logits("graphs")
+    again = logits("graphs")
+    result = {"rows": rows, "steps": steps, "per_step": []}
+    for index, (a, b, c) in enumerate(zip(eager, graphed, again)):
+        result["per_step"].append({"step": index, "bitwise_equal_to_eager": bool(torch.equal(a, b)),
+                                   "max_abs_diff": float((a - b).abs().max()),
+                                   "max_abs_logit": float(a.abs().max()),
+                                   "argmax_equal_rows": int((a.argmax(-1) == b.argmax(-1)).sum()),
+                                   "graphs_run_to_run_equal": bool(torch.equal(b, c))})
+    print("logits:", json.dumps(result), flush=True)
+    return result
 
 
 def part_profile(args, request, base_settings, steps) -> dict:
