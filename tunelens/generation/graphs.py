@@ -3,16 +3,17 @@
 transformers' `generate` stays in charge of everything but the decoder's forward: the prefill, the logits
 processors and warpers, the random stream, stop strings and EOS. Only the one-token decoding forward is replaced:
 its inputs (input ids, the 4D mask transformers builds for a static cache, positions) are copied into fixed
-buffers and a CUDA graph captured from the same forward replays it. The replay runs the very kernels the eager
-static-cache step runs, so outputs equal transformers' static cache (`cache_implementation="static"`,
-`disable_compile`), token for token, while the step costs its GPU time instead of ~1,500 kernel launches from
-Python. Nothing is compiled: a capture takes one warm-up forward and a few hundred milliseconds.
+buffers and a CUDA graph captured from the same forward replays it, so the step costs its GPU time instead of
+~1,500 kernel launches from Python (23 ms a step against 43 ms on the H200 bench, BENCHMARKS.md issue 21).
+Nothing is compiled: a capture takes one warm-up forward (0.06 s on a 7B shape). On CPU, where the same buffers
+run eagerly, outputs equal transformers' static cache (`cache_implementation="static"`, `disable_compile`) token
+for token (tests/test_generation_speed.py); whether the captured step is bit-for-bit the eager step on CUDA is
+what `bench/bench_server_requests.py --parts logits` checks (not yet run on a GPU).
 
 One `DecodeGraphs` store per model object keeps a StaticCache per batch shape (row bucket x cache length; zeroed
 before every batch; at most MAX_SHAPES, and all are released when the GPU lacks room for a new one) and the graphs
 captured against each, one per decoder depth (early exit runs the first L blocks of the same model) and input
-signature. On CPU the same buffers are run eagerly: the tests check the bookkeeping there,
-and the GPU bench checks the replay (bench/bench_graph_decode.py).
+signature. Caches whose layers keep Python-side state per step (sliding windows) are never captured.
 """
 
 from __future__ import annotations
