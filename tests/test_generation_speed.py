@@ -322,3 +322,19 @@ def test_other_models_caches_are_released_before_planning(tiny, tiny_loaded):
     assert graphs.held_bytes(model) == 0 and graphs.held_bytes(other) > 0
     graphs.release_all()
     assert graphs.held_bytes(other) == 0
+
+
+def test_early_exit_runs_the_static_cache_when_asked_and_says_so(tiny):
+    """Early exit takes generation.static_cache / compile_backend like the generate jobs (on CUDA auto = graphs):
+    its sidecar names the cache, and its greedy rows at a truncated depth equal the dynamic cache's."""
+    from tunelens.probe.probe import early_exit_output
+
+    model_dir, _, test_file = tiny
+    job = dict(model_name="tiny", source=str(model_dir), model_path=str(model_dir), adapter_dir=None, variant="base",
+               test_path=str(test_file), layer=1, layer_specs=[1, 2], expected_layers=[1, 2], prompt_format="chat",
+               decoding={"temperature": 0.0}, max_new_tokens=8, seed=7, device="cpu")
+    dynamic_meta, dynamic_rows = early_exit_output(**job)  # static_cache auto: off on CPU
+    static_meta, static_rows = early_exit_output(**job, static_cache=True)
+    assert dynamic_meta["kv_cache"] == "dynamic" and "Static KV cache" not in dynamic_meta["semantics"]
+    assert static_meta["kv_cache"] == "static" and "Static KV cache" in static_meta["semantics"]
+    assert [r["generated"] for r in static_rows] == [r["generated"] for r in dynamic_rows]
