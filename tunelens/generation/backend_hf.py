@@ -268,10 +268,9 @@ def hf_generate_batched(
     budget = auto_token_budget(model) if settings.batch_size == "auto" else None
     static_len = None
     graphed = uses_static_cache(decoding_config, settings) and graphed_decoding(model, settings)
-    if graphed:
+    if uses_static_cache(decoding_config, settings):
         static_len = static_cache_len(max(lengths), settings.max_new_tokens)
-    elif generation_config.cache_implementation == "static":
-        static_len = static_cache_len(max(lengths), settings.max_new_tokens)
+    if generation_config.cache_implementation == "static":  # transformers' own static cache (not graphed)
         generation_config.max_cache_len = static_len
         if device.type == "cuda" and not generation_config.disable_compile:
             _allow_recompiles()

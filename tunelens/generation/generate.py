@@ -111,10 +111,7 @@ def run_completions(
         sharded_over = devices if len(devices) > 1 else None
         load_time = time.perf_counter() - started
         started = time.perf_counter()
-        # A model sharded over GPUs decodes with the dynamic cache: the compiled static-cache step is measured on
-        # one GPU only (BENCHMARKS.md issue 21), and accelerate's per-block device hooks break its graphs.
-        settings = dataclasses.replace(settings, static_cache=not sharded_over and resolve_static_cache(
-            static_cache, used_device, settings.max_new_tokens, settings.compile_backend))
+        settings = with_static_cache(settings, static_cache, model)
         completions = hf_generate_batched(model, tokenizer, prompts, decoding_config, settings, batches)
         kv_cache = "static" if uses_static_cache(decoding_config, settings) else "dynamic"
         merged = bool(getattr(model, "tunelens_adapter_merged", False))
@@ -182,6 +179,17 @@ def resolve_static_cache(setting: bool | str, device: str, max_new_tokens: int, 
         return str(device).startswith("cuda") and (
             compile_backend == "graphs" or max_new_tokens >= STATIC_AUTO_MIN_NEW_TOKENS)
     return bool(setting)
+
+
+def with_static_cache(settings: GenerationSettings, setting: bool | str, model) -> GenerationSettings:
+    """`settings` with generation.static_cache resolved for a loaded hf model (generate and early-exit jobs). A
+    model sharded over GPUs decodes with the dynamic cache: the static-cache step is measured on one GPU only
+    (BENCHMARKS.md issue 21), and accelerate's per-block device hooks break its graphs."""
+    from tunelens.models import input_device, model_devices
+
+    sharded = len(model_devices(model)) > 1
+    return dataclasses.replace(settings, static_cache=not sharded and resolve_static_cache(
+        setting, str(input_device(model)), settings.max_new_tokens, settings.compile_backend))
 
 
 def speed_semantics(kv_cache: str, adapter_merged: bool | None, compile_backend: str, device: str) -> str:

@@ -56,7 +56,6 @@ class DecodeGraphs:
         self.cache = None
         self.captures = 0
         self.capture_seconds = 0.0
-        self.replays = 0
 
     # ------------------------------------------------------------------ the caches
     def cache_for(self, rows: int, cache_len: int):
@@ -164,7 +163,6 @@ class DecodeGraphs:
                 entry.inputs[name].copy_(value)
         if entry.graph is not None:
             entry.graph.replay()
-            self.replays += 1
             output = entry.output
         else:  # CPU: the same buffers, run eagerly
             output = forward(**entry.inputs, **entry.others, past_key_values=cache)

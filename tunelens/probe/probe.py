@@ -16,7 +16,6 @@ Early exit
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -27,6 +26,8 @@ from tunelens.generation.completions import DEFAULT_STOP
 from tunelens.generation.decoding import check as check_decoding
 from tunelens.errors import ConfigError
 from tunelens.io import library_versions, write_json_atomic, write_jsonl_atomic
+from tunelens.settings import GenerationSection
+from tunelens.settings.base import default_of
 from tunelens.models import (
     decoder_layers,
     input_device,
@@ -110,7 +111,7 @@ def early_exit_output(
     gpus: int = 1,
     hf_model: tuple | None = None,
     static_cache: bool | str = "auto",
-    compile_backend: str = "graphs",
+    compile_backend: str = default_of(GenerationSection, "compile_backend"),
 ) -> tuple[dict, list[dict]]:
     """Rule `early_exit` computed but not written: (meta, rows), the answers to the first `max_test_rows` test
     rows from the first `layer` blocks.
@@ -132,11 +133,10 @@ def early_exit_output(
         generation_rows,
         hf_generate_batched,
         load_prompt_rows,
-        resolve_static_cache,
         speed_semantics,
         uses_static_cache,
+        with_static_cache,
     )
-    from tunelens.models import model_devices
 
     decoding_config = as_decoding_config(decoding)
     settings = GenerationSettings(
@@ -154,10 +154,7 @@ def early_exit_output(
     if layer not in layers:
         raise ConfigError(f"model '{model_name}': early-exit layer {layer} is not one of its probe layers {layers}")
     depth = num_decoder_layers(model)
-    devices = model_devices(model)
-    # As the generate jobs do (tunelens.generation.generate.run_completions): a sharded model keeps the dynamic cache.
-    settings = dataclasses.replace(settings, static_cache=len(devices) <= 1 and resolve_static_cache(
-        static_cache, str(input_device(model)), settings.max_new_tokens, compile_backend))
+    settings = with_static_cache(settings, static_cache, model)  # as the generate jobs resolve it
     kv_cache = "static" if uses_static_cache(decoding_config, settings) else "dynamic"
     rows = load_prompt_rows(
         test_path, prompt_format, tokenizer, max_prompt_tokens=max_prompt_tokens, max_rows=max_test_rows
