@@ -11,6 +11,10 @@ hf_generate_batched with its own GenerationConfig, stop string on) in one proces
   part graphs    compile_backend graphs (the static-cache step replayed from a hand-captured CUDA graph) against
                  transformers' static cache run eagerly and the dynamic cache, interleaved; greedy equality; the
                  early-exit request (6 rows on 8 of 32 blocks)
+  part beams     beam search (2, 5, 10 beams, deterministic) on the graphs path's static cache (beams reordered in
+                 place over the generated positions only) against transformers' dynamic cache, interleaved; the
+                 beams' agreement; and whether a row's beams hold bitwise the same prompt keys after the prefill
+                 (what the in-place reorder relies on)
   part logits    the raw logits of the first decoding steps, graphs vs transformers' eager static cache, on the
                  same batch: bitwise equal or by how much not; and graphs run to run
   part mergeload the merged copy loaded beside the base, its load in parts, then 3 identical requests on it
@@ -96,6 +100,8 @@ def main() -> None:
     def request(m=None, config=sampling, settings=base_settings, prompts_limit=None):
         return hf_generate_batched(m if m is not None else model, tokenizer, prompts[:prompts_limit], config, settings)
 
+    request.prompts = prompts
+
     def save():
         if args.out:
             args.out.write_text(json.dumps(results, indent=1))
@@ -173,6 +179,10 @@ def main() -> None:
         results["graphs"] = part_graphs(args, model, tokenizer, request, greedy, base_settings, steps)
         save()
 
+    if "beams" in parts:
+        results["beams"] = part_beams(args, model, tokenizer, request, base_settings, steps)
+        save()
+
     if "logits" in parts:
         results["logits"] = part_logits(args, model, tokenizer, greedy, base_settings)
         save()
@@ -228,6 +238,65 @@ def part_graphs(args, model, tokenizer, request, greedy, base_settings, steps) -
     out["early_exit_8_of_32_6_rows"] = {name: spread(v) for name, v in early.items()}
     print("graphs:", json.dumps(out), flush=True)
     return out
+
+
+def part_beams(args, model, tokenizer, request, base_settings, steps, widths=(2, 5, 10)) -> dict:
+    """Beam search: graphs (static cache, in-place reorder of the generated positions) vs the dynamic cache."""
+    import torch
+
+    from tunelens.generation import graphs
+    from tunelens.generation.agreement import token_agreement
+    from tunelens.generation.decoding import DecodingConfig
+
+    cases = {"dynamic": base_settings, "graphs": replace(base_settings, static_cache=True, compile_backend="graphs")}
+    out: dict = {}
+    for width in widths:
+        config = DecodingConfig(num_beams=width, temperature=0.0)
+        entry: dict = {"first_s": {}, "batches": {}}
+        tokens = {}
+        for name, settings in cases.items():
+            log: list = []
+            seconds, result = timed(lambda: hf_generate_batched_logged(model, tokenizer, request, config, settings,
+                                                                         log))
+            entry["first_s"][name], entry["batches"][name] = round(seconds, 2), log
+            tokens[name] = [c.token_ids for c in result]
+        times: dict = {name: [] for name in cases}
+        for _ in range(args.repeats):
+            for name, settings in cases.items():
+                times[name].append(timed(lambda: request(config=config, settings=settings))[0])
+        entry["later"] = {name: spread(v) | {"ms_per_step": round(1000 * statistics.median(v) / steps, 1)}
+                          for name, v in times.items()}
+        agree = token_agreement(tokens["dynamic"], tokens["graphs"])
+        entry["agreement_graphs_vs_dynamic"] = {k: agree[k] for k in ("exact_match", "mean_agreement")}
+        out[f"beams_{width}"] = entry
+        print(f"beams {width}:", json.dumps(entry), flush=True)
+    # What the in-place reorder relies on: after the prefill, a row's beams hold the same prompt keys and values.
+    width, rows = 5, 8
+    prompts = prompts_from(args.data, rows, tokenizer)
+    tokenizer.padding_side = "left"
+    encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+    prompt_len = encoded["input_ids"].shape[1]
+    settings = replace(cases["graphs"], max_new_tokens=1, stop=())
+    from tunelens.generation.backend_hf import hf_generation_config
+
+    gen_config = hf_generation_config(model, tokenizer, DecodingConfig(num_beams=width, temperature=0.0), settings)
+    store = graphs.decode_graphs(model)
+    kv = store.cache_for(rows * width, prompt_len + 64)
+    with torch.inference_mode():
+        model.generate(**encoded, generation_config=gen_config, past_key_values=kv)
+        same = all(torch.equal(part[:, :1].expand_as(part), part)
+                   for layer in kv.layers for tensor in (layer.keys, layer.values)
+                   for part in [tensor[:, :, :prompt_len].reshape(rows, width, -1)])
+    out["prompt_kv_bitwise_equal_across_beams"] = bool(same)
+    graphs.release(model)
+    print("beams:", json.dumps({"prompt_kv_bitwise_equal_across_beams": same}), flush=True)
+    return out
+
+
+def hf_generate_batched_logged(model, tokenizer, request, config, settings, log):
+    from tunelens.generation.generate import hf_generate_batched
+
+    return hf_generate_batched(model, tokenizer, request.prompts, config, settings, log)
 
 
 def part_logits(args, model, tokenizer, greedy, base_settings, rows: int = 8, steps: int = 4) -> dict:

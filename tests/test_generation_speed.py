@@ -13,7 +13,9 @@ import pytest
 
 from tunelens.generation import genserver, server_state
 from tunelens.generation.agreement import token_agreement
-from tunelens.generation.backend_hf import kv_bytes_per_token, plan_batches, row_bucket, static_cache_len
+from tunelens.generation.backend_hf import (
+    kv_bytes_per_token, plan_batches, row_bucket, static_cache_len, static_len_bucket,
+)
 from tunelens.generation.decoding import DecodingConfig
 from tunelens.generation.generate import (
     STATIC_AUTO_MIN_NEW_TOKENS, GenerationSettings, generate, hf_generate_batched, resolve_on_device,
@@ -97,7 +99,11 @@ def test_every_request_of_a_server_runs_on_one_thread(monkeypatch):
 # --------------------------------------------------------------------------------------------- static cache
 def test_row_and_length_buckets():
     assert [row_bucket(n) for n in (1, 2, 3, 5, 36, 64, 65, 196, 304)] == [1, 2, 4, 8, 64, 64, 128, 256, 320]
+    # beam search pads to multiples of 4: each filler row costs num_beams sequences
+    assert [row_bucket(n, 10) for n in (1, 2, 3, 5, 36, 37)] == [1, 2, 4, 8, 36, 40]
     assert static_cache_len(166, 256) == 512 and static_cache_len(200, 56) == 256 and static_cache_len(1, 1) == 256
+    assert static_cache_len(166, 256, 64) == 448 and static_len_bucket("graphs") == 64
+    assert static_len_bucket("inductor") == 256  # a compile per shape: coarse buckets
 
 
 def test_static_plan_charges_the_padded_cache():
@@ -109,6 +115,10 @@ def test_static_plan_charges_the_padded_cache():
     dynamic = plan_batches(lengths, list(range(10)), settings, 1, (2000, 0), kv_bytes=1)
     assert [len(b) for b in static] == [4, 4, 2]
     assert [len(b) for b in dynamic] == [10]
+    # beams multiply the cache: 3 beams x 256 tokens x row_bucket(2, 3) = 2 rows hold 1,536 tokens, 3 rows (bucket
+    # 4) 3,072
+    beams = plan_batches(lengths, list(range(10)), settings, 3, (2000, 0), kv_bytes=1, static_len=256)
+    assert [len(b) for b in beams] == [2] * 5
 
 
 def test_static_cache_greedy_equals_the_dynamic_cache(tiny, tmp_path):
@@ -118,7 +128,7 @@ def test_static_cache_greedy_equals_the_dynamic_cache(tiny, tmp_path):
     static_meta, static = _generate(tiny, tmp_path / "s.jsonl", static_cache=True)
     assert dynamic_meta["kv_cache"] == "dynamic" and static_meta["kv_cache"] == "static"
     assert static_meta["batches"][0] | {} == {"rows": 3, "prompt_tokens": static_meta["batches"][0]["prompt_tokens"],
-                                              "padded_rows": 4, "cache_len": 256}
+                                              "padded_rows": 4, "cache_len": 64}
     assert "Static KV cache" in static_meta["semantics"] and "Static KV cache" not in dynamic_meta["semantics"]
     assert [r["generated"] for r in static] == [r["generated"] for r in dynamic]
     assert [r["num_generated_tokens"] for r in static] == [r["num_generated_tokens"] for r in dynamic]
@@ -131,10 +141,55 @@ def test_static_cache_sampling_is_reproducible(tiny, tmp_path):
     assert first == second
 
 
-def test_beam_search_keeps_the_dynamic_cache(tiny, tmp_path):
-    meta, _ = _generate(tiny, tmp_path / "b.jsonl", static_cache=True,
-                        decoding_config=DecodingConfig(num_beams=2, temperature=0.0).as_dict())
-    assert meta["kv_cache"] == "dynamic" and "Static KV cache" not in meta["semantics"]
+def test_beam_search_on_the_static_cache_equals_the_dynamic_cache(tiny, tmp_path):
+    """compile_backend graphs runs beam search on tunelens' static cache, whose reorder works in place over the
+    generated positions only (graphs.reorder_generated_only): the beams equal the dynamic cache's, which
+    transformers reorders whole. The other backends keep the dynamic cache for beams."""
+    for beams in (2, 3):
+        config = DecodingConfig(num_beams=beams, temperature=0.0).as_dict()
+        dynamic_meta, dynamic = _generate(tiny, tmp_path / f"d{beams}.jsonl", decoding_config=config,
+                                          max_new_tokens=16)
+        meta, static = _generate(tiny, tmp_path / f"s{beams}.jsonl", static_cache=True, decoding_config=config,
+                                 max_new_tokens=16)
+        assert dynamic_meta["kv_cache"] == "dynamic" and meta["kv_cache"] == "static"
+        assert "Beam search on the static cache" in meta["semantics"]
+        assert meta["batches"][0]["padded_rows"] == 4  # 3 rows: the beam bucket
+        assert [r["generated"] for r in static] == [r["generated"] for r in dynamic]
+    eager, _ = _generate(tiny, tmp_path / "e.jsonl", static_cache=True, compile_backend="eager",
+                         decoding_config=DecodingConfig(num_beams=2, temperature=0.0).as_dict())
+    assert eager["kv_cache"] == "dynamic" and "Static KV cache" not in eager["semantics"]
+
+
+def test_beam_reorder_moves_only_generated_positions(tiny_loaded):
+    """The in-place reorder gathers positions [prompt, prompt + steps) across a row's beams and leaves the
+    prompt's positions (the same for every beam of a row) and the tensors' storage where they were."""
+    import torch
+
+    from tunelens.generation import graphs
+
+    model, _ = tiny_loaded
+    store = graphs.decode_graphs(model)
+    cache = store.cache_for(4, 64)
+    config = model.config
+    heads, dim = config.num_key_value_heads, config.hidden_size // config.num_attention_heads
+    for layer in cache.layers:
+        layer.lazy_initialization(torch.zeros(4, heads, 1, dim), torch.zeros(4, heads, 1, dim))
+        layer.keys.copy_(torch.arange(4.0).view(4, 1, 1, 1).expand_as(layer.keys))
+        layer.values.copy_(layer.keys + 10)
+    storage = [layer.keys.data_ptr() for layer in cache.layers]
+    graphs.reorder_generated_only(cache, prompt_len=5)
+    swap = torch.tensor([1, 1, 3, 2])  # row 0's beams both take beam 1; row 1's beams swap
+    cache.reorder_cache(swap)  # after the prefill: nothing generated, nothing moves
+    assert all(torch.equal(layer.keys[:, 0, 0, 0], torch.arange(4.0)) for layer in cache.layers)
+    cache.reorder_cache(swap)
+    cache.reorder_cache(swap)  # two tokens generated: positions 5 and 6 move
+    for layer in cache.layers:
+        assert layer.keys[:, 0, :5, 0].tolist() == [[float(b)] * 5 for b in range(4)]  # the prompt stays
+        assert layer.keys[:, 0, 5:7, 0].tolist() == [[1.0, 1.0], [1.0, 1.0], [2.0, 3.0], [3.0, 2.0]]
+        assert layer.keys[:, 0, 7:, 0].tolist() == [[float(b)] * 57 for b in range(4)]  # not yet written
+        assert torch.equal(layer.values, layer.keys + 10)
+    assert [layer.keys.data_ptr() for layer in cache.layers] == storage
+    graphs.release(model)
 
 
 def test_auto_turns_both_on_for_cuda_only(tiny, tmp_path):
@@ -227,7 +282,7 @@ def test_graphed_decoding_keeps_one_cache_per_model(tiny_loaded):
     store = graphs.decode_graphs(model)
     first = _tokens(model, tokenizer, GREEDY, static_cache=True, compile_backend="graphs")
     # 5 rows in batches of 3 and 2: row buckets 4 and 2, one cache and one step each
-    assert list(store.caches) == [(4, 256), (2, 256)] and len(store.captured) == 2
+    assert list(store.caches) == [(4, 64), (2, 64)] and len(store.captured) == 2
     caches, steps = dict(store.caches), dict(store.captured)
     assert _tokens(model, tokenizer, GREEDY, static_cache=True, compile_backend="graphs") == first
     assert store.caches == caches and store.captured == steps  # the second request reused both
@@ -236,13 +291,13 @@ def test_graphed_decoding_keeps_one_cache_per_model(tiny_loaded):
         assert shallow == _tokens(model, tokenizer, GREEDY)
     assert store.caches == caches and len(store.captured) == 4  # depth 1 has steps of its own, on the same caches
     held = graphs.held_bytes(model)
-    assert held == (4 + 2) * 256 * kv_bytes_per_token(model)
+    assert held == (4 + 2) * 64 * kv_bytes_per_token(model)
     store.MAX_SHAPES = 2
     try:
         settings = GenerationSettings(max_new_tokens=12, seed=7, batch_size=1, static_cache=True,
                                       compile_backend="graphs")
         hf_generate_batched(model, tokenizer, PROMPTS[:1], GREEDY, settings)
-        assert list(store.caches) == [(2, 256), (1, 256)]  # the least recently used shape went, with its steps
+        assert list(store.caches) == [(2, 64), (1, 64)]  # the least recently used shape went, with its steps
         assert all(key[0] in {id(c) for c in store.caches.values()} for key in store.captured)
     finally:
         store.MAX_SHAPES = graphs.DecodeGraphs.MAX_SHAPES

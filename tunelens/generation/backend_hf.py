@@ -37,7 +37,7 @@ def hf_generation_config(model, tokenizer, decoding_config: DecodingConfig, sett
     if eos is None:
         eos = tokenizer.eos_token_id
     eos_ids = sorted(set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id})
-    static = uses_static_cache(dc, settings)
+    static = uses_static_cache(dc, settings, model)
     cache: dict = {}
     if static and graphed_decoding(model, settings):
         # tunelens passes its own StaticCache (tunelens.generation.graphs) and replays the decoding step from a
@@ -80,27 +80,48 @@ def graphed_decoding(model, settings: GenerationSettings) -> bool:
     return settings.compile_backend == "graphs" and not hasattr(model, "peft_config")
 
 
-def uses_static_cache(decoding_config: DecodingConfig, settings: GenerationSettings) -> bool:
-    """Whether a request decodes with the static KV cache: asked for, and not beam search (transformers' beam
-    search keeps its dynamic cache here)."""
-    return bool(getattr(settings, "static_cache", False)) and not decoding_config.is_beam
+def uses_static_cache(decoding_config: DecodingConfig, settings: GenerationSettings, model=None) -> bool:
+    """Whether a request decodes with the static KV cache: asked for, and for beam search only on tunelens' graphed
+    path (`model` given and `graphed_decoding`), whose cache reorders the beams in place
+    (graphs.reorder_generated_only). transformers' own static cache replaces its tensors on every beam reorder, so
+    its beam search keeps the dynamic cache."""
+    if not getattr(settings, "static_cache", False):
+        return False
+    if not decoding_config.is_beam:
+        return True
+    return model is not None and graphed_decoding(model, settings)
 
 
 # Static cache: the cache length is rounded up to a multiple of this, and rows to `row_bucket`, so that the
 # compiled decoding step sees few shapes (one per bucket) across batches, requests and decoding configs.
 STATIC_LEN_BUCKET = 256
+# With compile_backend graphs (or eager) a new shape costs one capture (0.06 s on a 7B shape), not a compile, so
+# the cache length is rounded to a finer multiple: each step's attention reads the whole static cache, and at
+# 0.5 MB a token (7B, no GQA) the padding costs as much as the weights (BENCHMARKS.md, issue 21).
+GRAPHS_LEN_BUCKET = 64
 
 
-def row_bucket(rows: int) -> int:
-    """Rows a static-cache batch is padded to: the next power of two up to 64, then the next multiple of 64."""
+def static_len_bucket(compile_backend: str) -> int:
+    """The multiple a static cache's length is rounded to for this compile backend."""
+    return GRAPHS_LEN_BUCKET if compile_backend in ("graphs", "eager") else STATIC_LEN_BUCKET
+
+
+def row_bucket(rows: int, num_beams: int = 1) -> int:
+    """Rows a static-cache batch is padded to: the next power of two up to 64, then the next multiple of 64.
+
+    Beam search pads less, to the next power of two up to 4 and then the next multiple of 4: every filler row
+    costs `num_beams` sequences of compute and cache, and a graph capture is cheap (0.06 s on a 7B shape), so more
+    shapes cost little."""
+    if num_beams > 1:
+        return 1 << max(rows - 1, 0).bit_length() if rows <= 4 else -(-rows // 4) * 4
     if rows <= 64:
         return 1 << max(rows - 1, 0).bit_length()
     return -(-rows // 64) * 64
 
 
-def static_cache_len(longest_prompt: int, max_new_tokens: int) -> int:
+def static_cache_len(longest_prompt: int, max_new_tokens: int, bucket: int = STATIC_LEN_BUCKET) -> int:
     """Static cache length for a request whose longest prompt has `longest_prompt` tokens."""
-    return -(-(longest_prompt + max_new_tokens) // STATIC_LEN_BUCKET) * STATIC_LEN_BUCKET
+    return -(-(longest_prompt + max_new_tokens) // bucket) * bucket
 
 
 def _allow_recompiles() -> None:
@@ -200,7 +221,7 @@ def plan_batches(lengths: Sequence[int], order: Sequence[int], settings: Generat
     A fixed batch_size cuts every `batch_size` rows. "auto" with a budget (CUDA) grows each batch while
     rows x (its longest prompt + max_new_tokens) x beams tokens of KV cache, plus each row's logits, stay
     within the budget; without one (CPU) it cuts every CPU_AUTO_BATCH rows. With a static cache
-    (`static_len`) a batch holds row_bucket(rows) x static_len tokens of cache whatever its prompts.
+    (`static_len`) a batch holds row_bucket(rows, beams) x static_len x beams tokens of cache whatever its prompts.
     """
     if settings.batch_size != "auto":
         size = int(settings.batch_size)
@@ -214,8 +235,8 @@ def plan_batches(lengths: Sequence[int], order: Sequence[int], settings: Generat
         longest = lengths[current[0]] if current else lengths[index]  # longest first: the batch's first row
         rows = len(current) + 1
         if static_len:
-            tokens = row_bucket(rows) * static_len
-            extra_tokens = (row_bucket(rows) * row_bytes) // max(kv_bytes, 1)
+            tokens = row_bucket(rows, num_beams) * static_len * num_beams
+            extra_tokens = (row_bucket(rows, num_beams) * num_beams * row_bytes) // max(kv_bytes, 1)
         else:
             tokens = rows * (longest + settings.max_new_tokens) * num_beams
             extra_tokens = (rows * num_beams * row_bytes) // max(kv_bytes, 1)
@@ -267,14 +288,16 @@ def hf_generate_batched(
     graphs.release_others(model)
     budget = auto_token_budget(model) if settings.batch_size == "auto" else None
     static_len = None
-    graphed = uses_static_cache(decoding_config, settings) and graphed_decoding(model, settings)
-    if uses_static_cache(decoding_config, settings):
-        static_len = static_cache_len(max(lengths), settings.max_new_tokens)
+    num_beams = generation_config.num_beams
+    graphed = uses_static_cache(decoding_config, settings, model) and graphed_decoding(model, settings)
+    if uses_static_cache(decoding_config, settings, model):
+        static_len = static_cache_len(max(lengths), settings.max_new_tokens,
+                                      static_len_bucket(settings.compile_backend))
     if generation_config.cache_implementation == "static":  # transformers' own static cache (not graphed)
         generation_config.max_cache_len = static_len
         if device.type == "cuda" and not generation_config.disable_compile:
             _allow_recompiles()
-    pending = plan_batches(lengths, order, settings, generation_config.num_beams, budget,
+    pending = plan_batches(lengths, order, settings, num_beams, budget,
                            kv_bytes_per_token(model) if budget else 0, static_len)
     results: list[Completion | None] = [None] * len(prompts)
     batch_index = 0
@@ -285,7 +308,7 @@ def hf_generate_batched(
             # A static cache pads the batch with copies of its last (shortest) prompt up to the row bucket; their
             # outputs are dropped. Sampled rows then depend on the bucket through the random stream, as they depend
             # on the batches already; greedy rows do not.
-            filler = row_bucket(len(indices)) - len(indices) if static_len else 0
+            filler = row_bucket(len(indices), num_beams) - len(indices) if static_len else 0
             encoded = tokenizer(
                 [prompts[i] for i in indices] + [prompts[indices[-1]]] * filler, return_tensors="pt", padding=True,
                 add_special_tokens=False,
@@ -295,7 +318,9 @@ def hf_generate_batched(
                 with torch.inference_mode():
                     if graphed:
                         store = graphs.decode_graphs(model)
-                        kv = store.cache_for(len(indices) + filler, static_len)
+                        kv = store.cache_for((len(indices) + filler) * num_beams, static_len)
+                        if num_beams > 1:
+                            graphs.reorder_generated_only(kv, int(encoded["input_ids"].shape[1]))
                         with store.installed(kv):
                             output = model.generate(
                                 **encoded, generation_config=generation_config, past_key_values=kv,
@@ -315,7 +340,7 @@ def hf_generate_batched(
                 if len(indices) == 1:
                     raise ModelError(
                         f"out of memory generating a single prompt of {lengths[indices[0]]} tokens with "
-                        f"max_new_tokens={settings.max_new_tokens}, num_beams={generation_config.num_beams}"
+                        f"max_new_tokens={settings.max_new_tokens}, num_beams={num_beams}"
                     ) from None
                 half = len(indices) // 2
                 log.warning("batch of %d rows ran out of memory; retrying as %d + %d rows", len(indices), half,

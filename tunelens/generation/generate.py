@@ -45,7 +45,7 @@ from tunelens.settings.base import default_of
 # The backends and what they share live in their own modules; their names stay importable from here.
 from tunelens.generation.backend_hf import (  # noqa: F401
     CPU_AUTO_BATCH, HF_NEUTRAL, KV_MEMORY_SHARE, MAX_AUTO_BATCH, _finish, auto_token_budget, hf_generate_batched,
-    STATIC_LEN_BUCKET, hf_generation_config, kv_bytes_per_token, plan_batches, row_bucket, uses_static_cache,
+    STATIC_LEN_BUCKET, hf_generation_config, static_len_bucket, kv_bytes_per_token, plan_batches, row_bucket, uses_static_cache,
 )
 from tunelens.generation.backend_vllm import (  # noqa: F401
     VLLM_NEUTRAL, VllmEngine, _lora_request, _require_vllm, _vllm_beam_search, build_vllm_engine, resolve_backend,
@@ -113,7 +113,7 @@ def run_completions(
         started = time.perf_counter()
         settings = with_static_cache(settings, static_cache, model)
         completions = hf_generate_batched(model, tokenizer, prompts, decoding_config, settings, batches)
-        kv_cache = "static" if uses_static_cache(decoding_config, settings) else "dynamic"
+        kv_cache = "static" if uses_static_cache(decoding_config, settings, model) else "dynamic"
         merged = bool(getattr(model, "tunelens_adapter_merged", False))
     elif backend == "vllm":
         options = dict(vllm_options or {})
@@ -192,7 +192,8 @@ def with_static_cache(settings: GenerationSettings, setting: bool | str, model) 
         setting, str(input_device(model)), settings.max_new_tokens, settings.compile_backend))
 
 
-def speed_semantics(kv_cache: str, adapter_merged: bool | None, compile_backend: str, device: str) -> str:
+def speed_semantics(kv_cache: str, adapter_merged: bool | None, compile_backend: str, device: str,
+                    num_beams: int = 1) -> str:
     """What the sidecar's semantics add about the cache and the adapter (empty for today's dynamic, unmerged
     path, so those sidecars keep their bytes)."""
     parts = []
@@ -206,8 +207,12 @@ def speed_semantics(kv_cache: str, adapter_merged: bool | None, compile_backend:
         else:
             compiled = "not compiled"
         parts.append(f" Static KV cache: rows padded to a bucket with copies of the batch's last prompt (dropped) "
-                     f"and the cache to a multiple of {STATIC_LEN_BUCKET} tokens; {compiled}. Greedy rows equal "
-                     f"the dynamic cache's; sampled rows depend on the bucket through the random stream.")
+                     f"and the cache to a multiple of {static_len_bucket(compile_backend)} tokens; {compiled}. "
+                     f"Greedy rows equal the dynamic cache's; sampled rows depend on the bucket through the random "
+                     f"stream.")
+        if num_beams > 1:
+            parts.append(" Beam search on the static cache: each step reorders the beams' keys and values in place "
+                         "over the generated positions only (a row's beams share its prompt's).")
     if adapter_merged:
         parts.append(" Fine-tuned weights: the LoRA adapter merged into a copy of the base weights "
                      "(W + scale * B @ A, in the model's dtype), not applied per layer by PEFT.")
@@ -305,7 +310,8 @@ def generation_output(
         vllm_options=vllm_options, engine=engine, hf_model=hf_model, static_cache=static_cache,
         merge_adapter=merge_adapter,
     )
-    semantics += speed_semantics(timing["kv_cache"], timing["adapter_merged"], compile_backend, timing["device"])
+    semantics += speed_semantics(timing["kv_cache"], timing["adapter_merged"], compile_backend, timing["device"],
+                                 decoding_config.num_beams)
     if timing["sharded_over"]:
         semantics += (f" Model sharded by decoder blocks over {len(timing['sharded_over'])} GPUs "
                       f"({', '.join(timing['sharded_over'])}); dynamic KV cache (the static cache is off when sharded).")

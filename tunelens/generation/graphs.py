@@ -76,6 +76,7 @@ class DecodeGraphs:
                                              max_cache_len=cache_len)
         self.cache = self.caches[shape]
         self.cache.reset()
+        self.cache.__dict__.pop("reorder_cache", None)  # a beam batch's in-place reorder (reorder_generated_only)
         return self.cache
 
     def _room_for(self, tokens: int) -> bool:
@@ -206,6 +207,34 @@ class DecodeGraphs:
         log.info("captured a decoding step: %d rows x cache %d, %d blocks, %.2f s", tensors["input_ids"].shape[0],
                  cache.layers[0].max_cache_len, len(decoder_layers(self.model)), time.perf_counter() - started)
         return entry
+
+
+def reorder_generated_only(cache, prompt_len: int) -> None:
+    """Give `cache` (a StaticCache just zeroed for one beam-search batch whose left-padded prompts are
+    `prompt_len` tokens) a beam reorder that works in place over the generated positions only.
+
+    transformers' reorder (`index_select` over the whole cache) replaces each layer's tensors, which a captured
+    graph would no longer see, and copies every position. But beam search only moves a row's beams among
+    themselves (its indices stay within the row's `num_beams` sequences), and all beams of a row were prefilled
+    from the same prompt: their keys and values at the prompt's positions are the same, so only positions
+    [prompt_len, prompt_len + steps) need the gather. transformers calls the reorder once after every forward,
+    the prefill included; after the k-th call's forward the cache holds prompt_len + k positions."""
+    steps = [0]
+
+    def reorder(beam_idx) -> None:
+        done = steps[0]
+        steps[0] += 1
+        if done == 0:  # right after the prefill: nothing generated yet
+            return
+        span = slice(prompt_len, prompt_len + done)
+        for layer in cache.layers:
+            if not getattr(layer, "is_initialized", False):
+                continue
+            index = beam_idx.to(layer.keys.device)
+            layer.keys[:, :, span] = layer.keys[:, :, span].index_select(0, index)
+            layer.values[:, :, span] = layer.values[:, :, span].index_select(0, index)
+
+    cache.reorder_cache = reorder
 
 
 def not_capturable(cache) -> str | None:

@@ -155,7 +155,7 @@ def early_exit_output(
         raise ConfigError(f"model '{model_name}': early-exit layer {layer} is not one of its probe layers {layers}")
     depth = num_decoder_layers(model)
     settings = with_static_cache(settings, static_cache, model)  # as the generate jobs resolve it
-    kv_cache = "static" if uses_static_cache(decoding_config, settings) else "dynamic"
+    kv_cache = "static" if uses_static_cache(decoding_config, settings, model) else "dynamic"
     rows = load_prompt_rows(
         test_path, prompt_format, tokenizer, max_prompt_tokens=max_prompt_tokens, max_rows=max_test_rows
     )
@@ -176,7 +176,8 @@ def early_exit_output(
                      f"and LM head (blocks {layer + 1}..{depth} not run)."
                      + (" Fine-tuned weights: the LoRA adapter merged into a copy of the base weights, not applied "
                         "per layer by PEFT." if getattr(model, "tunelens_adapter_merged", False) else "")
-                     + speed_semantics(kv_cache, None, compile_backend, str(input_device(model))),
+                     + speed_semantics(kv_cache, None, compile_backend, str(input_device(model)),
+                                       decoding_config.num_beams),
         "kv_cache": kv_cache,
         "layer": layer,
         "early_exit": {"layer": layer, "num_layers": depth, "fraction": round(layer / depth, 4)},
