@@ -210,6 +210,11 @@ announce_job_runner(remote=workflow.remote_exec, argv=sys.argv)
 # and its fine-tune go before the base variant's jobs that are ready as soon as the model is: the
 # fine-tunes then start at once, side by side, instead of after the base jobs (BENCHMARKS.md, issue 13).
 CRITICAL_PATH_PRIORITY = 10
+# Within a variant, its generate jobs go before its early-exit, lens and perplexity jobs: their outputs feed the
+# CPU-only score jobs, which then run beside the GPU's remaining probe work instead of after it. It also fixes
+# which job starts the variant's generation server (pays the model load): a generate job, in every run, so that
+# per-stage GPU-seconds compare from run to run (bench/bench_gpu_study.py; BENCHMARKS.md issue 21).
+GENERATE_PRIORITY = 1
 
 
 # Score jobs are short and spend most of their time starting up; one thread each lets two run side by

@@ -28,6 +28,7 @@ rule generate:
     conda:
         generation_conda_env
     threads: model_threads
+    priority: GENERATE_PRIORITY
     resources:
         **MODEL_JOB,
         **SERVER_SLOTS,

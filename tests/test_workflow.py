@@ -125,3 +125,6 @@ def test_the_critical_path_goes_first(tmp_path):
     top = min(min(priorities[rule]) for rule in critical)
     assert top > 0
     assert all(max(levels) < top for rule, levels in priorities.items() if rule not in critical), priorities
+    # within a variant, generate goes before the probe and perplexity jobs (GENERATE_PRIORITY)
+    assert all(min(priorities["generate"]) > max(priorities[rule]) for rule in ("early_exit", "logit_lens",
+                                                                                   "perplexity")), priorities
