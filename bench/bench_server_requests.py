@@ -17,6 +17,9 @@ hf_generate_batched with its own GenerationConfig, stop string on) in one proces
                  (what the in-place reorder relies on)
   part logits    the raw logits of the first decoding steps, graphs vs transformers' eager static cache, on the
                  same batch: bitwise equal or by how much not; and graphs run to run
+  part repro     run to run: the logits of the first decoding steps from the capturing call, two replaying calls
+                 and a call after a release (a fresh capture), against the eager static cache; and the 36-row
+                 sampling request's tokens from two calls on the same graphs, and after a release
   part mergeload the merged copy loaded beside the base, its load in parts, then 3 identical requests on it
   part merged    the fine-tuned variant (LoRA r=16 on all linear layers, random non-zero B): PEFT's per-layer
                  adapter vs merged into the bf16 weights, dynamic and static cache; greedy agreement
@@ -187,6 +190,10 @@ def main() -> None:
         results["logits"] = part_logits(args, model, tokenizer, greedy, base_settings)
         save()
 
+    if "repro" in parts:
+        results["repro"] = part_repro(args, model, tokenizer, request, greedy, base_settings)
+        save()
+
     if "profile" in parts:
         results["profile"] = part_profile(args, request, base_settings, steps)
         save()
@@ -297,6 +304,72 @@ def hf_generate_batched_logged(model, tokenizer, request, config, settings, log)
     from tunelens.generation.generate import hf_generate_batched
 
     return hf_generate_batched(model, tokenizer, request.prompts, config, settings, log)
+
+
+def step_logits(model, tokenizer, prompts, greedy, base_settings, backend: str, steps: int) -> list:
+    """The raw logits of the first `steps` decoding steps of one greedy generate call on the static cache."""
+    import torch
+
+    from tunelens.generation import graphs
+    from tunelens.generation.backend_hf import hf_generation_config, static_cache_len
+
+    tokenizer.padding_side = "left"
+    encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+    cache_len = static_cache_len(encoded["input_ids"].shape[1], steps)
+    settings = replace(base_settings, static_cache=True, compile_backend=backend, max_new_tokens=steps, stop=())
+    config = hf_generation_config(model, tokenizer, greedy, settings)
+    config.output_logits, config.return_dict_in_generate = True, True
+    with torch.inference_mode():
+        if backend == "graphs":
+            store = graphs.decode_graphs(model)
+            kv = store.cache_for(len(prompts), cache_len)
+            with store.installed(kv):
+                out = model.generate(**encoded, generation_config=config, past_key_values=kv)
+        else:
+            config.max_cache_len = cache_len
+            out = model.generate(**encoded, generation_config=config)
+    return [step.float().cpu() for step in out.logits]
+
+
+def part_repro(args, model, tokenizer, request, greedy, base_settings, rows: int = 8, steps: int = 6) -> dict:
+    """Run to run on the graphs path: is the call that captures the graph the same as later calls replaying it?"""
+    import torch
+
+    from tunelens.generation import graphs
+    from tunelens.generation.decoding import DecodingConfig
+
+    prompts = prompts_from(args.data, rows, tokenizer)
+    graphs.release(model)
+    eager = step_logits(model, tokenizer, prompts, greedy, base_settings, "eager", steps)
+    runs = {}
+    for name in ("capture", "replay1", "replay2"):
+        runs[name] = step_logits(model, tokenizer, prompts, greedy, base_settings, "graphs", steps)
+    graphs.release(model)
+    runs["recapture"] = step_logits(model, tokenizer, prompts, greedy, base_settings, "graphs", steps)
+    runs["eager2"] = step_logits(model, tokenizer, prompts, greedy, base_settings, "eager", steps)
+
+    def compare(a, b):
+        return [{"equal": bool(torch.equal(x, y)), "max_abs_diff": float((x - y).abs().max())} for x, y in zip(a, b)]
+
+    out = {"rows": rows, "steps": steps,
+           "vs_eager": {name: compare(eager, logits) for name, logits in runs.items()},
+           "replay1_vs_capture": compare(runs["capture"], runs["replay1"]),
+           "replay2_vs_replay1": compare(runs["replay1"], runs["replay2"]),
+           "recapture_vs_capture": compare(runs["capture"], runs["recapture"])}
+    print("repro:", json.dumps(out), flush=True)
+    sampled = DecodingConfig(temperature=0.8, top_k=50)
+    settings = replace(base_settings, static_cache=True, compile_backend="graphs")
+    tokens = []
+    graphs.release(model)
+    for _ in range(2):
+        tokens.append([c.token_ids for c in request(config=sampled, settings=settings)])
+    graphs.release(model)
+    tokens.append([c.token_ids for c in request(config=sampled, settings=settings)])
+    out["sampling_36_rows"] = {"second_call_equal_first": tokens[1] == tokens[0],
+                               "after_release_equal_first": tokens[2] == tokens[0],
+                               "rows_equal_second_vs_first": sum(a == b for a, b in zip(tokens[0], tokens[1]))}
+    print("repro:", json.dumps(out["sampling_36_rows"]), flush=True)
+    return out
 
 
 def part_logits(args, model, tokenizer, greedy, base_settings, rows: int = 8, steps: int = 4) -> dict:
