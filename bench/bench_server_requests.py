@@ -319,7 +319,9 @@ def step_logits(model, tokenizer, prompts, greedy, base_settings, backend: str, 
     settings = replace(base_settings, static_cache=True, compile_backend=backend, max_new_tokens=steps, stop=())
     config = hf_generation_config(model, tokenizer, greedy, settings)
     config.output_logits, config.return_dict_in_generate = True, True
-    with torch.inference_mode():
+    from tunelens.generation.backend_hf import reproducible_attention
+
+    with torch.inference_mode(), reproducible_attention(model.device):  # as hf_generate_batched
         if backend == "graphs":
             store = graphs.decode_graphs(model)
             kv = store.cache_for(len(prompts), cache_len)

@@ -393,3 +393,47 @@ def test_early_exit_runs_the_static_cache_when_asked_and_says_so(tiny):
     assert dynamic_meta["kv_cache"] == "dynamic" and "Static KV cache" not in dynamic_meta["semantics"]
     assert static_meta["kv_cache"] == "static" and "Static KV cache" in static_meta["semantics"]
     assert [r["generated"] for r in static_rows] == [r["generated"] for r in dynamic_rows]
+
+
+def test_generation_on_cuda_leaves_out_cudnn_attention(tiny_loaded, monkeypatch):
+    """cuDNN's fused attention is not reproducible run to run on the H200 (BENCHMARKS.md, issue 21): generation on
+    CUDA runs inside a context that disables it and leaves the other SDPA kernels on; on CPU nothing changes. The
+    sidecar says so on CUDA only."""
+    import contextlib
+
+    import torch
+
+    from tunelens.generation import backend_hf
+    from tunelens.generation.generate import speed_semantics
+
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    with backend_hf.reproducible_attention(torch.device("cuda")):
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.mem_efficient_sdp_enabled() and torch.backends.cuda.flash_sdp_enabled()
+    assert torch.backends.cuda.cudnn_sdp_enabled() == before
+    with backend_hf.reproducible_attention(torch.device("cpu")):
+        assert torch.backends.cuda.cudnn_sdp_enabled() == before
+    # every generate call runs inside it, with the model's input device
+    model, tokenizer = tiny_loaded
+    entered, generate = [], model.generate
+    inside = []
+
+    @contextlib.contextmanager
+    def recording(device):
+        entered.append(str(device))
+        inside.append(True)
+        try:
+            yield
+        finally:
+            inside.pop()
+
+    def checked(*args, **kwargs):
+        assert inside, "generate ran outside reproducible_attention"
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(backend_hf, "reproducible_attention", recording)
+    monkeypatch.setattr(model, "generate", checked)
+    _tokens(model, tokenizer, GREEDY)
+    assert entered == ["cpu", "cpu"]  # 5 rows in batches of 3 and 2
+    assert "cuDNN" in speed_semantics("dynamic", False, "graphs", "cuda:0")
+    assert speed_semantics("dynamic", False, "graphs", "cpu") == ""

@@ -135,6 +135,24 @@ def _allow_recompiles() -> None:
         config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 512)
 
 
+def reproducible_attention(device):
+    """The attention kernels generation may use on `device`: on CUDA every PyTorch SDPA backend but cuDNN's.
+
+    On the H200 (torch 2.11, cu130) SDPA picks cuDNN's fused attention for the decoding step with the padding mask,
+    and that kernel's output differs from call to call on the same inputs: the same greedy request's logits
+    differed from the second decoding step on, and a 36-row sampled request kept only 13-18 rows equal run to run,
+    with or without CUDA graphs and with torch.use_deterministic_algorithms. Memory-efficient attention
+    reproduced 36 of 36 rows and all logits bit for bit, at 1.16 s against 1.01 s for that request
+    (BENCHMARKS.md, issue 21). A no-op elsewhere."""
+    import contextlib
+
+    if getattr(device, "type", str(device)) != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
 # (id(tokenizer), stop strings) -> (tokenizer, its StopStringCriteria), most recently used last.
 _STOP_CRITERIA: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
 
@@ -315,7 +333,7 @@ def hf_generate_batched(
             ).to(device)
             torch.manual_seed(settings.seed + batch_index)
             try:
-                with torch.inference_mode():
+                with torch.inference_mode(), reproducible_attention(device):
                     if graphed:
                         store = graphs.decode_graphs(model)
                         kv = store.cache_for((len(indices) + filler) * num_beams, static_len)

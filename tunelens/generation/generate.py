@@ -194,8 +194,8 @@ def with_static_cache(settings: GenerationSettings, setting: bool | str, model) 
 
 def speed_semantics(kv_cache: str, adapter_merged: bool | None, compile_backend: str, device: str,
                     num_beams: int = 1) -> str:
-    """What the sidecar's semantics add about the cache and the adapter (empty for today's dynamic, unmerged
-    path, so those sidecars keep their bytes)."""
+    """What the sidecar's semantics add about the cache, the attention kernels and the adapter (empty on CPU for
+    the dynamic, unmerged path, so those sidecars keep their bytes)."""
     parts = []
     if kv_cache == "static":
         on_cuda = str(device).startswith("cuda")
@@ -213,6 +213,8 @@ def speed_semantics(kv_cache: str, adapter_merged: bool | None, compile_backend:
         if num_beams > 1:
             parts.append(" Beam search on the static cache: each step reorders the beams' keys and values in place "
                          "over the generated positions only (a row's beams share its prompt's).")
+    if str(device).startswith("cuda"):
+        parts.append(" Attention: PyTorch SDPA without cuDNN's kernel, which is not reproducible run to run.")
     if adapter_merged:
         parts.append(" Fine-tuned weights: the LoRA adapter merged into a copy of the base weights "
                      "(W + scale * B @ A, in the model's dtype), not applied per layer by PEFT.")
