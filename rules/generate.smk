@@ -25,10 +25,10 @@ rule generate:
         "logs/generate/{model}/{variant}/{decoding}.log",
     benchmark:
         "benchmarks/generate/{model}/{variant}/{decoding}.tsv"
+    priority: GENERATE_PRIORITY
     conda:
         generation_conda_env
     threads: model_threads
-    priority: GENERATE_PRIORITY
     resources:
         **MODEL_JOB,
         **SERVER_SLOTS,

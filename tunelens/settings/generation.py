@@ -68,8 +68,9 @@ class GenerationSection(Section):
         schema={"type": "boolean"})
     static_cache: bool | str = setting("auto",
         "hf backend, sampling and greedy configs (and early exit): decode with a static KV cache, batches padded to "
-        "row and length buckets so that the decoding step is captured (or compiled) once per model and bucket "
-        "(beam search keeps the dynamic cache). auto = on CUDA; with a compiling backend (inductor, cudagraphs) "
+        "row and length buckets so that the decoding step is captured (or compiled) once per model and bucket. "
+        "With compile_backend graphs beam search runs on it too (its beams reordered in place over the generated "
+        "positions); the other backends keep the dynamic cache for beams. auto = on CUDA; with a compiling backend (inductor, cudagraphs) "
         "or eager only when max_new_tokens >= 128, since on an H200 the inductor compile took ~33 s per shape, "
         "which short answers never repay. Greedy rows equal the dynamic cache's in float32; in bf16 the padded "
         "batch changes the matmul shapes and so the rounding; sampled rows depend on the bucket through the "
