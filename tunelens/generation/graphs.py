@@ -7,8 +7,12 @@ buffers and a CUDA graph captured from the same forward replays it, so the step 
 ~1,500 kernel launches from Python (23 ms a step against 43 ms on the H200 bench, BENCHMARKS.md issue 21).
 Nothing is compiled: a capture takes one warm-up forward (0.06 s on a 7B shape). On CPU, where the same buffers
 run eagerly, outputs equal transformers' static cache (`cache_implementation="static"`, `disable_compile`) token
-for token (tests/test_generation_speed.py); whether the captured step is bit-for-bit the eager step on CUDA is
-what `bench/bench_server_requests.py --parts logits` checks (not yet run on a GPU).
+for token (tests/test_generation_speed.py). On an H200 the captured step's logits are bitwise the eager step's,
+and equal across the capturing call, later replays and a fresh capture, once cuDNN's attention kernel is left out
+(backend_hf.reproducible_attention; `bench/bench_server_requests.py --parts logits,repro`, BENCHMARKS.md issue 21).
+
+Beam search runs on the same caches: `reorder_generated_only` gives a beam batch's cache an in-place reorder of the
+generated positions only (transformers' replaces the cache's tensors, which a graph would not follow).
 
 One `DecodeGraphs` store per model object keeps a StaticCache per batch shape (row bucket x cache length; zeroed
 before every batch; at most MAX_SHAPES, and all are released when the GPU lacks room for a new one) and the graphs
