@@ -207,8 +207,19 @@ def part_dag(args) -> dict:
     wall = time.perf_counter() - started
     log_tail = (proc.stdout + proc.stderr)[-6000:]
     return {"command": " ".join(command), "returncode": proc.returncode, "wall_s": round(wall, 1),
-            "jobs": collect_jobs(REPO_ROOT), "log_tail": log_tail,
+            "jobs": collect_jobs(REPO_ROOT), "log_tail": log_tail, "server_log": server_log_lines(REPO_ROOT),
             "summary_exists": (REPO_ROOT / "results" / "summary.md").exists()}
+
+
+def server_log_lines(root: Path, limit: int = 60) -> list[str]:
+    """The generation servers' own log lines about loads, merges, swaps and graph captures (their log files live
+    under .tunelens/servers/, which the per-job figures do not see): where a server start's seconds went."""
+    lines = []
+    for path in sorted((root / ".tunelens" / "servers").glob("*/*.log")):
+        for line in path.read_text(errors="replace").splitlines():
+            if any(word in line for word in ("listening", "loaded ", "swapping", "captured", "not captur", "stopped")):
+                lines.append(f"{path.name}: {line[:240]}")
+    return lines[:limit]
 
 
 GPU_RULES = {"finetune", "generate", "perplexity", "logit_lens", "early_exit", "judge", "generation_agreement"}
