@@ -380,28 +380,10 @@ def part_logits(args, model, tokenizer, greedy, base_settings, rows: int = 8, st
     on the same left-padded batch. Equal bits mean the same kernels; a difference names the rounding gap."""
     import torch
 
-    from tunelens.generation import graphs
-    from tunelens.generation.backend_hf import hf_generation_config, static_cache_len
-
     prompts = prompts_from(args.data, rows, tokenizer)
-    tokenizer.padding_side = "left"
-    encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-    cache_len = static_cache_len(encoded["input_ids"].shape[1], steps)
 
     def logits(backend: str) -> list:
-        settings = replace(base_settings, static_cache=True, compile_backend=backend, max_new_tokens=steps, stop=())
-        config = hf_generation_config(model, tokenizer, greedy, settings)
-        config.output_logits, config.return_dict_in_generate = True, True
-        with torch.inference_mode():
-            if backend == "graphs":
-                store = graphs.decode_graphs(model)
-                kv = store.cache_for(rows, cache_len)
-                with store.installed(kv):
-                    out = model.generate(**encoded, generation_config=config, past_key_values=kv)
-            else:
-                config.max_cache_len = cache_len
-                out = model.generate(**encoded, generation_config=config)
-        return [step.float().cpu() for step in out.logits]
+        return step_logits(model, tokenizer, prompts, greedy, base_settings, backend, steps)
 
     eager, graphed = logits("eager"), logits("graphs")
     again = logits("graphs")
