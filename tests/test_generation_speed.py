@@ -155,6 +155,17 @@ def test_beam_search_on_the_static_cache_equals_the_dynamic_cache(tiny, tmp_path
         assert "Beam search on the static cache" in meta["semantics"]
         assert meta["batches"][0]["padded_rows"] == 4  # 3 rows: the beam bucket
         assert [r["generated"] for r in static] == [r["generated"] for r in dynamic]
+    # beam sampling (decoding.beam_mode beam_sample): batches of 4 and 1 rows need no filler rows, so the random
+    # stream is the dynamic cache's too
+    deterministic = [r["generated"] for r in static]  # 3 beams, beam_search
+    sample = DecodingConfig(num_beams=3, temperature=1.0, top_k=0).as_dict()
+    dynamic = _generate(tiny, tmp_path / "ds.jsonl", decoding_config=sample, beam_mode="beam_sample", batch_size=4,
+                        max_new_tokens=16)[1]
+    meta, static = _generate(tiny, tmp_path / "ss.jsonl", static_cache=True, decoding_config=sample,
+                             beam_mode="beam_sample", batch_size=4, max_new_tokens=16)
+    assert meta["kv_cache"] == "static" and [b["padded_rows"] for b in meta["batches"]] == [4, 1]
+    assert [r["generated"] for r in static] == [r["generated"] for r in dynamic]
+    assert [r["generated"] for r in static] != deterministic  # it did sample
     eager, _ = _generate(tiny, tmp_path / "e.jsonl", static_cache=True, compile_backend="eager",
                          decoding_config=DecodingConfig(num_beams=2, temperature=0.0).as_dict())
     assert eager["kv_cache"] == "dynamic" and "Static KV cache" not in eager["semantics"]
