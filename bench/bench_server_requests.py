@@ -103,8 +103,6 @@ def main() -> None:
     def request(m=None, config=sampling, settings=base_settings, prompts_limit=None):
         return hf_generate_batched(m if m is not None else model, tokenizer, prompts[:prompts_limit], config, settings)
 
-    request.prompts = prompts
-
     def save():
         if args.out:
             args.out.write_text(json.dumps(results, indent=1))
@@ -183,7 +181,7 @@ def main() -> None:
         save()
 
     if "beams" in parts:
-        results["beams"] = part_beams(args, model, tokenizer, request, base_settings, steps)
+        results["beams"] = part_beams(args, model, tokenizer, prompts, request, base_settings, steps)
         save()
 
     if "logits" in parts:
@@ -247,13 +245,14 @@ def part_graphs(args, model, tokenizer, request, greedy, base_settings, steps) -
     return out
 
 
-def part_beams(args, model, tokenizer, request, base_settings, steps, widths=(2, 5, 10)) -> dict:
+def part_beams(args, model, tokenizer, prompts, request, base_settings, steps, widths=(2, 5, 10)) -> dict:
     """Beam search: graphs (static cache, in-place reorder of the generated positions) vs the dynamic cache."""
     import torch
 
     from tunelens.generation import graphs
     from tunelens.generation.agreement import token_agreement
     from tunelens.generation.decoding import DecodingConfig
+    from tunelens.generation.generate import hf_generate_batched
 
     cases = {"dynamic": base_settings, "graphs": replace(base_settings, static_cache=True, compile_backend="graphs")}
     out: dict = {}
@@ -263,8 +262,7 @@ def part_beams(args, model, tokenizer, request, base_settings, steps, widths=(2,
         tokens = {}
         for name, settings in cases.items():
             log: list = []
-            seconds, result = timed(lambda: hf_generate_batched_logged(model, tokenizer, request, config, settings,
-                                                                         log))
+            seconds, result = timed(lambda: hf_generate_batched(model, tokenizer, prompts, config, settings, log))
             entry["first_s"][name], entry["batches"][name] = round(seconds, 2), log
             tokens[name] = [c.token_ids for c in result]
         times: dict = {name: [] for name in cases}
@@ -278,10 +276,9 @@ def part_beams(args, model, tokenizer, request, base_settings, steps, widths=(2,
         out[f"beams_{width}"] = entry
         print(f"beams {width}:", json.dumps(entry), flush=True)
     # What the in-place reorder relies on: after the prefill, a row's beams hold the same prompt keys and values.
-    width, rows = 5, 8
-    prompts = prompts_from(args.data, rows, tokenizer)
+    width, rows = 5, min(8, len(prompts))
     tokenizer.padding_side = "left"
-    encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+    encoded = tokenizer(prompts[:rows], return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
     prompt_len = encoded["input_ids"].shape[1]
     settings = replace(cases["graphs"], max_new_tokens=1, stop=())
     from tunelens.generation.backend_hf import hf_generation_config
@@ -298,12 +295,6 @@ def part_beams(args, model, tokenizer, request, base_settings, steps, widths=(2,
     graphs.release(model)
     print("beams:", json.dumps({"prompt_kv_bitwise_equal_across_beams": same}), flush=True)
     return out
-
-
-def hf_generate_batched_logged(model, tokenizer, request, config, settings, log):
-    from tunelens.generation.generate import hf_generate_batched
-
-    return hf_generate_batched(model, tokenizer, request.prompts, config, settings, log)
 
 
 def step_logits(model, tokenizer, prompts, greedy, base_settings, backend: str, steps: int) -> list:

@@ -448,3 +448,4 @@ def test_generation_on_cuda_leaves_out_cudnn_attention(tiny_loaded, monkeypatch)
     assert entered == ["cpu", "cpu"]  # 5 rows in batches of 3 and 2
     assert "cuDNN" in speed_semantics("dynamic", False, "graphs", "cuda:0")
     assert speed_semantics("dynamic", False, "graphs", "cpu") == ""
+    assert "cuDNN" not in speed_semantics("paged (vLLM)", False, "graphs", "cuda")  # vLLM picks its own kernels

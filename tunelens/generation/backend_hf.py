@@ -307,8 +307,9 @@ def hf_generate_batched(
     budget = auto_token_budget(model) if settings.batch_size == "auto" else None
     static_len = None
     num_beams = generation_config.num_beams
-    graphed = uses_static_cache(decoding_config, settings, model) and graphed_decoding(model, settings)
-    if uses_static_cache(decoding_config, settings, model):
+    static = uses_static_cache(decoding_config, settings, model)
+    graphed = static and graphed_decoding(model, settings)
+    if static:
         static_len = static_cache_len(max(lengths), settings.max_new_tokens,
                                       static_len_bucket(settings.compile_backend))
     if generation_config.cache_implementation == "static":  # transformers' own static cache (not graphed)

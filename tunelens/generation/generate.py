@@ -45,7 +45,8 @@ from tunelens.settings.base import default_of
 # The backends and what they share live in their own modules; their names stay importable from here.
 from tunelens.generation.backend_hf import (  # noqa: F401
     CPU_AUTO_BATCH, HF_NEUTRAL, KV_MEMORY_SHARE, MAX_AUTO_BATCH, _finish, auto_token_budget, hf_generate_batched,
-    STATIC_LEN_BUCKET, hf_generation_config, static_len_bucket, kv_bytes_per_token, plan_batches, row_bucket, uses_static_cache,
+    STATIC_LEN_BUCKET, hf_generation_config, kv_bytes_per_token, plan_batches, row_bucket, static_len_bucket,
+    uses_static_cache,
 )
 from tunelens.generation.backend_vllm import (  # noqa: F401
     VLLM_NEUTRAL, VllmEngine, _lora_request, _require_vllm, _vllm_beam_search, build_vllm_engine, resolve_backend,
@@ -213,7 +214,7 @@ def speed_semantics(kv_cache: str, adapter_merged: bool | None, compile_backend:
         if num_beams > 1:
             parts.append(" Beam search on the static cache: each step reorders the beams' keys and values in place "
                          "over the generated positions only (a row's beams share its prompt's).")
-    if str(device).startswith("cuda"):
+    if str(device).startswith("cuda") and kv_cache in ("static", "dynamic"):  # the hf backend (vLLM: its own kernels)
         parts.append(" Attention: PyTorch SDPA without cuDNN's kernel, which is not reproducible run to run.")
     if adapter_merged:
         parts.append(" Fine-tuned weights: the LoRA adapter merged into a copy of the base weights "

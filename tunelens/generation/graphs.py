@@ -4,7 +4,7 @@ transformers' `generate` stays in charge of everything but the decoder's forward
 processors and warpers, the random stream, stop strings and EOS. Only the one-token decoding forward is replaced:
 its inputs (input ids, the 4D mask transformers builds for a static cache, positions) are copied into fixed
 buffers and a CUDA graph captured from the same forward replays it, so the step costs its GPU time instead of
-~1,500 kernel launches from Python (23 ms a step against 43 ms on the H200 bench, BENCHMARKS.md issue 21).
+~1,500 kernel launches from Python (15.7 ms a step against 40 ms on the H200 bench, BENCHMARKS.md issue 21).
 Nothing is compiled: a capture takes one warm-up forward (0.06 s on a 7B shape). On CPU, where the same buffers
 run eagerly, outputs equal transformers' static cache (`cache_implementation="static"`, `disable_compile`) token
 for token (tests/test_generation_speed.py). On an H200 the captured step's logits are bitwise the eager step's,
