@@ -217,7 +217,7 @@ def server_log_lines(root: Path, limit: int = 60) -> list[str]:
     lines = []
     for path in sorted((root / ".tunelens" / "servers").glob("*/*.log")):
         for line in path.read_text(errors="replace").splitlines():
-            if any(word in line for word in ("listening", "loaded ", "swapping", "captured", "not captur", "stopped")):
+            if any(word in line for word in ("listening", "loaded ", "swapping", "captured", "not captur", "stopped", "out of memory")):
                 lines.append(f"{path.name}: {line[:240]}")
     return lines[:limit]
 

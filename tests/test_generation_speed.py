@@ -252,6 +252,53 @@ def test_server_keeps_the_merged_variant_and_serves_identical_rows(tiny, tmp_pat
         (tmp_path / "a.jsonl").read_bytes()
 
 
+def test_merged_copy_from_the_loaded_base_equals_a_merged_load_and_leaves_the_base(tiny, tmp_path, caplog):
+    """A server that holds the base model makes the merged variant from a copy of those weights (no second read
+    from disk): the copy's weights are bitwise those of load_model(..., merge_adapter=True), its rows are the
+    in-process merged rows, the base model is untouched (its weights, its next rows), and what the server keeps
+    on the base model object (its decoding graphs) is not copied."""
+    import logging
+
+    import torch
+
+    from tunelens.generation import graphs
+    from tunelens.models import load_model
+
+    model_dir, adapter_dir, test_file = tiny
+    common = dict(test_file=str(test_file), model_name="tiny", model_path=str(model_dir),
+                  decoding_config=GREEDY.as_dict(), max_new_tokens=8, seed=7, backend="hf", device="cpu", batch_size=3)
+    base_job = dict(common, variant="base")
+    merged_job = dict(common, variant="finetuned", adapter_dir=str(adapter_dir), merge_adapter=True)
+    server = server_state._Server("test", 60.0)
+    try:
+        base_meta, base_rows = server.generate(base_job)
+        base_model = server.hf_models[(None, False)][0]
+        before = {name: tensor.clone() for name, tensor in base_model.state_dict().items()}
+        sentinel = object()
+        base_model.__dict__[graphs.STORE_ATTRIBUTE] = sentinel
+        with caplog.at_level(logging.INFO, logger="tunelens.models"):
+            merged_meta, merged_rows = server.generate(merged_job)
+        assert "into a copy of the loaded weights" in caplog.text
+        assert merged_meta["execution"]["loaded"] is True and merged_meta["adapter_merged"] is True
+        copy = server.hf_models[(str(adapter_dir), True)][0]
+        assert copy is not base_model and graphs.STORE_ATTRIBUTE not in copy.__dict__
+        assert base_model.__dict__[graphs.STORE_ATTRIBUTE] is sentinel
+        del base_model.__dict__[graphs.STORE_ATTRIBUTE]
+        reference, _ = load_model(model_dir, adapter_dir=adapter_dir, device="cpu", merge_adapter=True)
+        expected = reference.state_dict()
+        assert copy.state_dict().keys() == expected.keys()
+        assert all(torch.equal(tensor, expected[name]) for name, tensor in copy.state_dict().items())
+        assert any(not torch.equal(expected[name], before[name]) for name in before)  # the adapter did change some
+        assert all(torch.equal(tensor, before[name]) for name, tensor in base_model.state_dict().items())
+        again_meta, again_rows = server.generate(base_job)
+        assert again_rows == base_rows and again_meta["execution"]["loaded"] is False
+    finally:
+        server.close()
+    _, alone_rows = _generate(tiny, tmp_path / "alone.jsonl", variant="finetuned", merge_adapter=True,
+                              max_new_tokens=8)
+    assert json.loads(json.dumps(merged_rows)) == alone_rows
+
+
 # --------------------------------------------------------------------------------------------- graphed decoding
 PROMPTS = [row["instruction"] for row in ROWS]
 

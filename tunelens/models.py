@@ -176,6 +176,7 @@ def load_model(
     caps of SHARD_WEIGHT_SHARE of each GPU's memory, never offloaded to CPU or disk); inputs then go to
     `input_device(model)`, and the outputs come back there.
     """
+    entered = time.perf_counter()
     from transformers import AutoModelForCausalLM
 
     device = pick_device(device)
@@ -205,8 +206,9 @@ def load_model(
             bnb_4bit_compute_dtype=torch_dtype,
         )
         kwargs.setdefault("device_map", {"": 0})
+    marks = [("start", entered), ("imports and checks", time.perf_counter())]
     tokenizer = load_tokenizer(path_or_id, revision)
-    marks = [("start", time.perf_counter())]
+    marks.append(("tokenizer", time.perf_counter()))
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path_or_id), **kwargs)
     except OSError as exc:
@@ -238,6 +240,43 @@ def load_model(
     log.info("loaded %s%s: %s", path_or_id, f" + {adapter_dir}" if adapter_dir is not None else "",
              ", ".join(f"{name} {end - begin:.2f} s" for (_, begin), (name, end) in zip(marks, marks[1:])))
     return model, tokenizer
+
+
+def merged_copy(model, adapter_dir: str | Path, drop_attributes: tuple[str, ...] = ()):
+    """A second model object with `model`'s weights copied where they are (one device: no sharded model) and the
+    PEFT adapter in `adapter_dir` merged into the copy, as load_model(..., merge_adapter=True) would give it, with
+    no second read of the weights from disk; `model` is left as it was. `drop_attributes`: entries of the model
+    object's __dict__ that must not be copied (the decoding graphs and caches a server keeps on it)."""
+    import copy
+
+    from peft import PeftModel
+
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").exists():
+        raise ModelError(f"adapter directory '{adapter_dir}' has no adapter_config.json")
+    if len(model_devices(model)) != 1:
+        raise ModelError("merged_copy copies a model on one device, not one sharded over several")
+    marks = [("start", time.perf_counter())]
+    kept = {name: model.__dict__.pop(name) for name in drop_attributes if name in model.__dict__}
+    try:
+        clone = copy.deepcopy(model)
+    finally:
+        model.__dict__.update(kept)
+    marks.append(("copy", time.perf_counter()))
+    clone = PeftModel.from_pretrained(clone, str(adapter_dir))
+    marks.append(("adapter", time.perf_counter()))
+    clone = clone.merge_and_unload()
+    clone.tunelens_adapter_merged = True
+    clone.eval()
+    marks.append(("merge", time.perf_counter()))
+    if next(clone.parameters()).is_cuda:
+        import torch
+
+        torch.cuda.synchronize()
+        marks.append(("synchronize", time.perf_counter()))
+    log.info("merged %s into a copy of the loaded weights: %s", adapter_dir,
+             ", ".join(f"{name} {end - begin:.2f} s" for (_, begin), (name, end) in zip(marks, marks[1:])))
+    return clone
 
 
 # Share of each GPU's memory a sharded model's weights may take; the rest holds the KV cache, activations, logits.

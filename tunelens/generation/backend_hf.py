@@ -198,6 +198,20 @@ def kv_bytes_per_token(model) -> int:
     return 2 * config.num_hidden_layers * kv_heads * head_dim * element
 
 
+def gpu_memory_state(device) -> str:
+    """One line on `device`'s memory for an out-of-memory warning: free/total as the driver sees it (other processes
+    included), what this process's allocator holds and uses, and the decoding caches the models here keep."""
+    import torch
+
+    if getattr(device, "type", str(device)) != "cuda":
+        return "not a GPU"
+    gib = 2**30
+    free, total = torch.cuda.mem_get_info(device)
+    return (f"GPU free {free / gib:.1f} of {total / gib:.1f} GiB; this process: allocated "
+            f"{torch.cuda.memory_allocated(device) / gib:.1f} GiB, reserved {torch.cuda.memory_reserved(device) / gib:.1f}, "
+            f"decoding caches kept {graphs.held_bytes_all() / gib:.1f}")
+
+
 def auto_token_budget(model) -> tuple[int, int] | None:
     """(tokens of KV cache one batch may hold, bytes per row for logits) on this device; None on CPU.
 
@@ -362,8 +376,8 @@ def hf_generate_batched(
                         f"max_new_tokens={settings.max_new_tokens}, num_beams={num_beams}"
                     ) from None
                 half = len(indices) // 2
-                log.warning("batch of %d rows ran out of memory; retrying as %d + %d rows", len(indices), half,
-                            len(indices) - half)
+                log.warning("batch of %d rows ran out of memory (%s); retrying as %d + %d rows", len(indices),
+                            gpu_memory_state(device), half, len(indices) - half)
                 if batch_log is not None:
                     batch_log.append({"out_of_memory": len(indices)})
                 pending[:0] = [indices[:half], indices[half:]]

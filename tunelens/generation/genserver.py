@@ -218,7 +218,8 @@ def serve(folder: Path, key: str, socket_path: str, idle_timeout_s: float, watch
     tmp.write_text(json.dumps({"pid": os.getpid(), "key": key, "socket": socket_path, "python": sys.executable,
                                "started": time.time(), "gpu": on_gpu}))
     os.replace(tmp, info_file)
-    log.info("generation server %s listening on %s (idle timeout %.0f s)", key, socket_path, idle_timeout_s)
+    log.info("generation server %s listening on %s (idle timeout %.0f s), %.1f s after its process started", key,
+             socket_path, idle_timeout_s, _process_age_s())
     signal.signal(signal.SIGTERM, lambda *_: setattr(state, "stopping", True))
     threads: list[threading.Thread] = []
     try:
@@ -250,6 +251,16 @@ def serve(folder: Path, key: str, socket_path: str, idle_timeout_s: float, watch
             info_file.unlink(missing_ok=True)
         state.close()
         log.info("generation server %s stopped after %d requests", key, state.requests)
+
+
+def _process_age_s() -> float:
+    """Seconds since this process started (from /proc; 0.0 where there is none)."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(uptime - ticks / os.sysconf("SC_CLK_TCK"), 0.0)
+    except (OSError, ValueError, IndexError):
+        return 0.0
 
 
 def once(request_file: str, answer_file: str) -> int:

@@ -33,6 +33,7 @@ from typing import Any, Iterator
 log = logging.getLogger(__name__)
 
 _STORE_ATTRIBUTE = "_tunelens_decode_graphs"
+STORE_ATTRIBUTE = _STORE_ATTRIBUTE  # the model attribute holding its store (not copied by tunelens.models.merged_copy)
 
 
 class _Captured:
@@ -288,6 +289,11 @@ def held_bytes(model) -> int:
     """GPU bytes of the decoding cache `model` keeps between batches (0 when it keeps none)."""
     store = model.__dict__.get(_STORE_ATTRIBUTE)
     return store.held_bytes() if store is not None else 0
+
+
+def held_bytes_all() -> int:
+    """GPU bytes of the decoding caches every model of this process keeps."""
+    return sum(store.held_bytes() for store in list(_STORES))
 
 
 def release(model: Any) -> None:

@@ -36,6 +36,16 @@ def _gpu_room_for(model_path) -> bool:
     return need is None or free > 1.1 * need
 
 
+def _gpu_room_for_two(model_path) -> bool:
+    """Whether the GPU, holding nothing of this server's yet, has room for two bf16 copies of the weights."""
+    import torch
+
+    free, _ = torch.cuda.mem_get_info()
+    free += torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
+    need = gpu_bytes_to_load(model_path, 2)
+    return need is not None and free > 2.2 * need
+
+
 def _free_gpu_cache() -> None:
     import gc
 
@@ -94,6 +104,22 @@ class _Server:
             self.hf_models.clear()
             _free_gpu_cache()
         started = time.perf_counter()
+        base_key = (None, False)
+        if merge and gpus == 1:
+            # The merged copy is made from the base weights in memory, not read from disk again (on a cluster's
+            # network file system the second read of a 7B model takes far longer than the copy). A server asked
+            # for the merged variant first loads the base for it, and keeps it for the base variant's requests,
+            # when the GPU holds two copies.
+            if base_key not in self.hf_models and not self.hf_models and device == "cuda" \
+                    and _gpu_room_for_two(job["model_path"]):
+                self.hf_models[base_key] = load_model(job["model_path"], device=device, gpus=gpus)
+            if base_key in self.hf_models:
+                from tunelens.models import load_tokenizer, merged_copy
+
+                base_model = self.hf_models[base_key][0]
+                self.hf_models[key] = (merged_copy(base_model, adapter, drop_attributes=(graphs.STORE_ATTRIBUTE,)),
+                                       load_tokenizer(job["model_path"]))
+                return self.hf_models[key], True, time.perf_counter() - started
         self.hf_models[key] = load_model(job["model_path"], adapter_dir=adapter, device=device, merge_adapter=merge,
                                          gpus=gpus)
         return self.hf_models[key], True, time.perf_counter() - started
