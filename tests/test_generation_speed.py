@@ -203,6 +203,31 @@ def test_beam_reorder_moves_only_generated_positions(tiny_loaded):
     graphs.release(model)
 
 
+def test_a_released_beam_cache_is_freed_at_once(tiny_loaded):
+    """The beam reorder is an attribute of its cache: it must not keep the cache alive. A reference cycle left each
+    released beam cache to Python's cycle collector; on the H200 ~90 GB of them were still allocated when the
+    next requests planned their batches, which then ran out of memory down to single rows."""
+    import gc
+    import weakref
+
+    from tunelens.generation import graphs
+
+    model, _ = tiny_loaded
+    store = graphs.decode_graphs(model)
+    cache = store.cache_for(4, 64)
+    graphs.reorder_generated_only(cache, prompt_len=5)
+    gone = weakref.ref(cache)
+    del cache
+    enabled = gc.isenabled()
+    gc.disable()  # only reference counting may free it
+    try:
+        graphs.release(model)
+        assert gone() is None, "the released beam cache is still alive (a reference cycle through its reorder)"
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def test_auto_turns_both_on_for_cuda_only(tiny, tmp_path):
     assert resolve_on_device("auto", "cuda:0") and not resolve_on_device("auto", "cpu")
     assert resolve_on_device(True, "cpu") and not resolve_on_device(False, "cuda")

@@ -4,6 +4,7 @@ from the free GPU memory (batch_size auto). Used through tunelens.generation.gen
 from __future__ import annotations
 
 import collections
+import gc
 import json
 import logging
 import time
@@ -369,6 +370,7 @@ def hf_generate_batched(
                 del encoded
                 graphs.release(model)
                 if device.type == "cuda":
+                    gc.collect()  # whatever a reference cycle still holds of the failed batch
                     torch.cuda.empty_cache()
                 if len(indices) == 1:
                     raise ModelError(
