@@ -242,7 +242,7 @@ def load_model(
     return model, tokenizer
 
 
-def merged_copy(model, adapter_dir: str | Path, drop_attributes: tuple[str, ...] = ()):
+def merged_copy(model, adapter_dir: str | Path, drop_attributes: tuple[str, ...]):
     """A second model object with `model`'s weights copied where they are (one device: no sharded model) and the
     PEFT adapter in `adapter_dir` merged into the copy, as load_model(..., merge_adapter=True) would give it, with
     no second read of the weights from disk; `model` is left as it was. `drop_attributes`: entries of the model
