@@ -5,7 +5,9 @@ fix in the `tunelens` modules that hold the logic goes unnoticed. `code_hash(scr
 *normalised AST* of the code the script can execute, found by reachability (issue 23: a module-grain hash
 reran every generation for a lens-plot fix, and every job, fine-tunes included, for any io.py edit):
   - every `tunelens` module it imports, transitively, contributes its top-level code (what runs on import:
-    imports, constants, registrations, the decorators and default values of its functions);
+    imports, constants, registrations, the decorators and default values of its functions). So a new function
+    with a default argument in a module many jobs import (tunelens.models, tunelens.io) reruns all of them, fine-
+    tunes included, although none calls it; without defaults only its callers' jobs rerun;
   - each function or class contributes its body only when it is reachable by name: from the script, from
     reached top-level code, or from another reached body (`f`, `module.f`, `from tunelens.x import f`, and
     re-exports are followed; a function-level import runs only when its function is reached);
