@@ -220,25 +220,9 @@ def load_model(
     elif shard:
         check_on_gpus(model, path_or_id, int(gpus))
     if adapter_dir is not None:
-        from peft import PeftModel
-
-        adapter_dir = Path(adapter_dir)
-        if not (adapter_dir / "adapter_config.json").exists():
-            raise ModelError(f"adapter directory '{adapter_dir}' has no adapter_config.json")
-        model = PeftModel.from_pretrained(model, str(adapter_dir))
-        marks.append(("adapter", time.perf_counter()))
-        if merge_adapter and not load_in_4bit:
-            model = model.merge_and_unload()
-            model.tunelens_adapter_merged = True
-            marks.append(("merge", time.perf_counter()))
-    model.eval()
-    if next(model.parameters()).is_cuda:  # the copies above may still be in flight
-        import torch
-
-        torch.cuda.synchronize()
-        marks.append(("synchronize", time.perf_counter()))
-    log.info("loaded %s%s: %s", path_or_id, f" + {adapter_dir}" if adapter_dir is not None else "",
-             ", ".join(f"{name} {end - begin:.2f} s" for (_, begin), (name, end) in zip(marks, marks[1:])))
+        model = _with_adapter(model, adapter_dir, merge_adapter and not load_in_4bit, marks)
+    _ready(model, marks)
+    log.info("loaded %s%s: %s", path_or_id, f" + {adapter_dir}" if adapter_dir is not None else "", _timings(marks))
     return model, tokenizer
 
 
@@ -249,35 +233,52 @@ def merged_copy(model, adapter_dir: str | Path, drop_attributes: tuple[str, ...]
     object's __dict__ that must not be copied (the decoding graphs and caches a server keeps on it)."""
     import copy
 
-    marks = [("start", time.perf_counter())]
-    from peft import PeftModel
-
-    marks.append(("import peft", time.perf_counter()))  # seconds on a fresh server's first merge
-    adapter_dir = Path(adapter_dir)
-    if not (adapter_dir / "adapter_config.json").exists():
-        raise ModelError(f"adapter directory '{adapter_dir}' has no adapter_config.json")
     if len(model_devices(model)) != 1:
         raise ModelError("merged_copy copies a model on one device, not one sharded over several")
+    marks = [("start", time.perf_counter())]
     kept = {name: model.__dict__.pop(name) for name in drop_attributes if name in model.__dict__}
     try:
         clone = copy.deepcopy(model)
     finally:
         model.__dict__.update(kept)
     marks.append(("copy", time.perf_counter()))
-    clone = PeftModel.from_pretrained(clone, str(adapter_dir))
+    clone = _with_adapter(clone, adapter_dir, True, marks)
+    _ready(clone, marks)
+    log.info("merged %s into a copy of the loaded weights: %s", adapter_dir, _timings(marks))
+    return clone
+
+
+def _with_adapter(model, adapter_dir: str | Path, merge: bool, marks: list):
+    """`model` with the PEFT adapter in `adapter_dir` on top, or with `merge` merged into its weights and unloaded
+    (W + scale * B @ A; the result has `tunelens_adapter_merged = True`). Appends its steps' times to `marks`."""
+    from peft import PeftModel
+
+    marks.append(("import peft", time.perf_counter()))  # seconds on a fresh process's first adapter
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").exists():
+        raise ModelError(f"adapter directory '{adapter_dir}' has no adapter_config.json")
+    model = PeftModel.from_pretrained(model, str(adapter_dir))
     marks.append(("adapter", time.perf_counter()))
-    clone = clone.merge_and_unload()
-    clone.tunelens_adapter_merged = True
-    clone.eval()
-    marks.append(("merge", time.perf_counter()))
-    if next(clone.parameters()).is_cuda:
+    if merge:
+        model = model.merge_and_unload()
+        model.tunelens_adapter_merged = True
+        marks.append(("merge", time.perf_counter()))
+    return model
+
+
+def _ready(model, marks: list) -> None:
+    """Eval mode, and on CUDA wait for the copies above, which may still be in flight (timed into `marks`)."""
+    model.eval()
+    if next(model.parameters()).is_cuda:
         import torch
 
         torch.cuda.synchronize()
         marks.append(("synchronize", time.perf_counter()))
-    log.info("merged %s into a copy of the loaded weights: %s", adapter_dir,
-             ", ".join(f"{name} {end - begin:.2f} s" for (_, begin), (name, end) in zip(marks, marks[1:])))
-    return clone
+
+
+def _timings(marks: list) -> str:
+    """'step 1.23 s, ...' from [(name, time), ...]: each step's seconds since the mark before it."""
+    return ", ".join(f"{name} {end - begin:.2f} s" for (_, begin), (name, end) in zip(marks, marks[1:]))
 
 
 # Share of each GPU's memory a sharded model's weights may take; the rest holds the KV cache, activations, logits.

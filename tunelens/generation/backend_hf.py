@@ -147,7 +147,7 @@ def reproducible_attention(device):
     (BENCHMARKS.md, issue 21). A no-op elsewhere."""
     import contextlib
 
-    if getattr(device, "type", str(device)) != "cuda":
+    if device.type != "cuda":
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -204,7 +204,7 @@ def gpu_memory_state(device) -> str:
     included), what this process's allocator holds and uses, and the decoding caches the models here keep."""
     import torch
 
-    if getattr(device, "type", str(device)) != "cuda":
+    if device.type != "cuda":
         return "not a GPU"
     gib = 2**30
     free, total = torch.cuda.mem_get_info(device)

@@ -32,8 +32,7 @@ from typing import Any, Iterator
 
 log = logging.getLogger(__name__)
 
-_STORE_ATTRIBUTE = "_tunelens_decode_graphs"
-STORE_ATTRIBUTE = _STORE_ATTRIBUTE  # the model attribute holding its store (not copied by tunelens.models.merged_copy)
+STORE_ATTRIBUTE = "_tunelens_decode_graphs"  # the model attribute holding its store (tunelens.models.merged_copy leaves it out)
 
 
 class _Captured:
@@ -268,10 +267,10 @@ _STORES: "weakref.WeakSet[DecodeGraphs]" = weakref.WeakSet()
 
 def decode_graphs(model) -> DecodeGraphs:
     """The model's store, made on first use (kept as an attribute of the model object)."""
-    store = model.__dict__.get(_STORE_ATTRIBUTE)
+    store = model.__dict__.get(STORE_ATTRIBUTE)
     if store is None:
         store = DecodeGraphs(model)
-        model.__dict__[_STORE_ATTRIBUTE] = store
+        model.__dict__[STORE_ATTRIBUTE] = store
         _STORES.add(store)
     return store
 
@@ -292,7 +291,7 @@ def release_all() -> None:
 
 def held_bytes(model) -> int:
     """GPU bytes of the decoding cache `model` keeps between batches (0 when it keeps none)."""
-    store = model.__dict__.get(_STORE_ATTRIBUTE)
+    store = model.__dict__.get(STORE_ATTRIBUTE)
     return store.held_bytes() if store is not None else 0
 
 
@@ -303,6 +302,6 @@ def held_bytes_all() -> int:
 
 def release(model: Any) -> None:
     """Free the model's kept decoding cache and graphs (after an out-of-memory, or before a swap)."""
-    store = model.__dict__.get(_STORE_ATTRIBUTE)
+    store = model.__dict__.get(STORE_ATTRIBUTE)
     if store is not None:
         store.release()

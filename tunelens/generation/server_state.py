@@ -26,24 +26,17 @@ from tunelens.servers import FAULT_ENV, ServerUnavailable, gpu_bytes_to_load, re
 log = logging.getLogger("tunelens.generation.genserver")  # the server's log, as tunelens.servers names it
 
 
-def _gpu_room_for(model_path) -> bool:
-    """Whether the GPU has room for one more bf16 copy of the model's weights beside what it holds (10% spare)."""
+def _gpu_room_for(model_path, copies: int) -> bool:
+    """Whether the GPU has room for `copies` more bf16 copies of the model's weights beside what it holds (10%
+    spare). A model whose size is unknown (not a local directory) is taken to fit once, never twice."""
     import torch
 
     free, _ = torch.cuda.mem_get_info()
     free += torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
     need = gpu_bytes_to_load(model_path, 2)
-    return need is None or free > 1.1 * need
-
-
-def _gpu_room_for_two(model_path) -> bool:
-    """Whether the GPU, holding nothing of this server's yet, has room for two bf16 copies of the weights."""
-    import torch
-
-    free, _ = torch.cuda.mem_get_info()
-    free += torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
-    need = gpu_bytes_to_load(model_path, 2)
-    return need is not None and free > 2.2 * need
+    if need is None:
+        return copies == 1
+    return free > 1.1 * copies * need
 
 
 def _free_gpu_cache() -> None:
@@ -99,7 +92,7 @@ class _Server:
         while len(self.hf_models) >= 2:  # base + one adapter at most
             self.hf_models.pop(next(iter(self.hf_models)))
         gpus = int(job.get("gpus") or 1)  # > 1 on CUDA: sharded over the job's GPUs, one copy (no room for two)
-        if self.hf_models and device == "cuda" and (gpus > 1 or not _gpu_room_for(job["model_path"])):
+        if self.hf_models and device == "cuda" and (gpus > 1 or not _gpu_room_for(job["model_path"], 1)):
             log.info("not enough free GPU memory for a second copy of the weights: swapping")
             self.hf_models.clear()
             _free_gpu_cache()
@@ -110,8 +103,7 @@ class _Server:
             # network file system the second read of a 7B model takes far longer than the copy). A server asked
             # for the merged variant first loads the base for it, and keeps it for the base variant's requests,
             # when the GPU holds two copies.
-            if base_key not in self.hf_models and not self.hf_models and device == "cuda" \
-                    and _gpu_room_for_two(job["model_path"]):
+            if not self.hf_models and device == "cuda" and _gpu_room_for(job["model_path"], 2):
                 self.hf_models[base_key] = load_model(job["model_path"], device=device, gpus=gpus)
             if base_key in self.hf_models:
                 from tunelens.models import load_tokenizer, merged_copy
