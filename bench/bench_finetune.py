@@ -43,6 +43,9 @@ VARIANTS = {
     # The pipeline's defaults today (method/liger/checkpointing auto, the CUDA autotuner on).
     "auto": {},
     "auto+packing": {"packing": True},
+    # The default without the decoder layers' CUDA graphs (finetune.cuda_graphs, issue 24), unpacked and packed.
+    "auto+nographs": {"cuda_graphs": False},
+    "auto+packing+nographs": {"packing": True, "cuda_graphs": False},
     # The default with padding-free batches: the same rows per step, concatenated, no pad tokens (TRL padding_free).
     "auto+padfree": {"padding_free": True},
     # The default with TRL's own SFTTrainer and PEFT's own LoRA forward (the step before issue 24's cuts).
@@ -127,6 +130,7 @@ def run_one(args, variant: str, work: Path) -> dict:
         "variant": variant, "model": str(args.model), "device": metrics["device_name"], "method": metrics["method"],
         "liger": metrics["liger"], "gradient_checkpointing": metrics["gradient_checkpointing"],
         "micro_batch_size": metrics.get("micro_batch_size"), "autotune": metrics.get("autotune"),
+        "layer_graphs": metrics.get("layer_graphs"),
         "packing": bench_settings(args, variant)["packing"], "tokens": [row.get("tokens") for row in log_rows],
         "batch_size": args.batch_size, "max_seq_length": args.max_seq_length, "steps": metrics["steps"],
         "tokens_per_s_median": round(statistics.median(steady), 1),

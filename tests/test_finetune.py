@@ -703,3 +703,202 @@ def test_dequantized_4bit_base_gives_bitsandbytes_results(tiny_llama_dir):
     assert torch.equal(loss_dense, loss_4bit)
     for name, grad in grads_4bit.items():
         assert torch.equal(grads_dense[name], grad), name
+
+
+# ------------------------------------------------------------------------------------------ layer graphs (issue 24)
+def fake_make_graphed(callables, sample_args, num_warmup_iters=3, allow_unused_input=False, pool=None):
+    """A CPU stand-in for torch.cuda.make_graphed_callables with its memory semantics: each callable gets fixed
+    input, output and gradient buffers; a call copies its inputs into them, the backward writes the gradients into
+    fixed buffers and hands out views of them (so autograd may keep one as a parameter's .grad, as on CUDA).
+    Instead of replaying a graph it runs the callable's own forward (no warm-up: the same random draws as eager)."""
+    import torch
+
+    fake_make_graphed.calls += 1
+    for module, args in zip(callables, sample_args):
+        _fake_graph(module, args)
+    return tuple(callables)
+
+
+def _fake_graph(module, args):
+    import torch
+
+    params = tuple(module.parameters())
+    static_in = tuple(a.detach().clone().requires_grad_(a.requires_grad) for a in args)
+    run, state = module.forward, {}
+
+    class Graphed(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *inputs):
+            with torch.no_grad():
+                for buffer, value in zip(static_in, inputs):
+                    buffer.copy_(value)
+            with torch.enable_grad():
+                state["out"] = run(*static_in)
+            if "static_out" not in state:
+                state["static_out"] = torch.empty_like(state["out"])
+            state["static_out"].copy_(state["out"].detach())
+            return state["static_out"].detach()
+
+        @staticmethod
+        def backward(ctx, grad):
+            wanted = [t for t in static_in + params if t.requires_grad]
+            grads = torch.autograd.grad(state.pop("out"), wanted, grad, allow_unused=True)
+            if "static_grads" not in state:
+                state["static_grads"] = [None if g is None else torch.empty_like(g) for g in grads]
+            for buffer, g in zip(state["static_grads"], grads):
+                if buffer is not None:
+                    buffer.copy_(g)
+            it = iter(state["static_grads"])
+            return tuple(next(it).detach() if t.requires_grad else None for t in static_in + params)
+
+    module.forward = lambda *user_args: Graphed.apply(*user_args, *params)
+
+
+fake_make_graphed.calls = 0
+
+
+def _lora_llama(tiny_llama_dir, dropout=0.1):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from tunelens.training.speed import lean_lora_forward
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32, attn_implementation="sdpa")
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear",
+                                             init_lora_weights=False, task_type="CAUSAL_LM"))
+    lean_lora_forward(model)
+    return model.train()
+
+
+def _train_steps(model, batches, accumulation: int):
+    """AdamW over `batches`, `accumulation` micro-batches per step, clipping as the Trainer does."""
+    import torch
+
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    torch.manual_seed(7)  # the dropout masks
+    losses = []
+    for start in range(0, len(batches), accumulation):
+        for batch in batches[start:start + accumulation]:
+            loss = model(**batch).loss / accumulation
+            loss.backward()
+            losses.append(float(loss.detach()))
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return losses, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _padded_batches(shapes):
+    import torch
+
+    generator = torch.Generator().manual_seed(3)
+    batches = []
+    for rows, length, shortest in shapes:
+        ids = torch.randint(0, 1000, (rows, length), generator=generator)
+        mask = torch.ones(rows, length, dtype=torch.long)
+        mask[-1, shortest:] = 0  # the last row is padded
+        labels = ids.masked_fill(mask == 0, -100)
+        batches.append({"input_ids": ids, "attention_mask": mask, "labels": labels, "use_cache": False})
+    return batches
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_layer_graphs_train_as_the_eager_layers(tiny_llama_dir, accumulation):
+    """Decoder layers dispatched to their graphs (the CPU stand-in above, with the graphs' fixed gradient buffers)
+    give the eager run's losses and weights, with dropout and gradient accumulation; one capture per shape; an
+    evaluation pass runs eagerly."""
+    import torch
+
+    from tunelens.training.graphed import LayerGraphs
+
+    batches = _padded_batches([(3, 16, 10), (3, 16, 12), (3, 24, 20), (3, 16, 9), (3, 24, 11), (3, 24, 24)])
+    eager_losses, eager_weights = _train_steps(_lora_llama(tiny_llama_dir), batches, accumulation)
+    model = _lora_llama(tiny_llama_dir)
+    fake_make_graphed.calls = 0
+    graphs = LayerGraphs(model, make_graphed=fake_make_graphed, device_types=("cpu",))
+    losses, weights = _train_steps(model, batches, accumulation)
+    assert losses == pytest.approx(eager_losses, rel=1e-6)
+    for name, value in eager_weights.items():
+        torch.testing.assert_close(weights[name], value, rtol=1e-5, atol=1e-7, msg=name)
+    summary = graphs.summary()
+    # 16 and 24 tokens, and the last batch has no padding (no mask): three shapes, each captured once
+    assert fake_make_graphed.calls == 3 and len(summary["shapes"]) == 3
+    assert summary["graphed_passes"] == 6 and summary["eager_passes"] == {}
+    with torch.no_grad():
+        model.eval()(**batches[0])
+    assert graphs.summary()["eager_passes"] == {"not training (eval or no_grad)": 1}
+    graphs.uninstall()
+    assert all("forward" not in vars(layer) for layer in graphs.layers)
+
+
+def test_layer_graphs_run_eagerly_past_their_limits(tiny_llama_dir):
+    """A shape beyond max_shapes or the memory budget, or an argument the graph cannot follow, runs the layers'
+    own forward, and says why."""
+    import torch
+
+    from tunelens.training.graphed import LayerGraphs
+
+    batches = _padded_batches([(2, 16, 10), (2, 24, 10), (2, 32, 10)])
+    model = _lora_llama(tiny_llama_dir, dropout=0.0)
+    graphs = LayerGraphs(model, make_graphed=fake_make_graphed, device_types=("cpu",), max_shapes=1)
+    for batch in batches:
+        model(**batch).loss.backward()
+    assert graphs.summary()["graphed_passes"] == 1
+    assert graphs.summary()["eager_passes"] == {"more than 1 shapes": 2}
+    graphs.uninstall()
+    # 16 tokens: 4 layers x (input, output and their gradients, 2 x 16 x 64 float32, + mask, positions, cos, sin)
+    # = 150,016 bytes; 24 tokens would add 225,024
+    graphs = LayerGraphs(model, make_graphed=fake_make_graphed, device_types=("cpu",), memory_budget=200_000)
+    model(**batches[0]).loss.backward()
+    model(**batches[1]).loss.backward()
+    summary = graphs.summary()
+    assert summary["graphed_passes"] == 1 and summary["static_mib"] == 0
+    assert list(summary["eager_passes"]) == ["graph memory budget: 0 MiB of fixed buffers over 0 MiB"]
+    graphs.uninstall()
+    graphs = LayerGraphs(model, make_graphed=fake_make_graphed, device_types=("cpu",))
+    first = model.get_base_model().model.layers[0]
+    first(torch.zeros(2, 16, 64), position_embeddings=(torch.zeros(2, 16, 16), torch.zeros(2, 16, 16)),
+          output_router_logits=True)
+    assert graphs.summary()["eager_passes"] == {"arguments ['output_router_logits']": 1}
+
+
+def test_autotune_keeps_layer_graphs_that_measure_faster_and_the_training_is_unchanged(
+        tiny_llama_dir, train_jsonl, tmp_path, fake_gpu, monkeypatch):
+    """The autotuner measures the eager and the graphed step on the longest rows (padded to the bucket multiple)
+    and keeps the graphs when faster; training then replays them for every step (one shape here) and logs the
+    losses of a run without graphs; a resumed run reinstalls them from the recorded choice without measuring."""
+    import tunelens.training.speed as speed
+
+    monkeypatch.setattr(speed, "LAYER_GRAPH_OPTIONS", {"make_graphed": fake_make_graphed, "device_types": ("cpu",)})
+    monkeypatch.setattr(speed, "_choose_dense_base", lambda trainer: {"on": True, "reason": "as on a 4-bit base"})
+    fake_probe = speed._probe
+
+    def probe(trainer, batch, repeats=3):
+        if getattr(trainer, "tunelens_layer_graphs", None) is None:
+            return fake_probe(trainer, batch, repeats)
+        REAL_PROBE(trainer, batch, repeats=2)  # captures
+        return 0.001, 2**30
+
+    monkeypatch.setattr(speed, "_probe", probe)
+    losses = {}
+    for graphs_on in (False, True):
+        config = settings(batch_size=4, max_steps=4, cuda_graphs=graphs_on)
+        run = build_trainer(tiny_llama_dir, train_jsonl, tmp_path / f"ckpt{graphs_on}", config, "alpaca", seed=1,
+                            device="cpu")
+        fake_make_graphed.calls = 0
+        choice = speed.autotune_cuda(run.trainer, config, run.plan, tmp_path / f"ckpt{graphs_on}")
+        assert choice["layer_graphs"]["on"] is graphs_on, choice["layer_graphs"]
+        run.trainer.train()
+        losses[graphs_on] = [row["loss"] for row in run.trainer.state.log_history if "loss" in row]
+    assert choice["layer_graphs"]["pad_to_multiple_of"] == run.trainer.data_collator.pad_to_multiple_of == 64
+    summary = run.trainer.tunelens_layer_graphs.summary()
+    assert fake_make_graphed.calls == 1 and [s["shape"][:2] for s in summary["shapes"]] == [[4, 64]]
+    assert summary["graphed_passes"] == 2 + 4 and summary["eager_passes"] == {}  # the probe's 2, then 4 steps
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)
+    again = build_trainer(tiny_llama_dir, train_jsonl, tmp_path / "ckptTrue", config, "alpaca", seed=1, device="cpu")
+    fake_gpu.clear()
+    assert speed.autotune_cuda(again.trainer, config, again.plan, tmp_path / "ckptTrue")["layer_graphs"]["on"]
+    assert fake_gpu == [] and again.trainer.tunelens_layer_graphs is not None
+    assert again.trainer.data_collator.pad_to_multiple_of == 64

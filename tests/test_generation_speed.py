@@ -494,8 +494,16 @@ def test_generation_on_cuda_leaves_out_cudnn_attention(tiny_loaded, monkeypatch)
         assert not torch.backends.cuda.cudnn_sdp_enabled()
         assert torch.backends.cuda.mem_efficient_sdp_enabled() and torch.backends.cuda.flash_sdp_enabled()
     assert torch.backends.cuda.cudnn_sdp_enabled() == before
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    monkeypatch.setitem(backend_hf._FLOAT32_SCORES, "cuda", True)  # as torch >= 2.8 on CUDA (checked once per device)
+    with backend_hf.reproducible_attention(torch.device("cuda")):
+        assert ALL_ATTENTION_FUNCTIONS["sdpa"] is backend_hf.decode_attention
+    assert ALL_ATTENTION_FUNCTIONS["sdpa"] is sdpa
     with backend_hf.reproducible_attention(torch.device("cpu")):
         assert torch.backends.cuda.cudnn_sdp_enabled() == before
+        assert ALL_ATTENTION_FUNCTIONS["sdpa"] is sdpa
     # every generate call runs inside it, with the model's input device
     model, tokenizer = tiny_loaded
     entered, generate = [], model.generate
@@ -521,3 +529,67 @@ def test_generation_on_cuda_leaves_out_cudnn_attention(tiny_loaded, monkeypatch)
     assert "cuDNN" in speed_semantics("dynamic", False, "graphs", "cuda:0")
     assert speed_semantics("dynamic", False, "graphs", "cpu") == ""
     assert "cuDNN" not in speed_semantics("paged (vLLM)", False, "graphs", "cuda")  # vLLM picks its own kernels
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(4, 4), (4, 2), (6, 1)])
+def test_decode_attention_equals_sdpa(heads, kv_heads):
+    """The decoding step's attention as two batched products (what generation on CUDA runs) gives SDPA's output
+    for one query per row, with boolean and additive padding masks and grouped-query heads; a prompt (several
+    queries) goes to SDPA itself."""
+    import torch
+    from torch import nn
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from tunelens.generation.backend_hf import decode_attention
+
+    torch.manual_seed(0)
+    rows, dim, length = 3, 16, 11
+    module = nn.Module().eval()
+    module.num_key_value_groups = heads // kv_heads
+    module.is_causal = True
+    key = torch.randn(rows, kv_heads, length, dim)
+    value = torch.randn(rows, kv_heads, length, dim)
+    allowed = torch.ones(rows, 1, 1, length + 5, dtype=torch.bool)  # a longer mask is cut to the cache's length
+    allowed[0, ..., :4] = False  # left padding
+    allowed[1, ..., 9:] = False  # static-cache positions not written yet
+    additive = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    for mask in (allowed, additive, None):
+        query = torch.randn(rows, heads, 1, dim)
+        ours, _ = decode_attention(module, query, key, value, mask, scaling=0.3)
+        theirs, _ = sdpa_attention_forward(module, query, key, value, None if mask is None else mask[..., :length],
+                                           scaling=0.3)
+        assert ours.shape == theirs.shape == (rows, 1, heads, dim)
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    prompt = torch.randn(rows, heads, 4, dim)
+    causal = torch.ones(rows, 1, 4, length, dtype=torch.bool).tril(diagonal=length - 4)
+    torch.testing.assert_close(decode_attention(module, prompt, key, value, causal)[0],
+                               sdpa_attention_forward(module, prompt, key, value, causal)[0])
+
+
+def test_generation_with_decode_attention_equals_sdpa(tiny_loaded):
+    """Greedy generation through the decoding-step attention gives SDPA's logits at every step (float32, tiny model,
+    left-padded rows) on the dynamic and the static cache, and so the same tokens; also through tunelens' graphs
+    path."""
+    import torch
+
+    from tunelens.generation import backend_hf
+
+    model, tokenizer = tiny_loaded
+    encoded = tokenizer(PROMPTS[:3], return_tensors="pt", padding=True, add_special_tokens=False)
+    assert not bool(encoded["attention_mask"].all())  # some rows are padded
+
+    def run(cache):
+        extra = {"cache_implementation": "static", "disable_compile": True} if cache == "static" else {}
+        out = model.generate(**encoded, max_new_tokens=6, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True, pad_token_id=tokenizer.pad_token_id, **extra)
+        return out.sequences, torch.stack(out.logits)
+
+    for cache in ("dynamic", "static"):
+        sequences, logits = run(cache)
+        with backend_hf._decode_attention_installed():
+            ours, our_logits = run(cache)
+        assert torch.equal(ours, sequences), cache
+        torch.testing.assert_close(our_logits, logits, rtol=1e-5, atol=1e-5, msg=cache)
+    expected = _tokens(model, tokenizer, GREEDY, static_cache=True, compile_backend="graphs")
+    with backend_hf._decode_attention_installed():
+        assert _tokens(model, tokenizer, GREEDY, static_cache=True, compile_backend="graphs") == expected

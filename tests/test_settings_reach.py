@@ -102,7 +102,8 @@ def study_config(tmp_path: Path) -> dict:
                           "target_modules": ["q_proj", "v_proj"], "learning_rate": 0.003, "lr_scheduler": "linear",
                           "warmup_ratio": 0.2, "weight_decay": 0.01, "num_epochs": 2, "max_steps": 6, "batch_size": 3,
                           "gradient_accumulation": 2, "max_seq_length": 200, "packing": True, "padding_free": True,
-                          "gradient_checkpointing": True, "liger": False, "autotune": False, "logging_steps": 3,
+                          "gradient_checkpointing": True, "liger": False, "autotune": False, "cuda_graphs": False,
+                          "logging_steps": 3,
                           "save_steps": 4}
     config["models"] = {
         "smollm2": {"source": "embedded:smollm2-135m-instruct", "prompt_format": "chat", "num_layers": 30,
@@ -285,7 +286,7 @@ CHECKS: dict[str, Check] = {
 FINETUNE_KEYS = ["enabled", "method", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "learning_rate",
                  "lr_scheduler", "warmup_ratio", "weight_decay", "num_epochs", "max_steps", "batch_size",
                  "gradient_accumulation", "max_seq_length", "packing", "padding_free", "gradient_checkpointing",
-                 "liger", "autotune", "logging_steps", "save_steps"]
+                 "liger", "autotune", "cuda_graphs", "logging_steps", "save_steps"]
 
 # Keys with no effect this test can observe in a job's params, and why.
 LISTED: dict[str, str] = {

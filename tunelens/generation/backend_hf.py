@@ -4,6 +4,7 @@ from the free GPU memory (batch_size auto). Used through tunelens.generation.gen
 from __future__ import annotations
 
 import collections
+import contextlib
 import gc
 import json
 import logging
@@ -137,21 +138,101 @@ def _allow_recompiles() -> None:
 
 
 def reproducible_attention(device):
-    """The attention kernels generation may use on `device`: on CUDA every PyTorch SDPA backend but cuDNN's.
+    """The attention generation runs on `device`: on CUDA, the decoding step's attention as two batched matrix
+    products (`decode_attention`) and every other attention through PyTorch's SDPA without cuDNN's backend.
 
     On the H200 (torch 2.11, cu130) SDPA picks cuDNN's fused attention for the decoding step with the padding mask,
     and that kernel's output differs from call to call on the same inputs: the same greedy request's logits
     differed from the second decoding step on, and a 36-row sampled request kept only 13-18 rows equal run to run,
     with or without CUDA graphs and with torch.use_deterministic_algorithms. Memory-efficient attention
-    reproduced 36 of 36 rows and all logits bit for bit, at 1.16 s against 1.01 s for that request
-    (BENCHMARKS.md, issue 21). A no-op elsewhere."""
+    reproduced 36 of 36 rows and all logits bit for bit, but at real size (192 rows, a 448-token static cache) it
+    made the whole decoding step ~1.5x slower than cuDNN's (BENCHMARKS.md, issue 21). A no-op elsewhere."""
     import contextlib
 
     if device.type != "cuda":
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+    stack = contextlib.ExitStack()
+    stack.enter_context(sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]))
+    if _float32_scores_supported(device):
+        stack.enter_context(_decode_attention_installed())
+    return stack
+
+
+_FLOAT32_SCORES: dict[str, bool] = {}
+
+
+def _float32_scores_supported(device) -> bool:
+    """Whether this torch multiplies bf16 matrices into float32 on `device` (`torch.bmm(..., out_dtype=)`, CUDA
+    since torch 2.8); checked once per device, outside any graph capture. Without it the step stays on SDPA."""
+    import torch
+
+    key = str(device)
+    if key not in _FLOAT32_SCORES:
+        try:
+            a = torch.ones(1, 1, 8, dtype=torch.bfloat16, device=device)
+            _FLOAT32_SCORES[key] = torch.bmm(a, a.transpose(1, 2), out_dtype=torch.float32).dtype == torch.float32
+        except (RuntimeError, NotImplementedError, TypeError, AssertionError) as exc:  # Assertion: no CUDA build
+            log.warning("decoding attention stays on SDPA: torch.bmm(out_dtype=float32) is not available on %s (%s)",
+                        key, exc)
+            _FLOAT32_SCORES[key] = False
+    return _FLOAT32_SCORES[key]
+
+
+@contextlib.contextmanager
+def _decode_attention_installed():
+    """transformers' "sdpa" attention answers the decoding step with `decode_attention` while inside."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    previous = ALL_ATTENTION_FUNCTIONS._local_mapping.get("sdpa")
+    ALL_ATTENTION_FUNCTIONS["sdpa"] = decode_attention
+    try:
+        yield
+    finally:
+        if previous is None:
+            del ALL_ATTENTION_FUNCTIONS["sdpa"]
+        else:
+            ALL_ATTENTION_FUNCTIONS["sdpa"] = previous
+
+
+def decode_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                     is_causal=None, **kwargs):
+    """transformers' SDPA attention, with the decoding step (one query per row) as two batched matrix products.
+
+    For one new token, attention is a matrix-vector product per row and head against the whole (static) cache:
+    it only has to read the keys and values once. `q @ K^T` (accumulated and returned in float32, as SDPA's kernels
+    keep their scores), the mask, softmax in float32, then `p @ V`: plain cuBLAS products, the same result on the
+    same inputs every call, and no SDPA kernel choice. Grouped-query heads read their shared key and value heads
+    without copies. Everything else (prompts, training, dropout, other arguments) goes to transformers' SDPA."""
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    rows, heads, queries, dim = query.shape
+    kv_heads = key.shape[1]
+    if (queries != 1 or (dropout and module.training) or kwargs.get("position_bias") is not None
+            or kwargs.get("s_aux") is not None or heads % kv_heads
+            or not (query.dtype == torch.float32 or (query.is_cuda and query.dtype in (torch.bfloat16, torch.float16)))):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    length = key.shape[2]
+    scale = dim ** -0.5 if scaling is None else scaling
+    q = query.reshape(rows * kv_heads, heads // kv_heads, dim)
+    k = key.reshape(rows * kv_heads, length, dim)
+    if query.dtype == torch.float32:
+        scores = torch.bmm(q, k.transpose(1, 2))
+    else:
+        scores = torch.bmm(q, k.transpose(1, 2), out_dtype=torch.float32)
+    scores = scores.view(rows, kv_heads, heads // kv_heads, length).mul_(scale)
+    if attention_mask is not None:
+        mask = attention_mask[:, :, :, :length]  # [rows, 1, 1, length] broadcasts over the head groups
+        if mask.dtype == torch.bool:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        else:
+            scores = scores + mask.to(torch.float32)
+    probs = torch.softmax(scores, dim=-1).to(value.dtype)
+    out = torch.bmm(probs.view(rows * kv_heads, heads // kv_heads, length), value.reshape(rows * kv_heads, length, dim))
+    return out.view(rows, 1, heads, dim), None
 
 
 # (id(tokenizer), stop strings) -> (tokenizer, its StopStringCriteria), most recently used last.

@@ -215,7 +215,8 @@ def speed_semantics(kv_cache: str, adapter_merged: bool | None, compile_backend:
             parts.append(" Beam search on the static cache: each step reorders the beams' keys and values in place "
                          "over the generated positions only (a row's beams share its prompt's).")
     if str(device).startswith("cuda") and kv_cache in ("static", "dynamic"):  # the hf backend (vLLM: its own kernels)
-        parts.append(" Attention: PyTorch SDPA without cuDNN's kernel, which is not reproducible run to run.")
+        parts.append(" Attention: the decoding step's as two batched matrix products (float32 scores and softmax), "
+                     "prompts through PyTorch SDPA without cuDNN's kernel, which is not reproducible run to run.")
     if adapter_merged:
         parts.append(" Fine-tuned weights: the LoRA adapter merged into a copy of the base weights "
                      "(W + scale * B @ A, in the model's dtype), not applied per layer by PEFT.")

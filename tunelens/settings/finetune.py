@@ -76,6 +76,12 @@ class FinetuneSection(Section):
         "(batch_size x gradient_accumulation), length, learning rate and seed are kept; the choice and every trial "
         "go to metrics.json. No effect on CPU.",
         schema={"type": "boolean"})
+    cuda_graphs: bool = setting(True,
+        "On CUDA, replay each decoder layer's forward and backward from CUDA graphs, one capture per batch shape "
+        "(batches padded to a multiple of 64 tokens), when the autotuner measures it faster on the longest rows and "
+        "it fits the GPU's memory (needs autotune, the dequantized base, checkpointing off, SDPA or eager "
+        "attention, one process). Same rows and loss; what ran goes to metrics.json (layer_graphs).",
+        schema={"type": "boolean"})
     logging_steps: int = setting(5, "Optimizer steps between train_log.jsonl records.",
         schema={"type": "integer", "minimum": 1}, sft="logging_steps")
     save_steps: int = setting(25, "Checkpoint every N steps (resume after interruption).",

@@ -406,6 +406,7 @@ def finetune(
     adapter_dir = Path(adapter_dir)
     _save_adapter(trainer.model, adapter_dir, adapter_record)
 
+    layer_graphs = getattr(trainer, "tunelens_layer_graphs", None)
     metrics = {
         "model": model_name,
         "base_model": adapter_record["base_model"],
@@ -418,6 +419,8 @@ def finetune(
         "liger": plan.liger,
         "packed_row_separation": run.row_separation,
         "autotune": run.autotune,
+        # decoder layers replayed from CUDA graphs (tunelens.training.graphed): shapes captured, passes by path
+        "layer_graphs": layer_graphs.summary() if layer_graphs else None,
         "micro_batch_size": trainer.args.per_device_train_batch_size,
         "gradient_accumulation_steps": trainer.args.gradient_accumulation_steps,
         # processes, and how each optimizer step's rows were split over them (None: one process, as configured)

@@ -249,6 +249,90 @@ def _choose_dense_base(trainer) -> dict:
     return {"on": True, "gib": gib, "reason": f"{gib} GiB dequantized once, of {room / 2**30:.0f} GiB free"}
 
 
+# Test seam: options for LayerGraphs (tests give a CPU stand-in for torch.cuda.make_graphed_callables).
+LAYER_GRAPH_OPTIONS: dict = {}
+# The captured shapes' fixed buffers may take at most this share of the memory left beside the step's eager peak.
+GRAPH_MEMORY_SHARE = 0.5
+
+
+def install_layer_graphs(trainer, pad_to_multiple_of: int, memory_budget: int):
+    """Pad batches to a multiple of `pad_to_multiple_of` tokens and replay the decoder layers from CUDA graphs
+    (tunelens.training.graphed). The dispatcher is kept on the trainer for metrics.json."""
+    from tunelens.training.graphed import LayerGraphs
+
+    trainer.data_collator.pad_to_multiple_of = pad_to_multiple_of
+    graphs = LayerGraphs(trainer.model, memory_budget=memory_budget, **LAYER_GRAPH_OPTIONS)
+    trainer.tunelens_layer_graphs = graphs
+    return graphs
+
+
+def remove_layer_graphs(trainer, pad_to_multiple_of) -> None:
+    graphs = getattr(trainer, "tunelens_layer_graphs", None)
+    if graphs is not None:
+        graphs.uninstall()
+        trainer.tunelens_layer_graphs = None
+    trainer.data_collator.pad_to_multiple_of = pad_to_multiple_of
+
+
+def _choose_layer_graphs(trainer, settings: FinetuneSection, best: dict, dense: dict, budget: float,
+                         worst_batch) -> dict:
+    """Replay the decoder layers from CUDA graphs when it measures faster on the longest rows and fits.
+
+    Both sides are measured on the same batch (the longest rows at the chosen micro-batch, padded to the bucket
+    multiple): eager, then graphed (its first repeat captures, the median of the later ones counts)."""
+    import torch
+
+    from tunelens.training.distributed import in_worker
+    from tunelens.training.graphed import GRAPH_ATTENTION, PAD_TO_MULTIPLE_OF
+
+    attention = getattr(trainer.model.config, "_attn_implementation", None) or "sdpa"
+    collator = trainer.data_collator
+    why_not = ("finetune.cuda_graphs is false" if not settings.cuda_graphs
+               else "activation checkpointing is on" if best["gradient_checkpointing"]
+               else "the base is not dequantized (bitsandbytes' 4-bit matmul on every call)" if not dense["on"]
+               else f"{attention} attention (graphs need SDPA or eager)" if attention not in GRAPH_ATTENTION
+               else "data-parallel processes" if in_worker()
+               else "the data collator has no pad_to_multiple_of" if not hasattr(collator, "pad_to_multiple_of")
+               else None)
+    if why_not:
+        return {"on": False, "reason": why_not}
+    previous = collator.pad_to_multiple_of
+    _apply_micro_batch(trainer, best["micro_batch_size"], settings.batch_size * settings.gradient_accumulation)
+    _set_checkpointing(trainer, False)
+    collator.pad_to_multiple_of = PAD_TO_MULTIPLE_OF
+    batch = worst_batch(best["micro_batch_size"])
+    tokens = int(batch["input_ids"].numel())
+    eager_s, eager_peak = _probe(trainer, batch)
+    memory_budget = int(max(0.0, budget - eager_peak) * GRAPH_MEMORY_SHARE)
+    graphs = install_layer_graphs(trainer, PAD_TO_MULTIPLE_OF, memory_budget)
+    record = {"pad_to_multiple_of": PAD_TO_MULTIPLE_OF, "memory_budget_mib": memory_budget // 2**20,
+              "probe_tokens": tokens, "eager_s": round(eager_s, 4), "eager_peak_mib": round(eager_peak / 2**20)}
+    try:
+        graph_s, graph_peak = _probe(trainer, batch, repeats=4)
+    except torch.OutOfMemoryError:
+        graph_s, graph_peak = None, None
+    captured = graphs.summary()
+    record.update({"graph_s": None if graph_s is None else round(graph_s, 4),
+                   "graph_peak_mib": None if graph_peak is None else round(graph_peak / 2**20),
+                   "capture": captured["shapes"][:1]})
+    if graph_s is None:
+        keep, reason = False, "out of memory while capturing"
+    elif not captured["graphed_passes"]:
+        keep, reason = False, f"not captured: {', '.join(captured['eager_passes']) or 'unknown'}"
+    elif graph_peak > budget:
+        keep, reason = False, f"peak {graph_peak / 2**20:.0f} MiB over the {budget / 2**20:.0f} MiB budget"
+    elif graph_s >= eager_s:
+        keep, reason = False, f"not faster: {graph_s:.4f} s against {eager_s:.4f} s eager"
+    else:
+        keep, reason = True, (f"{eager_s / graph_s:.2f}x the eager step on the longest rows ({graph_s:.4f} s against "
+                              f"{eager_s:.4f} s; {tokens} tokens padded to a multiple of {PAD_TO_MULTIPLE_OF})")
+    if not keep:
+        remove_layer_graphs(trainer, previous)
+        torch.cuda.empty_cache()
+    log.info("autotune: layer graphs %s: %s", "on" if keep else "off", reason)
+    return {"on": keep, "reason": reason, **record}
+
+
 def autotune_cuda(trainer, settings: FinetuneSection | dict, plan: TrainingPlan, checkpoint_dir: Path) -> dict:
     """Choose activation checkpointing and the micro-batch by measuring them on this GPU.
 
@@ -269,6 +353,9 @@ def autotune_cuda(trainer, settings: FinetuneSection | dict, plan: TrainingPlan,
         if choice.get("rows_per_step") == rows_per_step:
             if (choice.get("dense_base") or {}).get("on"):
                 dequantize_base_weights(trainer.model)
+            if (choice.get("layer_graphs") or {}).get("on"):
+                install_layer_graphs(trainer, choice["layer_graphs"]["pad_to_multiple_of"],
+                                     choice["layer_graphs"]["memory_budget_mib"] * 2**20)
             _set_checkpointing(trainer, choice["gradient_checkpointing"])
             _apply_micro_batch(trainer, choice["micro_batch_size"], rows_per_step)
             log.info("autotune: reusing the choice of the interrupted run: %s", choice["reason"])
@@ -323,11 +410,13 @@ def autotune_cuda(trainer, settings: FinetuneSection | dict, plan: TrainingPlan,
                 torch.cuda.empty_cache()
                 if fits and not checkpointing:
                     break
+        fitting = [t for t in trials if t["fits"]]
+        layer_graphs = (_choose_layer_graphs(trainer, settings, max(fitting, key=lambda t: t["tokens_per_s"]), dense,
+                                             budget, worst_batch) if fitting else None)
     finally:
         torch.set_rng_state(rng[0])
         torch.cuda.set_rng_state_all(rng[1])
         trainer.model.train(was_training)
-    fitting = [t for t in trials if t["fits"]]
     if not fitting and dense["on"]:
         drop_dequantized_weights(trainer.model)
         torch.cuda.empty_cache()
@@ -346,6 +435,7 @@ def autotune_cuda(trainer, settings: FinetuneSection | dict, plan: TrainingPlan,
     _apply_micro_batch(trainer, best["micro_batch_size"], rows_per_step)
     choice = {"rows_per_step": rows_per_step, "gradient_checkpointing": best["gradient_checkpointing"],
               "micro_batch_size": best["micro_batch_size"], "reason": reason, "trials": trials, "dense_base": dense,
+              "layer_graphs": layer_graphs or {"on": False, "reason": "no micro-batch fitted"},
               "gpu_total_mib": round(total / 2**20)}
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(record_path, choice)
