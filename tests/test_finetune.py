@@ -866,8 +866,8 @@ def test_layer_graphs_run_eagerly_past_their_limits(tiny_llama_dir):
 
 def test_autotune_keeps_layer_graphs_that_measure_faster_and_the_training_is_unchanged(
         tiny_llama_dir, train_jsonl, tmp_path, fake_gpu, monkeypatch):
-    """The autotuner measures the eager and the graphed step on the longest rows (padded to the bucket multiple)
-    and keeps the graphs when faster; training then replays them for every step (one shape here) and logs the
+    """The autotuner measures the eager and the graphed step on median-length rows (padded to the bucket multiple)
+    and keeps the graphs when faster and the longest rows' capture fits; training then replays them for every step (one shape here) and logs the
     losses of a run without graphs; a resumed run reinstalls them from the recorded choice without measuring."""
     import tunelens.training.speed as speed
 
@@ -895,10 +895,37 @@ def test_autotune_keeps_layer_graphs_that_measure_faster_and_the_training_is_unc
     assert choice["layer_graphs"]["pad_to_multiple_of"] == run.trainer.data_collator.pad_to_multiple_of == 64
     summary = run.trainer.tunelens_layer_graphs.summary()
     assert fake_make_graphed.calls == 1 and [s["shape"][:2] for s in summary["shapes"]] == [[4, 64]]
-    assert summary["graphed_passes"] == 2 + 4 and summary["eager_passes"] == {}  # the probe's 2, then 4 steps
+    # the probes' 2 + 2 (longest rows, then median-length rows: one shape here), then the 4 steps
+    assert summary["graphed_passes"] == 4 + 4 and summary["eager_passes"] == {}
     assert losses[True] == pytest.approx(losses[False], rel=1e-5)
     again = build_trainer(tiny_llama_dir, train_jsonl, tmp_path / "ckptTrue", config, "alpaca", seed=1, device="cpu")
     fake_gpu.clear()
     assert speed.autotune_cuda(again.trainer, config, again.plan, tmp_path / "ckptTrue")["layer_graphs"]["on"]
     assert fake_gpu == [] and again.trainer.tunelens_layer_graphs is not None
     assert again.trainer.data_collator.pad_to_multiple_of == 64
+
+
+def test_autotune_drops_layer_graphs_that_are_not_faster(tiny_llama_dir, train_jsonl, tmp_path, fake_gpu, monkeypatch):
+    """Graphs that measure slower than the eager step are removed again: the layers' own forward, the collator's
+    padding as configured, and the reason in the choice."""
+    import tunelens.training.speed as speed
+
+    monkeypatch.setattr(speed, "LAYER_GRAPH_OPTIONS", {"make_graphed": fake_make_graphed, "device_types": ("cpu",)})
+    monkeypatch.setattr(speed, "_choose_dense_base", lambda trainer: {"on": True, "reason": "as on a 4-bit base"})
+    fake_probe = speed._probe
+
+    def probe(trainer, batch, repeats=3):
+        if getattr(trainer, "tunelens_layer_graphs", None) is None:
+            return fake_probe(trainer, batch, repeats)
+        REAL_PROBE(trainer, batch, repeats=1)
+        return 10.0, 2**30
+
+    monkeypatch.setattr(speed, "_probe", probe)
+    config = settings(batch_size=4)
+    run = build_trainer(tiny_llama_dir, train_jsonl, tmp_path / "ckpt", config, "alpaca", seed=1, device="cpu")
+    choice = speed.autotune_cuda(run.trainer, config, run.plan, tmp_path / "ckpt")["layer_graphs"]
+    assert not choice["on"] and choice["reason"].startswith("not faster")
+    assert run.trainer.tunelens_layer_graphs is None and run.trainer.data_collator.pad_to_multiple_of is None
+    from tunelens.models import decoder_layers
+
+    assert all("forward" not in vars(layer) for layer in decoder_layers(run.trainer.model))

@@ -275,11 +275,14 @@ def remove_layer_graphs(trainer, pad_to_multiple_of) -> None:
 
 
 def _choose_layer_graphs(trainer, settings: FinetuneSection, best: dict, dense: dict, budget: float,
-                         worst_batch) -> dict:
-    """Replay the decoder layers from CUDA graphs when it measures faster on the longest rows and fits.
+                         worst_batch, typical_batch) -> dict:
+    """Replay the decoder layers from CUDA graphs when it measures faster on typical rows and fits.
 
-    Both sides are measured on the same batch (the longest rows at the chosen micro-batch, padded to the bucket
-    multiple): eager, then graphed (its first repeat captures, the median of the later ones counts)."""
+    Speed is measured on rows of median length at the chosen micro-batch, padded to the bucket multiple: eager,
+    then graphed (its first repeat captures, the median of the later ones counts). The longest rows are the wrong
+    batch for it: a step of ~4,000 tokens is bound by the GPU's arithmetic either way (1.01x on the H200), while the
+    training's typical steps are bound by launching kernels (2x; BENCHMARKS.md, issue 24). Memory is checked on the
+    longest rows, whose capture has the largest fixed buffers and activations."""
     import torch
 
     from tunelens.training.distributed import in_worker
@@ -300,21 +303,24 @@ def _choose_layer_graphs(trainer, settings: FinetuneSection, best: dict, dense: 
     _apply_micro_batch(trainer, best["micro_batch_size"], settings.batch_size * settings.gradient_accumulation)
     _set_checkpointing(trainer, False)
     collator.pad_to_multiple_of = PAD_TO_MULTIPLE_OF
-    batch = worst_batch(best["micro_batch_size"])
-    tokens = int(batch["input_ids"].numel())
-    eager_s, eager_peak = _probe(trainer, batch)
+    micro = best["micro_batch_size"]
+    longest, typical = worst_batch(micro), typical_batch(micro)
+    tokens = int(typical["input_ids"].numel())
+    eager_s, _ = _probe(trainer, typical)
+    eager_peak = best["peak_mib"] * 2**20  # the trial's, on the longest rows
     memory_budget = int(max(0.0, budget - eager_peak) * GRAPH_MEMORY_SHARE)
     graphs = install_layer_graphs(trainer, PAD_TO_MULTIPLE_OF, memory_budget)
     record = {"pad_to_multiple_of": PAD_TO_MULTIPLE_OF, "memory_budget_mib": memory_budget // 2**20,
-              "probe_tokens": tokens, "eager_s": round(eager_s, 4), "eager_peak_mib": round(eager_peak / 2**20)}
+              "probe_tokens": tokens, "eager_s": round(eager_s, 4), "eager_peak_mib": best["peak_mib"]}
     try:
-        graph_s, graph_peak = _probe(trainer, batch, repeats=4)
+        _, graph_peak = _probe(trainer, longest, repeats=1)  # captures the largest shape
+        graph_s, _ = _probe(trainer, typical, repeats=4)
     except torch.OutOfMemoryError:
         graph_s, graph_peak = None, None
     captured = graphs.summary()
     record.update({"graph_s": None if graph_s is None else round(graph_s, 4),
                    "graph_peak_mib": None if graph_peak is None else round(graph_peak / 2**20),
-                   "capture": captured["shapes"][:1]})
+                   "capture": captured["shapes"]})
     if graph_s is None:
         keep, reason = False, "out of memory while capturing"
     elif not captured["graphed_passes"]:
@@ -324,8 +330,8 @@ def _choose_layer_graphs(trainer, settings: FinetuneSection, best: dict, dense: 
     elif graph_s >= eager_s:
         keep, reason = False, f"not faster: {graph_s:.4f} s against {eager_s:.4f} s eager"
     else:
-        keep, reason = True, (f"{eager_s / graph_s:.2f}x the eager step on the longest rows ({graph_s:.4f} s against "
-                              f"{eager_s:.4f} s; {tokens} tokens padded to a multiple of {PAD_TO_MULTIPLE_OF})")
+        keep, reason = True, (f"{eager_s / graph_s:.2f}x the eager step on rows of median length ({graph_s:.4f} s "
+                              f"against {eager_s:.4f} s; {tokens} tokens padded to a multiple of {PAD_TO_MULTIPLE_OF})")
     if not keep:
         remove_layer_graphs(trainer, previous)
         torch.cuda.empty_cache()
@@ -370,10 +376,16 @@ def autotune_cuda(trainer, settings: FinetuneSection | dict, plan: TrainingPlan,
     longest_first = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     device = next(trainer.model.parameters()).device
 
-    def worst_batch(micro: int) -> dict:
-        examples = [dataset[i] for i in longest_first[:micro]]
-        batch = trainer.data_collator(examples)
+    def collated(indices: list[int]) -> dict:
+        batch = trainer.data_collator([dataset[i] for i in indices])
         return {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+
+    def worst_batch(micro: int) -> dict:
+        return collated(longest_first[:micro])
+
+    def typical_batch(micro: int) -> dict:  # the rows around the median length
+        start = max(0, min(len(longest_first) - micro, len(longest_first) // 2 - micro // 2))
+        return collated(longest_first[start:start + micro])
 
     free, total = torch.cuda.mem_get_info()
     # What this process may use: free memory plus what its allocator already holds, less 10% headroom for
@@ -412,7 +424,7 @@ def autotune_cuda(trainer, settings: FinetuneSection | dict, plan: TrainingPlan,
                     break
         fitting = [t for t in trials if t["fits"]]
         layer_graphs = (_choose_layer_graphs(trainer, settings, max(fitting, key=lambda t: t["tokens_per_s"]), dense,
-                                             budget, worst_batch) if fitting else None)
+                                             budget, worst_batch, typical_batch) if fitting else None)
     finally:
         torch.set_rng_state(rng[0])
         torch.cuda.set_rng_state_all(rng[1])
