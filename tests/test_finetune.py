@@ -415,45 +415,68 @@ def test_resume_picks_the_last_complete_checkpoint_of_the_same_run(tiny_llama_di
 
 
 # ------------------------------------------------------------------------------------------ packing
-def _per_token_nll(model, input_ids, labels, position_ids=None):
-    """Per-token cross-entropy (nats) at every labelled position, in order."""
+def _per_token_nll(model, input_ids, labels, position_ids=None, attention_mask=None):
+    """Per-token cross-entropy (nats) at every labelled position, row after row, in order."""
     import torch
 
     with torch.no_grad():
         kwargs = {"position_ids": position_ids} if position_ids is not None else {}
+        if attention_mask is not None:
+            kwargs["attention_mask"] = attention_mask
         logits = model(input_ids=input_ids, **kwargs).logits.float()
-    logprobs = torch.log_softmax(logits[0, :-1], dim=-1)
-    targets = labels[0, 1:]
-    keep = targets != -100
-    return -logprobs[keep].gather(-1, targets[keep, None])[:, 0]
+    out = []
+    for row in range(input_ids.shape[0]):
+        logprobs = torch.log_softmax(logits[row, :-1], dim=-1)
+        targets = labels[row, 1:]
+        keep = targets != -100
+        out.append(-logprobs[keep].gather(-1, targets[keep, None])[:, 0])
+    return torch.cat(out)
 
 
 def _packed_vs_alone(model, batch):
-    """Max |per-token loss of each packed row - the same row run alone|, over all trained tokens."""
+    """Max |per-token loss of each packed row - the same row run alone|, over all trained tokens (the batch as
+    trained: one row of everything, or a row per packed sequence)."""
     import torch
 
-    packed = _per_token_nll(model, batch["input_ids"], batch["labels"], batch["position_ids"])
-    starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist() + [batch["input_ids"].shape[1]]
-    alone = torch.cat([
-        _per_token_nll(model, batch["input_ids"][:, a:b], batch["labels"][:, a:b])
-        for a, b in zip(starts[:-1], starts[1:])
-    ])
-    assert len(starts) - 1 >= 3, "the batch must pack several rows for the test to mean anything"
+    packed = _per_token_nll(model, batch["input_ids"], batch["labels"], batch["position_ids"],
+                            batch.get("attention_mask"))  # the batch as the trainer passes it
+    alone, pieces = [], 0
+    for row in range(batch["input_ids"].shape[0]):
+        ids, labels = batch["input_ids"][row:row + 1], batch["labels"][row:row + 1]
+        starts = (batch["position_ids"][row] == 0).nonzero().flatten().tolist() + [ids.shape[1]]
+        for a, b in zip(starts[:-1], starts[1:]):
+            if bool((labels[:, a:b] != -100).any()):
+                pieces += 1
+                alone.append(_per_token_nll(model, ids[:, a:b], labels[:, a:b]))
+    alone = torch.cat(alone)
+    assert pieces >= 3, "the batch must pack several rows for the test to mean anything"
     assert packed.shape == alone.shape
     return float((packed - alone).abs().max())
 
 
-@pytest.mark.parametrize("mode", ["packing", "padding_free"])
+@pytest.mark.parametrize("mode", ["packing", "padding_free", "packing as one row"])
 def test_packed_rows_do_not_attend_to_each_other(sharp_llama_dir, train_jsonl, tmp_path, mode):
-    """The per-token losses of packed rows equal those of the same rows alone (SDPA, the default kernel).
-    Without the block-diagonal mask a packed row attends to the rows before it: the same comparison on the
-    unmasked model must show it, or this test could not tell the difference."""
+    """The per-token losses of packed rows equal those of the same rows alone (SDPA, the default kernel), with
+    packed sequences as rows of their own (packing's default under SDPA) or all in one row (TRL's form, padding-free
+    batches). Without the block-diagonal mask a packed row attends to the rows before it: the same comparison on
+    the unmasked model must show it, or this test could not tell the difference."""
     from transformers import AutoModelForCausalLM
 
-    run = build_trainer(sharp_llama_dir, train_jsonl, tmp_path / "ckpt", settings(**{mode: True}, batch_size=4),
-                        "alpaca", seed=1, device="cpu")
+    import tunelens.training.finetune as finetune_module
+
+    if mode == "packing as one row":
+        finetune_module_rows = finetune_module.packed_sequences_as_rows
+        finetune_module.packed_sequences_as_rows = lambda collator: False
+    try:
+        run = build_trainer(sharp_llama_dir, train_jsonl, tmp_path / "ckpt",
+                            settings(**{mode.split()[0]: True}, batch_size=4), "alpaca", seed=1, device="cpu")
+    finally:
+        if mode == "packing as one row":
+            finetune_module.packed_sequences_as_rows = finetune_module_rows
     assert run.row_separation and "block-diagonal" in run.row_separation
     batch = next(iter(run.trainer.get_train_dataloader()))
+    rows = batch["input_ids"].shape[0]
+    assert rows == (2 if mode == "packing" else 1), rows  # 8 rows packed into 2 sequences of <= 256 tokens
     model = run.trainer.model.eval()
     assert _packed_vs_alone(model, batch) < 1e-4
 

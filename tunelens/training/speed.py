@@ -64,6 +64,34 @@ def separate_packed_rows(model) -> str:
 
 
 
+def packed_sequences_as_rows(collator) -> bool:
+    """Collate a micro-batch of packed sequences as one row each ([sequences, longest]), not all in one row.
+
+    TRL's packing concatenates every packed sequence of a micro-batch into a single row (padding-free), which
+    flash-attention's varlen kernels split again by `cu_seq_lens`. Under SDPA or eager attention that row is one
+    attention block of (sequences x length)^2 scores with a block-diagonal mask: at 8 sequences of 512 tokens, 8x
+    the attention work of 8 rows of 512. As rows, each packed sequence attends within itself, its packed rows kept
+    apart by the position ids as before (`separate_packed_rows`); the tokens, labels and loss are the same: each
+    packed row's first token is not predicted from the row before it, and rows shorter than the longest are
+    padded (pad tokens carry no loss and are not counted as tokens). Returns whether the collator was changed
+    (TRL's language-modeling collator with packing only)."""
+    if not (getattr(collator, "padding_free", False) and hasattr(collator, "return_position_ids")
+            and hasattr(collator, "torch_call")):
+        return False
+    collator.padding_free = False
+    collator.return_position_ids = True  # from each example's seq_lengths: restarting at every packed row
+    rows = collator.torch_call
+
+    def torch_call(examples):
+        out = rows(examples)
+        out["labels"][out["position_ids"] == 0] = -100  # as TRL's padding-free batches
+        out.pop("attention_mask", None)  # the block-diagonal mask comes from the position ids
+        return out
+
+    collator.torch_call = torch_call
+    return True
+
+
 # --------------------------------------------------------------------------------------------- lean LoRA layers
 def _is_4bit(module) -> bool:
     return type(module).__name__ == "Linear4bit" and hasattr(getattr(module, "weight", None), "quant_state")
