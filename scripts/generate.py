@@ -11,13 +11,15 @@ from pathlib import Path
 from tunelens.generation.genserver import run_generation_job
 from tunelens.jobs import job_log, use_job_threads
 from tunelens.servers import server_reusable
-from tunelens.settings import ConfigSection
+from tunelens.settings.generation import GenerationSection
 
 job_log(snakemake.log[0])  # errors and tracebacks go to the rule's log too
 use_job_threads(snakemake.threads, torch=False)  # the OpenMP variables; a server started here inherits them
 params = snakemake.params
 settings = dict(params.settings)
-generation = ConfigSection.from_dict(snakemake.config, lenient=True).generation  # validated by the workflow
+# Only the generation section (validated by the workflow): a setting added to another section then changes
+# nothing in this job's code hash, so it reruns nothing (tunelens.codehash).
+generation = GenerationSection.from_dict(snakemake.config.get("generation") or {}, where="generation", lenient=True)
 vllm_python = generation.vllm_python
 if vllm_python is None:  # the CPU venv `make vllm-venv` builds, when there is one
     default = Path(snakemake.scriptdir).parent / ".venv-vllm" / "bin" / "python"

@@ -114,3 +114,13 @@ def test_new_decoding_parameter_reaches_schema_backends_sidecar_and_sweep_table(
     assert [c.strip() for c in header.strip("|").split("|")][:2] == ["Config", "min_p"]
     row = next(line for line in decoding_section.splitlines() if line.startswith(f"| {swept_name}"))
     assert [c.strip() for c in row.strip("|").split("|")][1] == "0.3"
+
+
+def test_generation_settings_seed_default_is_the_configs():
+    """GenerationSettings writes the config's top-level seed default as a literal (referring to ConfigSection would
+    make every config section code of every generation job): the two stay equal."""
+    from tunelens.generation.completions import GenerationSettings
+    from tunelens.settings import ConfigSection
+    from tunelens.settings.base import default_of
+
+    assert GenerationSettings().seed == default_of(ConfigSection, "seed")

@@ -406,3 +406,16 @@ def test_every_script_rule_carries_its_code_hash():
         triggers = yaml.safe_load(profile.read_text()).get("rerun-triggers")
         assert triggers is None or "code" not in triggers, profile
     assert "code" not in yaml.safe_load((REPO / "profiles/default/config.yaml").read_text())["rerun-triggers"]
+
+
+def test_a_new_finetune_setting_reruns_no_base_variant_job(study):
+    """A setting added to the fine-tune section reruns the fine-tune and what reads its adapter. The base
+    variant's generation, probes and scores do not read that section: their scripts parse the generation section
+    only, so the new field is no code of theirs (it reran every score job when they parsed the whole config)."""
+    flow = study[0]
+    with edited(module_file(flow, "settings/finetune"), "    logging_steps: int = setting(5,",
+                '    new_knob: bool = setting(False, "A new setting.", schema={"type": "boolean"})\n'
+                "    logging_steps: int = setting(5,"):
+        planned = plan(study)
+    assert job("finetune", model="smollm2") in planned
+    assert not {key for key in planned if dict(key[1]).get("variant") == "base"}, sorted(planned)

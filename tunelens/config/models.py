@@ -12,7 +12,7 @@ from pathlib import Path
 from tunelens.config.problems import config_error
 from tunelens.errors import ConfigError
 from tunelens.schema import schema_message
-from tunelens.settings import ConfigSection, FinetuneSection, ResourcesSection
+from tunelens.settings import ConfigSection, FinetuneSection, GenerationSection, ModelSection, ResourcesSection
 from tunelens.sources import EMBEDDED_PREFIX, source_kind
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
@@ -107,14 +107,18 @@ def _local_num_layers(path: Path, where: str) -> int | None:
         raise ConfigError(f"{where}: {exc}") from None
 
 
-def generation_server_fields(config: ConfigSection | dict, model: str) -> dict:
-    """The config's part of a model's generation-server key (tunelens.generation.genserver.server_key): its generation
-    backend and the vLLM engine options. Generate jobs pass them as params; early_exit jobs read them here
+def generation_server_fields(config, model: str) -> dict:
+    """The config's (a dict, or the typed ConfigSection) part of a model's generation-server key
+    (tunelens.generation.genserver.server_key): its generation backend and the vLLM engine options. Generate jobs pass them as params; early_exit jobs read them here
     from the config, so they key the same server (one model load) without rerunning when they change."""
-    config = ConfigSection.from_dict(config, lenient=True)
-    generation = config.generation
+    if isinstance(config, dict):  # the two sections only: the others are then no code of the jobs calling this
+        generation = GenerationSection.from_dict(config.get("generation") or {}, where="generation", lenient=True)
+        backend = ModelSection.from_dict((config.get("models") or {}).get(model) or {}, where=f"models.{model}",
+                                         lenient=True).generation_backend
+    else:  # the typed config
+        generation, backend = config.generation, config.models[model].generation_backend
     return {
-        "backend": config.models[model].generation_backend or generation.backend,
+        "backend": backend or generation.backend,
         "vllm_options": {"max_lora_rank": generation.vllm_max_lora_rank,
                          "gpu_memory_utilization": generation.vllm_gpu_memory_utilization},
     }
