@@ -887,11 +887,10 @@ def test_layer_graphs_run_eagerly_past_their_limits(tiny_llama_dir):
     assert graphs.summary()["eager_passes"] == {"arguments ['output_router_logits']": 1}
 
 
-def test_autotune_keeps_layer_graphs_that_measure_faster_and_the_training_is_unchanged(
-        tiny_llama_dir, train_jsonl, tmp_path, fake_gpu, monkeypatch):
-    """The autotuner measures the eager and the graphed step on median-length rows (padded to the bucket multiple)
-    and keeps the graphs when faster and the longest rows' capture fits; training then replays them for every step (one shape here) and logs the
-    losses of a run without graphs; a resumed run reinstalls them from the recorded choice without measuring."""
+def _graphs_on_the_fake_gpu(monkeypatch, graph_seconds: float, capture_repeats: int):
+    """The autotuner on the fake GPU with layer graphs possible: the CPU stand-in for the capture, a 4-bit base's
+    dense copy, and a probe that really runs the graphed step (`capture_repeats` times) and reports
+    `graph_seconds`. Returns tunelens.training.speed."""
     import tunelens.training.speed as speed
 
     monkeypatch.setattr(speed, "LAYER_GRAPH_OPTIONS", {"make_graphed": fake_make_graphed, "device_types": ("cpu",)})
@@ -901,10 +900,20 @@ def test_autotune_keeps_layer_graphs_that_measure_faster_and_the_training_is_unc
     def probe(trainer, batch, repeats=3):
         if getattr(trainer, "tunelens_layer_graphs", None) is None:
             return fake_probe(trainer, batch, repeats)
-        REAL_PROBE(trainer, batch, repeats=2)  # captures
-        return 0.001, 2**30
+        REAL_PROBE(trainer, batch, repeats=capture_repeats)
+        return graph_seconds, 2**30
 
     monkeypatch.setattr(speed, "_probe", probe)
+    return speed
+
+
+def test_autotune_keeps_layer_graphs_that_measure_faster_and_the_training_is_unchanged(
+        tiny_llama_dir, train_jsonl, tmp_path, fake_gpu, monkeypatch):
+    """The autotuner measures the eager and the graphed step on median-length rows (padded to the bucket multiple)
+    and keeps the graphs when faster and the longest rows' capture fits; training then replays them for every step
+    (one shape here) and logs the losses of a run without graphs; a resumed run reinstalls them from the recorded
+    choice without measuring."""
+    speed = _graphs_on_the_fake_gpu(monkeypatch, graph_seconds=0.001, capture_repeats=2)
     losses = {}
     for graphs_on in (False, True):
         config = settings(batch_size=4, max_steps=4, cuda_graphs=graphs_on)
@@ -931,19 +940,7 @@ def test_autotune_keeps_layer_graphs_that_measure_faster_and_the_training_is_unc
 def test_autotune_drops_layer_graphs_that_are_not_faster(tiny_llama_dir, train_jsonl, tmp_path, fake_gpu, monkeypatch):
     """Graphs that measure slower than the eager step are removed again: the layers' own forward, the collator's
     padding as configured, and the reason in the choice."""
-    import tunelens.training.speed as speed
-
-    monkeypatch.setattr(speed, "LAYER_GRAPH_OPTIONS", {"make_graphed": fake_make_graphed, "device_types": ("cpu",)})
-    monkeypatch.setattr(speed, "_choose_dense_base", lambda trainer: {"on": True, "reason": "as on a 4-bit base"})
-    fake_probe = speed._probe
-
-    def probe(trainer, batch, repeats=3):
-        if getattr(trainer, "tunelens_layer_graphs", None) is None:
-            return fake_probe(trainer, batch, repeats)
-        REAL_PROBE(trainer, batch, repeats=1)
-        return 10.0, 2**30
-
-    monkeypatch.setattr(speed, "_probe", probe)
+    speed = _graphs_on_the_fake_gpu(monkeypatch, graph_seconds=10.0, capture_repeats=1)
     config = settings(batch_size=4)
     run = build_trainer(tiny_llama_dir, train_jsonl, tmp_path / "ckpt", config, "alpaca", seed=1, device="cpu")
     choice = speed.autotune_cuda(run.trainer, config, run.plan, tmp_path / "ckpt")["layer_graphs"]

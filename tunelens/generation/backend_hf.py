@@ -210,9 +210,9 @@ def decode_attention(module, query, key, value, attention_mask, dropout: float =
 
     rows, heads, queries, dim = query.shape
     kv_heads = key.shape[1]
+    supported_dtype = query.dtype == torch.float32 or (query.is_cuda and query.dtype in (torch.bfloat16, torch.float16))
     if (queries != 1 or (dropout and module.training) or kwargs.get("position_bias") is not None
-            or kwargs.get("s_aux") is not None or heads % kv_heads
-            or not (query.dtype == torch.float32 or (query.is_cuda and query.dtype in (torch.bfloat16, torch.float16)))):
+            or kwargs.get("s_aux") is not None or heads % kv_heads or not supported_dtype):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     length = key.shape[2]

@@ -22,9 +22,9 @@ the same generator through PyTorch's graph-safe random offsets, so its masks dif
 between two eager runs with different kernels); the warm-up iterations of a capture draw from it as well.
 
 Gradients: a graph writes its parameters' gradients into fixed buffers, and autograd may keep such a buffer as a
-parameter's `.grad`. The next replay would then overwrite a gradient still being accumulated (gradient
-accumulation) so a layer's gradients are copied out of the graph's buffers before its next replay when they
-are still held.
+parameter's `.grad`. With gradient accumulation the next replay would overwrite a gradient still being summed, so a
+layer's gradients still held at its next forward are first copied out of the graph's buffers (a CPU test with a
+stand-in that has those buffers fails without the copy).
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ log = logging.getLogger("tunelens.training.finetune")
 # metadata for flash-attention (padding-free/packing collators), the Trainer's loss normaliser, cache flags.
 # The hidden-states flag is read outside the layers (transformers records a layer's output from its call).
 IGNORED_KWARGS = frozenset({"cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx",
-                            "num_items_in_batch", "cache_position", "output_hidden_states", "output_attentions", "return_dict"})
+                            "num_items_in_batch", "cache_position", "output_hidden_states", "output_attentions",
+                            "return_dict"})
 GRAPH_ATTENTION = ("sdpa", "eager")
 PAD_TO_MULTIPLE_OF = 64  # tokens: at 512-token rows, at most 8 shapes per batch size
 
@@ -102,7 +103,7 @@ class LayerGraphs:
         self.captures: list[dict] = []
         self.graphed_passes = 0
         self.eager_passes: dict[str, int] = {}
-        self._active = None  # (key, graphed callables, expected requires_grad per layer) of the pass under way
+        self._active = None  # (shape key, index of the next layer) of the pass under way
         for index, layer in enumerate(self.layers):
             layer.forward = self._dispatcher(index)
 
