@@ -907,16 +907,18 @@ def _graphs_on_the_fake_gpu(monkeypatch, graph_seconds: float, capture_repeats: 
     return speed
 
 
+@pytest.mark.parametrize("packing", [False, True])
 def test_autotune_keeps_layer_graphs_that_measure_faster_and_the_training_is_unchanged(
-        tiny_llama_dir, train_jsonl, tmp_path, fake_gpu, monkeypatch):
+        tiny_llama_dir, train_jsonl, tmp_path, fake_gpu, monkeypatch, packing):
     """The autotuner measures the eager and the graphed step on median-length rows (padded to the bucket multiple)
     and keeps the graphs when faster and the longest rows' capture fits; training then replays them for every step
     (one shape here) and logs the losses of a run without graphs; a resumed run reinstalls them from the recorded
-    choice without measuring."""
+    choice without measuring. Packed: the packed sequences as rows, their block-diagonal mask and restarting position
+    ids go through the graphs too."""
     speed = _graphs_on_the_fake_gpu(monkeypatch, graph_seconds=0.001, capture_repeats=2)
     losses = {}
     for graphs_on in (False, True):
-        config = settings(batch_size=4, max_steps=4, cuda_graphs=graphs_on)
+        config = settings(batch_size=4 if not packing else 2, max_steps=4, cuda_graphs=graphs_on, packing=packing)
         run = build_trainer(tiny_llama_dir, train_jsonl, tmp_path / f"ckpt{graphs_on}", config, "alpaca", seed=1,
                             device="cpu")
         fake_make_graphed.calls = 0
@@ -926,7 +928,10 @@ def test_autotune_keeps_layer_graphs_that_measure_faster_and_the_training_is_unc
         losses[graphs_on] = [row["loss"] for row in run.trainer.state.log_history if "loss" in row]
     assert choice["layer_graphs"]["pad_to_multiple_of"] == run.trainer.data_collator.pad_to_multiple_of == 64
     summary = run.trainer.tunelens_layer_graphs.summary()
-    assert fake_make_graphed.calls == 1 and [s["shape"][:2] for s in summary["shapes"]] == [[4, 64]]
+    shapes = [s["shape"][:2] for s in summary["shapes"]]
+    # one capture per shape: the 8 rows in padded batches of 64 tokens, or packed into 2 sequences, both in every
+    # step as 2 rows padded to 256 tokens
+    assert fake_make_graphed.calls == len(shapes) and shapes == ([[2, 256]] if packing else [[4, 64]])
     # the probes' 2 + 2 (longest rows, then median-length rows: one shape here), then the 4 steps
     assert summary["graphed_passes"] == 4 + 4 and summary["eager_passes"] == {}
     assert losses[True] == pytest.approx(losses[False], rel=1e-5)
