@@ -17,9 +17,7 @@ job_log(snakemake.log[0])  # errors and tracebacks go to the rule's log too
 use_job_threads(snakemake.threads, torch=False)  # the OpenMP variables; a server started here inherits them
 params = snakemake.params
 settings = dict(params.settings)
-# Only the generation section (validated by the workflow): a setting added to another section then changes
-# nothing in this job's code hash, so it reruns nothing (tunelens.codehash).
-generation = GenerationSection.from_dict(snakemake.config.get("generation") or {}, where="generation", lenient=True)
+generation = GenerationSection.of_config(snakemake.config)  # validated by the workflow
 vllm_python = generation.vllm_python
 if vllm_python is None:  # the CPU venv `make vllm-venv` builds, when there is one
     default = Path(snakemake.scriptdir).parent / ".venv-vllm" / "bin" / "python"

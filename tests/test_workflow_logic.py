@@ -332,8 +332,10 @@ ALLOWED = {
     # The raw user config before schema validation (removed keys, empty sweep axes, given field mappings).
     ("tunelens/config/__init__.py", "config"),
     ("tunelens/modelfiles.py", "config"),  # a model's config.json
-    # generation_server_fields types the raw config's two sections it reads (generation, the model's entry) on
-    # their own: typing the whole ConfigSection made every section code of the jobs calling it (tunelens.codehash)
+    # The raw config's sections that jobs read, typed on their own (GenerationSection.of_config, and the model's
+    # entry in generation_server_fields): typing the whole ConfigSection made every section code of those jobs
+    # (tunelens.codehash)
+    ("tunelens/settings/generation.py", "config"),
     ("tunelens/config/models.py", "config"),
     ("tunelens/report/comparisons.py", "decoding"),  # a DataFrame of score rows
     ("tunelens/report/document.py", "decoding"),  # a DataFrame of score rows

@@ -109,10 +109,11 @@ def _local_num_layers(path: Path, where: str) -> int | None:
 
 def generation_server_fields(config, model: str) -> dict:
     """The config's (a dict, or the typed ConfigSection) part of a model's generation-server key
-    (tunelens.generation.genserver.server_key): its generation backend and the vLLM engine options. Generate jobs pass them as params; early_exit jobs read them here
-    from the config, so they key the same server (one model load) without rerunning when they change."""
+    (tunelens.generation.genserver.server_key): its generation backend and the vLLM engine options. Generate jobs
+    pass them as params; early_exit jobs read them here from the config, so they key the same server (one model
+    load) without rerunning when they change."""
     if isinstance(config, dict):  # the two sections only: the others are then no code of the jobs calling this
-        generation = GenerationSection.from_dict(config.get("generation") or {}, where="generation", lenient=True)
+        generation = GenerationSection.of_config(config)
         backend = ModelSection.from_dict((config.get("models") or {}).get(model) or {}, where=f"models.{model}",
                                          lenient=True).generation_backend
     else:  # the typed config

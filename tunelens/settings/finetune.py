@@ -78,8 +78,8 @@ class FinetuneSection(Section):
         schema={"type": "boolean"})
     cuda_graphs: bool = setting(True,
         "On CUDA, replay each decoder layer's forward and backward from CUDA graphs, one capture per batch shape "
-        "(batches padded to a multiple of 64 tokens), when the autotuner measures it faster on the longest rows and "
-        "it fits the GPU's memory (needs autotune, the dequantized base, checkpointing off, SDPA or eager "
+        "(batches padded to a multiple of 64 tokens), when the autotuner measures it faster on rows of median length "
+        "and it fits the GPU's memory (needs autotune, the dequantized base, checkpointing off, SDPA or eager "
         "attention, one process). Same rows and loss; what ran goes to metrics.json (layer_graphs).",
         schema={"type": "boolean"})
     logging_steps: int = setting(5, "Optimizer steps between train_log.jsonl records.",

@@ -99,3 +99,11 @@ class GenerationSection(Section):
         schema={"type": "integer", "minimum": 1, "maximum": 10000})
     agreement_max_new_tokens: int = setting(32, "Greedy tokens per row in the agreement check.",
         schema={"type": "integer", "minimum": 1, "maximum": 4096})
+
+
+    @classmethod
+    def of_config(cls, config: dict) -> "GenerationSection":
+        """The raw (workflow-validated) config dict's `generation` section, typed alone: a job that types only
+        what it reads has no other section in its code hash (tunelens.codehash), so a setting added elsewhere does
+        not rerun it."""
+        return cls.from_dict(config.get("generation") or {}, where="generation", lenient=True)

@@ -59,8 +59,8 @@ from tunelens.training.checkpoints import (  # noqa: F401
     RUN_FINGERPRINT_FILE, _complete_checkpoint, prepare_checkpoint_dir, run_fingerprint,
 )
 from tunelens.training.speed import (  # noqa: F401
-    VARLEN_ATTENTION, _probe, autotune_cuda, lean_lora_forward, packed_attention_mask, packed_sequences_as_rows,
-    separate_packed_rows,
+    VARLEN_ATTENTION, _probe, attention_implementation, autotune_cuda, lean_lora_forward, packed_attention_mask,
+    packed_sequences_as_rows, separate_packed_rows,
 )
 
 log = logging.getLogger(__name__)
@@ -291,7 +291,7 @@ def build_trainer(
     )
     # With tqdm off, the Trainer prints every log dict to stdout; our callback logs them instead.
     trainer.remove_callback(PrinterCallback)
-    if settings.packing and row_separation and "block-diagonal" in row_separation:
+    if settings.packing and attention_implementation(model) not in VARLEN_ATTENTION:
         if packed_sequences_as_rows(trainer.data_collator):
             row_separation += "; packed sequences collated as rows of their own"
     if lean_layers:

@@ -95,8 +95,8 @@ class LayerGraphs:
         self.make_graphed = make_graphed
         self.device_types = device_types
         self.enabled = True
-        self.graphs: dict[tuple, tuple] = {}
-        self._requires_grad: dict[tuple, list[bool]] = {}  # per shape: whether each layer's input requires grad
+        # per shape: the graphed layers, and whether each layer's input requires grad
+        self.graphs: dict[tuple, tuple[tuple, list[bool]]] = {}
         self.refused: dict[tuple, str] = {}
         self.static_bytes = 0
         self.pool = None
@@ -171,6 +171,8 @@ class LayerGraphs:
         return key
 
     def _dispatcher(self, index: int):
+        import torch
+
         layer, original, last = self.layers[index], self.originals[index], len(self.layers) - 1
 
         def forward(hidden_states, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
@@ -180,19 +182,20 @@ class LayerGraphs:
                                 past_key_values=past_key_values, use_cache=use_cache,
                                 position_embeddings=position_embeddings, **kwargs)
 
-            why_not = self._why_not(layer, hidden_states, attention_mask, past_key_values, use_cache,
-                                    position_embeddings, kwargs)
-            if index == 0:
+            if index == 0:  # the pass's arguments are the same for every layer: checked once
+                why_not = self._why_not(layer, hidden_states, attention_mask, past_key_values, use_cache,
+                                        position_embeddings, kwargs)
                 key = self._start_pass(hidden_states, attention_mask, position_ids, position_embeddings, why_not)
                 self._active = None if key is None else (key, 0)
             active = self._active
-            if active is None or active[1] != index or why_not:
+            if active is None or active[1] != index or not torch.is_grad_enabled():
                 self._active = None
                 return eager()
             key = active[0]
+            graphed, requires_grad = self.graphs[key]
             cos, sin = position_embeddings
             if (_signature(hidden_states, attention_mask, position_ids, cos, sin) != key[0]
-                    or hidden_states.requires_grad != self._requires_grad[key][index]):
+                    or hidden_states.requires_grad != requires_grad[index]):
                 self._active = None  # the layers before replayed their graphs; the rest of the pass runs eagerly
                 self._eager("a layer's input differs from the captured one")
                 return eager()
@@ -201,7 +204,7 @@ class LayerGraphs:
                 if parameter.grad is not None:  # still accumulating: keep it out of the graph's gradient buffer
                     parameter.grad = parameter.grad.clone()
             tensors = [t for t in (attention_mask, position_ids, cos, sin) if t is not None]
-            return self.graphs[key][index](hidden_states, *tensors)
+            return graphed[index](hidden_states, *tensors)
 
         return forward
 
@@ -244,8 +247,7 @@ class LayerGraphs:
             if device_type == "cuda":
                 torch.cuda.empty_cache()
             return f"capture failed ({type(exc).__name__})"
-        self.graphs[key] = graphed
-        self._requires_grad[key] = requires_grad
+        self.graphs[key] = (graphed, requires_grad)
         self.static_bytes += need
         record = {"shape": list(hidden.shape), "mask": None if mask is None else list(mask.shape),
                   "capture_s": round(time.perf_counter() - started, 3), "static_mib": round(need / 2**20)}

@@ -36,6 +36,11 @@ def packed_attention_mask(position_ids, dtype=None):
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
+def attention_implementation(model) -> str:
+    """The attention kernel family the model runs (transformers' default: SDPA)."""
+    return getattr(model.config, "_attn_implementation", None) or "sdpa"
+
+
 def separate_packed_rows(model) -> str:
     """Make packed rows attend only to themselves, whatever the attention kernel.
 
@@ -44,7 +49,7 @@ def separate_packed_rows(model) -> str:
     row would attend to the rows before it. For those kernels a forward pre-hook on the decoder turns the
     position ids into an explicit block-diagonal mask. Returns how rows are separated (recorded in metrics).
     """
-    implementation = getattr(model.config, "_attn_implementation", None) or "sdpa"
+    implementation = attention_implementation(model)
     if implementation in VARLEN_ATTENTION:
         return f"{implementation} varlen kernel (cu_seq_lens)"
     eager = implementation == "eager"
@@ -316,7 +321,7 @@ def _choose_layer_graphs(trainer, settings: FinetuneSection, best: dict, dense: 
     from tunelens.training.distributed import in_worker
     from tunelens.training.graphed import GRAPH_ATTENTION, PAD_TO_MULTIPLE_OF
 
-    attention = getattr(trainer.model.config, "_attn_implementation", None) or "sdpa"
+    attention = attention_implementation(trainer.model)
     collator = trainer.data_collator
     why_not = ("finetune.cuda_graphs is false" if not settings.cuda_graphs
                else "activation checkpointing is on" if best["gradient_checkpointing"]
