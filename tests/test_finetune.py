@@ -604,14 +604,19 @@ def _count_ops(names: tuple[str, ...], unless_called_from: str | None = None):
     return Counter()
 
 
-def test_training_steps_between_log_rows_read_nothing_back_from_the_device(tiny_llama_dir, train_jsonl, tmp_path):
+@pytest.mark.parametrize("packing", [False, True])
+def test_training_steps_between_log_rows_read_nothing_back_from_the_device(tiny_llama_dir, train_jsonl, tmp_path,
+                                                                          packing):
     """TRL turns its metrics into floats on every micro-batch and the Trainer reads the loss and the token count
     back on every micro-batch: each a device sync on a GPU. tunelens' trainer keeps them on the device until a
     row is logged: the steps between log rows read nothing back (but for transformers' attention-mask builder,
-    which checks whether the padding mask is all ones). The logged rows are TRL's, value for value."""
+    which checks whether the padding mask is all ones) and send no host value to the device (`lift_fresh`:
+    `torch.tensor(value, device=...)`, a blocking copy that waits for the GPU as a read does). Packed sequences
+    as rows carry no attention mask: their token count and TRL's token metric must not read back either. The
+    logged rows are TRL's, value for value."""
     from transformers import TrainerCallback
 
-    counter = _count_ops(("_local_scalar_dense",), unless_called_from="masking_utils")
+    counter = _count_ops(("_local_scalar_dense", "lift_fresh"), unless_called_from="masking_utils")
     per_step: list[int] = []
 
     class Steps(TrainerCallback):
@@ -625,8 +630,11 @@ def test_training_steps_between_log_rows_read_nothing_back_from_the_device(tiny_
     for sync_free in (True, False):
         per_step.clear()
         run = build_trainer(tiny_llama_dir, train_jsonl, tmp_path / f"ckpt{sync_free}",
-                            settings(max_steps=6, logging_steps=3, save_steps=100, lora_dropout=0.1), "alpaca",
-                            seed=3, device="cpu", callbacks=[Steps()], sync_free=sync_free)
+                            settings(max_steps=6, logging_steps=3, save_steps=100, lora_dropout=0.1, packing=packing),
+                            "alpaca", seed=3, device="cpu", callbacks=[Steps()], sync_free=sync_free)
+        if packing:
+            assert "input_ids" in run.trainer.data_collator([run.trainer.train_dataset[0]])
+            assert "attention_mask" not in run.trainer.data_collator([run.trainer.train_dataset[0]])
         with counter:
             run.trainer.train()
         logs[sync_free] = [row for row in run.trainer.state.log_history if "loss" in row]

@@ -2,7 +2,8 @@
 
 TRL 1.16's `SFTTrainer.compute_loss` turns three metrics into Python floats on every micro-batch (entropy and token
 accuracy with `.item()`, its token count with `.item()`), and transformers' Trainer adds two more per micro-batch
-(the non-padding token count, `include_num_input_tokens_seen`; the NaN/inf filter of the logged loss,
+(the non-padding token count, `include_num_input_tokens_seen`, from the attention mask or, for packed rows, the
+tokens that are not padding; the NaN/inf filter of the logged loss,
 `logging_nan_inf_filter`). Each makes the CPU wait until the GPU has run everything queued, so the CPU cannot queue
 the next kernels while the GPU works. Here the same values are kept on the device and turned into numbers only when
 a row is logged or a checkpoint saved: the loss, the gradients and every logged value are the same as TRL's (tests
@@ -50,7 +51,8 @@ def sft_trainer_class():
                 if "attention_mask" in inputs:
                     batch_tokens = inputs["attention_mask"].sum()
                 elif "position_ids" in inputs:
-                    batch_tokens = torch.tensor(inputs["position_ids"].size(1), device=num_valid.device)
+                    # TRL: torch.tensor(size, device=...), a blocking host-to-device copy (a sync on a GPU); a fill is not
+                    batch_tokens = torch.full((), inputs["position_ids"].size(1), device=num_valid.device)
                 else:
                     raise ValueError("Expected 'attention_mask' or 'position_ids' in inputs.")
                 entry = torch.stack([outputs.entropy.detach().sum().float() * scale,
@@ -75,12 +77,26 @@ def sft_trainer_class():
                 self.state.num_input_tokens_seen += int(self._pending_input_tokens.item())
                 self._pending_input_tokens = None
 
+        def _non_padding_tokens(self, inputs):
+            """transformers' count of a micro-batch's non-padding input tokens, left on the device; None where
+            its own code must count (other counting modes, several processes, no way to tell padding)."""
+            if self.args.include_num_input_tokens_seen != "non_padding" or self.accelerator.num_processes != 1:
+                return None
+            if "attention_mask" in inputs:
+                return inputs["attention_mask"].sum()
+            # Packed sequences as rows carry no attention mask (speed.packed_sequences_as_rows): the Trainer then
+            # counts the tokens that are not the pad token, as here, but reads the count back on every micro-batch.
+            main_input_name = getattr(self.model, "main_input_name", "input_ids")
+            pad_token_id = getattr(self.processing_class, "pad_token_id", None)
+            if main_input_name in inputs and pad_token_id is not None:
+                return (inputs[main_input_name] != pad_token_id).sum()
+            return None
+
         def _track_num_input_tokens(self, inputs):
-            if (self.args.include_num_input_tokens_seen != "non_padding" or "attention_mask" not in inputs
-                    or self.accelerator.num_processes != 1):
+            count = self._non_padding_tokens(inputs)
+            if count is None:
                 self._flush_metrics()  # keep the order of additions
                 return super()._track_num_input_tokens(inputs)
-            count = inputs["attention_mask"].sum()
             self._pending_input_tokens = count if self._pending_input_tokens is None else self._pending_input_tokens + count
 
         def _maybe_log_save_evaluate(self, *args, **kwargs):
