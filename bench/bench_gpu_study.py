@@ -124,13 +124,19 @@ def _run_plain(args, round_no: int) -> dict:
 
 
 def _run_tunelens(args, variant: str, round_no: int) -> dict:
-    out = Path(args.work) / f"tunelens-{variant}-{round_no}.json"
-    proc = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "bench_finetune.py"), "--model", str(MODEL_DIR),
+    """One run of bench_finetune.py; a variant spelled `old:VARIANT` runs it from `--checkout` (that tree's code)."""
+    checkout, env = REPO_ROOT, None
+    if variant.startswith("old:"):
+        checkout, variant = Path(args.checkout).resolve(), variant[len("old:"):]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(checkout), os.environ.get("PYTHONPATH")]))}
+    tag = ("old-" if checkout != REPO_ROOT else "") + variant
+    out = Path(args.work) / f"tunelens-{tag}-{round_no}.json"
+    proc = subprocess.run([sys.executable, str(checkout / "bench" / "bench_finetune.py"), "--model", str(MODEL_DIR),
                            "--data", str(DATA_FILE), "--rows", str(args.rows), "--batch-size", "8",
                            "--steps", str(args.steps), "--max-seq-length", str(args.max_seq_length), "--seed", "1234",
                            "--variants", variant, "--learning-rate", str(args.learning_rate),
                            "--lr-scheduler", args.lr_scheduler, "--warmup-ratio", str(args.warmup_ratio),
-                           "--out", str(out)], text=True, capture_output=True)
+                           "--out", str(out)], text=True, capture_output=True, env=env)
     summaries = json.loads(out.read_text()) if out.exists() else []
     if summaries and "failed" not in summaries[0]:
         return summaries[0]
@@ -361,7 +367,11 @@ def main() -> None:
     parser.add_argument("--data", type=Path, help="Alpaca-format JSON list (Code Alpaca)")
     parser.add_argument("--tokenizer", type=Path, help="tokenizer dir for the random 7B shape")
     parser.add_argument("--plain-script", help="../shared/gpu/plain_trl_qlora.py")
-    parser.add_argument("--variants", default="auto,auto+packing")
+    parser.add_argument("--variants", default="auto,auto+packing",
+                        help="fine-tune variants (bench_finetune.VARIANTS); `old:VARIANT` runs it from --checkout")
+    parser.add_argument("--checkout", type=Path,
+                        help="another tunelens tree (e.g. `git archive` of an earlier commit) for `old:` variants, "
+                             "so that both sides of a comparison interleave in one call")
     parser.add_argument("--rows", type=int, default=256, help="fine-tuning rows")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--max-seq-length", type=int, default=512,
@@ -385,6 +395,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda", help="cpu only to try the script itself")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    if "old:" in args.variants and not (args.checkout and (args.checkout / "bench" / "bench_finetune.py").is_file()):
+        parser.error("`old:` variants need --checkout DIR, a tunelens tree with bench/bench_finetune.py")
     if args.table:
         print(table(args.table))
         return

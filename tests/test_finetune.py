@@ -650,6 +650,45 @@ def test_training_steps_between_log_rows_read_nothing_back_from_the_device(tiny_
             assert fast[key] == pytest.approx(slow[key], rel=1e-6, abs=1e-9), key
 
 
+def test_a_log_row_is_read_back_while_the_next_step_runs(tiny_llama_dir, train_jsonl, tmp_path):
+    """Logging a row reads its values back from the device; transformers does it at once, so the GPU idles while
+    the CPU writes the row and prepares the next batch. tunelens' trainer logs each row after the next step has
+    ended (its work queued), with TRL's values, step, epoch, learning rate and token counts; a row at a step that
+    saves or ends training is logged at once, so each checkpoint holds every row up to its own."""
+    from transformers import TrainerCallback
+
+    events: list[tuple[str, int]] = []
+
+    class Events(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            events.append(("end", state.global_step))
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            events.append(("log", state.global_step))
+
+    rows = {}
+    for sync_free in (True, False):
+        events.clear()
+        run = build_trainer(tiny_llama_dir, train_jsonl, tmp_path / f"ckpt{sync_free}",
+                            settings(max_steps=6, batch_size=1, logging_steps=1, save_steps=3, lora_dropout=0.1),
+                            "alpaca", seed=3, device="cpu", callbacks=[Events()], sync_free=sync_free)
+        run.trainer.train()  # one epoch is 8 steps: an epoch's end also logs a row at once
+        rows[sync_free] = [row for row in run.trainer.state.log_history if "loss" in row]
+        logged = [step for kind, step in events if kind == "log"][:6]
+        if sync_free:
+            assert events[:12] == [("end", 1), ("end", 2), ("log", 1), ("end", 3), ("log", 2), ("log", 3),
+                                   ("end", 4), ("end", 5), ("log", 4), ("end", 6), ("log", 5), ("log", 6)], events
+            saved = json.loads((tmp_path / "ckptTrue" / "checkpoint-3" / "trainer_state.json").read_text())
+            assert [row["step"] for row in saved["log_history"] if "loss" in row] == [1, 2, 3]
+        else:
+            assert events[:4] == [("end", 1), ("log", 1), ("end", 2), ("log", 2)], events
+        assert logged == [1, 2, 3, 4, 5, 6]
+    for fast, slow in zip(rows[True], rows[False], strict=True):
+        for key in ("step", "epoch", "learning_rate", "num_input_tokens_seen", "tokens", "loss", "grad_norm",
+                    "mean_token_accuracy", "entropy", "num_tokens"):
+            assert fast[key] == pytest.approx(slow[key], rel=1e-6, abs=1e-9), key
+
+
 def test_lean_lora_forward_computes_the_peft_forward_in_fewer_ops(tiny_llama_dir):
     """The lean LoRA forward (base + dropout + lora_A + one addmm) gives PEFT's outputs and gradients, draws the
     same dropout masks, and runs fewer operators per step: the scaling and the addition go into the matmul, two

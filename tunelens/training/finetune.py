@@ -164,6 +164,7 @@ def _make_log_callback():
             self.start_step = 0
             self._last_time = None
             self._last_tokens = 0
+            self._step_end: dict[int, float] = {}  # optimizer step -> when it ended, until its row is logged
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.start_step = state.global_step
@@ -172,10 +173,14 @@ def _make_log_callback():
 
         def on_step_end(self, args, state, control, **kwargs):
             self.steps_run += 1
+            self._step_end[state.global_step] = time.perf_counter()
 
         def on_log(self, args, state, control, logs=None, **kwargs):
-            now = time.perf_counter()
             entry = state.log_history[-1] if state.log_history else {}
+            # A row's rate runs to the end of its own step: the trainer may log it one step later
+            # (tunelens.training.trainer), with the state as of its step.
+            now = self._step_end.get(entry.get("step"), time.perf_counter())
+            self._step_end = {step: at for step, at in self._step_end.items() if step > entry.get("step", -1)}
             if "loss" in entry:
                 tokens = state.num_input_tokens_seen - self._last_tokens
                 elapsed = max(now - self._last_time, 1e-9)
