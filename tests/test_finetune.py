@@ -633,8 +633,8 @@ def test_training_steps_between_log_rows_read_nothing_back_from_the_device(tiny_
                             settings(max_steps=6, logging_steps=3, save_steps=100, lora_dropout=0.1, packing=packing),
                             "alpaca", seed=3, device="cpu", callbacks=[Steps()], sync_free=sync_free)
         if packing:
-            assert "input_ids" in run.trainer.data_collator([run.trainer.train_dataset[0]])
-            assert "attention_mask" not in run.trainer.data_collator([run.trainer.train_dataset[0]])
+            batch = run.trainer.data_collator([run.trainer.train_dataset[0]])
+            assert "input_ids" in batch and "attention_mask" not in batch
         with counter:
             run.trainer.train()
         logs[sync_free] = [row for row in run.trainer.state.log_history if "loss" in row]
@@ -654,14 +654,19 @@ def test_a_log_row_is_read_back_while_the_next_step_runs(tiny_llama_dir, train_j
     """Logging a row reads its values back from the device; transformers does it at once, so the GPU idles while
     the CPU writes the row and prepares the next batch. tunelens' trainer logs each row after the next step has
     ended (its work queued), with TRL's values, step, epoch, learning rate and token counts; a row at a step that
-    saves or ends training is logged at once, so each checkpoint holds every row up to its own."""
+    saves or ends training is logged at once, so each checkpoint holds every row up to its own. A row's tokens/s
+    runs from the end of the step before it to the end of its own, not to when it was logged."""
+    import time
+
     from transformers import TrainerCallback
 
     events: list[tuple[str, int]] = []
+    step_end: dict[int, float] = {}
 
-    class Events(TrainerCallback):
+    class Events(TrainerCallback):  # runs after the stage's log callback, microseconds apart
         def on_step_end(self, args, state, control, **kwargs):
             events.append(("end", state.global_step))
+            step_end[state.global_step] = time.perf_counter()
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             events.append(("log", state.global_step))
@@ -680,6 +685,9 @@ def test_a_log_row_is_read_back_while_the_next_step_runs(tiny_llama_dir, train_j
                                    ("end", 4), ("end", 5), ("log", 4), ("end", 6), ("log", 5), ("log", 6)], events
             saved = json.loads((tmp_path / "ckptTrue" / "checkpoint-3" / "trainer_state.json").read_text())
             assert [row["step"] for row in saved["log_history"] if "loss" in row] == [1, 2, 3]
+            for row in rows[True][1:]:  # row 3 is logged right after row 2: a rate to the log would be ~infinite
+                seconds = step_end[row["step"]] - step_end[row["step"] - 1]
+                assert row["tokens_per_s"] == pytest.approx(row["tokens"] / seconds, rel=0.05), row
         else:
             assert events[:4] == [("end", 1), ("log", 1), ("end", 2), ("log", 2)], events
         assert logged == [1, 2, 3, 4, 5, 6]

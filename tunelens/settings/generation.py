@@ -100,7 +100,6 @@ class GenerationSection(Section):
     agreement_max_new_tokens: int = setting(32, "Greedy tokens per row in the agreement check.",
         schema={"type": "integer", "minimum": 1, "maximum": 4096})
 
-
     @classmethod
     def of_config(cls, config: dict) -> "GenerationSection":
         """The raw (workflow-validated) config dict's `generation` section, typed alone: a job that types only
