@@ -697,6 +697,57 @@ def test_a_log_row_is_read_back_while_the_next_step_runs(tiny_llama_dir, train_j
             assert fast[key] == pytest.approx(slow[key], rel=1e-6, abs=1e-9), key
 
 
+def test_a_log_rows_rate_is_timed_on_the_clock_of_the_device_that_ran_its_step(tiny_llama_dir, train_jsonl, tmp_path):
+    """On a GPU the CPU queues a step and moves on, so the host's time at a step's end is when the step was queued;
+    with no read-back between rows, that is about when the step before it finished on the GPU. Rates timed on the
+    host then pair each step's tokens with its predecessor's time, which for steps of different sizes biases the
+    per-row rates (the unpacked default read 7% low on an H200 against job-level throughput). The stage times a
+    step's end on the device's clock (a CUDA event there). Here a fake device clock whose marks are far apart and
+    unevenly spaced stands in for it: every row's tokens/s must be its tokens over the device time between the
+    ends of its own step and the step before."""
+    from tunelens.training.finetune import _HostClock
+
+    class DeviceLike:
+        def __init__(self):
+            self.marks = []
+
+        def mark(self):
+            self.marks.append(0.1 * len(self.marks) + 0.007 * len(self.marks) ** 2)  # gaps 0.107, 0.121, 0.135 s, ...
+            return len(self.marks) - 1
+
+        def seconds(self, start, end):
+            return self.marks[end] - self.marks[start]
+
+    assert isinstance(_make_clock_for("cpu"), _HostClock)
+    clock = DeviceLike()
+    run = build_trainer(tiny_llama_dir, train_jsonl, tmp_path / "ckpt",
+                        settings(max_steps=5, batch_size=1, logging_steps=1, save_steps=100),
+                        "alpaca", seed=3, device="cpu")
+    run.log_callback.clock = clock
+    run.trainer.train()
+    rows = [row for row in run.trainer.state.log_history if "loss" in row]
+    assert [row["step"] for row in rows] == [1, 2, 3, 4, 5]
+    # mark 0: train begin; mark k: step k's end (rows are logged after their step's end, deferred or not)
+    assert len(clock.marks) >= 6
+    tokens = [row["tokens"] for row in rows]
+    assert len(set(tokens)) > 1, tokens  # steps of different sizes, or the pairing would not matter
+    for k, row in enumerate(rows, start=1):
+        assert row["tokens_per_s"] == pytest.approx(row["tokens"] / (clock.marks[k] - clock.marks[k - 1]), rel=1e-3), (k, row)
+
+
+def _make_clock_for(device_type: str):
+    """The clock the stage's log callback picks for a device type, as it does at train begin."""
+    from types import SimpleNamespace
+
+    from transformers import TrainerControl, TrainerState
+
+    from tunelens.training.finetune import _make_log_callback
+
+    callback = _make_log_callback()
+    callback.on_train_begin(SimpleNamespace(device=SimpleNamespace(type=device_type)), TrainerState(), TrainerControl())
+    return callback.clock
+
+
 def test_lean_lora_forward_computes_the_peft_forward_in_fewer_ops(tiny_llama_dir):
     """The lean LoRA forward (base + dropout + lora_A + one addmm) gives PEFT's outputs and gradients, draws the
     same dropout masks, and runs fewer operators per step: the scaling and the addition go into the matmul, two

@@ -152,6 +152,34 @@ def _load_base_model(model_path: str, plan: TrainingPlan, revision: str | None):
 
 
 
+class _HostClock:
+    """Step ends on the host's clock: right on a CPU, where a step's work is done when its call returns."""
+
+    def mark(self) -> float:
+        return time.perf_counter()
+
+    def seconds(self, start: float, end: float) -> float:
+        return end - start
+
+
+class _DeviceClock:
+    """Step ends on the GPU's clock. The CPU queues a step's work and moves on, up to a step or more ahead of the
+    GPU (tunelens' trainer reads nothing back between log rows), so the host's time at a step's end is when the
+    step was queued, not when it ran. A CUDA event marks the point in the queued work; the time between two marks
+    is the GPU's. Reading it waits for the later mark, which a logged row's values have already waited for."""
+
+    def mark(self):
+        import torch
+
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def seconds(self, start, end) -> float:
+        end.synchronize()
+        return start.elapsed_time(end) / 1000
+
+
 def _make_log_callback():
     """A TrainerCallback that adds `tokens` and `tokens_per_s` to each log row, logs it, and counts the
     optimizer steps this process runs. Defined inside a function so importing this module stays free of
@@ -159,31 +187,39 @@ def _make_log_callback():
     from transformers import TrainerCallback
 
     class TrainLogCallback(TrainerCallback):
-        def __init__(self):
+        def __init__(self, clock=None):
             self.steps_run = 0
             self.start_step = 0
-            self._last_time = None
+            # Where step ends are read: the GPU's clock on CUDA, the host's elsewhere (chosen at train begin).
+            self.clock = clock
+            self._last_mark = None
             self._last_tokens = 0
-            self._step_end: dict[int, float] = {}  # optimizer step -> when it ended, until its row is logged
+            self._step_end: dict = {}  # optimizer step -> the clock's mark at its end, until its row is logged
 
         def on_train_begin(self, args, state, control, **kwargs):
+            if self.clock is None:
+                self.clock = _DeviceClock() if getattr(args.device, "type", "cpu") == "cuda" else _HostClock()
             self.start_step = state.global_step
-            self._last_time = time.perf_counter()
+            self._last_mark = self.clock.mark()
             self._last_tokens = state.num_input_tokens_seen
 
         def on_step_end(self, args, state, control, **kwargs):
             self.steps_run += 1
-            self._step_end[state.global_step] = time.perf_counter()
+            self._step_end[state.global_step] = self.clock.mark()
 
         def on_log(self, args, state, control, logs=None, **kwargs):
+            if self._last_mark is None:  # a row logged outside train() (e.g. evaluate()): no step to time
+                return
             entry = state.log_history[-1] if state.log_history else {}
             # A row's rate runs to the end of its own step: the trainer may log it one step later
             # (tunelens.training.trainer), with the state as of its step.
-            now = self._step_end.get(entry.get("step"), time.perf_counter())
+            now = self._step_end.get(entry.get("step"))
+            if now is None:
+                now = self.clock.mark()
             self._step_end = {step: at for step, at in self._step_end.items() if step > entry.get("step", -1)}
             if "loss" in entry:
                 tokens = state.num_input_tokens_seen - self._last_tokens
-                elapsed = max(now - self._last_time, 1e-9)
+                elapsed = max(self.clock.seconds(self._last_mark, now), 1e-9)
                 # Stored in log_history, which checkpoints save, so rows of a killed run survive a resume.
                 entry["tokens"] = int(tokens)
                 entry["tokens_per_s"] = round(tokens / elapsed, 2)
@@ -191,7 +227,7 @@ def _make_log_callback():
                     "step %d/%d loss %.4f lr %.3g tokens/s %.1f", state.global_step, state.max_steps,
                     entry["loss"], entry.get("learning_rate", float("nan")), entry["tokens_per_s"],
                 )
-            self._last_time, self._last_tokens = now, state.num_input_tokens_seen
+            self._last_mark, self._last_tokens = now, state.num_input_tokens_seen
 
     return TrainLogCallback()
 
