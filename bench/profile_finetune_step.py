@@ -103,20 +103,20 @@ def _make_callback(state: dict):
     from transformers import TrainerCallback
 
     class StepClock(TrainerCallback):
-        """Wall time at each optimizer step's end (no device sync: the steps' own syncs pace them), and the
-        profiler's start and stop."""
+        """A mark at each optimizer step's end, on the stage's own clock (no device sync: on CUDA an event, so a
+        step's time is the GPU's even though the CPU queues steps ahead of it), and the profiler's start and stop."""
 
         def on_train_begin(self, args, st, control, optimizer=None, **kwargs):
-            state["times"] = [time.perf_counter()]
+            state["marks"] = [state["clock"].mark()]
             if optimizer is not None and state.get("phases"):
                 state["phases"].wrap_optimizer(optimizer)
 
         def on_step_end(self, args, st, control, **kwargs):
-            state["times"].append(time.perf_counter())
+            state["marks"].append(state["clock"].mark())
             prof = state.get("profiler")
             if prof is None:
                 return
-            done = len(state["times"]) - 1
+            done = len(state["marks"]) - 1
             if done == state["profile_from"]:
                 _sync(state["device"])
                 state["phases"].enabled = True
@@ -148,7 +148,7 @@ class Variant:
     def __init__(self, args, name: str, work: Path):
         import torch
 
-        from tunelens.training.finetune import build_trainer
+        from tunelens.training.finetune import DeviceClock, HostClock, build_trainer
 
         self.name, self.args = name, args
         settings = bench_settings(args, name.split("+")[0] if name not in VARIANTS else name)
@@ -167,7 +167,8 @@ class Variant:
         trainer = self.run.trainer
         self.token_counts: list[int] = []
         trainer.data_collator = _count_tokens(trainer.data_collator, self.token_counts)
-        self.state = {"device": self.run.plan.device}
+        self.state = {"device": self.run.plan.device,
+                      "clock": DeviceClock() if self.run.plan.device == "cuda" else HostClock()}
         trainer.add_callback(_make_callback(self.state))
         self.state["phases"] = _Phases(trainer)
         self.initial = {k: v.detach().clone() for k, v in trainer.model.named_parameters() if v.requires_grad}
@@ -192,8 +193,8 @@ class Variant:
         self.state.update(profiler=profiler, profile_from=self.args.warmup, profile_steps=self.args.profile_steps)
         trainer.train()
         _sync(self.device)
-        times = self.state["times"]
-        step_s = [b - a for a, b in zip(times, times[1:])]
+        marks, clock = self.state["marks"], self.state["clock"]
+        step_s = [clock.seconds(a, b) for a, b in zip(marks, marks[1:])]
         acc = self.accumulation
         tokens = [sum(self.token_counts[i * acc:(i + 1) * acc]) for i in range(len(step_s))]
         losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]

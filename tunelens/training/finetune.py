@@ -152,7 +152,7 @@ def _load_base_model(model_path: str, plan: TrainingPlan, revision: str | None):
 
 
 
-class _HostClock:
+class HostClock:
     """Step ends on the host's clock: right on a CPU, where a step's work is done when its call returns."""
 
     def mark(self) -> float:
@@ -162,7 +162,7 @@ class _HostClock:
         return end - start
 
 
-class _DeviceClock:
+class DeviceClock:
     """Step ends on the GPU's clock. The CPU queues a step's work and moves on, up to a step or more ahead of the
     GPU (tunelens' trainer reads nothing back between log rows), so the host's time at a step's end is when the
     step was queued, not when it ran. A CUDA event marks the point in the queued work; the time between two marks
@@ -198,7 +198,7 @@ def _make_log_callback():
 
         def on_train_begin(self, args, state, control, **kwargs):
             if self.clock is None:
-                self.clock = _DeviceClock() if getattr(args.device, "type", "cpu") == "cuda" else _HostClock()
+                self.clock = DeviceClock() if getattr(args.device, "type", "cpu") == "cuda" else HostClock()
             self.start_step = state.global_step
             self._last_mark = self.clock.mark()
             self._last_tokens = state.num_input_tokens_seen
