@@ -22,6 +22,7 @@ or max RSS (CPU), MiB.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -52,7 +53,36 @@ VARIANTS = {
     "auto+peft": {"_build": {"sync_free": False, "lean_layers": False}},
     # The pipeline's defaults before the autotuner (QLoRA + Liger + gradient checkpointing, as configured).
     "before": {"method": "qlora", "liger": True, "gradient_checkpointing": True, "autotune": False},
+    # Packing with TRL's loss scoring every position (`_patch`, below): no host sync in the loss. Not adopted; to measure.
+    "auto+packing+dense-loss": {"packing": True, "_patch": ("trl-dense-loss",)},
 }
+
+
+def _trl_dense_loss():
+    """On CUDA (a Triton device) TRL's fused lm_head loss keeps only the labelled positions, `hidden[mask]` and
+    `labels[mask]`: boolean indexing, a host sync in the middle of every forward, and `masked_scatter`, whose
+    backward is a `masked_select`, another. Elsewhere it scores every position and zeroes the unlabelled ones (the
+    same loss; more lm_head work: the prompt tokens too). This makes CUDA take that path."""
+    import trl.trainer.utils as trl_utils
+
+    original = trl_utils._use_triton  # TRL 1.16: only the compaction reads this name in trl.trainer.utils
+    trl_utils._use_triton = lambda device: False
+    return lambda: setattr(trl_utils, "_use_triton", original)
+
+
+# Library patches a variant can ask for (`_patch`): a change measured before the stage adopts it.
+PATCHES = {"trl-dense-loss": _trl_dense_loss}
+
+
+@contextlib.contextmanager
+def variant_patches(variant: str, variants: dict | None = None):
+    """The variant's `_patch`es applied for the duration of the block, then undone."""
+    undo = [PATCHES[name]() for name in (variants or VARIANTS)[variant].get("_patch", ())]
+    try:
+        yield
+    finally:
+        for restore in reversed(undo):
+            restore()
 
 
 def bench_settings(args, variant: str) -> dict:
@@ -65,7 +95,7 @@ def bench_settings(args, variant: str) -> dict:
         "gradient_checkpointing": "auto", "liger": "auto", "logging_steps": 1, "save_steps": 10**6,
         "autotune": True,
     }
-    settings.update({k: v for k, v in VARIANTS[variant].items() if k != "_build"})
+    settings.update({k: v for k, v in VARIANTS[variant].items() if not k.startswith("_")})
     return settings
 
 
@@ -115,13 +145,14 @@ def run_one(args, variant: str, work: Path) -> dict:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     out = work / variant
-    metrics = finetune(
-        model_path=args.model, train_jsonl=work / "train.jsonl", adapter_dir=out / "adapter",
-        train_log=out / "train_log.jsonl", metrics_json=out / "metrics.json", loss_png=out / "loss.png",
-        checkpoint_dir=out / "checkpoints", settings=bench_settings(args, variant), prompt_format=args.prompt_format,
-        seed=args.seed, device=args.device, model_name=Path(args.model).name,
-        build_options=VARIANTS[variant].get("_build"),
-    )
+    with variant_patches(variant):
+        metrics = finetune(
+            model_path=args.model, train_jsonl=work / "train.jsonl", adapter_dir=out / "adapter",
+            train_log=out / "train_log.jsonl", metrics_json=out / "metrics.json", loss_png=out / "loss.png",
+            checkpoint_dir=out / "checkpoints", settings=bench_settings(args, variant),
+            prompt_format=args.prompt_format, seed=args.seed, device=args.device, model_name=Path(args.model).name,
+            build_options=VARIANTS[variant].get("_build"),
+        )
     log_rows = read_jsonl(out / "train_log.jsonl")
     steady = [row["tokens_per_s"] for row in log_rows if row["step"] > args.warmup] or \
              [row["tokens_per_s"] for row in log_rows]

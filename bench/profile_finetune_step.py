@@ -40,7 +40,7 @@ for _key, _value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DAT
                      "TOKENIZERS_PARALLELISM": "false"}.items():
     os.environ.setdefault(_key, _value)
 
-from bench_finetune import VARIANTS, alpaca_to_split_rows, bench_settings, make_llama7b  # noqa: E402
+from bench_finetune import VARIANTS, alpaca_to_split_rows, bench_settings, make_llama7b, variant_patches  # noqa: E402
 
 # Profile-only variants: settings of the stage that are candidates for its GPU default.
 EXTRA_VARIANTS = {
@@ -155,6 +155,7 @@ class Variant:
         settings.update(ALL_VARIANTS[name])
         build = dict(ALL_VARIANTS[name].get("_build", {}))
         settings.pop("_build", None)
+        settings.pop("_patch", None)  # applied around each run (bench_finetune.variant_patches)
         for key in ("sync_free", "lean_layers"):
             if key in settings:
                 build[key] = settings.pop(key)
@@ -191,7 +192,8 @@ class Variant:
         trainer.args.max_steps = steps
         self.token_counts.clear()
         self.state.update(profiler=profiler, profile_from=self.args.warmup, profile_steps=self.args.profile_steps)
-        trainer.train()
+        with variant_patches(self.name, ALL_VARIANTS):
+            trainer.train()
         _sync(self.device)
         marks, clock = self.state["marks"], self.state["clock"]
         step_s = [clock.seconds(a, b) for a, b in zip(marks, marks[1:])]
