@@ -148,7 +148,7 @@ class Variant:
     def __init__(self, args, name: str, work: Path):
         import torch
 
-        from tunelens.training.finetune import DeviceClock, HostClock, build_trainer
+        from tunelens.training.finetune import build_trainer, step_clock
 
         self.name, self.args = name, args
         settings = bench_settings(args, name.split("+")[0] if name not in VARIANTS else name)
@@ -168,8 +168,7 @@ class Variant:
         trainer = self.run.trainer
         self.token_counts: list[int] = []
         trainer.data_collator = _count_tokens(trainer.data_collator, self.token_counts)
-        self.state = {"device": self.run.plan.device,
-                      "clock": DeviceClock() if self.run.plan.device == "cuda" else HostClock()}
+        self.state = {"device": self.run.plan.device, "clock": step_clock(self.run.plan.device)}
         trainer.add_callback(_make_callback(self.state))
         self.state["phases"] = _Phases(trainer)
         self.initial = {k: v.detach().clone() for k, v in trainer.model.named_parameters() if v.requires_grad}

@@ -705,7 +705,7 @@ def test_a_log_rows_rate_is_timed_on_the_clock_of_the_device_that_ran_its_step(t
     step's end on the device's clock (a CUDA event there). Here a fake device clock whose marks are far apart and
     unevenly spaced stands in for it: every row's tokens/s must be its tokens over the device time between the
     ends of its own step and the step before."""
-    from tunelens.training.finetune import HostClock
+    from tunelens.training.finetune import DeviceClock, HostClock
 
     class DeviceLike:
         def __init__(self):
@@ -719,6 +719,9 @@ def test_a_log_rows_rate_is_timed_on_the_clock_of_the_device_that_ran_its_step(t
             return self.marks[end] - self.marks[start]
 
     assert isinstance(_make_clock_for("cpu"), HostClock)
+    with pytest.MonkeyPatch.context() as patch:  # no GPU here: the event it would record is not made
+        patch.setattr(DeviceClock, "mark", lambda self: 0)
+        assert isinstance(_make_clock_for("cuda"), DeviceClock)
     clock = DeviceLike()
     run = build_trainer(tiny_llama_dir, train_jsonl, tmp_path / "ckpt",
                         settings(max_steps=5, batch_size=1, logging_steps=1, save_steps=100),

@@ -180,6 +180,11 @@ class DeviceClock:
         return start.elapsed_time(end) / 1000
 
 
+def step_clock(device_type: str) -> HostClock | DeviceClock:
+    """The clock that times a step on this device: the GPU's on CUDA, the host's elsewhere."""
+    return DeviceClock() if device_type == "cuda" else HostClock()
+
+
 def _make_log_callback():
     """A TrainerCallback that adds `tokens` and `tokens_per_s` to each log row, logs it, and counts the
     optimizer steps this process runs. Defined inside a function so importing this module stays free of
@@ -198,7 +203,7 @@ def _make_log_callback():
 
         def on_train_begin(self, args, state, control, **kwargs):
             if self.clock is None:
-                self.clock = DeviceClock() if getattr(args.device, "type", "cpu") == "cuda" else HostClock()
+                self.clock = step_clock(getattr(args.device, "type", "cpu"))
             self.start_step = state.global_step
             self._last_mark = self.clock.mark()
             self._last_tokens = state.num_input_tokens_seen
